@@ -1,0 +1,33 @@
+"""CIFAR-style VGG-16 with BatchNorm, on torchvision's layer definitions.
+
+torchvision's ``vgg16_bn`` features are one flat Sequential; we regroup them
+into five named stages (each ending in its max-pool) so that split points have
+names. The ImageNet classifier (4096-wide, 7x7 input) is replaced by the usual
+CIFAR head: global average pool + one linear layer, which also makes the model
+independent of the input size (32x32, 64x64, ...).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+from torchvision.models.vgg import cfgs, make_layers
+
+
+def vgg16_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
+    features = make_layers(cfgs["D"], batch_norm=True)
+    if in_channels != 3:
+        first = features[0]
+        features[0] = nn.Conv2d(in_channels, first.out_channels, 3, padding=1)
+    stages: OrderedDict[str, nn.Module] = OrderedDict()
+    current: list[nn.Module] = []
+    for layer in features:
+        current.append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            stages[f"stage{len(stages) + 1}"] = nn.Sequential(*current)
+            current = []
+    stages["head"] = nn.Sequential(
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)
+    )
+    return nn.Sequential(stages)
