@@ -1,0 +1,55 @@
+"""Message transports between edge and cloud, chosen by URL scheme.
+
+``open_link("mqtt://127.0.0.1:1883", "edge-0")`` returns a :class:`Link`; the
+runtimes never import a transport module directly, so adding one (a planned
+``serial://`` link for boards without networking) is a new module plus one
+line in ``_TRANSPORTS``. Transport modules are imported lazily so that, for
+example, a serial-only deployment does not need paho installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from toolkit.errors import HiertrainError
+from toolkit.transport.base import (
+    DEFAULT_PORTS,
+    PROPERTY_KEYS,
+    BrokerAddress,
+    Link,
+    MessageHandler,
+    parse_url,
+)
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "PROPERTY_KEYS",
+    "BrokerAddress",
+    "Link",
+    "MessageHandler",
+    "open_link",
+    "parse_url",
+]
+
+# scheme -> "module:factory"; the factory is called as factory(address, client_id, **kw).
+_TRANSPORTS: dict[str, str] = {
+    "mqtt": "toolkit.transport.mqtt:open_mqtt_link",
+    "mqtts": "toolkit.transport.mqtt:open_mqtt_link",
+}
+
+
+def open_link(url: str, client_id: str, **kw: Any) -> Link:
+    """Create an unconnected link for ``url``; call ``connect()`` on it next.
+
+    Keyword arguments go to the transport's constructor (for MQTT see
+    :class:`toolkit.transport.mqtt.MqttLink`).
+    """
+    address = parse_url(url)
+    target = _TRANSPORTS.get(address.scheme)
+    if target is None:  # parse_url and _TRANSPORTS disagree: a bug, but say it plainly
+        raise HiertrainError(f"no transport for {address.scheme}:// URLs ({url!r})")
+    module_name, factory_name = target.split(":")
+    factory = getattr(importlib.import_module(module_name), factory_name)
+    link: Link = factory(address, client_id, **kw)
+    return link
