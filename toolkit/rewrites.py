@@ -79,19 +79,25 @@ class HostStatsBatchNorm2d(nn.Module):
                 x, self.running_mean, self.running_var, self.weight, self.bias,
                 False, 0.0, self.eps,
             )
-        # Two-pass statistics with primitive ops: the portable batch-norm kernel
-        # loses precision (its variance cancels catastrophically in float32).
-        dims = (0, 2, 3)
-        mean = x.mean(dim=dims, keepdim=True)
-        centred = x - mean
-        var = (centred * centred).mean(dim=dims, keepdim=True)
-        n = x.shape[0] * x.shape[2] * x.shape[3]
+        # Channel-major layout: every reduction (forward statistics and the
+        # weight/bias gradients autograd derives) runs over one contiguous
+        # dimension, so ExecuTorch and eager PyTorch sum in the same order.
+        # Batch-statistics BN gradients are ill-conditioned in float32; with
+        # reductions over (N, H, W) the two runtimes order the sums differently
+        # and early-layer gradients drift apart by up to ~1e-2 (docs/export.md).
+        n, c, h, w = x.shape
+        m = n * h * w
+        flat = x.permute(1, 0, 2, 3).contiguous().view(c, m)
+        mean = flat.mean(dim=1, keepdim=True)
+        centred = flat - mean
+        var = (centred * centred).mean(dim=1, keepdim=True)
         self.last_stats = (
             mean.detach().flatten(),
-            var.detach().flatten() * (n / max(n - 1, 1)),
+            var.detach().flatten() * (m / max(m - 1, 1)),
         )
-        scale = torch.rsqrt(var + self.eps) * self.weight.view(1, -1, 1, 1)
-        return centred * scale + self.bias.view(1, -1, 1, 1)
+        scale = torch.rsqrt(var + self.eps) * self.weight.view(c, 1)
+        out = centred * scale + self.bias.view(c, 1)
+        return out.view(c, n, h, w).permute(1, 0, 2, 3).contiguous()
 
     @torch.no_grad()
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -181,6 +187,29 @@ def _replacement(name: str, mod: nn.Module) -> tuple[nn.Module | None, Rewrite |
             f"{name}: {kind} has no exact ExecuTorch backward; move the split point before it"
         )
     return None, None
+
+
+EDGE_NORMS = ("batch", "group")
+
+
+def group_norm_groups(channels: int) -> int:
+    """Largest group count <= 32 that divides ``channels`` (32 is the GroupNorm paper's default)."""
+    return next(g for g in range(min(32, channels), 0, -1) if channels % g == 0)
+
+
+def to_group_norm(module: nn.Module, prefix: str = "") -> list[Rewrite]:
+    """Replace every BatchNorm2d by a GroupNorm (the ``--edge-norm group`` choice)."""
+    done: list[Rewrite] = []
+    for name, child in list(module.named_children()):
+        full = f"{prefix}{name}"
+        if isinstance(child, nn.BatchNorm2d):
+            groups = group_norm_groups(child.num_features)
+            setattr(module, name, nn.GroupNorm(groups, child.num_features, eps=child.eps))
+            done.append(Rewrite(full, "BatchNorm2d", f"GroupNorm({groups})",
+                                "--edge-norm group: per-sample statistics, no batch coupling"))
+        else:
+            done.extend(to_group_norm(child, prefix=f"{full}."))
+    return done
 
 
 def make_exact(module: nn.Module, prefix: str = "") -> list[Rewrite]:

@@ -36,6 +36,10 @@ class ModelSpec:
     std: tuple[float, ...] = CIFAR_STD
     exit_channels: int = 64
     min_input: int = 8
+    # "batch": BatchNorm with host-side running statistics (same math as
+    # nn.BatchNorm2d); "group": GroupNorm. See docs/export.md for why VGG-16
+    # defaults to GroupNorm on the edge.
+    edge_norm: str = "batch"
     aliases: tuple[str, ...] = field(default=())
 
 
@@ -57,6 +61,7 @@ MODELS: dict[str, ModelSpec] = {
         default_split="stage2",
         exit_channels=64,
         min_input=32,
+        edge_norm="group",
     ),
     "resnet18": ModelSpec(
         name="resnet18",

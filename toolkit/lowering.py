@@ -1,0 +1,159 @@
+"""ExecuTorch lowering of the edge programs (the only module that imports ``executorch.exir``).
+
+Training program: ``torch.export`` -> joint forward/backward graph -> torch's
+own decomposition of ``max_pool2d_with_indices_backward`` (the portable kernel
+is wrong) -> edge dialect -> ``.pte``. Inference program: forward only, with
+weights and BatchNorm statistics as *inputs* so the board can run it with the
+weights it trained, lowered to XNNPACK where XNNPACK takes the ops (with
+dynamic weights it takes few) and to the portable kernels otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch._decomp import get_decompositions
+
+from toolkit.errors import ExportError
+
+# The backward ops that the portable kernels compute wrongly, replaced by the
+# decomposition torch itself ships for them.
+BACKWARD_DECOMPOSITIONS = [torch.ops.aten.max_pool2d_with_indices_backward]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ExecuTorch and export are loud (experimental-API warnings, pytree notices)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        level = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+        finally:
+            logging.disable(level)
+
+
+def _explain(exc: Exception, what: str) -> ExportError:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "Missing out variants" in msg:
+        return ExportError(
+            f"ExecuTorch has no kernel for an op in the {what}: {msg}; move the split point "
+            "before the module that uses it"
+        )
+    return ExportError(f"ExecuTorch could not lower the {what}: {msg}")
+
+
+@dataclass
+class TrainProgram:
+    buffer: bytes
+    parameters: list[str]
+    planned_arena_bytes: int
+
+
+def lower_train_step(step: nn.Module, x: torch.Tensor, y: torch.Tensor) -> TrainProgram:
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from torch.export import export
+    from torch.export.experimental import _export_forward_backward
+
+    step.train()
+    try:
+        with _quiet():
+            ep = export(step, (x, y), strict=False)
+            ep = _export_forward_backward(ep)
+            ep = ep.run_decompositions(get_decompositions(BACKWARD_DECOMPOSITIONS))
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise ExportError(f"torch.export failed on the edge training step: {exc}") from exc
+    kinds = [spec.kind.name for spec in ep.graph_signature.output_specs]
+    if "BUFFER_MUTATION" in kinds:
+        raise ExportError(
+            "the edge training step mutates buffers; ExecuTorch's training module would "
+            "misalign its gradients (a module with running statistics escaped the rewrites)"
+        )
+    try:
+        with _quiet():
+            prog = to_edge(
+                ep, compile_config=EdgeCompileConfig(_check_ir_validity=False)
+            ).to_executorch()
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(exc, "edge training program") from exc
+    sizes = prog.executorch_program.execution_plan[0].non_const_buffer_sizes
+    return TrainProgram(
+        buffer=prog.buffer,
+        parameters=[n for n, p in step.named_parameters() if p.requires_grad],
+        planned_arena_bytes=int(sum(sizes)),
+    )
+
+
+class _WeightsAsInputs(nn.Module):
+    def __init__(self, module: nn.Module, names: list[str]):
+        super().__init__()
+        self.module = module
+        self.names = names
+
+    def forward(self, x, *weights):
+        return torch.func.functional_call(
+            self.module, dict(zip(self.names, weights, strict=True)), (x,)
+        )
+
+
+@dataclass
+class InferProgram:
+    buffer: bytes
+    weights: list[str]
+    backend: str
+
+
+def infer_weight_names(module: nn.Module) -> list[str]:
+    """Inputs after the image: every parameter, then every floating-point buffer."""
+    names = [n for n, _ in module.named_parameters()]
+    names += [n for n, b in module.named_buffers() if b.is_floating_point()]
+    return names
+
+
+def lower_infer(module: nn.Module, x: torch.Tensor) -> InferProgram:
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from torch.export import export
+
+    module.eval()
+    names = infer_weight_names(module)
+    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    weights = tuple(state[n].detach() for n in names)
+    try:
+        with _quiet():
+            ep = export(_WeightsAsInputs(module, names), (x, *weights), strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"torch.export failed on the edge inference program: {exc}") from exc
+    partitioners = []
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackPartitioner,
+        )
+
+        partitioners.append([XnnpackPartitioner()])
+    except ImportError:
+        pass
+    partitioners.append([])
+    last: Exception | None = None
+    for partitioner in partitioners:
+        try:
+            with _quiet():
+                prog = to_edge_transform_and_lower(
+                    ep, partitioner=partitioner,
+                    compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                ).to_executorch()
+        except Exception as exc:  # noqa: BLE001 - fall back to portable
+            last = exc
+            continue
+        delegated = "executorch_call_delegate" in prog.exported_program().graph_module.code
+        return InferProgram(
+            buffer=prog.buffer, weights=names, backend="xnnpack" if delegated else "portable"
+        )
+    raise _explain(last, "edge inference program")
