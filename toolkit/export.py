@@ -198,14 +198,10 @@ def _write(cfg, board, built: BuiltSegments, tmp: Path, split, shape, mean, std,
     parity = {"checked": False, "max_rel_grad_error": None, "loss_abs_error": None}
     if cfg.verify:
         progress("checking gradient parity against eager PyTorch")
-        from executorch.extension.training import (
-            _load_for_executorch_for_training_from_buffer,
-        )
-
+        from toolkit.et_program import TrainingProgram
         from toolkit.parity import check_program
 
-        module = _load_for_executorch_for_training_from_buffer(train.buffer)
-        report = check_program(module, pristine, x, y)
+        report = check_program(TrainingProgram(train.buffer), pristine, x, y)
         if report.max_rel_grad_error > PARITY_GATE or report.loss_abs_error > 1e-4:
             raise ExportError(
                 f"the lowered training program's gradients differ from eager PyTorch: worst "

@@ -21,6 +21,9 @@ from torch import nn
 from torch._decomp import get_decompositions
 
 from toolkit.errors import ExportError
+from toolkit.et_program import stderr_silenced
+
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 # The backward ops that the portable kernels compute wrongly, replaced by the
 # decomposition torch itself ships for them.
@@ -35,7 +38,7 @@ def _quiet():
         level = logging.root.manager.disable
         logging.disable(logging.WARNING)
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), stderr_silenced():
                 yield
         finally:
             logging.disable(level)

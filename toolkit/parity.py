@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from toolkit.edge_program import EdgeTrainStep
+from toolkit.et_program import TrainingProgram
 
 FLOOR = 1e-3
 
@@ -68,10 +69,12 @@ def eager_gradients(step: EdgeTrainStep, x, y) -> tuple[list[torch.Tensor], Grad
     return [o.detach() for o in outs], grads
 
 
-def check_program(module, step: EdgeTrainStep, x: torch.Tensor, y: torch.Tensor) -> ParityReport:
-    """Run one ``forward_backward`` of a loaded training module and compare with eager."""
-    et_outs = module.forward_backward("forward", (x, y))
-    et_grads = module.named_gradients()
+def check_program(
+    program: TrainingProgram, step: EdgeTrainStep, x: torch.Tensor, y: torch.Tensor
+) -> ParityReport:
+    """Run one ``forward_backward`` of a loaded training program and compare with eager."""
+    et_outs = program.forward_backward(x, y)
+    et_grads = program.named_gradients()
     ref_outs, ref_grads = eager_gradients(step, x, y)
     return ParityReport(
         loss_et=float(et_outs[0]),
