@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-
 # torch warns about an executorch enum at import; harmless and alarming to users.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
@@ -46,6 +45,7 @@ class TrainingProgram:
 
     def __init__(self, data: bytes):
         self._data = bytes(data)  # owned: the runtime points into it
+        self._first = True
         with warnings.catch_warnings(), stderr_silenced():
             warnings.simplefilter("ignore")
             from executorch.extension.training import (
@@ -59,6 +59,10 @@ class TrainingProgram:
         return cls(Path(path).read_bytes())
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        if self._first:  # the thread pool starts (and prints its CPU probe) on first run
+            self._first = False
+            with stderr_silenced():
+                return self.module.forward_backward("forward", (x, y))
         return self.module.forward_backward("forward", (x, y))
 
     def named_gradients(self) -> dict[str, torch.Tensor]:
@@ -94,4 +98,5 @@ class InferenceProgram:
         return cls(Path(path).read_bytes())
 
     def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.module.run_method("forward", tuple(inputs)))
+        with stderr_silenced():
+            return list(self.module.run_method("forward", tuple(inputs)))
