@@ -61,7 +61,11 @@ class TrainProgram:
     planned_arena_bytes: int
 
 
-def lower_train_step(step: nn.Module, x: torch.Tensor, y: torch.Tensor) -> TrainProgram:
+def lower_train_step(
+    step: nn.Module, x: torch.Tensor, y: torch.Tensor, *, decompose: bool = True
+) -> TrainProgram:
+    """Lower ``step``; ``decompose=False`` keeps ExecuTorch's own (wrong) max-pool backward
+    kernel and exists only so that a test can show the workaround is still needed."""
     from executorch.exir import EdgeCompileConfig, to_edge
     from torch.export import export
     from torch.export.experimental import _export_forward_backward
@@ -71,7 +75,8 @@ def lower_train_step(step: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Train
         with _quiet():
             ep = export(step, (x, y), strict=False)
             ep = _export_forward_backward(ep)
-            ep = ep.run_decompositions(get_decompositions(BACKWARD_DECOMPOSITIONS))
+            if decompose:
+                ep = ep.run_decompositions(get_decompositions(BACKWARD_DECOMPOSITIONS))
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise ExportError(f"torch.export failed on the edge training step: {exc}") from exc
     kinds = [spec.kind.name for spec in ep.graph_signature.output_specs]

@@ -1,0 +1,221 @@
+"""``toolkit export`` / ``models`` / ``boards`` as a user runs them: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toolkit.errors import ManifestError
+from toolkit.manifest import load_manifest, schema, sha256_file, validate
+
+SMALL = ["--model", "smallcnn", "--batch", "4", "--input-shape", "3,16,16"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from tests.conftest import run_cli
+
+    out = tmp_path_factory.mktemp("art") / "small"
+    r = run_cli("toolkit", "export", *SMALL, "--board", "rpi4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_export_writes_every_artifact_and_a_valid_manifest(exported):
+    out, r = exported
+    assert "wrote" in r.stdout and "max relative gradient error" in r.stdout
+    names = {p.name for p in out.iterdir()}
+    assert names == {"edge_train.pte", "edge_infer.pte", "edge_init.pt", "cloud_init.pt",
+                     "manifest.json"}
+    data = json.loads((out / "manifest.json").read_text())
+    validate(data)
+    for name, entry in data["artifacts"].items():
+        assert sha256_file(out / name) == entry["sha256"]
+        assert (out / name).stat().st_size == entry["bytes"]
+    assert data["parity"]["checked"] and data["parity"]["max_rel_grad_error"] < 1e-4
+    assert data["programs"]["edge_train"]["outputs"][0]["name"] == "loss"
+    assert data["cut"]["shape"] == [16, 8, 8]
+    assert data["cut"]["int8_bytes_per_sample"] * 4 == data["cut"]["float32_bytes_per_sample"]
+    assert {r["from"] for r in data["rewrites"]} >= {"BatchNorm2d", "MaxPool2d"}
+    assert data["versions"]["executorch"] == "1.5.1"
+    assert data["quantization"]["bits"] == 8
+    assert load_manifest(out).batch_size == 4
+
+
+def test_exported_program_trains_in_a_fresh_process(exported):
+    out, _ = exported
+    script = f"""
+import torch
+from toolkit.manifest import load_manifest
+from toolkit.et_program import TrainingProgram
+m = load_manifest({str(out)!r})
+prog = TrainingProgram.from_file(m.path("edge_train.pte"))
+g = torch.Generator().manual_seed(0)
+x = torch.randn(4, 3, 16, 16, generator=g); y = torch.tensor([0, 1, 2, 3])
+losses = []
+opt = None
+for _ in range(15):
+    outs = prog.forward_backward(x, y)
+    opt = opt or prog.sgd(0.05, 0.9)
+    opt.step(prog.named_gradients())
+    losses.append(float(outs[0]))
+assert outs[1].shape == (4, 16, 8, 8) and outs[2].shape == (4, 10)
+print(losses[0], losses[-1])
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    first, last = map(float, r.stdout.split())
+    assert last < 0.5 * first  # it learns the fixed batch
+
+
+def test_inference_program_runs_with_given_weights(exported):
+    import torch
+
+    from toolkit.et_program import InferenceProgram
+    from toolkit.segments import load_segments
+
+    out, _ = exported
+    m = load_manifest(out)
+    built = load_segments(m)
+    infer = built.infer_module().eval()
+    prog = InferenceProgram.from_file(m.path("edge_infer.pte"))
+    state = {**dict(infer.named_parameters()), **dict(infer.named_buffers())}
+    weights = [state[n].detach() for n in m.data["programs"]["edge_infer"]["weights"]]
+    x = torch.randn(1, 3, 16, 16)
+    cut, logits = prog.run(x, *weights)
+    ref_cut, ref_logits = infer(x)
+    assert torch.allclose(cut, ref_cut, atol=1e-5)
+    assert torch.allclose(logits, ref_logits, atol=1e-5)
+    # New weights change the answer: the program really takes them as inputs.
+    weights2 = [w * 1.5 if w.dim() > 1 else w for w in weights]
+    assert not torch.allclose(prog.run(x, *weights2)[1], logits)
+
+
+def test_tampered_artifact_is_detected(exported, tmp_path):
+    import shutil
+
+    out, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "cloud_init.pt", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ManifestError, match="does not match the manifest"):
+        load_manifest(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="cannot read"):
+        load_manifest(copy)
+
+
+def test_manifest_schema_rejects_wrong_fields(exported):
+    out, _ = exported
+    data = json.loads((out / "manifest.json").read_text())
+    for mutate in (
+        lambda d: d.pop("artifacts"),
+        lambda d: d["model"].__setitem__("num_classes", 1),
+        lambda d: d["quantization"].__setitem__("bits", 3),
+        lambda d: d.__setitem__("schema_version", 99),
+    ):
+        bad = json.loads(json.dumps(data))
+        mutate(bad)
+        with pytest.raises(ManifestError):
+            validate(bad)
+    assert schema()["properties"]["schema_version"]["const"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "alexnet"], "unknown model 'alexnet'; choose one of"),
+        (["--model", "resnet18", "--split", "layer9"], "unknown split point 'layer9'"),
+        (["--model", "smallcnn", "--board", "cray"], "unknown board 'cray'"),
+        (["--model", "vgg16", "--input-shape", "3,16,16"], "too small for vgg16"),
+        (["--model", "smallcnn", "--input-shape", "1,16,16"], "give --mean and --std"),
+        (["--model", "resnet18", "--split", "layer3", "--board", "small-512mb",
+          "--batch", "256"], "over the small-512mb budget of 192 MB; use --batch"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_leaves_nothing(cli, tmp_path, args, message):
+    out = tmp_path / "out"
+    r = cli("toolkit", "export", *args, "--out", str(out))
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert list(tmp_path.iterdir()) == []  # no partial output, no temp dirs
+
+
+def test_existing_output_needs_force(cli, exported, tmp_path):
+    out, _ = exported
+    r = cli("toolkit", "export", *SMALL, "--out", str(out))
+    assert r.returncode == 2 and "already exists; pass --force" in r.stderr
+
+
+def test_force_replaces_atomically(cli, tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    r = cli("toolkit", "export", *SMALL, "--no-verify", "--out", str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "stale.txt").exists() and (out / "manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_output_under_a_file_is_refused(cli, tmp_path):
+    """Unwritable output (even for root): a path below a regular file."""
+    f = tmp_path / "file"
+    f.write_text("")
+    r = cli("toolkit", "export", *SMALL, "--out", str(f / "out"))
+    assert r.returncode == 2 and "cannot write" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_models_json_lists_models_and_split_costs(cli):
+    r = cli("toolkit", "models", "--json")
+    assert r.returncode == 0, r.stderr
+    models = {m["name"]: m for m in json.loads(r.stdout)}
+    assert set(models) == {"smallcnn", "vgg16", "resnet18"}
+    rn = {s["split"]: s for s in models["resnet18"]["splits"]}
+    assert list(rn) == ["stem", "layer1", "layer2", "layer3"]
+    assert rn["layer1"]["cut_shape"] == [64, 32, 32]
+    assert rn["layer1"]["cut_float32_bytes"] == 64 * 32 * 32 * 4
+    assert rn["layer1"]["cut_int8_bytes"] == 64 * 32 * 32
+    # Deeper splits hold more parameters and cost more FLOPs on the edge.
+    params = [s["edge_params"] for s in rn.values()]
+    flops = [s["edge_flops"] for s in rn.values()]
+    assert params == sorted(params) and flops == sorted(flops)
+    # A 3x3 conv 3->64 on 32x32 is 2*27*64*1024 FLOPs: the stem's count includes it.
+    assert rn["stem"]["edge_flops"] >= 2 * 27 * 64 * 1024
+    text = cli("toolkit", "models")
+    assert text.returncode == 0 and "resnet18" in text.stdout and "int8 B/smp" in text.stdout
+
+
+def test_boards_are_listed_and_valid(cli):
+    r = cli("toolkit", "boards", "--json")
+    assert r.returncode == 0, r.stderr
+    boards = {b["name"]: b for b in json.loads(r.stdout)}
+    assert {"rpi4", "rpi5", "jetson-orin-nano", "small-512mb"} <= set(boards)
+    assert boards["small-512mb"]["total_mb"] == 512
+
+
+def test_board_profile_from_a_path_and_its_errors(tmp_path):
+    from toolkit.boards import load_board
+    from toolkit.errors import HiertrainError
+
+    good = Path(__file__).resolve().parents[1] / "firmware_configs" / "rpi4.yaml"
+    p = tmp_path / "mine.yaml"
+    p.write_text(good.read_text().replace("budget_mb: 2048", "budget_mb: 9999"))
+    with pytest.raises(HiertrainError, match="exceeds total_mb"):
+        load_board(str(p))
+    p.write_text(good.read_text().replace("schema_version: 1", "schema_version: 2"))
+    with pytest.raises(HiertrainError, match="schema_version"):
+        load_board(str(p))
+    p.write_text("name: [")
+    with pytest.raises(HiertrainError, match="not valid YAML"):
+        load_board(str(p))
+    p.write_text(good.read_text())
+    assert load_board(str(p)).name == "rpi4"
