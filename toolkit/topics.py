@@ -7,8 +7,8 @@ exactly its own run with a single ``+`` wildcard over devices::
     kind         topic                                  direction      payload
     -----------  -------------------------------------  -------------  ------------------------
     act          hiertrain/<run>/<device>/act           edge -> cloud  toolkit.wire message
-    weights      hiertrain/<run>/<device>/weights       cloud -> edge  updated edge weights
-    status       hiertrain/<run>/<device>/status        edge -> cloud  status / heartbeat
+    weights      hiertrain/<run>/<device>/weights       edge -> cloud  edge weights (retained)
+    status       hiertrain/<run>/<device>/status        both ways      JSON status (retained)
     infer        hiertrain/<run>/<device>/infer         edge -> cloud  toolkit.wire message,
                                                                        no labels
     infer_reply  hiertrain/<run>/<device>/infer/reply   cloud -> edge  inference result

@@ -1,0 +1,143 @@
+"""The control messages next to the activation stream: status, edge weights, inference.
+
+Activation batches have their own binary format (``toolkit.wire``). The rest is
+small and infrequent, so it is JSON, except edge weights, which are a
+``torch.save`` state dict behind a small checked header and are only ever
+loaded with ``weights_only=True`` (no pickle code from the network).
+
+Status (JSON, retained on ``hiertrain/<run>/<device>/status``; the cloud
+trainer uses the device id ``cloud``)::
+
+    {"schema": "hiertrain.status", "v": 1, "role": "edge"|"cloud",
+     "device": "robot-7", "run": "r1", "state": "online"|"training"|"done"|"offline"|"error",
+     "epoch": 2, "batches_published": 40, "samples_published": 1280, "last_seq": 39,
+     "exit_accuracy": 0.83, "message": "", "time": 1764160000.0, ...extra fields}
+
+An edge's ``done`` status carries ``batches_published``: the cloud knows it has
+everything from that device when it has trained that many distinct sequence
+numbers. The edge's MQTT last will is the same topic with ``state: offline``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from toolkit.errors import WireError
+
+CLOUD_DEVICE = "cloud"
+STATUS_SCHEMA = "hiertrain.status"
+STATUS_VERSION = 1
+STATES = ("online", "training", "done", "offline", "error")
+
+
+@dataclass
+class Status:
+    role: str
+    device: str
+    run: str
+    state: str
+    epoch: int = 0
+    batches_published: int = 0
+    samples_published: int = 0
+    last_seq: int = -1
+    exit_accuracy: float | None = None
+    message: str = ""
+    time: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        d = asdict(self)
+        extra = d.pop("extra")
+        return json.dumps({"schema": STATUS_SCHEMA, "v": STATUS_VERSION, **d, **extra}).encode()
+
+
+def decode_status(data: bytes) -> Status:
+    try:
+        d = json.loads(bytes(data).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"status message is not JSON: {exc}", reason="status") from None
+    if not isinstance(d, dict) or d.get("schema") != STATUS_SCHEMA:
+        raise WireError("status message lacks schema 'hiertrain.status'", reason="status")
+    if d.get("v") != STATUS_VERSION:
+        raise WireError(f"status message version {d.get('v')!r} is not {STATUS_VERSION}",
+                        reason="version")
+    if d.get("state") not in STATES or d.get("role") not in ("edge", "cloud"):
+        raise WireError(f"status message has bad state/role {d.get('state')!r}/{d.get('role')!r}",
+                        reason="status")
+    known = {f for f in Status.__dataclass_fields__ if f != "extra"}
+    try:
+        return Status(**{k: d[k] for k in known if k in d},
+                      extra={k: v for k, v in d.items() if k not in known | {"schema", "v"}})
+    except TypeError as exc:
+        raise WireError(f"status message is incomplete: {exc}", reason="status") from None
+
+
+# --- edge weights ---------------------------------------------------------------
+
+WEIGHTS_MAGIC = b"HTWT"
+WEIGHTS_VERSION = 1
+_WHEAD = struct.Struct("<4sBI")  # magic, version, json length
+
+
+def encode_weights(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """``meta`` (JSON) says whose weights these are: run, device, epoch, last_seq."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
+    header = json.dumps(meta).encode()
+    body = _WHEAD.pack(WEIGHTS_MAGIC, WEIGHTS_VERSION, len(header)) + header + buf.getvalue()
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def decode_weights(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    data = bytes(data)
+    if len(data) < _WHEAD.size + 4:
+        raise WireError("weights message is truncated", reason="truncated")
+    magic, version, hlen = _WHEAD.unpack_from(data)
+    if magic != WEIGHTS_MAGIC:
+        raise WireError("weights message has the wrong magic", reason="magic")
+    if version != WEIGHTS_VERSION:
+        raise WireError(f"weights message version {version} is not {WEIGHTS_VERSION}",
+                        reason="version")
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if zlib.crc32(data[:-4]) != crc:
+        raise WireError("weights message failed its CRC check", reason="crc")
+    start = _WHEAD.size
+    if start + hlen > len(data) - 4:
+        raise WireError("weights message header overruns the message", reason="truncated")
+    try:
+        meta = json.loads(data[start:start + hlen].decode())
+        state = torch.load(io.BytesIO(data[start + hlen:-4]), map_location="cpu",
+                           weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is bad input
+        raise WireError(f"weights message does not decode: {exc}", reason="weights") from None
+    if not isinstance(meta, dict) or not isinstance(state, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise WireError("weights message is not a state dict", reason="weights")
+    return meta, state
+
+
+# --- hierarchical inference -----------------------------------------------------
+
+
+def encode_infer_reply(predictions: list[int], probabilities: list[list[float]],
+                       error: str = "") -> bytes:
+    return json.dumps({"pred": predictions, "prob": probabilities, "error": error}).encode()
+
+
+def decode_infer_reply(data: bytes) -> dict[str, Any]:
+    try:
+        d = json.loads(bytes(data).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"inference reply is not JSON: {exc}", reason="reply") from None
+    if not isinstance(d, dict) or "pred" not in d:
+        raise WireError("inference reply lacks 'pred'", reason="reply")
+    return d
