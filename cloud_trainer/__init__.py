@@ -1,0 +1,19 @@
+"""Cloud side of hiertrain: trains the cloud segment on edge activations received over MQTT.
+
+Public API::
+
+    from cloud_trainer import CloudConfig, run_cloud, ServeConfig, serve_cloud
+    summary = run_cloud(CloudConfig(artifacts="art", broker="mqtt://127.0.0.1:1883",
+                                    run_dir="runs/r1", devices=2))
+
+Modules: ``ingest`` (MQTT handlers, bounded queue, drop counting), ``ledger``
+(exactly-once bookkeeping), ``trainer`` (the loop and the done rule),
+``evaluate`` / ``metrics`` (held-out accuracy, curves), ``checkpoint`` (atomic
+files, resume), ``infer`` / ``serve`` (hierarchical inference), ``outbox``
+(publishing off the training thread), ``cli``.
+"""
+
+from cloud_trainer.serve import ServeConfig, serve_cloud
+from cloud_trainer.trainer import CloudConfig, run_cloud
+
+__all__ = ["CloudConfig", "ServeConfig", "run_cloud", "serve_cloud"]

@@ -1,0 +1,98 @@
+"""The run directory: writability up front, atomic files, and the resumable checkpoint.
+
+Every file the trainer writes goes through :func:`atomic_write`: write a
+temporary file next to the target, then ``os.replace`` it. A crash or a
+``SIGKILL`` mid-write leaves the previous complete file, never half of one --
+the checkpoint in particular, which a restart trusts to know what has been
+trained already.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from toolkit.errors import HiertrainError
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+def ensure_run_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` if needed and prove a file can be written there."""
+    run_dir = Path(path).expanduser()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise HiertrainError(
+            f"cannot write to run directory {run_dir} ({exc.strerror or exc}); "
+            "pass a --run-dir that is a writable directory"
+        ) from None
+    return run_dir
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` via a temporary file and ``os.replace``; HiertrainError on disk errors."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise HiertrainError(
+            f"cannot write {path} ({exc.strerror or exc}); check free space and permissions "
+            "of the run directory"
+        ) from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    atomic_torch_save(run_dir / CHECKPOINT, {"version": CHECKPOINT_VERSION, **state})
+
+
+def load_checkpoint(run_dir: Path, *, run_id: str, manifest_sha: str) -> dict[str, Any] | None:
+    """The checkpoint of this run and these artifacts, None if there is none.
+
+    A checkpoint of another run or other artifacts is an error rather than
+    something to overwrite: it may be the only copy of a long run's state.
+    """
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise HiertrainError(
+            f"cannot read checkpoint {path} ({exc}); delete it to start the run afresh"
+        ) from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise HiertrainError(f"{path} is not a cloud-trainer checkpoint; use another --run-dir")
+    if state.get("run_id") != run_id or state.get("manifest_sha") != manifest_sha:
+        raise HiertrainError(
+            f"{path} belongs to run {state.get('run_id')!r} with other artifacts or run id "
+            f"(this is run {run_id!r}); use another --run-dir or delete the checkpoint"
+        )
+    return state

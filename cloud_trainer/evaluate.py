@@ -1,0 +1,68 @@
+"""Held-out accuracy of the assembled model and of the edge's early exit.
+
+The cloud never sees edge weights during training; they arrive on the
+``weights`` topic at each edge epoch end. With them the cloud can assemble
+the whole network, ``FullModel(edge, cloud)``, and measure what the
+hierarchy has learned, next to what the edge's exit head achieves alone.
+
+The held-out set goes through the same loader and the manifest's
+normalisation as the edge's training data (``toolkit.data``), so an accuracy
+here means the same thing as the edge's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from toolkit.data import load_dataset, normalize
+from toolkit.edge_program import EdgeTrainStep
+from toolkit.errors import HiertrainError
+from toolkit.manifest import Manifest
+
+EVAL_BATCH = 256
+
+
+class Evaluator:
+    """Loads the test split once; :meth:`evaluate` scores (full, exit) accuracy."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        source: str | os.PathLike[str] | None = None,
+        *,
+        limit: int | None = None,
+    ) -> None:
+        ds = load_dataset(source, "test", input_shape=manifest.input_shape, limit=limit)
+        if len(ds.classes) > manifest.num_classes:
+            raise HiertrainError(
+                f"evaluation data {ds.name} has {len(ds.classes)} classes but the model has "
+                f"{manifest.num_classes}; pass --eval-data matching the exported model"
+            )
+        norm = manifest.data["model"]["normalization"]
+        self.x = normalize(ds.x, norm["mean"], norm["std"])
+        self.y = ds.y
+        self.name = ds.name
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @torch.no_grad()
+    def evaluate(self, step: EdgeTrainStep, cloud: nn.Module) -> tuple[float, float]:
+        """(full-model accuracy, exit accuracy) in eval mode; training modes are restored."""
+        modes = [(m, m.training) for m in (step, cloud)]
+        step.eval()
+        cloud.eval()
+        full_correct = exit_correct = 0
+        try:
+            for xb, yb in zip(self.x.split(EVAL_BATCH), self.y.split(EVAL_BATCH), strict=True):
+                cut = step.edge(xb)  # shared by both heads: FullModel(edge, cloud)(x) == cloud(cut)
+                full_correct += int((cloud(cut).argmax(1) == yb).sum())
+                exit_correct += int((step.exit(cut).argmax(1) == yb).sum())
+        finally:
+            for module, mode in modes:
+                module.train(mode)
+        n = max(1, len(self.y))
+        return full_correct / n, exit_correct / n

@@ -1,0 +1,397 @@
+"""The MQTT side of the cloud trainer: check, de-duplicate and queue what the edges send.
+
+Handlers run on paho's network thread, so they only do what must happen per
+message before it can be trusted: decode, validate against the manifest,
+admit the device, claim the ``(device, seq)`` in the :class:`Ledger`, and put
+the result on one bounded queue that the training loop (main thread) drains.
+
+Why a *blocking* put on a *bounded* queue: when the trainer falls behind, the
+handler blocks, paho stops reading the socket, TCP's window fills and the
+broker stops sending -- QoS 1 keeps the messages at the broker, so nothing is
+lost and memory stays bounded by ``queue_size`` batches. An unbounded queue
+would instead grow until the process is killed.
+
+Every malformed or foreign message is dropped and counted by a short reason
+(``WireError.reason`` -- ``crc``, ``truncated``, ``run_id``... -- plus
+``shape``, ``labels``, ``device``, ``unknown_device``, ``unknown_run``,
+``reply_topic``, ``shutdown``), and logged once per reason at WARNING. A
+broken or hostile sender costs a counter, never the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cloud_trainer.ledger import Ledger, SeqSet
+from toolkit import topics
+from toolkit.errors import WireError
+from toolkit.messages import CLOUD_DEVICE, Status, decode_status, decode_weights
+from toolkit.transport import Link
+from toolkit.wire import ActivationBatch, decode
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ActItem",
+    "DeviceRegistry",
+    "DropCounter",
+    "Ingest",
+    "InferItem",
+    "Ledger",
+    "SeqSet",
+    "StatusItem",
+    "WeightsItem",
+]
+
+REGISTER_STATES = ("online", "training")
+"""Edge states that register a device. Not ``done``/``offline``/``error``: those
+are what a retained status of a finished or dead edge from an earlier run says."""
+
+
+@dataclass
+class ActItem:
+    """One activation batch, checked and claimed, waiting to be trained."""
+
+    batch: ActivationBatch
+    nbytes: int
+
+
+@dataclass
+class StatusItem:
+    device: str
+    status: Status
+
+
+@dataclass
+class WeightsItem:
+    device: str
+    meta: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    received: float = field(default_factory=time.time)
+
+
+@dataclass
+class InferItem:
+    """An inference request, or (``error`` set, ``batch`` None) a refusal to send back."""
+
+    device: str
+    response_topic: str
+    correlation_data: bytes | None
+    batch: ActivationBatch | None = None
+    error: str = ""
+
+
+QueueItem = ActItem | StatusItem | WeightsItem
+
+
+class DropCounter:
+    """Dropped messages by reason; warns once per reason, counts every time."""
+
+    def __init__(self, initial: dict[str, int] | None = None) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = dict(initial or {})
+        self._warned: set[str] = set()
+
+    def drop(self, reason: str, topic: str, detail: str) -> None:
+        with self._lock:
+            self.counts[reason] = self.counts.get(reason, 0) + 1
+            first = reason not in self._warned
+            self._warned.add(reason)
+        if first:
+            log.warning(
+                "dropped a message on %s (%s): %s; further %r drops are only counted",
+                topic, reason, detail, reason,
+            )
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(sorted(self.counts.items()))
+
+
+class DeviceRegistry:
+    """Which edge devices this run trains, per the spec's rule.
+
+    ``device_ids`` given: exactly those. ``count`` given: the first ``count``
+    distinct devices that show up live (an ``online``/``training`` status or an
+    activation); later ones are refused (``unknown_device``). Neither: every
+    device that shows up.
+    """
+
+    def __init__(self, device_ids: list[str] | None = None, count: int | None = None) -> None:
+        self._lock = threading.Lock()
+        self.device_ids = list(device_ids) if device_ids else None
+        self.count = None if self.device_ids else count
+        self._admitted: list[str] = []
+
+    def admit(self, device: str) -> bool:
+        with self._lock:
+            if device in self._admitted:
+                return True
+            if self.device_ids is not None and device not in self.device_ids:
+                return False
+            if self.count is not None and len(self._admitted) >= self.count:
+                return False
+            self._admitted.append(device)
+            log.info("edge device %r joined the run", device)
+            return True
+
+    def is_admitted(self, device: str) -> bool:
+        with self._lock:
+            return device in self._admitted
+
+    def admitted(self) -> list[str]:
+        with self._lock:
+            return list(self._admitted)
+
+    def expected(self) -> list[str]:
+        """The devices the done rule waits for (may still grow while ``count`` is unmet)."""
+        with self._lock:
+            if self.device_ids is not None:
+                return list(self.device_ids)
+            return list(self._admitted)
+
+    def complete_roster(self) -> bool:
+        """True when no further device can join the set the done rule waits for."""
+        with self._lock:
+            if self.device_ids is not None:
+                return True
+            if self.count is not None:
+                return len(self._admitted) >= self.count
+            return len(self._admitted) > 0
+
+    def missing_count(self) -> int:
+        with self._lock:
+            if self.count is None:
+                return 0
+            return max(0, self.count - len(self._admitted))
+
+    def restore(self, admitted: list[str]) -> None:
+        """Re-admit the devices of a checkpoint first, so ``count`` keeps the same roster."""
+        for device in admitted:
+            self.admit(device)
+
+
+class Ingest:
+    """Subscribes a link to the run's topics and feeds checked messages to ``self.queue``.
+
+    ``infer_sink`` receives inference requests (and refusals to answer); it
+    runs on paho's thread, so it must only enqueue, without blocking, and
+    return False when it cannot take the request (counted as ``infer_busy``).
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        cut_shape: tuple[int, ...],
+        num_classes: int,
+        max_batch: int,
+        ledger: Ledger,
+        registry: DeviceRegistry,
+        drops: DropCounter,
+        queue_size: int = 64,
+        infer_sink: Callable[[InferItem], bool] | None = None,
+        train: bool = True,
+    ) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        self.run_id = run_id
+        self.cut_shape = tuple(cut_shape)
+        self.num_classes = num_classes
+        self.max_batch = max_batch
+        self.ledger = ledger
+        self.registry = registry
+        self.drops = drops
+        self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=queue_size)
+        self.infer_sink = infer_sink
+        self.train = train
+        self._closing = threading.Event()
+        self._stats_lock = threading.Lock()
+        self.max_queue_depth = 0
+        self.blocked_s = 0.0  # time paho's thread spent waiting for queue space
+        self.last_message = time.monotonic()
+        self.messages = 0
+
+    # ------------------------------------------------------------------ wiring
+    def subscribe(self, link: Link) -> None:
+        """Register the handlers; call before ``link.connect()`` so nothing is missed."""
+        if self.train:
+            link.subscribe(topics.act_wildcard(self.run_id), self.on_act)
+            link.subscribe(topics.status_wildcard(self.run_id), self.on_status)
+            link.subscribe(topics.wildcard(self.run_id, topics.WEIGHTS), self.on_weights)
+        if self.infer_sink is not None:
+            link.subscribe(topics.infer_request_wildcard(self.run_id), self.on_infer)
+
+    def close(self) -> None:
+        """Stop blocking: handlers drop (``shutdown``) instead of waiting for queue space.
+
+        Called before the final publishes, whose acknowledgements paho's
+        thread must be free to read.
+        """
+        self._closing.set()
+
+    # ------------------------------------------------------------------ helpers
+    def _touch(self) -> None:
+        with self._stats_lock:
+            self.last_message = time.monotonic()
+            self.messages += 1
+
+    def idle_for(self) -> float:
+        with self._stats_lock:
+            return time.monotonic() - self.last_message
+
+    def _topic_device(self, topic: str) -> str | None:
+        try:
+            run, device, _ = topics.parse_topic(topic)
+        except WireError as exc:
+            self.drops.drop(exc.reason, topic, str(exc))
+            return None
+        if run != self.run_id:
+            self.drops.drop("unknown_run", topic, f"run {run!r} is not {self.run_id!r}")
+            return None
+        return device
+
+    def _check_activation(self, batch: ActivationBatch, topic: str, *, labels: bool) -> bool:
+        shape = tuple(batch.quantized.codes.shape if batch.quantized is not None
+                      else batch.raw.shape)  # type: ignore[union-attr]
+        if len(shape) != 1 + len(self.cut_shape) or shape[1:] != self.cut_shape:
+            self.drops.drop("shape", topic, f"activation shape {list(shape)} does not match the "
+                            f"manifest's cut shape [N, {', '.join(map(str, self.cut_shape))}]")
+            return False
+        if not 1 <= shape[0] <= self.max_batch:
+            self.drops.drop("shape", topic,
+                            f"batch of {shape[0]} is outside 1..{self.max_batch}")
+            return False
+        if not labels:
+            return True
+        if batch.labels is None:
+            self.drops.drop("labels", topic, "a training batch carries no labels")
+            return False
+        if batch.labels.numel() and (
+            int(batch.labels.min()) < 0 or int(batch.labels.max()) >= self.num_classes
+        ):
+            self.drops.drop("labels", topic, f"labels outside [0, {self.num_classes})")
+            return False
+        return True
+
+    def _put(self, item: QueueItem) -> bool:
+        """Blocking put (back-pressure), given up only when the ingest is closing."""
+        start = time.monotonic()
+        while True:
+            if self._closing.is_set():
+                return False
+            try:
+                self.queue.put(item, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+        waited = time.monotonic() - start
+        depth = self.queue.qsize()
+        with self._stats_lock:
+            self.blocked_s += waited
+            self.max_queue_depth = max(self.max_queue_depth, depth)
+        return True
+
+    # ----------------------------------------------------------------- handlers
+    def on_act(self, topic: str, payload: bytes, props: dict[str, Any]) -> None:
+        self._touch()
+        device = self._topic_device(topic)
+        if device is None:
+            return
+        try:
+            batch = decode(payload, expected_run_id=self.run_id)
+        except WireError as exc:
+            self.drops.drop(exc.reason, topic, str(exc))
+            return
+        if batch.device_id != device:
+            self.drops.drop("device", topic,
+                            f"message says device {batch.device_id!r}, topic says {device!r}")
+            return
+        if not self._check_activation(batch, topic, labels=True):
+            return
+        if not self.registry.admit(device):
+            self.drops.drop("unknown_device", topic, f"device {device!r} is not part of this run")
+            return
+        if not self.ledger.claim(device, batch.seq):
+            log.debug("duplicate seq %d from %s", batch.seq, device)
+            return
+        if not self._put(ActItem(batch, len(payload))):
+            self.ledger.release(device, batch.seq)
+            self.drops.drop("shutdown", topic, "arrived while the trainer was shutting down")
+
+    def on_status(self, topic: str, payload: bytes, props: dict[str, Any]) -> None:
+        self._touch()
+        device = self._topic_device(topic)
+        if device is None or device == CLOUD_DEVICE:
+            return  # our own retained status comes back through the wildcard
+        try:
+            status = decode_status(payload)
+        except WireError as exc:
+            self.drops.drop(exc.reason, topic, str(exc))
+            return
+        if status.run != self.run_id:
+            self.drops.drop("run_id", topic, f"status of run {status.run!r}")
+            return
+        if status.device != device or status.role != "edge":
+            self.drops.drop("device", topic,
+                            f"status from {status.role} {status.device!r} on {device!r}'s topic")
+            return
+        if status.state in REGISTER_STATES:
+            self.registry.admit(device)
+        self._put(StatusItem(device, status))
+
+    def on_weights(self, topic: str, payload: bytes, props: dict[str, Any]) -> None:
+        self._touch()
+        device = self._topic_device(topic)
+        if device is None:
+            return
+        try:
+            meta, state = decode_weights(payload)
+        except WireError as exc:
+            self.drops.drop(exc.reason, topic, str(exc))
+            return
+        if meta.get("run", self.run_id) != self.run_id:
+            self.drops.drop("run_id", topic, f"weights of run {meta.get('run')!r}")
+            return
+        if meta.get("device", device) != device:
+            self.drops.drop("device", topic, f"weights of {meta.get('device')!r}")
+            return
+        self._put(WeightsItem(device, meta, state))
+
+    def on_infer(self, topic: str, payload: bytes, props: dict[str, Any]) -> None:
+        self._touch()
+        device = self._topic_device(topic)
+        if device is None or self.infer_sink is None:
+            return
+        reply_to = props.get("response_topic")
+        if not reply_to:
+            self.drops.drop("reply_topic", topic, "inference request without a response topic")
+            return
+        if (not reply_to.startswith(f"{topics.PREFIX}/{self.run_id}/")
+                or "+" in reply_to or "#" in reply_to):
+            # Never publish where a request tells us to outside our own run.
+            self.drops.drop("reply_topic", topic, f"response topic {reply_to!r} is outside "
+                            f"{topics.PREFIX}/{self.run_id}/")
+            return
+        corr = props.get("correlation_data")
+        try:
+            batch = decode(payload, expected_run_id=self.run_id)
+        except WireError as exc:
+            self.drops.drop(exc.reason, topic, str(exc))
+            item = InferItem(device, reply_to, corr, error=f"{exc.reason}: {exc}")
+        else:
+            if self._check_activation(batch, topic, labels=False):
+                item = InferItem(device, reply_to, corr, batch=batch)
+            else:
+                shape = ", ".join(map(str, self.cut_shape))
+                item = InferItem(device, reply_to, corr, error=f"shape: expected [N, {shape}]")
+        if not self.infer_sink(item):
+            self.drops.drop("infer_busy", topic, "the inference queue is full")

@@ -1,0 +1,107 @@
+"""``cloud-trainer serve``: answer hierarchical inference with a trained cloud segment.
+
+No training, no queue of activations: the ingest subscribes to inference
+requests only and hands them to the :class:`InferenceServer`, which loads
+``cloud_final.pt`` from a finished run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cloud_trainer.infer import InferenceServer
+from cloud_trainer.ingest import DeviceRegistry, DropCounter, Ingest
+from cloud_trainer.ledger import Ledger
+from cloud_trainer.trainer import CLOUD_FINAL, MAX_BATCH_FACTOR, client_id
+from toolkit import topics
+from toolkit.errors import HiertrainError
+from toolkit.manifest import load_manifest
+from toolkit.messages import CLOUD_DEVICE, Status
+from toolkit.segments import load_segments
+from toolkit.transport import open_link
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    artifacts: str | Path
+    broker: str
+    run_dir: str | Path
+    run_id: str = "default"
+    duration: float | None = None
+    """Stop after this many seconds (None: until ``stop`` is set / Ctrl-C)."""
+    connect_timeout: float = 30.0
+    quiet: bool = False
+
+
+def load_cloud(artifacts: str | Path, run_dir: str | Path) -> tuple[Any, torch.nn.Module]:
+    """The manifest and its cloud segment with the weights of ``run_dir/cloud_final.pt``."""
+    manifest = load_manifest(artifacts)
+    path = Path(run_dir).expanduser() / CLOUD_FINAL
+    if not path.is_file():
+        raise HiertrainError(
+            f"{path} does not exist; train first (cloud-trainer --run-dir {run_dir} ...) "
+            "or point --run-dir at a finished run"
+        )
+    cloud = load_segments(manifest).cloud
+    try:
+        cloud.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - unreadable or not this model
+        raise HiertrainError(
+            f"{path} does not fit the cloud segment of {manifest.root} "
+            f"({str(exc).splitlines()[0]}); use the artifacts that run was trained with"
+        ) from None
+    return manifest, cloud.eval()
+
+
+def serve_cloud(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Serve until ``stop`` is set or ``cfg.duration`` passes; returns request counts."""
+    topics.validate_id(cfg.run_id, "run id")
+    manifest, cloud = load_cloud(cfg.artifacts, cfg.run_dir)
+    stop = stop or threading.Event()
+    status_topic = topics.status_topic(cfg.run_id, CLOUD_DEVICE)
+    link = open_link(cfg.broker, client_id("serve", cfg.run_id))
+    link.set_will(status_topic, Status(role="cloud", device=CLOUD_DEVICE, run=cfg.run_id,
+                                       state="offline").encode(), retain=True)
+    server = InferenceServer(cloud, link)
+    drops = DropCounter()
+    ingest = Ingest(
+        cfg.run_id, cut_shape=manifest.cut_shape, num_classes=manifest.num_classes,
+        max_batch=MAX_BATCH_FACTOR * manifest.batch_size, ledger=Ledger(),
+        registry=DeviceRegistry(), drops=drops, infer_sink=server.submit, train=False,
+    )
+    ingest.subscribe(link)
+    try:
+        link.connect(timeout=cfg.connect_timeout)
+        # Safe from this thread: in serve mode paho's thread never blocks (submit doesn't).
+        link.publish(status_topic, Status(role="cloud", device=CLOUD_DEVICE, run=cfg.run_id,
+                                          state="online", extra={"mode": "serve"}).encode(),
+                     retain=True)
+        log.info("serving inference for run %r on %s", cfg.run_id, link.address.url)
+        deadline = None if cfg.duration is None else time.monotonic() + cfg.duration
+        while not stop.wait(0.2):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        ingest.close()
+        server.close()
+        try:
+            link.publish(status_topic, Status(
+                role="cloud", device=CLOUD_DEVICE, run=cfg.run_id, state="offline",
+                extra={"mode": "serve", "answered": server.answered}).encode(),
+                retain=True, timeout=5.0)
+        except HiertrainError as exc:  # the broker went away first: nothing to tell it
+            log.warning("could not publish the offline status: %s", exc)
+    finally:
+        ingest.close()
+        server.close()
+        link.close()
+    return {"answered": server.answered, "refused": server.refused,
+            "dropped": drops.snapshot()}
