@@ -37,8 +37,7 @@ class ModelSpec:
     exit_channels: int = 64
     min_input: int = 8
     # "batch": BatchNorm with host-side running statistics (same math as
-    # nn.BatchNorm2d); "group": GroupNorm. See docs/export.md for why VGG-16
-    # defaults to GroupNorm on the edge.
+    # nn.BatchNorm2d); "group": GroupNorm (docs/export.md).
     edge_norm: str = "batch"
     aliases: tuple[str, ...] = field(default=())
 
@@ -61,7 +60,6 @@ MODELS: dict[str, ModelSpec] = {
         default_split="stage2",
         exit_channels=64,
         min_input=32,
-        edge_norm="group",
     ),
     "resnet18": ModelSpec(
         name="resnet18",
