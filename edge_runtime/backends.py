@@ -1,0 +1,204 @@
+"""The edge training step behind one small interface, on ExecuTorch or eager PyTorch.
+
+Both backends compute the very same function (``toolkit.edge_program.EdgeTrainStep``
+is what ``edge_train.pte`` was lowered from) and apply the same SGD update with the
+manifest's hyper-parameters, so a run on a laptop with ``--backend torch`` is the
+same experiment as a run of the exported program on a board, up to float32
+summation order (tests/test_edge_runtime.py measures how close).
+
+BatchNorm running statistics live on the host in both cases: the training program
+normalises with batch statistics and returns them as extra outputs (see
+``toolkit.rewrites.HostStatsBatchNorm2d``), and ``EdgeTrainStep.apply_stats`` folds
+them into the running statistics after every step.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from edge_runtime import BACKENDS
+from toolkit.edge_program import EdgeTrainStep
+from toolkit.errors import HiertrainError
+from toolkit.manifest import Manifest
+from toolkit.segments import load_segments
+
+EDGE_TRAIN = "edge_train.pte"
+
+
+@dataclass
+class StepResult:
+    """What one training step hands to the rest of the runtime."""
+
+    loss: float
+    cut: torch.Tensor  # the cut-layer activation, [batch, *cut_shape], detached
+    exit_logits: torch.Tensor  # [batch, num_classes], detached
+
+
+class EdgeBackend(ABC):
+    """One SGD step of the edge segment + exit head on a static-shape batch."""
+
+    name: str
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.batch_shape = (manifest.batch_size, *manifest.input_shape)
+        opt = manifest.data["optimizer"]
+        if opt.get("name", "sgd") != "sgd":
+            raise HiertrainError(
+                f"{manifest.root}: optimizer {opt.get('name')!r} is not supported by the edge "
+                "runtime; re-export with SGD"
+            )
+        self.lr = float(opt["lr"])
+        self.momentum = float(opt.get("momentum", 0.0))
+        self.weight_decay = float(opt.get("weight_decay", 0.0))
+        self.nesterov = bool(opt.get("nesterov", False))
+
+    def check_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exported program has a static batch; a wrong shape must fail here, readably."""
+        if tuple(x.shape) != self.batch_shape:
+            raise HiertrainError(
+                f"input batch has shape {list(x.shape)} but the artifacts in "
+                f"{self.manifest.root} expect {list(self.batch_shape)} (static batch size "
+                f"{self.manifest.batch_size}); feed full batches of the exported input shape"
+            )
+        if tuple(y.shape) != (self.batch_shape[0],):
+            raise HiertrainError(
+                f"labels have shape {list(y.shape)} but the artifacts expect "
+                f"[{self.batch_shape[0]}]; give one label per sample"
+            )
+        return x.to(torch.float32).contiguous(), y.to(torch.int64).contiguous()
+
+    @abstractmethod
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """Forward, backward, SGD update, BN running-stat update."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Edge weights incl. BN running stats, keyed like ``EdgeTrainStep.state_dict()``."""
+
+    @abstractmethod
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the edge weights (to resume). Optimizer momentum restarts from zero."""
+
+
+def _load_checked(module: EdgeTrainStep, state: Mapping[str, torch.Tensor], what: str) -> None:
+    try:
+        module.load_state_dict(dict(state))
+    except RuntimeError as exc:
+        raise HiertrainError(
+            f"{what} does not fit the edge model in the manifest: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+class TorchBackend(EdgeBackend):
+    """Eager ``EdgeTrainStep`` + ``torch.optim.SGD``: for hosts without ExecuTorch, and
+    as the reference the ExecuTorch program is checked against.
+
+    Thread count is the caller's business (``torch.set_num_threads``).
+    """
+
+    name = "torch"
+
+    def __init__(self, manifest: Manifest) -> None:
+        super().__init__(manifest)
+        self.module: EdgeTrainStep = load_segments(manifest).step.train()
+        self.optimizer = torch.optim.SGD(
+            self.module.parameters(), lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, nesterov=self.nesterov,
+        )
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        x, y = self.check_batch(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        outs = self.module(x, y)
+        outs[0].backward()
+        self.optimizer.step()
+        self.module.apply_stats([t.detach() for t in outs[3:]])
+        return StepResult(loss=float(outs[0].detach()), cut=outs[1], exit_logits=outs[2])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        _load_checked(self.module, state, "the given edge state")
+
+
+class ExecuTorchBackend(EdgeBackend):
+    """The exported ``edge_train.pte`` in the ExecuTorch runtime, as it runs on a board.
+
+    The program owns the trainable parameters; a host copy of ``EdgeTrainStep``
+    holds only the BN running statistics (updated every step from the program's
+    extra outputs). ``state_dict()`` merges the two, so parameters and statistics
+    always travel together under the same keys as the torch backend's.
+    """
+
+    name = "executorch"
+
+    def __init__(self, manifest: Manifest) -> None:
+        super().__init__(manifest)
+        from toolkit.et_program import TrainingProgram
+
+        self.program = TrainingProgram.from_file(manifest.path(EDGE_TRAIN))
+        self.host: EdgeTrainStep = load_segments(manifest).step.eval()  # stats holder only
+        self._optimizer = None  # ExecuTorch's SGD needs named_parameters: after the 1st run
+        self._ran = False
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        outs = self.program.forward_backward(x, y)
+        self._ran = True
+        return outs
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        x, y = self.check_batch(x, y)
+        outs = self._forward_backward(x, y)
+        if self._optimizer is None:
+            self._optimizer = self.program.sgd(
+                self.lr, self.momentum, self.weight_decay, self.nesterov
+            )
+        self._optimizer.step(self.program.named_gradients())
+        self.host.apply_stats(outs[3:])
+        return StepResult(loss=float(outs[0]), cut=outs[1], exit_logits=outs[2])
+
+    def _materialize(self) -> None:
+        """ExecuTorch exposes the program's parameter tensors only after a first run.
+
+        A throw-away forward_backward on a zero batch creates them; without an
+        optimizer step and with the BN statistics discarded it changes nothing.
+        """
+        if not self._ran:
+            x = torch.zeros(self.batch_shape)
+            y = torch.zeros(self.batch_shape[0], dtype=torch.int64)
+            self._forward_backward(x, y)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().clone() for k, v in self.host.state_dict().items()}
+        if self._ran:  # before the first step the program still holds the exported weights
+            for name, tensor in self.program.named_parameters().items():
+                state[name] = tensor.detach().clone()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load BN stats into the host step and copy_ parameters into the program in place.
+
+        Runs a throw-away step first if the program has not run yet (see
+        ``_materialize``); the SGD momentum buffers are not part of the state.
+        """
+        _load_checked(self.host, state, "the given edge state")
+        self._materialize()
+        params = self.program.named_parameters()
+        with torch.no_grad():
+            for name, tensor in params.items():
+                tensor.copy_(state[name].to(tensor.dtype))
+
+
+def make_backend(name: str, manifest: Manifest) -> EdgeBackend:
+    """``executorch`` (the exported program) or ``torch`` (eager, same math)."""
+    if name == "executorch":
+        return ExecuTorchBackend(manifest)
+    if name == "torch":
+        return TorchBackend(manifest)
+    raise HiertrainError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

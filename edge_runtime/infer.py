@@ -1,0 +1,303 @@
+"""Hierarchical inference: answer at the edge's exit when confident, else ask the cloud.
+
+Each test sample (batch 1) runs through the edge segment and exit head. If the
+exit's softmax confidence reaches ``threshold`` the edge answers on its own;
+otherwise it sends the quantized cut activation as an inference request
+(``toolkit.wire``, no labels) with an MQTT 5 response topic and correlation data,
+and waits, bounded by ``timeout``, for the cloud's reply. A request the cloud
+does not answer in time (or answers with an error) is answered by the exit head
+after all, counted as a "fallback" and in ``cloud_timeouts`` (``cloud_errors``);
+three timeouts in a row abort the run, since the cloud is evidently not serving.
+``exit_rate`` counts only confident exits.
+
+Weights (``InferConfig.weights``): ``None`` uses the manifest's initial weights,
+a path loads a file written by ``edge-runtime train`` (``edge_weights-<device>.pt``),
+and ``"retained"`` takes the device's retained weights message from the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import secrets
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from edge_runtime import BACKENDS
+from edge_runtime.link import connect_edge
+from toolkit.data import load_dataset, normalize
+from toolkit.errors import HiertrainError, WireError
+from toolkit.manifest import Manifest, load_manifest
+from toolkit.messages import decode_infer_reply, decode_weights
+from toolkit.quant import QuantScheme, quantize
+from toolkit.segments import load_segments
+from toolkit.topics import infer_reply_topic, infer_request_topic, validate_id, weights_topic
+from toolkit.transport import Link
+from toolkit.wire import ActivationBatch, encode
+
+log = logging.getLogger("edge_runtime")
+
+EDGE_INFER = "edge_infer.pte"
+MAX_CONSECUTIVE_TIMEOUTS = 3
+RETAINED = "retained"
+
+
+@dataclass
+class InferConfig:
+    artifacts: str | Path
+    broker: str
+    device_id: str
+    data: str | None = None
+    run_id: str = "default"
+    threshold: float = 0.8
+    limit: int | None = 200
+    weights: str | Path | None = None  # None: initial; a path; or "retained" (from the broker)
+    timeout: float = 10.0  # per cloud request, and for fetching retained weights
+    backend: str = "executorch"
+    seed: int = 0
+    quiet: bool = False
+    connect_timeout: float = 30.0
+    report: str | Path | None = None
+
+
+class InferEngine:
+    """``run(x[1, C, H, W]) -> (cut, exit_logits)`` with given edge weights."""
+
+    def __init__(self, backend: str, manifest: Manifest, state: Mapping[str, torch.Tensor]):
+        if backend not in BACKENDS:
+            raise HiertrainError(
+                f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}"
+            )
+        built = load_segments(manifest)
+        try:
+            built.step.load_state_dict(dict(state))
+        except RuntimeError as exc:
+            raise HiertrainError(
+                f"the edge weights do not fit the model in {manifest.root}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        self.backend = backend
+        self.module = built.infer_module().eval()
+        if backend == "executorch":
+            from toolkit.et_program import InferenceProgram
+
+            self.program = InferenceProgram.from_file(manifest.path(EDGE_INFER))
+            names = manifest.data["programs"]["edge_infer"]["weights"]
+            tensors = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
+            self.weights = [tensors[n].detach().to(torch.float32).contiguous() for n in names]
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.backend == "executorch":
+            cut, logits = self.program.run(x.contiguous(), *self.weights)[:2]
+            return cut, logits
+        cut, logits = self.module(x)
+        return cut, logits
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise HiertrainError(
+            f"weights file {path} does not exist; pass the edge_weights-<device>.pt that "
+            "'edge-runtime train' wrote, or --weights retained"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- any unpickling failure is bad input
+        raise HiertrainError(f"cannot load weights file {path}: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise HiertrainError(f"weights file {path} is not a state dict of tensors")
+    return state
+
+
+def fetch_retained_weights(link: Link, run: str, device: str, timeout: float
+                           ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The device's retained weights message, waited for at most ``timeout`` s."""
+    inbox: queue.Queue[bytes] = queue.Queue()
+    topic = weights_topic(run, device)
+    link.subscribe(topic, lambda _t, payload, _p: inbox.put(payload))
+    try:
+        payload = inbox.get(timeout=timeout)
+    except queue.Empty:
+        raise HiertrainError(
+            f"no retained weights on {topic} at {link.address.url} within {timeout:.0f} s; "
+            "train this device first or pass --weights PATH"
+        ) from None
+    try:
+        return decode_weights(payload)
+    except WireError as exc:
+        raise HiertrainError(f"the retained weights on {topic} are unreadable: {exc}") from None
+
+
+@dataclass
+class _Tally:
+    n: int = 0
+    correct: int = 0
+    latency_s: float = 0.0
+
+    def add(self, ok: bool, latency: float) -> None:
+        self.n += 1
+        self.correct += int(ok)
+        self.latency_s += latency
+
+    def accuracy(self) -> float | None:
+        return self.correct / self.n if self.n else None
+
+    def latency_ms(self) -> float | None:
+        return 1000 * self.latency_s / self.n if self.n else None
+
+
+def run_inference(cfg: InferConfig) -> dict[str, Any]:
+    """Run hierarchical inference on the test split; returns the result dict."""
+    run = validate_id(cfg.run_id, "run id")
+    device = validate_id(cfg.device_id, "device id")
+    if not 0.0 <= cfg.threshold <= 1.0:
+        raise HiertrainError(f"threshold must be in [0, 1], got {cfg.threshold}")
+    if cfg.timeout <= 0:
+        raise HiertrainError(f"timeout must be > 0 seconds, got {cfg.timeout}")
+    manifest = load_manifest(cfg.artifacts)
+    scheme = QuantScheme.from_dict(manifest.data["quantization"])
+    ds = load_dataset(cfg.data, "test", input_shape=manifest.input_shape, limit=cfg.limit,
+                      seed=cfg.seed)
+    norm = manifest.data["model"]["normalization"]
+    x_all = normalize(ds.x, norm["mean"], norm["std"])
+
+    meta: dict[str, Any] = {"source": "initial"}
+    state: dict[str, torch.Tensor] | None = None
+    if cfg.weights is None:
+        state = load_segments(manifest).step.state_dict()
+    elif str(cfg.weights) != RETAINED:
+        state = _load_weights_file(Path(cfg.weights))
+        meta = {"source": str(cfg.weights)}
+
+    link = connect_edge(cfg.broker, run, device, role="infer", timeout=cfg.connect_timeout,
+                        will=False)
+    try:
+        if state is None:
+            wmeta, state = fetch_retained_weights(link, run, device, cfg.timeout)
+            meta = {"source": RETAINED, **wmeta}
+        engine = InferEngine(cfg.backend, manifest, state)
+        result = _serve(cfg, link, engine, scheme, x_all, ds.y, run, device)
+    finally:
+        link.close()
+    result.update({"weights": meta, "data": ds.name, "backend": cfg.backend,
+                   "threshold": cfg.threshold, "device": device, "run": run})
+    if cfg.report:
+        path = Path(cfg.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cfg_d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+        path.write_text(json.dumps({**result, "config": cfg_d}, indent=2) + "\n")
+    return result
+
+
+def _serve(cfg: InferConfig, link: Link, engine: InferEngine, scheme: QuantScheme,
+           x_all: torch.Tensor, y_all: torch.Tensor, run: str, device: str) -> dict[str, Any]:
+    replies: queue.Queue[tuple[bytes | None, bytes]] = queue.Queue()
+    reply_topic = infer_reply_topic(run, device)
+    request_topic = infer_request_topic(run, device)
+    link.subscribe(reply_topic,
+                   lambda _t, payload, props: replies.put((props.get("correlation_data"), payload)))
+    local, cloud, fallback = _Tally(), _Tally(), _Tally()
+    timeouts = consecutive = cloud_errors = 0
+    for i in tqdm(range(len(y_all)), desc=f"{device} infer", unit="sample", disable=cfg.quiet,
+                  file=sys.stderr):
+        t = time.monotonic()
+        x, label = x_all[i : i + 1], int(y_all[i])
+        cut, logits = engine.run(x)
+        probs = torch.softmax(logits.float(), dim=1)[0]
+        conf, pred = float(probs.max()), int(probs.argmax())
+        if conf >= cfg.threshold:
+            local.add(pred == label, time.monotonic() - t)
+            continue
+        corr = secrets.token_bytes(16)
+        msg = ActivationBatch(run_id=run, device_id=device, seq=i, epoch=0, batch_index=i,
+                              quantized=quantize(cut, scheme), labels=None)
+        link.publish(request_topic, encode(msg), qos=1,
+                     properties={"response_topic": reply_topic, "correlation_data": corr},
+                     timeout=cfg.timeout)
+        answer = _await_reply(replies, corr, t + cfg.timeout)
+        if answer is None:
+            timeouts += 1
+            consecutive += 1
+            if consecutive >= MAX_CONSECUTIVE_TIMEOUTS:
+                raise HiertrainError(
+                    f"the cloud did not answer {consecutive} inference requests in a row on "
+                    f"{request_topic} within {cfg.timeout:.0f} s each; is a cloud trainer "
+                    f"serving run {run!r} on {link.address.url}?"
+                )
+            fallback.add(pred == label, time.monotonic() - t)  # the exit's answer after all
+            continue
+        consecutive = 0
+        if answer.get("error") or not answer.get("pred"):
+            cloud_errors += 1
+            fallback.add(pred == label, time.monotonic() - t)
+            continue
+        cloud.add(int(answer["pred"][0]) == label, time.monotonic() - t)
+    n = local.n + cloud.n + fallback.n
+    return {
+        "samples": n,
+        "answered_locally": local.n,
+        "answered_by_cloud": cloud.n,
+        "answered_by_fallback": fallback.n,
+        "exit_rate": local.n / n if n else 0.0,
+        "local_accuracy": local.accuracy(),
+        "cloud_accuracy": cloud.accuracy(),
+        "fallback_accuracy": fallback.accuracy(),
+        "accuracy": (local.correct + cloud.correct + fallback.correct) / n if n else None,
+        "local_latency_ms": local.latency_ms(),
+        "cloud_latency_ms": cloud.latency_ms(),
+        "overall_latency_ms": (1000 * (local.latency_s + cloud.latency_s + fallback.latency_s) / n
+                               if n else None),
+        "cloud_timeouts": timeouts,
+        "cloud_errors": cloud_errors,
+    }
+
+
+def _await_reply(replies: queue.Queue, corr: bytes, deadline: float) -> dict[str, Any] | None:
+    """The reply carrying ``corr``; late replies to earlier requests are dropped."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            got, payload = replies.get(timeout=left)
+        except queue.Empty:
+            return None
+        if got != corr:
+            continue
+        try:
+            return decode_infer_reply(payload)
+        except WireError as exc:
+            return {"error": str(exc)}
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """The result as a few aligned lines for a terminal."""
+    def f(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    n = r["samples"]
+    overall_ms = r.get("overall_latency_ms")
+    rows = [
+        ("edge exit", r["answered_locally"], r["local_accuracy"], r["local_latency_ms"]),
+        ("cloud", r["answered_by_cloud"], r["cloud_accuracy"], r["cloud_latency_ms"]),
+    ]
+    if r["answered_by_fallback"]:
+        rows.append(("fallback", r["answered_by_fallback"], r["fallback_accuracy"], None))
+    rows.append(("overall", n, r["accuracy"], overall_ms))
+    lines = [f"hierarchical inference on {r.get('data', '?')}: threshold {r['threshold']:.2f}, "
+             f"{r['backend']} backend, weights: {r['weights'].get('source')}",
+             f"  {'answered by':<10} {'samples':>8} {'accuracy':>9} {'mean latency':>13}"]
+    for name, k, acc, ms in rows:
+        lines.append(f"  {name:<10} {k:>8} {f(acc, '.3f'):>9} {f(ms, '.2f'):>10} ms")
+    lines.append(f"  exit rate {r['exit_rate']:.3f}; cloud timeouts {r['cloud_timeouts']}, "
+                 f"cloud errors {r['cloud_errors']} (those fall back to the exit)")
+    return "\n".join(lines)

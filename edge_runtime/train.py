@@ -1,0 +1,271 @@
+"""Edge training: local SGD on the edge segment + exit head, cut activations to the cloud.
+
+Per batch: one backend step (ExecuTorch program or eager torch), the cut
+activation quantized with the manifest's scheme (``toolkit.quant``), encoded with
+its labels (``toolkit.wire``) and handed to the :class:`~edge_runtime.publisher.Publisher`,
+whose outbox decouples training from the network. The edge trains its own
+layers from its exit head's loss only; it never waits for, nor receives anything
+from, the cloud trainer.
+
+Protocol (see the runtime spec): activations on ``act_topic`` with a ``seq``
+that counts every published batch of the run from 0; retained weights and a
+"training" status at each epoch end; a "done" status after every activation was
+acknowledged by the broker; a retained "offline" last will.
+
+Timing fields of the summary: ``wall_s`` runs from the first batch to the
+moment every message was acknowledged (loading, exporting and connecting are
+excluded, they are in ``setup_s``); ``train_s`` is the time spent in the
+backend's steps; ``publish_wait_s`` is the time the loop was blocked on a full
+outbox (link back-pressure).
+
+The final edge weights are also saved locally, ``<state_dir>/edge_weights-<device>.pt``
+(``torch.save`` of the state dict; ``state_dir`` defaults to the current
+directory), for ``edge-runtime infer --weights PATH`` and for resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from edge_runtime.backends import make_backend
+from edge_runtime.link import connect_edge
+from edge_runtime.publisher import DEFAULT_OUTBOX, Publisher
+from toolkit.data import Dataset, batches, load_dataset, normalize, shard
+from toolkit.errors import HiertrainError
+from toolkit.manifest import Manifest, load_manifest
+from toolkit.messages import Status, encode_weights
+from toolkit.quant import QuantScheme, quantize
+from toolkit.topics import act_topic, status_topic, validate_id, weights_topic
+from toolkit.transport import Link
+from toolkit.wire import ActivationBatch, encode
+
+log = logging.getLogger("edge_runtime")
+
+FLUSH_TIMEOUT_S = 120.0
+STATUS_TIMEOUT_S = 10.0
+
+
+@dataclass
+class TrainConfig:
+    artifacts: str | Path
+    broker: str
+    device_id: str
+    data: str | None = None
+    run_id: str = "default"
+    epochs: int = 3
+    backend: str = "executorch"
+    shard: str = "0/1"  # "index/count": this device's share of a dataset shared by devices
+    seed: int = 0
+    limit: int | None = None
+    quiet: bool = False
+    connect_timeout: float = 30.0
+    report: str | Path | None = None  # optional path for a JSON report
+    state_dir: str | Path = "."  # where edge_weights-<device>.pt is written
+    outbox: int = DEFAULT_OUTBOX  # batches the publisher may hold before submit blocks
+
+
+def weights_path(state_dir: str | Path, device: str) -> Path:
+    """Where training leaves the final edge weights of ``device``."""
+    return Path(state_dir) / f"edge_weights-{device}.pt"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    try:
+        index_s, count_s = str(text).split("/")
+        index, count = int(index_s), int(count_s)
+    except ValueError:
+        raise HiertrainError(
+            f"bad shard {text!r}: use INDEX/COUNT, e.g. 0/2 for the first of two devices"
+        ) from None
+    if count < 1 or not 0 <= index < count:
+        raise HiertrainError(
+            f"bad shard {text!r}: INDEX must be in 0..COUNT-1 and COUNT >= 1, e.g. 1/2"
+        )
+    return index, count
+
+
+def load_training_data(
+    manifest: Manifest, source: str | None, shard_spec: str, *, limit: int | None, seed: int
+) -> Dataset:
+    """This device's shard of the train split, normalised as the model was exported."""
+    index, count = parse_shard(shard_spec)
+    ds = load_dataset(source, "train", input_shape=manifest.input_shape, limit=limit, seed=seed)
+    if count > 1:
+        ds = shard(ds, index, count)
+    norm = manifest.data["model"]["normalization"]
+    ds = Dataset(x=normalize(ds.x, norm["mean"], norm["std"]), y=ds.y, classes=ds.classes,
+                 name=ds.name)
+    if len(ds) and int(ds.y.max()) >= manifest.num_classes:
+        raise HiertrainError(
+            f"{ds.name} has labels up to {int(ds.y.max())} but the artifacts were exported for "
+            f"{manifest.num_classes} classes; re-export with --num-classes {int(ds.y.max()) + 1}"
+        )
+    if len(ds) < manifest.batch_size:
+        raise HiertrainError(
+            f"{ds.name} has {len(ds)} training samples on this device, fewer than one batch of "
+            f"{manifest.batch_size}; use more data, fewer shards or a smaller exported batch"
+        )
+    return ds
+
+
+def _publish_status(link: Link, status: Status) -> None:
+    link.publish(status_topic(status.run, status.device), status.encode(), retain=True,
+                 timeout=STATUS_TIMEOUT_S)
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, publish, report; returns the summary dict (also written to ``cfg.report``)."""
+    t0 = time.monotonic()
+    run = validate_id(cfg.run_id, "run id")
+    device = validate_id(cfg.device_id, "device id")
+    if cfg.epochs < 1:
+        raise HiertrainError(f"epochs must be >= 1, got {cfg.epochs}")
+    manifest = load_manifest(cfg.artifacts)  # verifies every artifact's sha256
+    scheme = QuantScheme.from_dict(manifest.data["quantization"])
+    ds = load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit, seed=cfg.seed)
+    backend = make_backend(cfg.backend, manifest)
+    log.info("device %s: %d samples of %s, %s backend, batch %d", device, len(ds), ds.name,
+             backend.name, manifest.batch_size)
+
+    link = connect_edge(cfg.broker, run, device, role="edge", timeout=cfg.connect_timeout,
+                        will=True)
+    try:
+        _publish_status(link, Status(role="edge", device=device, run=run, state="online",
+                                     extra={"backend": backend.name, "samples": len(ds)}))
+        setup_s = time.monotonic() - t0
+        summary = _train_loop(cfg, manifest, scheme, ds, backend, link, run, device)
+        summary["setup_s"] = round(setup_s, 3)
+    except BaseException as exc:
+        _report_failure(link, run, device, exc)
+        link.close()
+        raise
+    link.close()
+    if cfg.report:
+        path = Path(cfg.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**summary, "config": _jsonable(asdict(cfg))}, indent=2) + "\n")
+    return summary
+
+
+def _train_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: Dataset,
+                backend, link: Link, run: str, device: str) -> dict[str, Any]:
+    bs = manifest.batch_size
+    per_epoch = len(ds) // bs
+    topic = act_topic(run, device)
+    seq = 0
+    samples = 0
+    train_s = 0.0
+    history: list[dict[str, Any]] = []
+    exit_acc = 0.0
+    publisher = Publisher(link, maxsize=cfg.outbox)
+    start = time.monotonic()
+    try:
+        for epoch in range(cfg.epochs):
+            t_epoch = time.monotonic()
+            act_bytes_before = publisher.stats.by_kind.get("act")
+            act_bytes_before = act_bytes_before.bytes if act_bytes_before else 0
+            correct = 0
+            seen = 0
+            loss_sum = 0.0
+            bar = tqdm(total=per_epoch, desc=f"{device} epoch {epoch + 1}/{cfg.epochs}",
+                       unit="batch", disable=cfg.quiet, file=sys.stderr, leave=True)
+            with bar:
+                for i, (x, y) in enumerate(batches(ds, bs, epoch=epoch, seed=cfg.seed)):
+                    t = time.monotonic()
+                    res = backend.step(x, y)
+                    train_s += time.monotonic() - t
+                    msg = ActivationBatch(run_id=run, device_id=device, seq=seq, epoch=epoch,
+                                          batch_index=i, quantized=quantize(res.cut, scheme),
+                                          labels=y)
+                    publisher.submit(topic, encode(msg), kind="act")
+                    seq += 1
+                    samples += len(y)
+                    seen += len(y)
+                    correct += int((res.exit_logits.argmax(dim=1) == y).sum())
+                    loss_sum += res.loss
+                    bar.update(1)
+                    if i % 10 == 0 or i == per_epoch - 1:
+                        sent = publisher.stats.by_kind.get("act")
+                        rate = ((sent.bytes if sent else 0) - act_bytes_before) / 1024 / max(
+                            time.monotonic() - t_epoch, 1e-6)
+                        bar.set_postfix(loss=f"{res.loss:.3f}", exit_acc=f"{correct / seen:.3f}",
+                                        KBps=f"{rate:.0f}", refresh=False)
+            exit_acc = correct / max(seen, 1)
+            history.append({"epoch": epoch, "batches": per_epoch, "loss": loss_sum / per_epoch,
+                            "exit_accuracy": exit_acc,
+                            "seconds": round(time.monotonic() - t_epoch, 3)})
+            meta = {"run": run, "device": device, "epoch": epoch, "last_seq": seq - 1}
+            publisher.submit(weights_topic(run, device),
+                             encode_weights(backend.state_dict(), meta), retain=True,
+                             kind="weights")
+            status = Status(role="edge", device=device, run=run, state="training", epoch=epoch,
+                            batches_published=seq, samples_published=samples, last_seq=seq - 1,
+                            exit_accuracy=exit_acc)
+            publisher.submit(status_topic(run, device), status.encode(), retain=True,
+                             kind="status")
+            log.info("epoch %d/%d: loss %.4f, exit accuracy %.3f", epoch + 1, cfg.epochs,
+                     history[-1]["loss"], exit_acc)
+        publisher.flush(FLUSH_TIMEOUT_S)
+    finally:
+        publisher.close()
+    wall_s = time.monotonic() - start
+    stats = publisher.stats
+    act = stats.by_kind.get("act")
+    act_bytes = act.bytes if act else 0
+
+    path = weights_path(cfg.state_dir, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(backend.state_dict(), path)
+
+    extra = {"wall_s": round(wall_s, 3), "bytes_sent": link.bytes_sent,
+             "publish_wait_s": round(stats.publish_wait_s, 4), "train_s": round(train_s, 3),
+             "backend": backend.name, "epochs": cfg.epochs}
+    _publish_status(link, Status(role="edge", device=device, run=run, state="done",
+                                 epoch=cfg.epochs - 1, batches_published=seq,
+                                 samples_published=samples, last_seq=seq - 1,
+                                 exit_accuracy=exit_acc, extra=extra))
+    return {
+        "device": device,
+        "run": run,
+        "epochs": cfg.epochs,
+        "batches_published": seq,
+        "samples_published": samples,
+        "exit_accuracy": exit_acc,
+        "bytes_sent": link.bytes_sent,
+        "act_bytes_sent": act_bytes,
+        "payload_bytes_per_sample": act_bytes / max(samples, 1),
+        "float32_bytes_per_sample": manifest.data["cut"]["float32_bytes_per_sample"],
+        "wall_s": wall_s,
+        "train_s": train_s,
+        "publish_wait_s": stats.publish_wait_s,
+        "batches_per_s": seq / max(wall_s, 1e-9),
+        "backend": backend.name,
+        "weights_path": str(path),
+        "history": history,
+    }
+
+
+def _report_failure(link: Link, run: str, device: str, exc: BaseException) -> None:
+    """Best effort: tell the cloud (retained) why this device stopped."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyboardInterrupt):
+        text = "interrupted"
+    try:
+        _publish_status(link, Status(role="edge", device=device, run=run, state="error",
+                                     message=text[:500]))
+    except Exception:  # noqa: BLE001 -- the original error matters more
+        log.warning("could not publish the error status", exc_info=log.isEnabledFor(10))
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
