@@ -11,9 +11,28 @@ Modules: ``ingest`` (MQTT handlers, bounded queue, drop counting), ``ledger``
 ``evaluate`` / ``metrics`` (held-out accuracy, curves), ``checkpoint`` (atomic
 files, resume), ``infer`` / ``serve`` (hierarchical inference), ``outbox``
 (publishing off the training thread), ``cli``.
+
+The names are imported lazily: ``cloud-trainer`` checks its arguments and run
+directory before paying seconds for torch, so a typo fails at once.
 """
 
-from cloud_trainer.serve import ServeConfig, serve_cloud
-from cloud_trainer.trainer import CloudConfig, run_cloud
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cloud_trainer.serve import ServeConfig, serve_cloud
+    from cloud_trainer.trainer import CloudConfig, run_cloud
 
 __all__ = ["CloudConfig", "ServeConfig", "run_cloud", "serve_cloud"]
+
+_WHERE = {"CloudConfig": "trainer", "run_cloud": "trainer",
+          "ServeConfig": "serve", "serve_cloud": "serve"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"cloud_trainer.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'cloud_trainer' has no attribute {name!r}")

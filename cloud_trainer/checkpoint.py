@@ -15,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
 from toolkit.errors import HiertrainError
 
 CHECKPOINT = "checkpoint.pt"
@@ -64,6 +62,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch  # lazily: ensure_run_dir runs before the CLI pays for torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -79,6 +79,8 @@ def load_checkpoint(run_dir: Path, *, run_id: str, manifest_sha: str) -> dict[st
     A checkpoint of another run or other artifacts is an error rather than
     something to overwrite: it may be the only copy of a long run's state.
     """
+    import torch
+
     path = run_dir / CHECKPOINT
     if not path.exists():
         return None

@@ -48,6 +48,9 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cloud_trainer.checkpoint import ensure_run_dir
+
+    ensure_run_dir(args.run_dir)  # seconds before torch is imported
     from cloud_trainer.trainer import CloudConfig, run_cloud
 
     _setup_logging(args.quiet)
@@ -56,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         devices=args.devices, device_ids=args.device_ids, eval_data=args.eval_data,
         eval_every=args.eval_every, eval_limit=args.eval_limit, idle_timeout=args.idle_timeout,
         queue_size=args.queue_size, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
-        connect_timeout=args.connect_timeout,
+        connect_timeout=args.connect_timeout, threads=args.threads,
     )
     with _stop_on_sigterm() as stop:
         s = run_cloud(cfg, stop)
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation batches buffered before back-pressure (default 64)")
     t.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="checkpoint every N batches trained (default 50)")
+    t.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads (default: torch's choice; 1 on a machine shared with edges)")
     t.set_defaults(func=cmd_train)
     s = sub.add_parser("serve", help="answer inference requests with run-dir/cloud_final.pt")
     _common(s)

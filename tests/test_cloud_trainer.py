@@ -1,0 +1,583 @@
+"""cloud_trainer against real parts: exported artifacts, an embedded MQTT broker on
+127.0.0.1, the trainer as a real ``python -m cloud_trainer`` process, and a fake edge
+written here (an eager ``EdgeTrainStep`` publishing exactly what the runtime spec says;
+``edge_runtime`` is deliberately not imported). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cloud_trainer.ledger import Ledger, SeqSet
+from toolkit import topics
+from toolkit.broker import EmbeddedBroker
+from toolkit.data import batches, load_dataset, normalize, shard
+from toolkit.export import ExportConfig, export_artifacts
+from toolkit.manifest import Manifest, load_manifest
+from toolkit.messages import Status, decode_infer_reply, decode_status, encode_weights
+from toolkit.quant import QuantScheme, quantize
+from toolkit.segments import load_segments
+from toolkit.transport import Link, open_link
+from toolkit.wire import ActivationBatch, encode
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cloud") / "art"
+    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8),
+                                  mean=(0.3,), std=(0.37,), batch=16, board="rpi4",
+                                  verify=False))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The fake edges train in this process; threaded tiny steps crawl on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def manifest(artifacts: Path) -> Manifest:
+    return load_manifest(artifacts)
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker().start(timeout=10) as b:
+        yield b
+
+
+def _run_id() -> str:
+    return f"t{random.getrandbits(32):08x}"
+
+
+def _link(broker: EmbeddedBroker, name: str) -> Link:
+    link = open_link(broker.url, f"{name}-{os.getpid()}-{random.getrandbits(24):06x}")
+    return link
+
+
+class Cloud:
+    """``python -m cloud_trainer`` as a subprocess, output in files (no pipe to fill)."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.out = tmp / f"cloud-{random.getrandbits(16):04x}.out"
+        self.err = self.out.with_suffix(".err")
+        with open(self.out, "w") as o, open(self.err, "w") as e:
+            self.proc = subprocess.Popen([sys.executable, "-m", "cloud_trainer", *args],
+                                         stdout=o, stderr=e, cwd=REPO)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            pytest.fail(f"cloud trainer did not finish within {timeout} s:\n{self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.err.read_text()[-4000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def start_cloud(tmp: Path, artifacts: Path, broker: EmbeddedBroker, run_dir: Path, run: str,
+                *extra: str) -> Cloud:
+    return Cloud(tmp, "--artifacts", str(artifacts), "--broker", broker.url,
+                 "--run-dir", str(run_dir), "--run-id", run, "--quiet", "--threads", "1",
+                 *extra)
+
+
+class InProcessCloud:
+    """``run_cloud`` on a thread of this process: no second torch import to wait for."""
+
+    def __init__(self, artifacts: Path, broker: EmbeddedBroker, run_dir: Path, run: str,
+                 **kw: Any) -> None:
+        import threading
+
+        from cloud_trainer.trainer import CloudConfig, run_cloud
+
+        cfg = CloudConfig(artifacts=artifacts, broker=broker.url, run_dir=run_dir, run_id=run,
+                          quiet=True, idle_timeout=20, **kw)
+        self.stop = threading.Event()
+        self.summary: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self.summary = run_cloud(cfg, self.stop)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in join()
+                self.error = exc
+
+        self.thread = threading.Thread(target=target, name="test-cloud", daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float) -> dict[str, Any]:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.stop.set()
+            self.thread.join(30)
+            pytest.fail(f"in-process cloud did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        assert self.summary is not None
+        return self.summary
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.stop.set()
+            self.thread.join(30)
+
+
+class StatusWatch:
+    """Collects one device's status messages (retained ones included)."""
+
+    def __init__(self, broker: EmbeddedBroker, run: str, device: str = "cloud") -> None:
+        self.q: queue.Queue[Status] = queue.Queue()
+        self.link = _link(broker, "watch")
+        self.link.subscribe(topics.status_topic(run, device),
+                            lambda t, p, props: self.q.put(decode_status(p)))
+        self.link.connect(timeout=10)
+
+    def wait_for(self, state: str, timeout: float, after: float = 0.0,
+                 cloud: Cloud | None = None) -> Status:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cloud is not None and cloud.proc.poll() is not None:
+                pytest.fail(f"cloud exited early ({cloud.proc.returncode}):\n{cloud.stderr()}")
+            try:
+                st = self.q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if st.state == state and st.time >= after:
+                return st
+        pytest.fail(f"no {state!r} status within {timeout} s"
+                    + (f":\n{cloud.stderr()}" if cloud else ""))
+
+    def close(self) -> None:
+        self.link.close()
+
+
+class FakeEdge:
+    """What the edge runtime does, per the spec, with the eager ``EdgeTrainStep``."""
+
+    def __init__(self, broker: EmbeddedBroker, manifest: Manifest, run: str, device: str,
+                 index: int = 0, count: int = 1) -> None:
+        self.run, self.device, self.index = run, device, index
+        self.manifest = manifest
+        self.step = load_segments(manifest).step.train()
+        opt = manifest.data["optimizer"]
+        self.opt = torch.optim.SGD(self.step.parameters(), lr=opt["lr"],
+                                   momentum=opt["momentum"], weight_decay=opt["weight_decay"])
+        norm = manifest.data["model"]["normalization"]
+        ds = shard(load_dataset(None, "train", input_shape=manifest.input_shape), index, count)
+        ds.x = normalize(ds.x, norm["mean"], norm["std"])
+        self.ds = ds
+        self.scheme = QuantScheme.from_dict(manifest.data["quantization"])
+        self.seq = 0
+        self.samples = 0
+        self.link = _link(broker, device)
+        self.link.set_will(topics.status_topic(run, device),
+                           Status("edge", device, run, "offline").encode())
+        self.link.connect(timeout=10)
+
+    def status(self, state: str, epoch: int = 0, **extra: Any) -> None:
+        st = Status("edge", self.device, self.run, state, epoch=epoch,
+                    batches_published=self.seq, samples_published=self.samples,
+                    last_seq=self.seq - 1, extra=extra)
+        self.link.publish(topics.status_topic(self.run, self.device), st.encode(), retain=True)
+
+    def message(self, seq: int, cut: torch.Tensor, y: torch.Tensor, epoch: int = 0,
+                run: str | None = None) -> bytes:
+        return encode(ActivationBatch(run or self.run, self.device, seq, epoch, seq,
+                                      quantized=quantize(cut, self.scheme), labels=y))
+
+    def send(self, payload: bytes) -> None:
+        self.link.publish(topics.act_topic(self.run, self.device), payload)
+
+    def sample(self, n: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``n`` (cut, labels) pairs from the untrained edge, for tests that need no learning."""
+        out = []
+        with torch.no_grad():
+            for i, (x, y) in enumerate(batches(self.ds, self.manifest.batch_size, epoch=0,
+                                               seed=self.index)):
+                if i >= n:
+                    break
+                out.append((self.step.edge(x), y))
+        return out
+
+    def publish_new(self, cut: torch.Tensor, y: torch.Tensor, epoch: int = 0) -> int:
+        seq = self.seq
+        self.send(self.message(seq, cut, y, epoch))
+        self.seq += 1
+        self.samples += len(y)
+        return seq
+
+    def train_epoch(self, epoch: int) -> None:
+        for x, y in batches(self.ds, self.manifest.batch_size, epoch=epoch, seed=self.index):
+            out = self.step(x, y)
+            self.opt.zero_grad()
+            out[0].backward()
+            self.opt.step()
+            self.step.apply_stats(out[3:])
+            self.publish_new(out[1], y, epoch)
+        self.status("training", epoch)
+        self.link.publish(topics.weights_topic(self.run, self.device),
+                          encode_weights(self.step.state_dict(),
+                                         {"run": self.run, "device": self.device,
+                                          "epoch": epoch, "last_seq": self.seq - 1}),
+                          retain=True)
+
+    def close(self) -> None:
+        self.link.close()
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "cloud_summary.json").read_text())
+
+
+# --------------------------------------------------------------------------- unit
+
+
+def test_seqset_and_ledger_state_roundtrip() -> None:
+    s = SeqSet()
+    for v in (0, 1, 3, 2, 7):
+        assert s.add(v)
+    assert not s.add(2) and s.low == 4 and s.above == {7} and len(s) == 5
+    assert s.covers(4) and not s.covers(5)
+    s.discard(1)
+    assert 1 not in s and 0 in s and 2 in s and len(s) == 4
+
+    ledger = Ledger()
+    assert ledger.claim("a", 0) and not ledger.claim("a", 0)
+    ledger.mark_trained("a", 0)
+    ledger.claim("a", 1)  # claimed, never trained: not in the checkpoint
+    restored = Ledger()
+    restored.load_state_dict(ledger.state_dict())
+    assert restored.is_trained("a", 0) and not restored.is_trained("a", 1)
+    assert restored.claim("a", 1) and not restored.claim("a", 0)
+    assert restored.duplicates("a") == 2
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.mqtt
+def test_two_edges_train_every_batch_once(artifacts: Path, manifest: Manifest,
+                                          broker: EmbeddedBroker, tmp_path: Path) -> None:
+    run, run_dir = _run_id(), tmp_path / "run"
+    watch = StatusWatch(broker, run)
+    cloud = start_cloud(tmp_path, artifacts, broker, run_dir, run, "--devices", "2",
+                        "--idle-timeout", "30")
+    edges: list[FakeEdge] = []
+    try:
+        watch.wait_for("online", 40, cloud=cloud)
+        edges = [FakeEdge(broker, manifest, run, f"edge{i}", i, 2) for i in range(2)]
+        for e in edges:
+            e.status("online")
+
+        # Hierarchical inference against the live (training) cloud, with correlation data.
+        replies: queue.Queue[tuple[bytes, dict]] = queue.Queue()
+        reply_topic = topics.infer_reply_topic(run, "edge0")
+        edges[0].link.subscribe(reply_topic, lambda t, p, props: replies.put((p, props)))
+        cut, _ = edges[0].sample(1)[0]
+        req = encode(ActivationBatch(run, "edge0", 0, 0, 0, quantized=quantize(
+            cut[:2], edges[0].scheme)))
+        edges[0].link.publish(topics.infer_request_topic(run, "edge0"), req, properties={
+            "response_topic": reply_topic, "correlation_data": b"corr-42"})
+        payload, props = replies.get(timeout=15)
+        assert props["correlation_data"] == b"corr-42"
+        reply = decode_infer_reply(payload)
+        assert reply["error"] == "" and len(reply["pred"]) == 2 and len(reply["prob"][0]) == 10
+
+        for epoch in range(2):
+            for e in edges:
+                e.train_epoch(epoch)
+        for e in edges:
+            e.status("done", 1)
+        assert cloud.wait(60) == 0, cloud.stderr()
+    finally:
+        cloud.kill()
+        for e in edges:
+            e.close()
+        watch.close()
+
+    s = _summary(run_dir)
+    for e in edges:
+        assert s["per_device"][e.device]["trained"] == e.seq == s["per_device"][e.device][
+            "published"]
+        assert s["per_device"][e.device]["duplicates"] == 0
+    assert s["batches_trained"] == sum(e.seq for e in edges)
+    assert s["complete"] and s["dropped"] == {}
+    assert s["full_accuracy"] > 0.5, s
+    assert s["max_queue_depth"] <= 64 and s["bytes_received"] > 0
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "eval"} <= {x["kind"] for x in lines}
+    assert (run_dir / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    for name in ("cloud_final.pt", "full_model.pt", "checkpoint.pt"):
+        assert (run_dir / name).stat().st_size > 0
+    assert "trained" in cloud.out.read_text()
+
+
+@pytest.mark.mqtt
+def test_duplicates_train_once(artifacts: Path, manifest: Manifest, broker: EmbeddedBroker,
+                               tmp_path: Path) -> None:
+    run = _run_id()
+    watch = StatusWatch(broker, run)
+    cloud = InProcessCloud(artifacts, broker, tmp_path / "run", run, device_ids=["e0"])
+    edge = None
+    try:
+        watch.wait_for("online", 30)
+        edge = FakeEdge(broker, manifest, run, "e0")
+        edge.status("online")
+        sent = [edge.message(edge.publish_new(c, y), c, y) for c, y in edge.sample(10)]
+        for seq in (2, 5, 7, 2):  # at-least-once redelivery, one of them twice
+            edge.send(sent[seq])
+        edge.status("done")
+        s = cloud.join(40)
+    finally:
+        cloud.close()
+        if edge:
+            edge.close()
+        watch.close()
+    dev = s["per_device"]["e0"]
+    assert (dev["trained"], dev["published"], dev["duplicates"]) == (10, 10, 4)
+    assert s["batches_trained"] == 10 and s["dropped"] == {}
+
+
+@pytest.mark.mqtt
+def test_malformed_messages_are_counted_and_dropped(
+    artifacts: Path, manifest: Manifest, broker: EmbeddedBroker, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run = _run_id()
+    watch = StatusWatch(broker, run)
+    caplog.set_level("WARNING", logger="cloud_trainer")
+    cloud = InProcessCloud(artifacts, broker, tmp_path / "run", run, device_ids=["e0"])
+    edge = None
+    try:
+        watch.wait_for("online", 30)
+        edge = FakeEdge(broker, manifest, run, "e0")
+        edge.status("online")
+        (cut, y), (cut1, y1) = edge.sample(2)
+        for _ in range(2):  # twice: counted twice, logged once
+            damaged = bytearray(edge.message(0, cut, y))
+            damaged[-10] ^= 0xFF  # a payload byte flipped in transit
+            edge.send(bytes(damaged))                                      # crc
+        edge.send(edge.message(0, cut, y, run="another-run"))              # run_id
+        edge.send(edge.message(0, cut[:, :8], y))                          # shape
+        edge.send(b"this is not an activation batch at all" * 3)           # magic
+        edge.send(edge.message(0, cut, torch.full_like(y, 10)))            # labels (10 classes)
+        edge.link.publish(topics.status_topic(run, "e0"), b"{not json")    # status
+        weights = bytearray(encode_weights(edge.step.state_dict(), {"run": run}))
+        weights[20] ^= 0xFF
+        edge.link.publish(topics.weights_topic(run, "e0"), bytes(weights))  # crc (weights)
+        edge.publish_new(cut, y)  # seq 0 was only ever dropped: it is accepted when intact
+        edge.publish_new(cut1, y1)
+        edge.status("done")
+        s = cloud.join(40)
+    finally:
+        cloud.close()
+        if edge:
+            edge.close()
+        watch.close()
+    assert s["dropped"] == {"crc": 3, "labels": 1, "magic": 1, "run_id": 1, "shape": 1,
+                            "status": 1}
+    assert s["per_device"]["e0"]["trained"] == 2 and s["complete"]
+    crc_warnings = [r for r in caplog.records if "(crc)" in r.getMessage()]
+    assert len(crc_warnings) == 1 and crc_warnings[0].levelname == "WARNING"
+
+
+@pytest.mark.mqtt
+def test_backpressure_loses_nothing(artifacts: Path, manifest: Manifest, broker: EmbeddedBroker,
+                                    tmp_path: Path) -> None:
+    import threading
+
+    run = _run_id()
+    watch = StatusWatch(broker, run)
+    cloud = InProcessCloud(artifacts, broker, tmp_path / "run", run, device_ids=["e0"],
+                           queue_size=2)
+    edge = None
+    pubs: list[Link] = []
+    try:
+        watch.wait_for("online", 30)
+        edge = FakeEdge(broker, manifest, run, "e0")
+        edge.status("online")
+        cut, y = edge.sample(1)[0]
+        msgs = [edge.message(seq, cut, y) for seq in range(50)]
+        # A burst from 5 parallel publishers outpaces the trainer: the queue must push back.
+        pubs = [_link(broker, f"burst{i}") for i in range(5)]
+        for p in pubs:
+            p.connect(timeout=10)
+
+        def burst(i: int) -> None:
+            for m in msgs[i::5]:
+                pubs[i].publish(topics.act_topic(run, "e0"), m, timeout=30)
+
+        threads = [threading.Thread(target=burst, args=(i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        edge.seq, edge.samples = 50, 50 * len(y)
+        edge.status("done")
+        s = cloud.join(60)
+    finally:
+        cloud.close()
+        for p in pubs:
+            p.close()
+        if edge:
+            edge.close()
+        watch.close()
+    assert s["per_device"]["e0"]["trained"] == 50 and s["dropped"] == {}
+    assert 1 <= s["max_queue_depth"] <= 2
+
+
+@pytest.mark.mqtt
+def test_resume_after_sigkill_trains_each_seq_once(artifacts: Path, manifest: Manifest,
+                                                   broker: EmbeddedBroker,
+                                                   tmp_path: Path) -> None:
+    """What this proves: a restarted cloud reloads its checkpoint and never trains a
+    checkpointed seq again (replays of them are duplicates), while seqs trained after
+    the last checkpoint -- lost with the killed process -- are trained exactly once more.
+    The edge replays everything after the restart, since with clean MQTT sessions the
+    broker does not keep what was published while the cloud was down. The killed cloud
+    is a real process (SIGKILL); the restarted one runs in this process."""
+    run, run_dir = _run_id(), tmp_path / "run"
+    watch = StatusWatch(broker, run)
+    cloud = start_cloud(tmp_path, artifacts, broker, run_dir, run, "--device-ids", "e0",
+                        "--checkpoint-every", "5", "--idle-timeout", "20")
+    edge = None
+    restarted: InProcessCloud | None = None
+    try:
+        watch.wait_for("online", 40, cloud=cloud)
+        edge = FakeEdge(broker, manifest, run, "e0")
+        edge.status("online")
+        samples = edge.sample(40)
+        sent = [edge.message(edge.publish_new(c, y), c, y) for c, y in samples[:30]]
+        deadline = time.monotonic() + 30
+        ckpt_path = run_dir / "checkpoint.pt"
+        while time.monotonic() < deadline:
+            if ckpt_path.exists():
+                ckpt = torch.load(ckpt_path, weights_only=True)
+                if ckpt["ledger"]["trained"].get("e0", {}).get("low", 0) >= 10:
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"no checkpoint with 10 trained batches within 30 s:\n{cloud.stderr()}")
+        cloud.proc.send_signal(signal.SIGKILL)
+        cloud.proc.wait(10)
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        checkpointed = SeqSet.from_dict(ckpt["ledger"]["trained"]["e0"])
+        assert len(checkpointed) >= 10
+
+        after = time.time()
+        restarted = InProcessCloud(artifacts, broker, run_dir, run, device_ids=["e0"],
+                                   checkpoint_every=5)
+        watch.wait_for("online", 30, after=after)
+        for m in sent:  # replay all of phase 1
+            edge.send(m)
+        for c, y in samples[30:]:
+            edge.publish_new(c, y)
+        edge.status("done")
+        s = restarted.join(40)
+    finally:
+        cloud.kill()
+        if restarted:
+            restarted.close()
+        if edge:
+            edge.close()
+        watch.close()
+    dev = s["per_device"]["e0"]
+    assert dev["trained"] == dev["published"] == 40 == s["batches_trained"]
+    assert s["resumed_batches"] == len(checkpointed)
+    assert dev["duplicates"] == len(checkpointed)
+    assert s["session_batches_trained"] == 40 - len(checkpointed)
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert SeqSet.from_dict(final["ledger"]["trained"]["e0"]).covers(40)
+
+
+@pytest.mark.mqtt
+def test_serve_answers_inference_with_correlation(artifacts: Path, manifest: Manifest,
+                                                  broker: EmbeddedBroker,
+                                                  tmp_path: Path) -> None:
+    from cloud_trainer.infer import cloud_predict
+
+    run, run_dir = _run_id(), tmp_path / "run"
+    run_dir.mkdir()
+    cloud_model = load_segments(manifest).cloud
+    torch.save(cloud_model.state_dict(), run_dir / "cloud_final.pt")
+    watch = StatusWatch(broker, run)
+    cloud = Cloud(tmp_path, "serve", "--artifacts", str(artifacts), "--broker", broker.url,
+                  "--run-dir", str(run_dir), "--run-id", run, "--quiet", "--duration", "60")
+    link = None
+    try:
+        st = watch.wait_for("online", 40, cloud=cloud)
+        assert st.extra["mode"] == "serve"
+        link = _link(broker, "asker")
+        replies: queue.Queue[tuple[bytes, dict]] = queue.Queue()
+        reply_topic = topics.infer_reply_topic(run, "e0")
+        link.subscribe(reply_topic, lambda t, p, props: replies.put((p, props)))
+        link.connect(timeout=10)
+        x = torch.rand(3, *manifest.cut_shape)
+        q = quantize(x, QuantScheme.from_dict(manifest.data["quantization"]))
+        req = encode(ActivationBatch(run, "e0", 0, 0, 0, quantized=q))
+        for corr, payload in ((b"\x00\x01first", req), (b"second", b"garbage bytes here!!")):
+            link.publish(topics.infer_request_topic(run, "e0"), payload, properties={
+                "response_topic": reply_topic, "correlation_data": corr})
+        got = {}
+        for _ in range(2):
+            payload, props = replies.get(timeout=15)
+            got[props["correlation_data"]] = decode_infer_reply(payload)
+        from toolkit.quant import dequantize
+
+        want, _ = cloud_predict(cloud_model, dequantize(q))
+        assert got[b"\x00\x01first"]["pred"] == want and got[b"\x00\x01first"]["error"] == ""
+        assert got[b"second"]["pred"] == [] and got[b"second"]["error"].startswith("magic")
+        cloud.proc.send_signal(signal.SIGTERM)
+        assert cloud.wait(20) == 0, cloud.stderr()
+    finally:
+        cloud.kill()
+        if link:
+            link.close()
+        watch.close()
+    result = json.loads(cloud.out.read_text())
+    assert result["answered"] == 1 and result["refused"] == 1
+
+
+def test_unwritable_run_dir_is_one_line_error(artifacts: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cloud_trainer", "--artifacts", str(artifacts),
+         "--broker", "mqtt://127.0.0.1:1", "--run-dir", str(blocker / "run"), "--quiet"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(blocker / "run") in lines[0]
+
