@@ -135,6 +135,8 @@ class DeviceRegistry:
         with self._lock:
             if device in self._admitted:
                 return True
+            if device == CLOUD_DEVICE:  # the cloud's own id is never an edge
+                return False
             if self.device_ids is not None and device not in self.device_ids:
                 return False
             if self.count is not None and len(self._admitted) >= self.count:

@@ -198,7 +198,8 @@ class CloudRun:
         self.ledger = Ledger()
         self.registry = DeviceRegistry(cfg.device_ids, cfg.devices)
         self.drops = DropCounter()
-        self.statuses: dict[str, Status] = {}
+        self.statuses: dict[str, Status] = {}  # latest status per edge, except "offline"
+        self.offline: set[str] = set()
         self.weights: dict[str, WeightsItem] = {}
         self.failed: dict[str, int] = {}
         self.batches_trained = 0
@@ -328,14 +329,24 @@ class CloudRun:
             self.evaluate(item.device, "weights")
 
     def on_status(self, item: StatusItem) -> None:
-        prev = self.statuses.get(item.device)
-        self.statuses[item.device] = item.status
-        st = item.status
+        st, device = item.status, item.device
+        if st.state == "offline":
+            # The edge's last will carries no counters; keep its last real status, so
+            # an edge that died after saying "done" still counts as done.
+            if device not in self.offline:
+                self.offline.add(device)
+                prev = self.statuses.get(device)
+                if prev is None or prev.state != "done":
+                    log.warning("edge %s went offline before it was done", device)
+            return
+        self.offline.discard(device)
+        prev = self.statuses.get(device)
+        self.statuses[device] = st
         if prev is None or prev.state != st.state:
-            log.info("edge %s is %s (epoch %d, %d batches published)", item.device, st.state,
+            log.info("edge %s is %s (epoch %d, %d batches published)", device, st.state,
                      st.epoch, st.batches_published)
         if st.state == "error":
-            log.warning("edge %s reports an error: %s", item.device, st.message)
+            log.warning("edge %s reports an error: %s", device, st.message)
 
     # --------------------------------------------------------------- done rule
     def complete(self) -> bool:
@@ -384,7 +395,7 @@ class CloudRun:
                 "published": st.batches_published if st is not None else None,
                 "duplicates": self.ledger.duplicates(d),
                 "failed": failed,
-                "state": st.state if st is not None else None,
+                "state": "offline" if d in self.offline else (st.state if st else None),
             }
         return out
 
@@ -473,15 +484,10 @@ class CloudRun:
                     item = ingest.queue.get(timeout=0.2)
                 except queue.Empty:
                     item = None
-                if isinstance(item, ActItem):
-                    self.train_batch(item)
-                    bar.update(1)
-                    self._periodic()
-                elif isinstance(item, StatusItem):
-                    self.on_status(item)
-                elif isinstance(item, WeightsItem):
-                    self.on_weights(item)
+                if item is not None:
+                    self._dispatch(item, bar)
                 if self.complete():
+                    self._drain(ingest, bar)
                     return "complete"
                 if item is None and ingest.idle_for() > cfg.idle_timeout:
                     log.warning("no message for %g s; finishing", cfg.idle_timeout)
@@ -497,6 +503,30 @@ class CloudRun:
                     last_status = now
         finally:
             bar.close()
+
+    def _dispatch(self, item: Any, bar: Any) -> None:
+        if isinstance(item, ActItem):
+            self.train_batch(item)
+            bar.update(1)
+            self._periodic()
+        elif isinstance(item, StatusItem):
+            self.on_status(item)
+        elif isinstance(item, WeightsItem):
+            self.on_weights(item)
+
+    def _drain(self, ingest: Ingest, bar: Any, quiet_s: float = 0.5, max_s: float = 3.0) -> None:
+        """Take what is still arriving after the done rule held (bounded).
+
+        MQTT orders messages per topic only, so an edge's final weights may land
+        just after its "done" status; the final evaluation should use them.
+        """
+        deadline = time.monotonic() + max_s
+        while time.monotonic() < deadline:
+            try:
+                item = ingest.queue.get(timeout=quiet_s)
+            except queue.Empty:
+                return
+            self._dispatch(item, bar)
 
     def _periodic(self) -> None:
         cfg = self.cfg

@@ -121,8 +121,9 @@ class InProcessCloud:
 
         from cloud_trainer.trainer import CloudConfig, run_cloud
 
+        kw.setdefault("idle_timeout", 20)
         cfg = CloudConfig(artifacts=artifacts, broker=broker.url, run_dir=run_dir, run_id=run,
-                          quiet=True, idle_timeout=20, **kw)
+                          quiet=True, **kw)
         self.stop = threading.Event()
         self.summary: dict[str, Any] | None = None
         self.error: BaseException | None = None
@@ -519,6 +520,40 @@ def test_resume_after_sigkill_trains_each_seq_once(artifacts: Path, manifest: Ma
     assert s["session_batches_trained"] == 40 - len(checkpointed)
     final = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert SeqSet.from_dict(final["ledger"]["trained"]["e0"]).covers(40)
+
+
+@pytest.mark.mqtt
+def test_idle_timeout_names_missing_and_incomplete_devices(
+    artifacts: Path, manifest: Manifest, broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    from toolkit.errors import HiertrainError
+
+    run, run_dir = _run_id(), tmp_path / "run"
+    watch = StatusWatch(broker, run)
+    cloud = InProcessCloud(artifacts, broker, run_dir, run, devices=2, idle_timeout=1.5)
+    edge = None
+    try:
+        watch.wait_for("online", 30)
+        edge = FakeEdge(broker, manifest, run, "e0")
+        edge.status("online")
+        for c, y in edge.sample(3):
+            edge.publish_new(c, y)
+        edge.seq += 1  # says it published 4, but seq 3 never arrives
+        edge.status("done")
+        with pytest.raises(HiertrainError) as info:
+            cloud.join(30)
+        final = watch.wait_for("error", 10)
+    finally:
+        cloud.close()
+        if edge:
+            edge.close()
+        watch.close()
+    msg = str(info.value)
+    assert "no message for 1.5 s" in msg and "e0 is done but 3 of its 4 batches arrived" in msg
+    assert "1 more device(s) never came online" in msg
+    s = _summary(run_dir)
+    assert not s["complete"] and s["per_device"]["e0"]["trained"] == 3
+    assert final.extra["per_device"] == {"e0": 3}
 
 
 @pytest.mark.mqtt
