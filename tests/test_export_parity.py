@@ -1,0 +1,142 @@
+"""ExecuTorch training programs compute the same gradients and training run as eager PyTorch.
+
+The exported program is run in the ExecuTorch runtime and compared with the
+very same module in eager PyTorch (same weights, same batch): loss and every
+parameter gradient to a relative error < 1e-4 (metric in toolkit/parity.py),
+then 20 SGD steps with momentum and weight decay on both sides, comparing the
+loss trajectory, the final weights and the BatchNorm running statistics.
+Small batches and inputs keep the portable kernels quick.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from toolkit.et_program import TrainingProgram
+from toolkit.exits import ExitHeadConfig
+from toolkit.lowering import lower_train_step
+from toolkit.parity import check_program, global_relative_error
+from toolkit.segments import build_segments
+
+# Global relative error over all gradients (and of the loss): the issue's bar.
+TOL = 1e-4
+# Any single tensor: ExecuTorch's portable kernels sum float32 sequentially, and
+# on the occasional batch where a normalisation-layer bias gradient is a heavily
+# cancelling sum its relative error spikes to ~1e-3..1e-2 (eager PyTorch summing
+# in the same order shows the same figure). docs/export.md, "Float32 accumulation".
+TENSOR_TOL = 1e-2
+TRAJECTORY_TOL = 1e-3
+STEPS = 20
+LR, MOMENTUM, WD = 0.02, 0.9, 5e-4
+
+CASES = [
+    # model, split, batch, input shape, edge norm
+    ("smallcnn", "block1", 4, (3, 32, 32), "batch"),
+    ("resnet18", "stem", 2, (3, 16, 16), "batch"),
+    ("resnet18", "layer1", 2, (3, 16, 16), "batch"),
+    ("vgg16", "stage1", 2, (3, 32, 32), "batch"),
+    ("vgg16", "stage2", 2, (3, 32, 32), "batch"),
+    ("vgg16", "stage2", 2, (3, 32, 32), "group"),
+]
+
+
+def _data(batch, shape, step, seed=0):
+    g = torch.Generator().manual_seed(1000 + seed + step)
+    return torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[4]}")
+def case(request):
+    model, split, batch, shape, norm = request.param
+    built = build_segments(model, split, num_classes=10, input_shape=shape,
+                           exit_cfg=ExitHeadConfig(channels=16), seed=0, edge_norm=norm)
+    x, y = _data(batch, shape, 0)
+    program = lower_train_step(copy.deepcopy(built.step), x, y)
+    return built.step, program.buffer, batch, shape
+
+
+def test_one_step_gradients_match_eager(case):
+    step, buffer, batch, shape = case
+    x, y = _data(batch, shape, 1)
+    report = check_program(TrainingProgram(buffer), step, x, y)
+    assert report.loss_abs_error < TOL * max(1.0, abs(report.loss_eager))
+    assert report.global_error < TOL, report.worst()
+    assert report.max_rel_grad_error < TENSOR_TOL, report.worst()
+    assert len(report.grad_errors) == sum(1 for _ in step.parameters())
+    assert max(report.output_errors) < 1e-4
+
+
+def _eager_run(step, batch, shape, dtype):
+    model = copy.deepcopy(step).to(dtype).train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    losses = []
+    for i in range(STEPS):
+        x, y = _data(batch, shape, 10 + i)
+        opt.zero_grad()
+        out = model(x.to(dtype), y)
+        out[0].backward()
+        opt.step()
+        model.apply_stats([t.detach() for t in out[3:]])
+        losses.append(float(out[0].detach()))
+    return model, losses
+
+
+def _drift(losses, weights, ref_losses, ref_weights) -> tuple[float, float]:
+    loss = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(losses, ref_losses, strict=True))
+    return loss, global_relative_error(weights, ref_weights)
+
+
+def test_twenty_sgd_steps_match_eager(case):
+    """20 SGD steps: ExecuTorch stays as close to the exact (float64) trajectory as eager
+    float32 does. Training with batch statistics on tiny batches is chaotic: eager float32
+    itself drifts from float64 by up to ~1e-3 on VGG-16 here, so the bar is
+    max(1e-3, 5 x eager float32's own drift), measured in the same test."""
+    step, buffer, batch, shape = case
+    program = TrainingProgram(buffer)
+    host_stats = copy.deepcopy(step)  # the edge runtime keeps BN statistics on the host
+    et_losses, et_opt = [], None
+    for i in range(STEPS):
+        x, y = _data(batch, shape, 10 + i)
+        outs = program.forward_backward(x, y)
+        if et_opt is None:
+            et_opt = program.sgd(LR, MOMENTUM, WD)
+        et_opt.step(program.named_gradients())
+        host_stats.apply_stats(outs[3:])
+        et_losses.append(float(outs[0]))
+    eager32, losses32 = _eager_run(step, batch, shape, torch.float32)
+    eager64, losses64 = _eager_run(step, batch, shape, torch.float64)
+
+    assert abs(et_losses[0] - losses32[0]) < TOL * max(1.0, abs(losses32[0]))
+    w64 = {n: p.detach() for n, p in eager64.named_parameters()}
+    w32 = {n: p.detach() for n, p in eager32.named_parameters()}
+    loss32, weights32 = _drift(losses32, w32, losses64, w64)
+    loss_et, weights_et = _drift(et_losses, program.named_parameters(), losses64, w64)
+    assert loss_et <= max(TRAJECTORY_TOL, 5 * loss32), (loss_et, loss32)
+    assert weights_et <= max(TRAJECTORY_TOL, 5 * weights32), (weights_et, weights32)
+    # Training must actually have moved the weights for the comparison to mean anything.
+    assert global_relative_error(w32, dict(step.named_parameters())) > 1e-3
+    for (name, a), (_, b) in zip(host_stats.named_buffers(), eager32.named_buffers(),
+                                 strict=True):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3), name
+
+
+def test_executorch_maxpool_backward_still_needs_the_decomposition():
+    """Guards the workaround: lowered without torch's decomposition, ExecuTorch 1.5.1's
+    max-pool backward kernel gives wrong gradients. If this starts failing, ExecuTorch
+    fixed the kernel and the decomposition can go (docs/export.md)."""
+    built = build_segments("smallcnn", "block2", num_classes=10, input_shape=(3, 16, 16),
+                           exit_cfg=ExitHeadConfig(channels=8), seed=0)
+    x, y = _data(4, (3, 16, 16), 0)
+    # Run a different program first so the arena holds stale values, as in training.
+    raw = TrainingProgram(lower_train_step(copy.deepcopy(built.step), x, y,
+                                           decompose=False).buffer)
+    raw.forward_backward(x, y)
+    raw.forward_backward(*_data(4, (3, 16, 16), 1))
+    report_raw = check_program(raw, built.step, x, y)
+    fixed = TrainingProgram(lower_train_step(copy.deepcopy(built.step), x, y).buffer)
+    report_fixed = check_program(fixed, built.step, x, y)
+    assert report_fixed.global_error < TOL
+    assert report_raw.global_error > 1e-2
