@@ -13,21 +13,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-BACKENDS: tuple[str, ...] = ("executorch", "torch")
-"""``executorch``: the exported program, as on a board; ``torch``: eager, same math."""
-
 _EXPORTS = {
+    "BACKENDS": "edge_runtime.config",
     "EdgeBackend": "edge_runtime.backends",
     "StepResult": "edge_runtime.backends",
     "make_backend": "edge_runtime.backends",
-    "InferConfig": "edge_runtime.infer",
+    "InferConfig": "edge_runtime.config",
     "run_inference": "edge_runtime.infer",
     "Publisher": "edge_runtime.publisher",
-    "TrainConfig": "edge_runtime.train",
+    "TrainConfig": "edge_runtime.config",
     "run_training": "edge_runtime.train",
 }
 
-__all__ = ["BACKENDS", *sorted(_EXPORTS)]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

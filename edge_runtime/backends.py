@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edge_runtime import BACKENDS
+from edge_runtime.config import BACKENDS
 from toolkit.edge_program import EdgeTrainStep
 from toolkit.errors import HiertrainError
 from toolkit.manifest import Manifest

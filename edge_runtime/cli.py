@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from edge_runtime import BACKENDS
+from edge_runtime.config import BACKENDS
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--connect-timeout", type=float, default=30.0,
                         help="seconds to keep retrying the broker (default 30)")
         sp.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+                        help="torch CPU threads (default: torch's choice); 1 is fastest for small "
+                             "models and when several processes share the CPUs")
         sp.add_argument("--report", default=None, help="write a JSON report here")
         sp.add_argument("--json", action="store_true", help="print the result as JSON")
         sp.add_argument("--quiet", action="store_true", help="no progress bars or info logs")

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from edge_runtime import BACKENDS
+from edge_runtime.config import BACKENDS, InferConfig
 from edge_runtime.link import connect_edge
 from toolkit.data import load_dataset, normalize
 from toolkit.errors import HiertrainError, WireError
@@ -49,23 +49,8 @@ EDGE_INFER = "edge_infer.pte"
 MAX_CONSECUTIVE_TIMEOUTS = 3
 RETAINED = "retained"
 
-
-@dataclass
-class InferConfig:
-    artifacts: str | Path
-    broker: str
-    device_id: str
-    data: str | None = None
-    run_id: str = "default"
-    threshold: float = 0.8
-    limit: int | None = 200
-    weights: str | Path | None = None  # None: initial; a path; or "retained" (from the broker)
-    timeout: float = 10.0  # per cloud request, and for fetching retained weights
-    backend: str = "executorch"
-    seed: int = 0
-    quiet: bool = False
-    connect_timeout: float = 30.0
-    report: str | Path | None = None
+__all__ = ["InferConfig", "InferEngine", "fetch_retained_weights", "format_table",
+           "run_inference"]
 
 
 class InferEngine:
@@ -295,9 +280,9 @@ def format_table(r: dict[str, Any]) -> str:
     rows.append(("overall", n, r["accuracy"], overall_ms))
     lines = [f"hierarchical inference on {r.get('data', '?')}: threshold {r['threshold']:.2f}, "
              f"{r['backend']} backend, weights: {r['weights'].get('source')}",
-             f"  {'answered by':<10} {'samples':>8} {'accuracy':>9} {'mean latency':>13}"]
+             f"  {'answered by':<11} {'samples':>8} {'accuracy':>9} {'mean latency':>13}"]
     for name, k, acc, ms in rows:
-        lines.append(f"  {name:<10} {k:>8} {f(acc, '.3f'):>9} {f(ms, '.2f'):>10} ms")
+        lines.append(f"  {name:<11} {k:>8} {f(acc, '.3f'):>9} {f(ms, '.2f'):>10} ms")
     lines.append(f"  exit rate {r['exit_rate']:.3f}; cloud timeouts {r['cloud_timeouts']}, "
                  f"cloud errors {r['cloud_errors']} (those fall back to the exit)")
     return "\n".join(lines)

@@ -23,10 +23,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_runtime.config import DEFAULT_OUTBOX
 from toolkit.errors import HiertrainError
 from toolkit.transport import Link
 
-DEFAULT_OUTBOX = 64
 _POLL_S = 0.1  # how often a blocked submit/flush re-checks for a publisher error
 
 

@@ -29,7 +29,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,9 @@ import torch
 from tqdm import tqdm
 
 from edge_runtime.backends import make_backend
+from edge_runtime.config import TrainConfig
 from edge_runtime.link import connect_edge
-from edge_runtime.publisher import DEFAULT_OUTBOX, Publisher
+from edge_runtime.publisher import Publisher
 from toolkit.data import Dataset, batches, load_dataset, normalize, shard
 from toolkit.errors import HiertrainError
 from toolkit.manifest import Manifest, load_manifest
@@ -50,27 +51,10 @@ from toolkit.wire import ActivationBatch, encode
 
 log = logging.getLogger("edge_runtime")
 
+__all__ = ["TrainConfig", "load_training_data", "parse_shard", "run_training", "weights_path"]
+
 FLUSH_TIMEOUT_S = 120.0
 STATUS_TIMEOUT_S = 10.0
-
-
-@dataclass
-class TrainConfig:
-    artifacts: str | Path
-    broker: str
-    device_id: str
-    data: str | None = None
-    run_id: str = "default"
-    epochs: int = 3
-    backend: str = "executorch"
-    shard: str = "0/1"  # "index/count": this device's share of a dataset shared by devices
-    seed: int = 0
-    limit: int | None = None
-    quiet: bool = False
-    connect_timeout: float = 30.0
-    report: str | Path | None = None  # optional path for a JSON report
-    state_dir: str | Path = "."  # where edge_weights-<device>.pt is written
-    outbox: int = DEFAULT_OUTBOX  # batches the publisher may hold before submit blocks
 
 
 def weights_path(state_dir: str | Path, device: str) -> Path:
@@ -130,6 +114,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     device = validate_id(cfg.device_id, "device id")
     if cfg.epochs < 1:
         raise HiertrainError(f"epochs must be >= 1, got {cfg.epochs}")
+    try:  # fail before training, not after it, if the weights cannot be saved
+        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HiertrainError(f"cannot use --state-dir {cfg.state_dir}: {exc}") from None
     manifest = load_manifest(cfg.artifacts)  # verifies every artifact's sha256
     scheme = QuantScheme.from_dict(manifest.data["quantization"])
     ds = load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit, seed=cfg.seed)
@@ -224,7 +212,6 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: D
     act_bytes = act.bytes if act else 0
 
     path = weights_path(cfg.state_dir, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(backend.state_dict(), path)
 
     extra = {"wall_s": round(wall_s, 3), "bytes_sent": link.bytes_sent,
