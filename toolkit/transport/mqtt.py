@@ -190,6 +190,14 @@ def _describe_os_error(exc: BaseException, timeout: float) -> str:
     return f"unreachable ({type(exc).__name__}: {exc})"
 
 
+def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """Disable Nagle: small request/reply messages otherwise wait ~40-90 ms for delayed ACKs."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # TLS wrappers and unix sockets may refuse; harmless
+        pass
+
+
 class MqttLink(Link):
     """A :class:`Link` over MQTT (paho-mqtt 2.x, MQTT 5 by default).
 
@@ -314,6 +322,7 @@ class MqttLink(Link):
         if self._will is not None:
             topic, payload, qos, retain = self._will
             client.will_set(topic, payload, qos=qos, retain=retain)
+        client.on_socket_open = _no_delay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
