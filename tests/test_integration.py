@@ -1,0 +1,104 @@
+"""The mission's core loop end to end: broker, cloud trainer and two edge runtimes as separate
+OS processes on 127.0.0.1, real digits data, once on the embedded broker and once on mosquitto.
+
+Asserts: every published batch was received and trained exactly once (sequence numbers), exit
+and full-model accuracy far above chance (10 classes: 0.1), and the edges never blocked on the
+cloud (time spent waiting to publish is a small part of their wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from toolkit.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
+from toolkit.data import digits_stats
+from toolkit.exits import ExitHeadConfig
+from toolkit.export import ExportConfig, export_artifacts
+
+EPOCHS = 4
+EDGES = 2
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("int") / "art"
+    mean, std = digits_stats()
+    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
+                                  std=std, batch=32, exit=ExitHeadConfig(channels=16)))
+    return out
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def _run_training(url: str, artifacts: Path, tmp: Path, run_id: str) -> tuple[dict, list[dict]]:
+    cloud_dir = tmp / "cloud"
+    cloud = _spawn(["cloud_trainer", "--artifacts", str(artifacts), "--broker", url,
+                    "--run-dir", str(cloud_dir), "--run-id", run_id, "--devices", str(EDGES),
+                    "--threads", "1", "--quiet"], tmp / "cloud.log")
+    time.sleep(2.0)  # the edges do not need the cloud up: QoS 1 + the cloud's session
+    edges = [
+        _spawn(["edge_runtime", "train", "--artifacts", str(artifacts), "--broker", url,
+                "--device-id", f"robot-{i}", "--run-id", run_id, "--epochs", str(EPOCHS),
+                "--shard", f"{i}/{EDGES}", "--report", str(tmp / f"edge-{i}.json"),
+                "--state-dir", str(tmp), "--threads", "1", "--quiet"],
+               tmp / f"edge-{i}.log")
+        for i in range(EDGES)
+    ]
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for p in [*edges, cloud]:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in [*edges, cloud]:
+            if p.poll() is None:
+                p.kill()
+    logs = {f.name: f.read_text()[-3000:] for f in tmp.glob("*.log")}
+    assert all(p.returncode == 0 for p in [*edges, cloud]), logs
+    summary = json.loads((cloud_dir / "cloud_summary.json").read_text())
+    reports = [json.loads((tmp / f"edge-{i}.json").read_text()) for i in range(EDGES)]
+    return summary, reports
+
+
+def _check(summary: dict, reports: list[dict]) -> None:
+    for i, rep in enumerate(reports):
+        dev = summary["per_device"][f"robot-{i}"]
+        assert rep["batches_published"] > 0
+        assert dev["published"] == rep["batches_published"]
+        assert dev["trained"] == rep["batches_published"]  # every batch, exactly once
+        assert dev.get("duplicates", 0) >= 0
+        # the edge never waited for the cloud: publishing blocked for a sliver of its time
+        assert rep["publish_wait_s"] < 0.2 * rep["wall_s"], rep
+        assert rep["payload_bytes_per_sample"] < rep["float32_bytes_per_sample"] / 2
+    assert summary["batches_trained"] == sum(r["batches_published"] for r in reports)
+    assert summary["full_accuracy"] > 0.6, summary
+    assert summary["exit_accuracy"] > 0.5, summary
+    assert not summary.get("dropped"), summary["dropped"]
+
+
+@pytest.mark.mqtt
+def test_hierarchical_training_on_the_embedded_broker(artifacts, tmp_path):
+    with EmbeddedBroker() as broker:
+        summary, reports = _run_training(broker.url, artifacts, tmp_path, "it-amqtt")
+    _check(summary, reports)
+
+
+@pytest.mark.mqtt
+@pytest.mark.mosquitto
+def test_hierarchical_training_on_mosquitto(artifacts, tmp_path):
+    if find_mosquitto() is None and not os.environ.get("CI"):
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI installs it")
+    with MosquittoBroker() as broker:
+        summary, reports = _run_training(broker.url, artifacts, tmp_path, "it-mosq")
+    _check(summary, reports)
