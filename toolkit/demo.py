@@ -1,8 +1,8 @@
 """``toolkit demo``: hierarchical training end to end on a laptop, nothing else installed.
 
-Exports a small CNN, starts the embedded MQTT broker in this process, then the
-cloud trainer and N edge runtimes as separate OS processes, exactly as they
-would run on a server and on boards. Default data: scikit-learn's bundled
+Exports a small CNN, then starts the embedded MQTT broker, the cloud trainer
+and N edge runtimes as separate OS processes, exactly as they would run on a
+server and on boards. Default data: scikit-learn's bundled
 digits (real data, no download). The demo only launches and watches: all the
 work happens in the ``cloud_trainer`` and ``edge_runtime`` processes, which it
 reaches through their command lines and the broker, never by import.
@@ -102,13 +102,17 @@ def _tail(log: Path, n: int = 15) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from toolkit.broker import EmbeddedBroker
+    from toolkit.broker import free_port, wait_for_port
     from toolkit.data import load_dataset, shard
     from toolkit.exits import ExitHeadConfig
     from toolkit.export import ExportConfig, OptimizerConfig, export_artifacts
 
     if cfg.edges < 1 or cfg.epochs < 1:
         raise HiertrainError("the demo needs at least one edge and one epoch")
+    if cfg.broker is not None:
+        from toolkit.transport import parse_url
+
+        parse_url(cfg.broker)  # a bad URL is refused before any work
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(tempfile.mkdtemp(prefix="hiertrain-"))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,18 +134,22 @@ def run_demo(cfg: DemoConfig) -> dict:
     expected = sum((len(shard(train, i, cfg.edges)) // cfg.batch) * cfg.epochs
                    for i in range(cfg.edges))
 
-    broker = None
     url = cfg.broker
-    if url is None:
-        print("[2/4] starting the embedded MQTT broker on 127.0.0.1 ...")
-        broker = EmbeddedBroker().start()
-        url = broker.url
-    else:
-        print(f"[2/4] using the broker at {url}")
     run_id = f"demo-{int(time.time())}"
     watcher = None
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
     try:
+        if url is None:
+            port = free_port()
+            print(f"[2/4] starting the embedded MQTT broker (amqtt) on 127.0.0.1:{port} ...")
+            procs["broker"] = (_start(["toolkit", "broker", "--port", str(port)],
+                                      run_dir / "broker.log"), run_dir / "broker.log")
+            if not wait_for_port("127.0.0.1", port, 30):
+                raise HiertrainError(f"the embedded broker did not start:\n"
+                                     f"{_tail(run_dir / 'broker.log')}")
+            url = f"mqtt://127.0.0.1:{port}"
+        else:
+            print(f"[2/4] using the broker at {url}")
         watcher = _Watcher(url, run_id)
         print("[3/4] starting the cloud trainer and the edge runtimes as processes ...")
         cloud_args = ["cloud_trainer", "--artifacts", str(artifacts), "--broker", url,
@@ -166,19 +174,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"[4/4] training: {expected} batches expected")
         _follow(watcher, procs, expected, cfg.edges)
     finally:
-        for p, _ in procs.values():
+        if watcher:
+            watcher.close()
+        for p, _ in procs.values():  # the broker last: it was started first
             if p.poll() is None:
                 p.terminate()
                 try:
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     p.kill()
-        if watcher:
-            watcher.close()
-        if broker:
-            broker.stop()
 
-    failed = {n: (p.returncode, log) for n, (p, log) in procs.items() if p.returncode != 0}
+    failed = {n: (p.returncode, log) for n, (p, log) in procs.items()
+              if n != "broker" and p.returncode != 0}
     if failed:
         details = "; ".join(f"{n} exited {rc} (log {log}):\n{_tail(log)}"
                             for n, (rc, log) in failed.items())
@@ -208,7 +215,8 @@ def _follow(watcher: _Watcher, procs, expected: int, n_edges: int) -> None:
         bars[f"edge-{i}"] = tqdm(total=per_edge, desc=f"edge-{i} sent ", unit="batch",
                                  position=i + 1)
     try:
-        while any(p.poll() is None for p, _ in procs.values()):
+        workers = {n: v for n, v in procs.items() if n != "broker"}
+        while any(p.poll() is None for p, _ in workers.values()):
             with watcher.lock:
                 bars["cloud"].n = int(watcher.cloud.get("batches_trained", 0))
                 for dev, st in watcher.edges.items():
@@ -217,7 +225,7 @@ def _follow(watcher: _Watcher, procs, expected: int, n_edges: int) -> None:
             for b in bars.values():
                 b.refresh()
             for name, (p, log) in procs.items():
-                if p.poll() not in (None, 0):
+                if p.poll() is not None and (name == "broker" or p.returncode != 0):
                     raise HiertrainError(f"{name} exited with {p.returncode}:\n{_tail(log)}")
             if time.monotonic() > deadline:
                 raise HiertrainError(f"the demo did not finish within {DEMO_TIMEOUT_S:.0f} s")
