@@ -90,7 +90,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = export_artifacts(cfg, progress=lambda m: print(f"[export] {m}", file=sys.stderr))
     d = manifest.data
     parity = d["parity"]
-    check = (f"max relative gradient error {parity['max_rel_grad_error']:.1e}"
+    check = (f"gradient parity with eager PyTorch: {parity['global_rel_grad_error']:.1e} "
+             f"(worst tensor {parity['max_rel_grad_error']:.1e})"
              if parity["checked"] else "parity not checked (--no-verify)")
     print(f"wrote {args.out}: {d['model']['name']} split at {d['split']['point']}, "
           f"batch {d['batch_size']}, cut {d['cut']['shape']}, "

@@ -34,9 +34,11 @@ from toolkit.stats import split_stats
 EDGE_TRAIN = "edge_train.pte"
 EDGE_INFER = "edge_infer.pte"
 # The exporter refuses a program whose gradients differ from eager PyTorch by
-# more than this: real lowering bugs give errors of order 1, float32
-# reduction-order noise stays below 1e-4 (see docs/export.md).
+# more than this (global relative error over all gradients): real lowering bugs
+# give errors of order 1, float32 summation-order noise stays below 1e-4, and
+# below 5e-2 for any single tensor (see toolkit/parity.py, docs/export.md).
 PARITY_GATE = 1e-3
+PARITY_GATE_TENSOR = 5e-2
 
 
 @dataclass(frozen=True)
@@ -195,20 +197,24 @@ def _write(cfg, board, built: BuiltSegments, tmp: Path, split, shape, mean, std,
     torch.save(pristine.state_dict(), tmp / EDGE_INIT)
     torch.save(built.cloud.state_dict(), tmp / CLOUD_INIT)
 
-    parity = {"checked": False, "max_rel_grad_error": None, "loss_abs_error": None}
+    parity = {"checked": False, "global_rel_grad_error": None, "max_rel_grad_error": None,
+              "loss_abs_error": None}
     if cfg.verify:
         progress("checking gradient parity against eager PyTorch")
         from toolkit.et_program import TrainingProgram
         from toolkit.parity import check_program
 
         report = check_program(TrainingProgram(train.buffer), pristine, x, y)
-        if report.max_rel_grad_error > PARITY_GATE or report.loss_abs_error > 1e-4:
+        if (report.global_error > PARITY_GATE or report.max_rel_grad_error > PARITY_GATE_TENSOR
+                or report.loss_abs_error > 1e-4 * max(1.0, abs(report.loss_eager))):
             raise ExportError(
-                f"the lowered training program's gradients differ from eager PyTorch: worst "
+                f"the lowered training program's gradients differ from eager PyTorch "
+                f"(global relative error {report.global_error:.2e}): worst "
                 f"{report.worst()}, loss error {report.loss_abs_error:.2e}; this is an "
                 "ExecuTorch lowering bug for a module in this segment, move the split point"
             )
-        parity = {"checked": True, "max_rel_grad_error": report.max_rel_grad_error,
+        parity = {"checked": True, "global_rel_grad_error": report.global_error,
+                  "max_rel_grad_error": report.max_rel_grad_error,
                   "loss_abs_error": report.loss_abs_error}
 
     stat_layers = pristine.stat_layers()
