@@ -215,6 +215,7 @@ class Ingest:
         self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=queue_size)
         self.infer_sink = infer_sink
         self.train = train
+        self._own_status = topics.status_topic(run_id, CLOUD_DEVICE)
         self._closing = threading.Event()
         self._stats_lock = threading.Lock()
         self.max_queue_depth = 0
@@ -330,10 +331,15 @@ class Ingest:
             self.drops.drop("shutdown", topic, "arrived while the trainer was shutting down")
 
     def on_status(self, topic: str, payload: bytes, props: dict[str, Any]) -> None:
+        if topic == self._own_status or not payload:
+            # Our own status comes back through the wildcard: it must not count as
+            # activity, or the idle timeout would never fire. An empty payload is
+            # someone clearing a retained status, not a message.
+            return
         self._touch()
         device = self._topic_device(topic)
-        if device is None or device == CLOUD_DEVICE:
-            return  # our own retained status comes back through the wildcard
+        if device is None:
+            return
         try:
             status = decode_status(payload)
         except WireError as exc:
@@ -351,6 +357,8 @@ class Ingest:
         self._put(StatusItem(device, status))
 
     def on_weights(self, topic: str, payload: bytes, props: dict[str, Any]) -> None:
+        if not payload:
+            return  # a cleared retained message
         self._touch()
         device = self._topic_device(topic)
         if device is None:

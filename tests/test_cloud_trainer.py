@@ -530,7 +530,10 @@ def test_idle_timeout_names_missing_and_incomplete_devices(
 
     run, run_dir = _run_id(), tmp_path / "run"
     watch = StatusWatch(broker, run)
-    cloud = InProcessCloud(artifacts, broker, run_dir, run, devices=2, idle_timeout=1.5)
+    # Frequent own statuses: they come back through the wildcard and must not count
+    # as activity, or the idle timeout would never fire.
+    cloud = InProcessCloud(artifacts, broker, run_dir, run, devices=2, idle_timeout=1.5,
+                           status_every=0.2)
     edge = None
     try:
         watch.wait_for("online", 30)
