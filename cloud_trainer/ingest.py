@@ -12,10 +12,14 @@ lost and memory stays bounded by ``queue_size`` batches. An unbounded queue
 would instead grow until the process is killed.
 
 Every malformed or foreign message is dropped and counted by a short reason
-(``WireError.reason`` -- ``crc``, ``truncated``, ``run_id``... -- plus
-``shape``, ``labels``, ``device``, ``unknown_device``, ``unknown_run``,
-``reply_topic``, ``shutdown``), and logged once per reason at WARNING. A
-broken or hostile sender costs a counter, never the run.
+(``WireError.reason`` -- ``crc``, ``truncated``, ``magic``, ``run_id``,
+``status``, ``weights``... -- plus ``shape`` (not ``[N, *cut_shape]`` with
+``1 <= N <= max_batch``), ``labels`` (missing or outside ``[0, num_classes)``),
+``device`` (payload and topic disagree), ``unknown_device`` (not one of the
+run's devices), ``unknown_run``, ``reply_topic``, ``infer_busy`` and
+``shutdown``), and logged once per reason at WARNING. A broken or hostile
+sender costs a counter, never the run. Duplicates are not drops: the ledger
+counts them per device.
 """
 
 from __future__ import annotations

@@ -41,6 +41,15 @@ class MetricsLog:
                 if isinstance(rec, dict):
                     self.records.append(rec)
 
+    def truncate_after(self, batches_trained: int) -> None:
+        """Forget records past a checkpoint, which a resumed run is about to redo."""
+        keep = [r for r in self.records if r.get("batches_trained", 0) <= batches_trained]
+        if len(keep) == len(self.records):
+            return
+        self.records = keep
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
+
     def append(self, kind: str, batches_trained: int, **fields: Any) -> dict[str, Any]:
         rec: dict[str, Any] = {
             "kind": kind,

@@ -230,6 +230,7 @@ class CloudRun:
         self.batches_trained = self.resumed_batches = int(ckpt["batches_trained"])
         self.samples_trained = int(ckpt["samples_trained"])
         self.last_eval = dict(ckpt.get("last_eval", {}))
+        self.metrics.truncate_after(self.batches_trained)
         log.info("resumed from %s: %d batches already trained (%s)", self.run_dir,
                  self.batches_trained,
                  ", ".join(f"{d}: {self.ledger.trained_count(d)}" for d in self.ledger.devices()))
