@@ -451,6 +451,11 @@ class CloudRun:
                 log.warning("the final cloud status was not acknowledged within 10 s")
         except BaseException as exc:
             ingest.close()
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: keep what was trained
+                try:
+                    self.checkpoint()
+                except HiertrainError as disk:
+                    log.warning("no checkpoint on interrupt: %s", disk)
             if outbox is not None:
                 outbox.post(status_topic, self.status("error", f"{type(exc).__name__}: "
                                                       f"{exc}").encode(), retain=True)

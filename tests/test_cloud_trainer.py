@@ -1,7 +1,12 @@
 """cloud_trainer against real parts: exported artifacts, an embedded MQTT broker on
-127.0.0.1, the trainer as a real ``python -m cloud_trainer`` process, and a fake edge
-written here (an eager ``EdgeTrainStep`` publishing exactly what the runtime spec says;
-``edge_runtime`` is deliberately not imported). Every wait is bounded.
+127.0.0.1 and a fake edge written here (an eager ``EdgeTrainStep`` publishing exactly what
+the runtime spec says; ``edge_runtime`` is deliberately not imported). Every wait is bounded.
+
+The end-to-end training test, the process that is SIGKILLed, ``serve`` (SIGTERM) and the
+CLI error run ``python -m cloud_trainer`` as real processes; the protocol tests
+(duplicates, malformed input, back-pressure, idle timeout, the resumed half of the resume
+test) call ``run_cloud`` on a thread here, which exercises the same code without paying
+another torch start-up each (keeps the file well under two minutes on two busy CPUs).
 """
 
 from __future__ import annotations
