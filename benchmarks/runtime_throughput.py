@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def cloud_ingest(tmp: Path, broker_kind: str, n: int) -> dict:
         cloud = subprocess.Popen(
             [sys.executable, "-m", "cloud_trainer", "--artifacts", str(art), "--broker",
              broker.url, "--run-dir", str(run_dir), "--run-id", run, "--devices", "1",
-             "--threads", "2", "--quiet", "--eval-limit", "100"],
+             "--threads", "1", "--quiet", "--eval-limit", "100"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         done = threading.Event()
         online = threading.Event()
@@ -166,8 +167,9 @@ def main() -> None:
         print("B. cloud trainer ingest (real broker on 127.0.0.1, cloud-trainer process)")
         brokers = ["amqtt"] + (["mosquitto"] if find_mosquitto() else [])
         cloud = [cloud_ingest(tmp, b, args.batches) for b in brokers]
-    result = {"machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
-                          "torch": torch.__version__},
+    result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "torch": torch.__version__,
+                          "load_average_at_end": os.getloadavg()},
               "edge": edge, "cloud": cloud, "command": " ".join(sys.argv)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {args.out}")
