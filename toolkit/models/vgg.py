@@ -19,10 +19,10 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from torch import nn
-from torchvision.models.vgg import cfgs, make_layers
 
 
 def vgg16_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
+    from torchvision.models.vgg import cfgs, make_layers  # lazy: torchvision costs ~1 s at start-up
     features = make_layers(cfgs["D"], batch_norm=True)
     for i, layer in enumerate(features):
         if isinstance(layer, nn.Conv2d):
