@@ -208,22 +208,35 @@ def _wait(cond, timeout: float, what: str, procs) -> None:
 
 
 def _follow(watcher: _Watcher, procs, expected: int, n_edges: int) -> None:
+    """Progress bars on a terminal; a plain line every 10 s in logs (CI, files)."""
     deadline = time.monotonic() + DEMO_TIMEOUT_S
-    bars = {"cloud": tqdm(total=expected, desc="cloud trained", unit="batch", position=0)}
+    tty = sys.stderr.isatty()
     per_edge = expected // n_edges
-    for i in range(n_edges):
-        bars[f"edge-{i}"] = tqdm(total=per_edge, desc=f"edge-{i} sent ", unit="batch",
-                                 position=i + 1)
+    bars = {}
+    if tty:
+        bars["cloud"] = tqdm(total=expected, desc="cloud trained", unit="batch", position=0)
+        for i in range(n_edges):
+            bars[f"edge-{i}"] = tqdm(total=per_edge, desc=f"edge-{i} sent ", unit="batch",
+                                     position=i + 1)
+    last_line = 0.0
+    workers = {n: v for n, v in procs.items() if n != "broker"}
     try:
-        workers = {n: v for n, v in procs.items() if n != "broker"}
         while any(p.poll() is None for p, _ in workers.values()):
             with watcher.lock:
-                bars["cloud"].n = int(watcher.cloud.get("batches_trained", 0))
-                for dev, st in watcher.edges.items():
+                trained = int(watcher.cloud.get("batches_trained", 0))
+                sent = {d: int(st.get("batches", 0)) for d, st in watcher.edges.items()}
+            if tty:
+                bars["cloud"].n = trained
+                for dev, n in sent.items():
                     if dev in bars:
-                        bars[dev].n = min(int(st.get("batches", 0)), bars[dev].total)
-            for b in bars.values():
-                b.refresh()
+                        bars[dev].n = min(n, bars[dev].total)
+                for b in bars.values():
+                    b.refresh()
+            elif time.monotonic() - last_line > 10:
+                last_line = time.monotonic()
+                edges = ", ".join(f"{d} {n}" for d, n in sorted(sent.items()))
+                print(f"  cloud trained {trained}/{expected}; sent (at epoch ends): {edges}",
+                      file=sys.stderr, flush=True)
             for name, (p, log) in procs.items():
                 if p.poll() is not None and (name == "broker" or p.returncode != 0):
                     raise HiertrainError(f"{name} exited with {p.returncode}:\n{_tail(log)}")
