@@ -12,6 +12,7 @@ import copy
 import datetime as dt
 import importlib.metadata
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -91,7 +92,23 @@ def _versions() -> dict:
     }
 
 
-def _resolve(cfg: ExportConfig, board: BoardProfile) -> tuple[str, tuple, tuple, tuple, int]:
+@dataclass(frozen=True)
+class _Plan:
+    """Every choice the export makes, resolved and checked before the (slow) lowering."""
+
+    board: BoardProfile
+    split: str
+    shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    batch: int
+    exit_cfg: ExitHeadConfig
+    edge_norm: str
+    estimate_mb: float
+
+
+def _resolve(cfg: ExportConfig) -> _Plan:
+    board = load_board(cfg.board)
     spec = get_spec(cfg.model)
     split = cfg.split or spec.default_split
     shape = tuple(cfg.input_shape or spec.input_shape)
@@ -111,7 +128,20 @@ def _resolve(cfg: ExportConfig, board: BoardProfile) -> tuple[str, tuple, tuple,
     batch = cfg.batch or board.default_batch
     if batch < 1:
         raise HiertrainError(f"batch size must be at least 1, got {batch}")
-    return split, shape, mean, std, batch
+    exit_cfg = cfg.exit or ExitHeadConfig(channels=spec.exit_channels)
+    stats = split_stats(cfg.model, split, num_classes=cfg.num_classes, input_shape=shape,
+                        exit_cfg=exit_cfg)
+    estimate = stats.train_memory_mb(batch)
+    if estimate > board.budget_mb:
+        fits = max(1, int(batch * board.budget_mb / estimate))
+        raise ExportError(
+            f"{cfg.model} split at {split} with batch {batch} needs ~{estimate:.0f} MB to "
+            f"train, over the {board.name} budget of {board.budget_mb} MB; use --batch {fits} "
+            "or less, or an earlier split point"
+        )
+    return _Plan(board=board, split=split, shape=shape, mean=mean, std=std, batch=batch,
+                 exit_cfg=exit_cfg, edge_norm=cfg.edge_norm or spec.edge_norm,
+                 estimate_mb=estimate)
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
@@ -146,30 +176,14 @@ def _tensor(name: str, shape, dtype: str = "float32") -> dict:
 def export_artifacts(
     cfg: ExportConfig, progress: Callable[[str], None] = lambda _msg: None
 ) -> Manifest:
-    board = load_board(cfg.board)
-    split, shape, mean, std, batch = _resolve(cfg, board)
-    spec = get_spec(cfg.model)
-    exit_cfg = cfg.exit or ExitHeadConfig(channels=spec.exit_channels)
-
-    stats = split_stats(cfg.model, split, num_classes=cfg.num_classes, input_shape=shape,
-                        exit_cfg=exit_cfg)
-    estimate = stats.train_memory_mb(batch)
-    if estimate > board.budget_mb:
-        fits = max(1, int(batch * board.budget_mb / estimate))
-        raise ExportError(
-            f"{cfg.model} split at {split} with batch {batch} needs ~{estimate:.0f} MB to "
-            f"train, over the {board.name} budget of {board.budget_mb} MB; use --batch {fits} "
-            "or less, or an earlier split point"
-        )
-
-    edge_norm = cfg.edge_norm or spec.edge_norm
-    built = build_segments(cfg.model, split, num_classes=cfg.num_classes, input_shape=shape,
-                           exit_cfg=exit_cfg, seed=cfg.seed, edge_norm=edge_norm)
+    plan = _resolve(cfg)
+    built = build_segments(cfg.model, plan.split, num_classes=cfg.num_classes,
+                           input_shape=plan.shape, exit_cfg=plan.exit_cfg, seed=cfg.seed,
+                           edge_norm=plan.edge_norm)
     out = Path(cfg.out)
     tmp = _prepare_out(out, cfg.force)
     try:
-        manifest = _write(cfg, board, built, tmp, split, shape, mean, std, batch, exit_cfg,
-                          estimate, progress, edge_norm)
+        manifest = _write(cfg, plan, built, tmp, progress)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,24 +191,25 @@ def export_artifacts(
     return Manifest(data=manifest, root=out)
 
 
-def _write(cfg, board, built: BuiltSegments, tmp: Path, split, shape, mean, std, batch,
-           exit_cfg, estimate, progress, edge_norm) -> dict:
+def _write(cfg: ExportConfig, plan: _Plan, built: BuiltSegments, tmp: Path,
+           progress: Callable[[str], None]) -> dict:
     from toolkit.lowering import lower_infer, lower_train_step
+
+    batch, shape = plan.batch, plan.shape
 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     x = torch.randn(batch, *shape, generator=gen)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=gen)
-    # Lowering traces the modules; keep the initial weights and statistics untouched.
-    pristine = copy.deepcopy(built.step)
-
-    progress(f"lowering the training program ({cfg.model}, split {split}, batch {batch})")
-    train = lower_train_step(copy.deepcopy(pristine), x, y)
+    # Lowering traces (and may touch) the modules: it gets copies, so built.step keeps the
+    # initial weights and statistics that edge_init.pt and the parity check need.
+    progress(f"lowering the training program ({cfg.model}, split {plan.split}, batch {batch})")
+    train = lower_train_step(copy.deepcopy(built.step), x, y)
     progress("lowering the inference program")
     infer = lower_infer(copy.deepcopy(built.infer_module()), x[:1])
 
     (tmp / EDGE_TRAIN).write_bytes(train.buffer)
     (tmp / EDGE_INFER).write_bytes(infer.buffer)
-    torch.save(pristine.state_dict(), tmp / EDGE_INIT)
+    torch.save(built.step.state_dict(), tmp / EDGE_INIT)
     torch.save(built.cloud.state_dict(), tmp / CLOUD_INIT)
 
     parity = {"checked": False, "global_rel_grad_error": None, "max_rel_grad_error": None,
@@ -204,7 +219,7 @@ def _write(cfg, board, built: BuiltSegments, tmp: Path, split, shape, mean, std,
         from toolkit.et_program import TrainingProgram
         from toolkit.parity import check_program
 
-        report = check_program(TrainingProgram(train.buffer), pristine, x, y)
+        report = check_program(TrainingProgram(train.buffer), built.step, x, y)
         if (report.global_error > PARITY_GATE or report.max_rel_grad_error > PARITY_GATE_TENSOR
                 or report.loss_abs_error > 1e-4 * max(1.0, abs(report.loss_eager))):
             raise ExportError(
@@ -217,26 +232,24 @@ def _write(cfg, board, built: BuiltSegments, tmp: Path, split, shape, mean, std,
                   "max_rel_grad_error": report.max_rel_grad_error,
                   "loss_abs_error": report.loss_abs_error}
 
-    stat_layers = pristine.stat_layers()
+    stat_layers = built.step.stat_layers()
     cut = list(built.cut_shape)
     outputs = [_tensor("loss", []), _tensor("cut", [batch, *cut]),
                _tensor("exit_logits", [batch, cfg.num_classes])]
     outputs += [_tensor(f"bn_mean:{n}", [m.num_features]) for n, m in stat_layers]
     outputs += [_tensor(f"bn_var:{n}", [m.num_features]) for n, m in stat_layers]
-    n_cut = 1
-    for d in cut:
-        n_cut *= d
+    n_cut = math.prod(cut)
     manifest = {
         "schema": "hiertrain.manifest",
         "schema_version": SCHEMA_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seed": cfg.seed,
         "model": {"name": cfg.model, "num_classes": cfg.num_classes, "input_shape": list(shape),
-                  "normalization": {"mean": list(mean), "std": list(std)}},
-        "split": {"point": split, "edge_norm": edge_norm,
+                  "normalization": {"mean": list(plan.mean), "std": list(plan.std)}},
+        "split": {"point": plan.split, "edge_norm": plan.edge_norm,
                   "edge_stages": [n for n, _ in built.step.edge.named_children()],
                   "cloud_stages": [n for n, _ in built.cloud.named_children()]},
-        "exit_head": exit_cfg.to_dict(),
+        "exit_head": plan.exit_cfg.to_dict(),
         "cut": {"shape": cut, "dtype": "float32", "float32_bytes_per_sample": 4 * n_cut,
                 "int8_bytes_per_sample": n_cut},
         "batch_size": batch,
@@ -262,8 +275,8 @@ def _write(cfg, board, built: BuiltSegments, tmp: Path, split, shape, mean, std,
         "host_stats": [{"module": n, "channels": m.num_features, "momentum": m.momentum,
                         "eps": m.eps} for n, m in stat_layers],
         "rewrites": [r.to_dict() for r in built.rewrites],
-        "board": {"name": board.name, "budget_mb": board.budget_mb,
-                  "estimated_train_mb": round(estimate, 1)},
+        "board": {"name": plan.board.name, "budget_mb": plan.board.budget_mb,
+                  "estimated_train_mb": round(plan.estimate_mb, 1)},
         "parity": parity,
         "artifacts": {
             name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}

@@ -9,7 +9,7 @@ graph surgery, and keeps split names stable across input sizes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -39,7 +39,6 @@ class ModelSpec:
     # "batch": BatchNorm with host-side running statistics (same math as
     # nn.BatchNorm2d); "group": GroupNorm (docs/export.md).
     edge_norm: str = "batch"
-    aliases: tuple[str, ...] = field(default=())
 
 
 MODELS: dict[str, ModelSpec] = {
