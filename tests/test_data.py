@@ -26,7 +26,7 @@ from toolkit.data import (
 )
 from toolkit.errors import HiertrainError
 
-SHARED_CIFAR10 = Path("/work/shared/data/cifar10.npz")
+SHARED_CIFAR10 = data._SHARED_CIFAR10
 
 
 def _ids(n: int) -> Dataset:
@@ -407,3 +407,13 @@ def test_shared_cifar10_npz(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 0.0 <= float(ds.x.min()) and float(ds.x.max()) <= 1.0
     assert len(set(ds.y.tolist())) == 10  # the seeded shuffle mixes the class-sorted file
     assert ds.classes == CIFAR10_CLASSES and ds.name == "CIFAR-10 (JPEG copy)"
+
+
+def test_shared_copy_elsewhere_keeps_cifar10_names(tmp_path: Path) -> None:
+    """CI mounts ../shared at another root (or as a copy): the names must follow."""
+    npz = tmp_path / "shared" / "data" / "cifar10.npz"
+    npz.parent.mkdir(parents=True)
+    _write_npz(npz)
+    ds = load_dataset(str(npz), limit=16)
+    assert ds.name == "CIFAR-10 (JPEG copy)"
+    assert ds.classes == CIFAR10_CLASSES
