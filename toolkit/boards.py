@@ -40,6 +40,9 @@ class BoardProfile:
     link_latency_ms: float
     mqtt: dict = field(default_factory=dict)
     serial: dict = field(default_factory=dict)
+    # Training speed relative to the machine that profiles for ``toolkit plan``; None:
+    # the planner derives it from ``gflops`` and the speed it measures (docs/plan.md).
+    relative_speed: float | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -47,7 +50,7 @@ class BoardProfile:
             "cores": self.cores, "gflops": self.gflops, "total_mb": self.total_mb,
             "budget_mb": self.budget_mb, "default_batch": self.default_batch,
             "threads": self.threads, "link_kbps": self.link_kbps,
-            "link_latency_ms": self.link_latency_ms,
+            "link_latency_ms": self.link_latency_ms, "relative_speed": self.relative_speed,
         }
 
 
@@ -93,6 +96,8 @@ def parse_profile(data: object, source: str) -> BoardProfile:
         threads=_require(data, "training.threads", int, source),
         link_kbps=_require(data, "link.kbps", float, source),
         link_latency_ms=float(data.get("link", {}).get("latency_ms", 0.0)),
+        relative_speed=(_require(data, "cpu.relative_speed", float, source)
+                        if "relative_speed" in (data.get("cpu") or {}) else None),
         mqtt=dict(data.get("mqtt") or {}),
         serial=dict(data.get("serial") or {}),
     )

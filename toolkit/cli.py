@@ -100,6 +100,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from toolkit.planner import PlanConfig, make_plan, render
+
+    cfg = PlanConfig(
+        model=args.model, board=args.board, link_kbps=args.link_kbps,
+        link_latency_ms=args.link_latency_ms, batch=args.batch, samples=args.samples,
+        bits=args.bits, input_shape=args.input_shape, num_classes=args.num_classes,
+        threads=args.threads, repeats=args.repeats, max_seconds=args.max_profile_s,
+        profile_cache=Path(args.profile_cache) if args.profile_cache else None,
+        edge_speed=args.edge_speed, cloud_speedup=args.cloud_speedup,
+    )
+    plan = make_plan(cfg, show_progress=True, log=lambda m: print(f"[plan] {m}", file=sys.stderr))
+    print(json.dumps(plan, indent=2) if args.json else render(plan))
+    return 0
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from toolkit.broker import run_broker
 
@@ -159,6 +175,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-verify", action="store_true",
                     help="skip the gradient-parity check of the lowered program")
     sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("plan", help="predict epoch time per split point and mode; pick a split")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--board", default="rpi4", help="board profile name or .yaml path")
+    sp.add_argument("--link-kbps", type=float, default=None,
+                    help="link rate in kbit/s (default: the board's)")
+    sp.add_argument("--link-latency-ms", type=float, default=None,
+                    help="one-way latency (default: the board's)")
+    sp.add_argument("--batch", type=int, default=None, help="default: the board's")
+    sp.add_argument("--samples", type=int, default=50_000,
+                    help="training samples per epoch (default 50000, CIFAR-10)")
+    sp.add_argument("--bits", type=int, choices=(2, 4, 8, 32), default=8,
+                    help="activation code width; 32 = raw float32")
+    sp.add_argument("--num-classes", type=int, default=10)
+    sp.add_argument("--input-shape", "--input-size", type=_shape, default=None,
+                    help="C,H,W (default: the model's, 3,32,32)")
+    sp.add_argument("--threads", type=int, default=1, help="torch threads while profiling")
+    sp.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
+    sp.add_argument("--max-profile-s", type=float, default=120.0,
+                    help="stop repeating measurements after this long")
+    sp.add_argument("--profile-cache", default=None, help="JSON file to reuse profiles from")
+    sp.add_argument("--edge-speed", type=float, default=None,
+                    help="board speed relative to this machine (default: from the profile)")
+    sp.add_argument("--cloud-speedup", type=float, default=1.0,
+                    help="cloud speed relative to this machine")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt) in the foreground")
     sp.add_argument("--host", default="127.0.0.1")
