@@ -343,6 +343,28 @@ def test_plan_marks_splits_over_the_board_budget(plan_cache, tmp_path, capsys):
             assert " NO " in text and "none of the split points fits" in text
 
 
+def test_plan_board_speed_comes_from_the_profile(plan_cache, tmp_path, capsys):
+    from tests.conftest import REPO
+
+    args = [*PLAN[1:], "--profile-cache", plan_cache, "--json"]
+    assert cli_main([*args, "--board", "rpi4"]) == 0
+    derived = json.loads(capsys.readouterr().out)
+    # Default: the board's GFLOP/s over what this machine sustained in the profile.
+    assert derived["edge_speed"]["value"] == pytest.approx(
+        derived["board"]["gflops"] / derived["profile"]["host_gflops"])
+    board = yaml.safe_load((REPO / "firmware_configs" / "rpi4.yaml").read_text())
+    board["cpu"]["relative_speed"] = 0.5
+    path = tmp_path / "measured.yaml"
+    path.write_text(yaml.safe_dump(board))
+    assert cli_main([*args, "--board", str(path)]) == 0
+    given = json.loads(capsys.readouterr().out)
+    assert given["edge_speed"]["value"] == 0.5
+    assert "relative_speed" in given["edge_speed"]["source"]
+    for a, b in zip(derived["splits"], given["splits"], strict=True):
+        assert b["edge_step_s"] == pytest.approx(
+            a["edge_step_s"] * derived["edge_speed"]["value"] / 0.5)
+
+
 def test_plan_bad_board_exits_2_as_a_process():
     r = run_cli("toolkit", "plan", "--model", "smallcnn", "--board", "nope", timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown board 'nope'"), r.stderr
