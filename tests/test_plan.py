@@ -343,6 +343,16 @@ def test_plan_marks_splits_over_the_board_budget(plan_cache, tmp_path, capsys):
             assert " NO " in text and "none of the split points fits" in text
 
 
+def test_plan_of_several_models_prints_a_list(plan_cache, capsys):
+    args = [a for a in PLAN[1:] if a not in ("--model", "smallcnn")]
+    assert cli_main([*args, "--model", "smallcnn,smallcnn", "--profile-cache", plan_cache,
+                     "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    assert isinstance(plans, list) and [p["model"] for p in plans] == ["smallcnn", "smallcnn"]
+    assert cli_main([*args, "--model", "smallcnn,nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+
+
 def test_plan_board_speed_comes_from_the_profile(plan_cache, tmp_path, capsys):
     from tests.conftest import REPO
 

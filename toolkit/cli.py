@@ -101,18 +101,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from toolkit.models import MODELS, get_spec
     from toolkit.planner import PlanConfig, make_plan, render
 
-    cfg = PlanConfig(
-        model=args.model, board=args.board, link_kbps=args.link_kbps,
-        link_latency_ms=args.link_latency_ms, batch=args.batch, samples=args.samples,
-        bits=args.bits, input_shape=args.input_shape, num_classes=args.num_classes,
-        threads=args.threads, repeats=args.repeats, max_seconds=args.max_profile_s,
-        profile_cache=Path(args.profile_cache) if args.profile_cache else None,
-        edge_speed=args.edge_speed, cloud_speedup=args.cloud_speedup,
-    )
-    plan = make_plan(cfg, show_progress=True, log=lambda m: print(f"[plan] {m}", file=sys.stderr))
-    print(json.dumps(plan, indent=2) if args.json else render(plan))
+    models = args.model.split(",") if args.model else list(MODELS)
+    for m in models:
+        get_spec(m)  # refuse a bad name before profiling the others
+    plans = []
+    for m in models:
+        cfg = PlanConfig(
+            model=m, board=args.board, link_kbps=args.link_kbps,
+            link_latency_ms=args.link_latency_ms, batch=args.batch, samples=args.samples,
+            bits=args.bits, input_shape=args.input_shape, num_classes=args.num_classes,
+            threads=args.threads, repeats=args.repeats, max_seconds=args.max_profile_s,
+            profile_cache=Path(args.profile_cache) if args.profile_cache else None,
+            edge_speed=args.edge_speed, cloud_speedup=args.cloud_speedup,
+        )
+        plans.append(make_plan(cfg, show_progress=True,
+                               log=lambda msg: print(f"[plan] {msg}", file=sys.stderr)))
+    if args.json:
+        print(json.dumps(plans[0] if len(plans) == 1 else plans, indent=2))
+    else:
+        print("\n\n".join(render(p) for p in plans))
     return 0
 
 
@@ -177,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("plan", help="predict epoch time per split point and mode; pick a split")
-    sp.add_argument("--model", required=True)
+    sp.add_argument("--model", default=None,
+                    help="model name, or several comma-separated (default: every model)")
     sp.add_argument("--board", default="rpi4", help="board profile name or .yaml path")
     sp.add_argument("--link-kbps", type=float, default=None,
                     help="link rate in kbit/s (default: the board's)")
