@@ -400,3 +400,12 @@ def test_profile_rejects_bad_arguments():
     for kwargs in ({"batch": 0}, {"batch": 8, "threads": 0}, {"batch": 8, "repeats": 0}):
         with pytest.raises(HiertrainError):
             profile_model("smallcnn", **kwargs)
+
+
+def test_runtime_model_and_profile_types_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, toolkit.runtime_model, toolkit.profiling; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

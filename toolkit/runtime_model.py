@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from toolkit.errors import HiertrainError
@@ -105,7 +105,6 @@ class Prediction:
     bottleneck: str
     up_bytes_per_batch: int
     down_bytes_per_batch: int
-    notes: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict:
         return {
@@ -175,13 +174,12 @@ def split_epoch(n: int, edge_fwd_s: float, edge_bwd_s: float, up_bytes: int, clo
                  "edge_s": edge_fwd_s + edge_bwd_s, "uplink_s": link.up_s(up_bytes),
                  "cloud_s": cloud_s, "downlink_s": link.down_s(down_bytes),
                  "latency_s": 2 * link.latency_s}
-    one = sum(per_batch[k] for k in _STAGES)
-    breakdown = {k: n * per_batch[k] for k in _STAGES}
-    stages = {k: per_batch[k] for k in ("edge_s", "uplink_s", "cloud_s", "downlink_s",
-                                         "latency_s")}
+    stages = {k: per_batch[k] for k in _STAGES}
+    breakdown = {k: n * v for k, v in stages.items()}
     return Prediction(
-        mode="split", epoch_s=n * one, n_batches=n, per_batch=per_batch, breakdown=breakdown,
-        overlap_s=0.0, bottleneck=max(stages, key=stages.get).removesuffix("_s"),
+        mode="split", epoch_s=n * sum(stages.values()), n_batches=n, per_batch=per_batch,
+        breakdown=breakdown, overlap_s=0.0,
+        bottleneck=max(stages, key=stages.get).removesuffix("_s"),
         up_bytes_per_batch=up_bytes, down_bytes_per_batch=down_bytes,
     )
 
