@@ -122,12 +122,13 @@ def _data_source(cfg: BenchConfig) -> tuple[str | None, tuple[int, int, int], tu
     from toolkit.models import CIFAR_MEAN, CIFAR_STD
 
     source = cfg.data or (str(p) if (p := shared_cifar10()) else None)
-    if source is None:
-        print("bench: no CIFAR-10 copy found ($HIERTRAIN_CIFAR10 or ../shared/data/cifar10.npz);"
-              " FALLING BACK to scikit-learn digits upscaled to 32x32: figures are not "
-              "comparable with the paper's", file=sys.stderr)
+    if source in (None, "digits"):
+        if source is None:
+            print("bench: no CIFAR-10 copy ($HIERTRAIN_CIFAR10 or ../shared/data/cifar10.npz);"
+                  " FALLING BACK to scikit-learn digits upscaled to 32x32: figures are not "
+                  "comparable with the paper's", file=sys.stderr)
         mean, std = digits_stats()
-        return None, (1, 32, 32), mean, std, "scikit-learn digits (8x8 upscaled to 32x32)"
+        return "digits", (1, 32, 32), mean, std, "scikit-learn digits (8x8 upscaled to 32x32)"
     ds = load_dataset(source, "test", limit=8, input_shape=(3, 32, 32))
     return source, (3, 32, 32), CIFAR_MEAN, CIFAR_STD, ds.name
 
