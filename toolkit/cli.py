@@ -143,6 +143,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_map(text: str) -> dict[str, str]:
+    try:
+        return dict(item.split("=", 1) for item in text.split(",") if item)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected model=split[,model=split], got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from toolkit.bench import BenchConfig, reductions, run_bench
+
+    rows = run_bench(BenchConfig(
+        out=Path(args.out), work_dir=Path(args.work_dir) if args.work_dir else None,
+        models=tuple(args.models.split(",")), splits=args.splits,
+        modes=tuple(args.modes.split(",")), rates_mbps=args.rates, latency_ms=args.latency_ms,
+        codec=args.codec, extra_codecs=tuple(c for c in args.extra_codecs.split(",") if c),
+        batch=args.batch, samples=args.samples, max_link_s=args.max_link_s,
+        accuracy_samples=args.accuracy_samples, accuracy_epochs=args.accuracy_epochs,
+        eval_limit=args.eval_limit, lr=args.lr, data=args.data, broker=args.broker,
+        schedules=tuple(args.schedules.split(",")),
+    ))
+    for e in reductions(rows):
+        vs = ", ".join(f"{e[k] * 100:.0f} % vs {k.split('_')[-1]}"
+                       for k in ("reduction_vs_split", "reduction_vs_cloud") if e[k] is not None)
+        print(f"{e['model']} at {e['link_mbps']:g} Mbit/s: HT {e['ht_s']:.1f} s ({vs})")
+    print(f"written to {Path(args.out) / 'lowbitrate.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="toolkit", description="hiertrain build-time toolkit: models, export, demo"
@@ -228,6 +257,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--edges", type=int, default=2)
     sp.add_argument("--backend", choices=("executorch", "torch"), default="executorch")
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("bench", help="HT vs split learning vs cloud training on shaped links")
+    sp.add_argument("--out", default="benchmarks/results", help="where results and plots go")
+    sp.add_argument("--work-dir", default=None, help="run dirs (default: OUT/lowbitrate-runs)")
+    sp.add_argument("--models", default="vgg16,resnet18")
+    sp.add_argument("--splits", type=_split_map, default={},
+                    help="model=split,... (default: vgg16=stage2, resnet18=layer3)")
+    sp.add_argument("--modes", default="ht,split,cloud")
+    sp.add_argument("--rates", type=_floats, default=(0.5, 2.0, 10.0, 50.0),
+                    help="link bit rates in Mbit/s, comma-separated")
+    sp.add_argument("--latency-ms", type=float, default=20.0, help="one-way link latency")
+    sp.add_argument("--codec", default="int8", help="activation codec for ht and split")
+    sp.add_argument("--extra-codecs", default="", help="more codecs for ht accuracy runs")
+    sp.add_argument("--batch", type=int, default=32)
+    sp.add_argument("--samples", type=int, default=512, help="runtime runs: samples (at most)")
+    sp.add_argument("--max-link-s", type=float, default=150.0,
+                    help="runtime runs: fewer samples at slow rates so split's link time <= S")
+    sp.add_argument("--accuracy-samples", type=int, default=4096)
+    sp.add_argument("--accuracy-epochs", type=int, default=2)
+    sp.add_argument("--eval-limit", type=int, default=1000, help="held-out samples evaluated")
+    sp.add_argument("--lr", type=float, default=0.01)
+    sp.add_argument("--data", default=None, help="dataset (default: CIFAR-10 copy, else digits)")
+    sp.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
+    sp.add_argument("--schedules", default="runtime,accuracy")
+    sp.set_defaults(func=cmd_bench)
     return p
 
 

@@ -11,20 +11,16 @@ reaches through their command lines and the broker, never by import.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from toolkit import topics
-from toolkit.errors import HiertrainError, WireError
-from toolkit.messages import CLOUD_DEVICE, decode_status
+from toolkit.errors import HiertrainError
+from toolkit.launch import ProcessGroup, StatusWatcher, start_embedded_broker
 
 DEMO_TIMEOUT_S = 1800.0
 
@@ -57,52 +53,7 @@ def _data_profile(data: str | None) -> tuple[str | None, tuple, tuple, tuple, st
     return data, shape, (0.5,) * c, (0.25,) * c, ds.name
 
 
-class _Watcher:
-    """Follows the retained status messages of the run to drive the progress bars."""
-
-    def __init__(self, url: str, run_id: str):
-        from toolkit.transport import open_link
-
-        self.cloud: dict = {}
-        self.edges: dict[str, dict] = {}
-        self.lock = threading.Lock()
-        self.link = open_link(url, f"demo-watch-{os.getpid()}")
-        self.link.subscribe(topics.status_wildcard(run_id), self._on_status)
-        self.link.connect(timeout=30)
-
-    def _on_status(self, topic: str, payload: bytes, _props: dict) -> None:
-        try:
-            _, device, _ = topics.parse_topic(topic)
-            s = decode_status(payload)
-        except WireError:
-            return
-        entry = {"state": s.state, "epoch": s.epoch, "batches": s.batches_published,
-                 **s.extra}
-        with self.lock:
-            if device == CLOUD_DEVICE:
-                self.cloud = entry
-            else:
-                self.edges[device] = entry
-
-    def close(self) -> None:
-        self.link.close()
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    f = open(log, "w")  # noqa: SIM115 - closed when the process is reaped
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=f, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _tail(log: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
 def run_demo(cfg: DemoConfig) -> dict:
-    from toolkit.broker import free_port, wait_for_port
     from toolkit.data import load_dataset, shard
     from toolkit.exits import ExitHeadConfig
     from toolkit.export import ExportConfig, OptimizerConfig, export_artifacts
@@ -136,78 +87,45 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     url = cfg.broker
     run_id = f"demo-{int(time.time())}"
-    watcher = None
-    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
-    try:
+    with ProcessGroup(run_dir) as group:
         if url is None:
-            port = free_port()
-            print(f"[2/4] starting the embedded MQTT broker (amqtt) on 127.0.0.1:{port} ...")
-            procs["broker"] = (_start(["toolkit", "broker", "--port", str(port)],
-                                      run_dir / "broker.log"), run_dir / "broker.log")
-            if not wait_for_port("127.0.0.1", port, 30):
-                raise HiertrainError(f"the embedded broker did not start:\n"
-                                     f"{_tail(run_dir / 'broker.log')}")
-            url = f"mqtt://127.0.0.1:{port}"
+            print("[2/4] starting the embedded MQTT broker (amqtt) on 127.0.0.1 ...")
+            url = start_embedded_broker(group)
         else:
             print(f"[2/4] using the broker at {url}")
-        watcher = _Watcher(url, run_id)
-        print("[3/4] starting the cloud trainer and the edge runtimes as processes ...")
-        cloud_args = ["cloud_trainer", "--artifacts", str(artifacts), "--broker", url,
-                      "--run-dir", str(run_dir / "cloud"), "--run-id", run_id,
-                      "--devices", str(cfg.edges), "--threads", "1", "--quiet"]
-        if source:
-            cloud_args += ["--eval-data", source]
-        procs["cloud"] = (_start(cloud_args, run_dir / "cloud.log"), run_dir / "cloud.log")
-        _wait(lambda: watcher.cloud.get("state") in ("online", "training"), 120,
-              "the cloud trainer did not come online", procs)
-        for i in range(cfg.edges):
-            dev = f"edge-{i}"
-            args = ["edge_runtime", "train", "--artifacts", str(artifacts), "--broker", url,
-                    "--device-id", dev, "--run-id", run_id, "--epochs", str(cfg.epochs),
-                    "--backend", cfg.backend, "--shard", f"{i}/{cfg.edges}",
-                    "--report", str(run_dir / f"{dev}.json"), "--threads", "1",
-                    "--state-dir", str(run_dir), "--quiet"]
+        live = ("broker",) if "broker" in group.procs else ()
+        with StatusWatcher(url, run_id) as watcher:
+            print("[3/4] starting the cloud trainer and the edge runtimes as processes ...")
+            cloud_args = ["cloud_trainer", "--artifacts", str(artifacts), "--broker", url,
+                          "--run-dir", str(run_dir / "cloud"), "--run-id", run_id,
+                          "--devices", str(cfg.edges), "--threads", "1", "--quiet"]
             if source:
-                args += ["--data", source]
-            procs[dev] = (_start(args, run_dir / f"{dev}.log"), run_dir / f"{dev}.log")
+                cloud_args += ["--eval-data", source]
+            group.start("cloud", cloud_args)
+            group.wait_until(lambda: watcher.cloud_state() in ("online", "training"), 120,
+                             "the cloud trainer did not come online", live)
+            for i in range(cfg.edges):
+                dev = f"edge-{i}"
+                args = ["edge_runtime", "train", "--artifacts", str(artifacts), "--broker", url,
+                        "--device-id", dev, "--run-id", run_id, "--epochs", str(cfg.epochs),
+                        "--backend", cfg.backend, "--shard", f"{i}/{cfg.edges}",
+                        "--report", str(run_dir / f"{dev}.json"), "--threads", "1",
+                        "--state-dir", str(run_dir), "--quiet"]
+                if source:
+                    args += ["--data", source]
+                group.start(dev, args)
 
-        print(f"[4/4] training: {expected} batches expected")
-        _follow(watcher, procs, expected, cfg.edges)
-    finally:
-        if watcher:
-            watcher.close()
-        for p, _ in procs.values():  # the broker last: it was started first
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            print(f"[4/4] training: {expected} batches expected")
+            _follow(watcher, group, expected, cfg.edges, live)
 
-    failed = {n: (p.returncode, log) for n, (p, log) in procs.items()
-              if n != "broker" and p.returncode != 0}
-    if failed:
-        details = "; ".join(f"{n} exited {rc} (log {log}):\n{_tail(log)}"
-                            for n, (rc, log) in failed.items())
-        raise HiertrainError(f"demo run failed: {details}")
     summary = _summarise(run_dir, cfg, time.monotonic() - t0, data_name)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, run_dir)
     return summary
 
 
-def _wait(cond, timeout: float, what: str, procs) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        for name, (p, log) in procs.items():
-            if p.poll() is not None:
-                raise HiertrainError(f"{what}: {name} exited with {p.returncode}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise HiertrainError(f"{what} within {timeout:.0f} s")
-        time.sleep(0.1)
-
-
-def _follow(watcher: _Watcher, procs, expected: int, n_edges: int) -> None:
+def _follow(watcher: StatusWatcher, group: ProcessGroup, expected: int, n_edges: int,
+            live: tuple[str, ...]) -> None:
     """Progress bars on a terminal; a plain line every 10 s in logs (CI, files)."""
     deadline = time.monotonic() + DEMO_TIMEOUT_S
     tty = sys.stderr.isatty()
@@ -219,9 +137,9 @@ def _follow(watcher: _Watcher, procs, expected: int, n_edges: int) -> None:
             bars[f"edge-{i}"] = tqdm(total=per_edge, desc=f"edge-{i} sent ", unit="batch",
                                      position=i + 1)
     last_line = 0.0
-    workers = {n: v for n, v in procs.items() if n != "broker"}
+    workers = [n for n in group.procs if n != "broker"]
     try:
-        while any(p.poll() is None for p, _ in workers.values()):
+        while group.running(workers):
             with watcher.lock:
                 trained = int(watcher.cloud.get("batches_trained", 0))
                 sent = {d: int(st.get("batches", 0)) for d, st in watcher.edges.items()}
@@ -237,12 +155,11 @@ def _follow(watcher: _Watcher, procs, expected: int, n_edges: int) -> None:
                 edges = ", ".join(f"{d} {n}" for d, n in sorted(sent.items()))
                 print(f"  cloud trained {trained}/{expected}; sent (at epoch ends): {edges}",
                       file=sys.stderr, flush=True)
-            for name, (p, log) in procs.items():
-                if p.poll() is not None and (name == "broker" or p.returncode != 0):
-                    raise HiertrainError(f"{name} exited with {p.returncode}:\n{_tail(log)}")
+            group.check(live)
             if time.monotonic() > deadline:
                 raise HiertrainError(f"the demo did not finish within {DEMO_TIMEOUT_S:.0f} s")
             time.sleep(0.25)
+        group.check(live)
     finally:
         for b in bars.values():
             b.close()

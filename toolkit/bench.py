@@ -1,0 +1,438 @@
+"""``toolkit bench``: hierarchical training against the usual edge-cloud baselines on a slow link.
+
+Each row of the result is one real run: a broker, a cloud trainer and one edge
+runtime as separate processes on this machine, the edge's (and, for split
+learning, the cloud's) sending side shaped to the link's bit rate. Nothing is
+computed from a formula except the ``predicted_s`` column, which is the
+runtime model's (``toolkit.runtime_model``) estimate set beside the
+measurement.
+
+Two schedules, because the slow-link runs cannot also be long enough to train
+to a useful accuracy on a 2-core machine:
+
+* **runtime**: every (model, mode, bit rate), one epoch over ``samples``
+  training samples, fewer at the slowest rates so that the slowest mode's link
+  time stays under ``max_link_s`` (every mode at one rate sees the same
+  samples, so the comparison at that rate is exact);
+* **accuracy**: every (model, mode) and every extra codec for ``ht``, on an
+  unshaped link, ``accuracy_samples`` x ``accuracy_epochs``: the accuracy
+  comparison on the same schedule.
+
+The edge runs the torch backend in all modes: the ExecuTorch portable kernels
+are ~60x slower than eager on this CPU (a known gap with its own benchmark),
+and the comparison is about the link and the pipeline, so every mode gets the
+same edge compute. Each process gets one thread: the edge stands for the
+board, the cloud for the server, and the machine has two cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import HiertrainError
+from toolkit.launch import ProcessGroup, StatusWatcher
+
+MODES: tuple[str, ...] = ("ht", "split", "cloud")
+DEFAULT_SPLITS: dict[str, str] = {"vgg16": "stage2", "resnet18": "layer3", "smallcnn": "block1"}
+RUN_TIMEOUT_S = 3600.0
+
+# Sepehri et al. (arXiv 2303.02384), training-runtime reduction of HT-EE against
+# the usual edge-cloud (split) training on a low bit-rate link.
+PAPER_REDUCTION = {
+    ("vgg16", "CIFAR-10"): 0.29, ("resnet18", "CIFAR-10"): 0.61,
+    ("vgg16", "Tiny ImageNet"): 0.25, ("resnet18", "Tiny ImageNet"): 0.81,
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    out: Path = Path("benchmarks/results")
+    work_dir: Path | None = None
+    models: tuple[str, ...] = ("vgg16", "resnet18")
+    splits: dict[str, str] = field(default_factory=dict)
+    modes: tuple[str, ...] = MODES
+    rates_mbps: tuple[float, ...] = (0.5, 2.0, 10.0, 50.0)
+    latency_ms: float = 20.0
+    codec: str = "int8"
+    extra_codecs: tuple[str, ...] = ()
+    batch: int = 32
+    samples: int = 512
+    max_link_s: float = 150.0
+    accuracy_samples: int = 4096
+    accuracy_epochs: int = 2
+    eval_limit: int = 1000
+    lr: float = 0.01
+    data: str | None = None
+    broker: str = "auto"
+    schedules: tuple[str, ...] = ("runtime", "accuracy")
+
+    def check(self) -> None:
+        from toolkit.models import MODELS
+
+        for m in self.models:
+            if m not in MODELS:
+                raise HiertrainError(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise HiertrainError(f"unknown mode(s) {', '.join(bad)}; use {', '.join(MODES)}")
+        if any(r <= 0 for r in self.rates_mbps):
+            raise HiertrainError("link rates must be > 0 Mbit/s")
+        if self.latency_ms < 0:
+            raise HiertrainError("link latency must be >= 0 ms")
+        if self.batch < 1 or self.samples < self.batch or self.accuracy_samples < self.batch:
+            raise HiertrainError("samples must be at least one batch")
+        bad = [s for s in self.schedules if s not in ("runtime", "accuracy")]
+        if bad:
+            raise HiertrainError(f"unknown schedule(s) {', '.join(bad)}; use runtime, accuracy")
+        if self.broker not in ("auto", "mosquitto", "embedded"):
+            raise HiertrainError("broker must be auto, mosquitto or embedded")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: str
+    split: str
+    mode: str
+    schedule: str
+    link_mbps: float | None
+    latency_ms: float
+    codec: str
+    samples: int
+    epochs: int
+
+    @property
+    def name(self) -> str:
+        rate = "inf" if self.link_mbps is None else f"{self.link_mbps:g}"
+        return f"{self.schedule}-{self.model}-{self.mode}-{rate}M-{self.codec.replace('+', '_')}"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _data_source(cfg: BenchConfig) -> tuple[str | None, tuple[int, int, int], tuple, tuple, str]:
+    """CIFAR-10 when there is a copy, else digits upscaled, said loudly."""
+    from toolkit.data import digits_stats, load_dataset, shared_cifar10
+    from toolkit.models import CIFAR_MEAN, CIFAR_STD
+
+    source = cfg.data or (str(p) if (p := shared_cifar10()) else None)
+    if source in (None, "digits"):
+        if source is None:
+            print("bench: no CIFAR-10 copy ($HIERTRAIN_CIFAR10 or ../shared/data/cifar10.npz);"
+                  " FALLING BACK to scikit-learn digits upscaled to 32x32: figures are not "
+                  "comparable with the paper's", file=sys.stderr)
+        mean, std = digits_stats()
+        return "digits", (1, 32, 32), mean, std, "scikit-learn digits (8x8 upscaled to 32x32)"
+    ds = load_dataset(source, "test", limit=8, input_shape=(3, 32, 32))
+    return source, (3, 32, 32), CIFAR_MEAN, CIFAR_STD, ds.name
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def _cut_bytes(model: str, split: str, shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(int8, float32) payload bytes per sample at the cut."""
+    from toolkit.stats import model_table
+
+    for m in model_table(input_shape=shape):
+        if m["name"] == model:
+            for s in m["splits"]:
+                if s["split"] == split:
+                    return s["cut_int8_bytes"], s["cut_float32_bytes"]
+    raise HiertrainError(f"model {model} has no split {split!r}")
+
+
+def runtime_samples(cfg: BenchConfig, rate_mbps: float, up_bytes: int, down_bytes: int) -> int:
+    """Samples for the runtime schedule at ``rate_mbps``: the slowest mode's link time bounded.
+
+    Split learning moves ``up_bytes + down_bytes`` per sample, the most of any
+    mode; every mode at this rate trains on the same count, rounded down to
+    whole batches and never below two.
+    """
+    per_sample_s = (up_bytes + down_bytes) * 8 / (rate_mbps * 1e6)
+    fit = int(cfg.max_link_s / per_sample_s) if per_sample_s > 0 else cfg.samples
+    n = min(cfg.samples, fit) // cfg.batch * cfg.batch
+    return max(n, 2 * cfg.batch)
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def _broker(cfg: BenchConfig):
+    from toolkit.broker import EmbeddedBroker, MosquittoBroker
+
+    if cfg.broker in ("auto", "mosquitto") and (shutil.which("mosquitto")
+                                                 or Path("/usr/sbin/mosquitto").exists()):
+        return MosquittoBroker()
+    if cfg.broker == "mosquitto":
+        raise HiertrainError("mosquitto is not installed (apt-get install mosquitto)")
+    return EmbeddedBroker()
+
+
+def _link_args(spec: RunSpec) -> list[str]:
+    if spec.link_mbps is None:
+        return []
+    return ["--link-kbps", f"{spec.link_mbps * 1000:g}", "--link-latency-ms",
+            f"{spec.latency_ms:g}"]
+
+
+def run_one(spec: RunSpec, artifacts: Path, url: str, work: Path, source: str | None,
+            cfg: BenchConfig) -> dict[str, Any]:
+    """One real run: cloud trainer + one edge runtime as processes; returns their two summaries."""
+    run_dir = work / spec.name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    run_id = f"b{int(time.time() * 1000) % 10**10}"
+    data = ["--data", source] if source else []
+    with ProcessGroup(run_dir) as group, StatusWatcher(url, run_id) as watcher:
+        cloud = ["cloud_trainer", "--artifacts", str(artifacts), "--broker", url,
+                 "--run-dir", str(run_dir / "cloud"), "--run-id", run_id, "--devices", "1",
+                 "--threads", "1", "--quiet", "--mode", spec.mode,
+                 "--eval-limit", str(cfg.eval_limit), "--checkpoint-every", "1000000",
+                 *_link_args(spec)]
+        if source:
+            cloud += ["--eval-data", source]
+        group.start("cloud", cloud)
+        group.wait_until(lambda: watcher.cloud_state() in ("online", "training"), 180,
+                         "the cloud trainer did not come online")
+        group.start("edge", [
+            "edge_runtime", "train", "--artifacts", str(artifacts), "--broker", url,
+            "--device-id", "edge-0", "--run-id", run_id, "--epochs", str(spec.epochs),
+            "--backend", "torch", "--limit", str(spec.samples), "--mode", spec.mode,
+            "--codec", spec.codec, "--report", str(run_dir / "edge.json"), "--threads", "1",
+            "--state-dir", str(run_dir), "--quiet", *data, *_link_args(spec)])
+        group.wait_exit(["edge", "cloud"], RUN_TIMEOUT_S)
+    edge = json.loads((run_dir / "edge.json").read_text())
+    cloud_summary = json.loads((run_dir / "cloud" / "cloud_summary.json").read_text())
+    return {"edge": edge, "cloud": cloud_summary}
+
+
+def _row(spec: RunSpec, res: dict[str, Any], data_name: str, float32_bytes: int
+         ) -> dict[str, Any]:
+    edge, cloud = res["edge"], res["cloud"]
+    # Training time: from the edge's first batch to the cloud's last trained
+    # batch, both stamped with the wall clock of this one machine. Process
+    # start-up and the final evaluation are not training.
+    start = edge["started_unix"]
+    end = max(edge["finished_unix"], cloud["last_batch_unix"])
+    samples = edge["samples_published"]
+    up = edge["training_bytes_up"]
+    down = edge["training_bytes_down"]
+    return {
+        "model": spec.model, "split": spec.split, "mode": spec.mode,
+        "schedule": spec.schedule, "link_mbps": spec.link_mbps,
+        "latency_ms": spec.latency_ms if spec.link_mbps is not None else 0.0,
+        "codec": spec.codec if spec.mode != "cloud" else "uint8-images",
+        "samples": samples, "epochs": spec.epochs, "wall_s": round(end - start, 3),
+        "bytes_up": up, "bytes_down": down,
+        "bytes_per_sample_up": round(up / max(samples, 1), 1),
+        "float32_cut_bytes_per_sample": float32_bytes,
+        "full_accuracy": cloud["full_accuracy"],
+        "exit_accuracy": cloud.get("exit_accuracy") if spec.mode == "ht" else None,
+        "batches_trained": cloud["batches_trained"],
+        "edge_train_s": edge.get("train_s"), "data": data_name, "edge_backend": "torch",
+    }
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def plan_runs(cfg: BenchConfig, shape: tuple[int, int, int]) -> list[RunSpec]:
+    runs: list[RunSpec] = []
+    for model in cfg.models:
+        split = cfg.splits.get(model) or DEFAULT_SPLITS.get(model)
+        if split is None:
+            from toolkit.models import get_spec
+
+            split = get_spec(model).default_split
+        int8, f32 = _cut_bytes(model, split, shape)
+        if "runtime" in cfg.schedules:
+            for rate in cfg.rates_mbps:
+                n = runtime_samples(cfg, rate, int8, f32)
+                for mode in cfg.modes:
+                    runs.append(RunSpec(model, split, mode, "runtime", rate, cfg.latency_ms,
+                                        cfg.codec, n, 1))
+        if "accuracy" in cfg.schedules:
+            for mode in cfg.modes:
+                runs.append(RunSpec(model, split, mode, "accuracy", None, 0.0, cfg.codec,
+                                    cfg.accuracy_samples, cfg.accuracy_epochs))
+            if "ht" in cfg.modes:
+                for codec in cfg.extra_codecs:
+                    runs.append(RunSpec(model, split, "ht", "accuracy", None, 0.0, codec,
+                                        cfg.accuracy_samples, cfg.accuracy_epochs))
+    return runs
+
+
+def _export(model: str, split: str, shape, mean, std, cfg: BenchConfig, work: Path) -> Path:
+    from toolkit.export import ExportConfig, OptimizerConfig, export_artifacts
+
+    out = work / "artifacts" / f"{model}-{split}"
+    if (out / "manifest.json").is_file():
+        return out
+    export_artifacts(ExportConfig(
+        model=model, split=split, out=out, input_shape=shape, mean=mean, std=std,
+        batch=cfg.batch, board="jetson-orin-nano", force=True, verify=False,
+        optimizer=OptimizerConfig(lr=cfg.lr, momentum=0.9, weight_decay=5e-4),
+    ))
+    return out
+
+
+def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
+    cfg.check()
+    source, shape, mean, std, data_name = _data_source(cfg)
+    work = Path(cfg.work_dir) if cfg.work_dir else cfg.out / "lowbitrate-runs"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    runs = plan_runs(cfg, shape)
+    print(f"bench: {len(runs)} runs on {data_name}; work dir {work}", file=sys.stderr)
+    rows: list[dict[str, Any]] = []
+    results = cfg.out / "lowbitrate.json"
+    with _broker(cfg) as broker:
+        for i, spec in enumerate(runs, 1):
+            artifacts = _export(spec.model, spec.split, shape, mean, std, cfg, work)
+            _, f32 = _cut_bytes(spec.model, spec.split, shape)
+            t = time.monotonic()
+            print(f"[{i}/{len(runs)}] {spec.name}: {spec.samples} samples x {spec.epochs} "
+                  "epoch(s) ...", file=sys.stderr, flush=True)
+            row = _row(spec, run_one(spec, artifacts, broker.url, work, source, cfg),
+                       data_name, f32)
+            row["predicted_s"] = _predict(spec, row, shape)
+            rows.append(row)
+            print(f"    {row['wall_s']:.1f} s training, {row['bytes_per_sample_up']:.0f} B/sample "
+                  f"up, {row['bytes_down']} B down, full acc {row['full_accuracy']:.3f} "
+                  f"({time.monotonic() - t:.0f} s with start-up)", file=sys.stderr, flush=True)
+            write_results(rows, results)  # nothing lost if a later run fails
+    write_report(rows, cfg.out)
+    return rows
+
+
+def _predict(spec: RunSpec, row: dict[str, Any], shape) -> float | None:
+    """The runtime model's estimate for this run, when the planner is available."""
+    try:
+        from toolkit.runtime_model import predict_run
+    except ImportError:
+        return None
+    return predict_run(spec.model, spec.split, spec.mode, spec.link_mbps, spec.latency_ms,
+                       row["samples"], row["bytes_per_sample_up"], shape)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_results(rows: list[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp.replace(path)
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+def reductions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, rate): HT's runtime reduction against split and cloud on the same samples."""
+    out = []
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["schedule"] == "runtime":
+            by_key.setdefault((r["model"], r["link_mbps"]), {})[r["mode"]] = r
+    for (model, rate), modes in sorted(by_key.items()):
+        ht = modes.get("ht")
+        if ht is None:
+            continue
+        entry = {"model": model, "link_mbps": rate, "samples": ht["samples"],
+                 "ht_s": ht["wall_s"]}
+        for base in ("split", "cloud"):
+            b = modes.get(base)
+            entry[f"{base}_s"] = b["wall_s"] if b else None
+            entry[f"reduction_vs_{base}"] = (
+                round(1 - ht["wall_s"] / b["wall_s"], 3) if b and b["wall_s"] > 0 else None)
+        out.append(entry)
+    return out
+
+
+def write_report(rows: list[dict[str, Any]], out: Path) -> None:
+    """Plots and the markdown table (docs/lowbitrate.md is written from it by hand-free copy)."""
+    red = reductions(rows)
+    (out / "lowbitrate_reductions.json").write_text(json.dumps(red, indent=2) + "\n")
+    _plot(rows, out)
+    (out / "lowbitrate.md").write_text(markdown_table(rows, red))
+
+
+def markdown_table(rows: list[dict[str, Any]], red: list[dict[str, Any]]) -> str:
+    data = sorted({r["data"] for r in rows})
+    lines = [f"Data: {', '.join(data)}. Each figure is a measured run (see benchmarks/results/"
+             "lowbitrate.json).", "",
+             "| model | link Mbit/s | samples | HT s | split s | cloud s | HT vs split | "
+             "HT vs cloud | paper (CIFAR-10, vs split) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v * 100:.0f} %"
+
+    def sec(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    for e in red:
+        paper = PAPER_REDUCTION.get((e["model"], "CIFAR-10"))
+        lines.append(f"| {e['model']} | {e['link_mbps']:g} | {e['samples']} | {sec(e['ht_s'])} | "
+                     f"{sec(e['split_s'])} | {sec(e['cloud_s'])} | "
+                     f"{pct(e['reduction_vs_split'])} | {pct(e['reduction_vs_cloud'])} | "
+                     f"{pct(paper)} |")
+    acc = [r for r in rows if r["schedule"] == "accuracy"]
+    if acc:
+        lines += ["", "| model | mode | codec | samples x epochs | B/sample up | float32 cut B | "
+                  "full acc | exit acc |", "|---|---|---|---|---|---|---|---|"]
+        for r in acc:
+            ex = "-" if r["exit_accuracy"] is None else f"{r['exit_accuracy']:.3f}"
+            lines.append(f"| {r['model']} | {r['mode']} | {r['codec']} | {r['samples']} x "
+                         f"{r['epochs']} | {r['bytes_per_sample_up']:.0f} | "
+                         f"{r['float32_cut_bytes_per_sample']} | {r['full_accuracy']:.3f} | {ex} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rt = [r for r in rows if r["schedule"] == "runtime"]
+    models = sorted({r["model"] for r in rt})
+    if models:
+        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+        for ax, model in zip(axes[0], models, strict=True):
+            for mode in MODES:
+                pts = sorted((r["link_mbps"], r["wall_s"] / r["samples"] * 1000)
+                             for r in rt if r["model"] == model and r["mode"] == mode)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
+            ax.set(xscale="log", yscale="log", xlabel="link bit rate (Mbit/s)",
+                   ylabel="training time per sample (ms)", title=model)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "lowbitrate_runtime.png", dpi=120)
+        plt.close(fig)
+    acc = [r for r in rows if r["schedule"] == "accuracy"]
+    if acc:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in acc:
+            x = max(r["bytes_per_sample_up"], 1.0)
+            ax.scatter(x, r["full_accuracy"])
+            ax.annotate(f"{r['model']} {r['mode']} {r['codec']}", (x, r["full_accuracy"]),
+                        fontsize=7)
+        ax.set(xscale="log", xlabel="bytes per sample up (measured)",
+               ylabel="full-model accuracy (held-out)")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "lowbitrate_accuracy.png", dpi=120)
+        plt.close(fig)
