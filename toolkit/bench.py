@@ -294,6 +294,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     print(f"bench: {len(runs)} runs on {data_name}; work dir {work}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     results = cfg.out / "lowbitrate.json"
+    profiles = {m: _profile(m, shape, cfg, work) for m in cfg.models}
     with _broker(cfg) as broker:
         for i, spec in enumerate(runs, 1):
             artifacts = _export(spec.model, spec.split, shape, mean, std, cfg, work)
@@ -303,7 +304,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                   "epoch(s) ...", file=sys.stderr, flush=True)
             row = _row(spec, run_one(spec, artifacts, broker.url, work, source, cfg),
                        data_name, f32)
-            row["predicted_s"] = _predict(spec, row, shape)
+            row["predicted_s"] = _predict(spec, row, profiles[spec.model])
             rows.append(row)
             print(f"    {row['wall_s']:.1f} s training, {row['bytes_per_sample_up']:.0f} B/sample "
                   f"up, {row['bytes_down']} B down, full acc {row['full_accuracy']:.3f} "
@@ -313,14 +314,36 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _predict(spec: RunSpec, row: dict[str, Any], shape) -> float | None:
-    """The runtime model's estimate for this run, when the planner is available."""
-    try:
-        from toolkit.runtime_model import predict_run
-    except ImportError:
+def _codec_bits(codec: str) -> int:
+    """Code width of a codec name (``int4+deflate`` -> 4; ``float32`` -> 32)."""
+    head = codec.split("+")[0]
+    return 32 if head == "float32" else int(head.removeprefix("int"))
+
+
+def _predict(spec: RunSpec, row: dict[str, Any], profile) -> float | None:
+    """The runtime model's estimate for this run (``toolkit.runtime_model``), from the profile.
+
+    Edge and cloud each had one core of this machine, as in the profile, so
+    both speeds are 1. Unshaped runs have no link to price.
+    """
+    from toolkit.runtime_model import Link, predict
+
+    if spec.link_mbps is None:
         return None
-    return predict_run(spec.model, spec.split, spec.mode, spec.link_mbps, spec.latency_ms,
-                       row["samples"], row["bytes_per_sample_up"], shape)
+    bits = _codec_bits(spec.codec)
+    p = predict(spec.mode, profile, spec.split, Link(spec.link_mbps * 1000, spec.latency_ms),
+                row["samples"] * spec.epochs, bits if bits in (2, 4, 8, 32) else 8)
+    return round(p.epoch_s, 3)
+
+
+def _profile(model: str, shape, cfg: BenchConfig, work: Path):
+    from toolkit.profiling import load_or_profile
+
+    profile, cached = load_or_profile(work / "profiles.json", model, cfg.batch, shape, threads=1,
+                                      show_progress=True)
+    print(f"bench: {'cached' if cached else 'measured'} compute profile of {model}",
+          file=sys.stderr)
+    return profile
 
 
 # ----------------------------------------------------------------------------- output
