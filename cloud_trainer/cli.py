@@ -47,7 +47,15 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _check_link(args: argparse.Namespace) -> None:
+    """Bad --link-* values fail in a second, before torch is imported."""
+    from toolkit.transport import LinkShape
+
+    LinkShape.from_options(args.link_kbps, args.link_latency_ms)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _check_link(args)
     from cloud_trainer.checkpoint import ensure_run_dir
 
     ensure_run_dir(args.run_dir)  # seconds before torch is imported
@@ -73,6 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _check_link(args)
     from cloud_trainer.serve import ServeConfig, serve_cloud
 
     _setup_logging(args.quiet)

@@ -24,7 +24,15 @@ def _setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _check_link(args: argparse.Namespace) -> None:
+    """Bad --link-* values fail in a second, before torch is imported."""
+    from toolkit.transport import LinkShape
+
+    LinkShape.from_options(args.link_kbps, args.link_latency_ms)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _check_link(args)
     _setup(args)
     from edge_runtime.train import TrainConfig, run_training
 
@@ -53,6 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    _check_link(args)
     _setup(args)
     from edge_runtime.infer import InferConfig, format_table, run_inference
 
