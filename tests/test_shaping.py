@@ -355,3 +355,54 @@ def test_edge_train_is_slowed_by_the_link(broker, artifacts, tmp_path):
     assert process_s >= link["bytes_charged"] / rate
     assert rep["act_bytes_sent"] / rate > 1.0  # the run is long enough for the check to mean it
     assert "shaped link 160" in r.stdout
+
+
+def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path):
+    """edge-runtime infer (uplink 150 ms) asks cloud-trainer serve (downlink 250 ms): every cloud
+    answer takes at least both latencies, and both summaries report their shaped link."""
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    from tests.conftest import REPO
+    from toolkit.manifest import load_manifest
+    from toolkit.messages import CLOUD_DEVICE
+    from toolkit.segments import load_segments
+    from toolkit.topics import status_topic
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cloud = load_segments(load_manifest(artifacts)).cloud  # untrained is fine: we time it
+    torch.save(cloud.state_dict(), run_dir / "cloud_final.pt")
+    run = f"shapeinf{random.getrandbits(24):06x}"
+    online = _Arrivals(broker, status_topic(run, CLOUD_DEVICE))
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "cloud_trainer", "serve", "--artifacts", str(artifacts),
+         "--broker", broker.url, "--run-dir", str(run_dir), "--run-id", run, "--duration", "240",
+         "--link-latency-ms", "250", "--link-kbps", "1000", "--quiet"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while b"online" not in online.take(1, timeout=max(0.1, deadline - time.monotonic()))[0][2]:
+            pass
+        report = tmp_path / "infer.json"
+        r = run_cli("edge-runtime", "infer", "--artifacts", str(artifacts), "--broker",
+                    broker.url, "--device-id", "asker", "--run-id", run, "--limit", "6",
+                    "--threshold", "1.0", "--backend", "torch", "--threads", "1",
+                    "--link-latency-ms", "150", "--report", str(report), "--quiet", timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        online.link.close()
+        serve.send_signal(signal.SIGTERM)
+        out, err = serve.communicate(timeout=60)
+    assert serve.returncode == 0, err[-3000:]
+    rep = json.loads(report.read_text())
+    assert rep["answered_by_cloud"] >= 1, rep
+    assert rep["cloud_latency_ms"] >= 150 + 250, rep
+    assert rep["link"]["latency_ms"] == 150 and rep["link"]["kbps"] is None
+    served = json.loads(out.strip().splitlines()[-1])
+    assert served["answered"] >= rep["answered_by_cloud"]
+    assert served["link"]["latency_ms"] == 250 and served["link"]["kbps"] == 1000
+    assert served["link"]["messages"] >= served["answered"]
