@@ -330,6 +330,7 @@ def artifacts(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_edge_train_is_slowed_by_the_link(broker, artifacts, tmp_path):
     """A small run whose unshaped wall time is well under a second takes at least
     bytes * 8 / rate once its uplink is 160 kbit/s."""
@@ -357,6 +358,7 @@ def test_edge_train_is_slowed_by_the_link(broker, artifacts, tmp_path):
     assert "shaped link 160" in r.stdout
 
 
+@pytest.mark.slow
 def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path):
     """edge-runtime infer (uplink 150 ms) asks cloud-trainer serve (downlink 250 ms): every cloud
     answer takes at least both latencies, and both summaries report their shaped link."""
