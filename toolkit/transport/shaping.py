@@ -339,7 +339,7 @@ class ShapedLink(Link):
         """
         if self._closed:
             raise RuntimeError("publish() on a closed link")
-        if not self._connected_once:
+        if not (self._connected_once or self.inner.is_connected):
             raise RuntimeError("publish() before connect()")
         data = bytes(payload) if not isinstance(payload, bytes) else payload
         size = self.packet_size(topic, data, qos, properties)
