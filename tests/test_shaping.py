@@ -291,6 +291,34 @@ def test_close_sends_what_is_queued(broker):
         link.publish(topic, b"late")
 
 
+def test_failures_surface_and_close_reports_unsent():
+    """The broker dies: the next publish raises the earlier failure; close drops and counts."""
+    b: Broker = MosquittoBroker() if find_mosquitto() else EmbeddedBroker()
+    b.start(timeout=10)
+    link = ShapedLink(MqttLink(b.url, _cid("dead"), publish_timeout=1.0),
+                      LinkShape(kbps=None, latency_ms=10), close_grace_s=0.5)
+    try:
+        link.connect(timeout=10)
+        b.stop()
+        link.publish("shape/dead", b"accepted: the modelled link cannot know")
+        deadline = time.monotonic() + 20
+        while link.stats.failed == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert link.stats.failed == 1
+        with pytest.raises(HiertrainError, match="earlier message"):
+            link.publish("shape/dead", b"x")
+        for _ in range(5):  # each real publish now takes its 1 s timeout
+            link.publish("shape/dead", bytes(100))
+    finally:
+        t0 = time.monotonic()
+        link.close()
+        b.stop()
+    assert time.monotonic() - t0 < 5
+    s = link.stats
+    assert s.messages == 6 and s.delivered == 0  # the refused "x" was never accepted
+    assert s.unsent >= 3 and s.failed + s.unsent >= 5  # at most one was mid-publish at close
+
+
 # ------------------------------------------------------------------------------------ CLIs
 @pytest.mark.parametrize("command, flags, name", [
     ("train", ["--link-kbps", "0"], "--link-kbps"),
