@@ -47,7 +47,15 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _check_link(args: argparse.Namespace) -> None:
+    """Bad --link-* values fail in a second, before torch is imported."""
+    from toolkit.transport import LinkShape
+
+    LinkShape.from_options(args.link_kbps, args.link_latency_ms)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _check_link(args)
     from cloud_trainer.checkpoint import ensure_run_dir
 
     ensure_run_dir(args.run_dir)  # seconds before torch is imported
@@ -60,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, eval_limit=args.eval_limit, idle_timeout=args.idle_timeout,
         queue_size=args.queue_size, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
         connect_timeout=args.connect_timeout, threads=args.threads,
+        link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
     )
     with _stop_on_sigterm() as stop:
         s = run_cloud(cfg, stop)
@@ -72,12 +81,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _check_link(args)
     from cloud_trainer.serve import ServeConfig, serve_cloud
 
     _setup_logging(args.quiet)
     cfg = ServeConfig(artifacts=args.artifacts, broker=args.broker, run_dir=args.run_dir,
                       run_id=args.run_id, duration=args.duration,
-                      connect_timeout=args.connect_timeout, quiet=args.quiet)
+                      connect_timeout=args.connect_timeout, quiet=args.quiet,
+                      link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms)
     with _stop_on_sigterm() as stop:
         result = serve_cloud(cfg, stop)
     print(json.dumps(result))
@@ -91,6 +102,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id", default="default", help="run id shared with the edges")
     p.add_argument("--connect-timeout", type=float, default=30.0, metavar="S")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("--link-kbps", type=float, metavar="KBPS",
+                   help="model a slow downlink: publish at most KBPS kbit/s, counting whole MQTT "
+                        "packets (default: unlimited; docs/runtime.md 'Link shaping')")
+    p.add_argument("--link-latency-ms", type=float, default=0.0, metavar="MS",
+                   help="one-way latency added to every message the cloud publishes")
 
 
 def build_parser() -> argparse.ArgumentParser:

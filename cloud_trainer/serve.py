@@ -25,7 +25,7 @@ from toolkit.errors import HiertrainError
 from toolkit.manifest import load_manifest
 from toolkit.messages import CLOUD_DEVICE, Status
 from toolkit.segments import load_segments
-from toolkit.transport import open_link
+from toolkit.transport import LinkShape, link_summary, open_link, shape_link
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ class ServeConfig:
     """Stop after this many seconds (None: until ``stop`` is set / Ctrl-C)."""
     connect_timeout: float = 30.0
     quiet: bool = False
+    link_kbps: float | None = None
+    """Model a slow downlink for the replies (toolkit.transport.shaping)."""
+    link_latency_ms: float = 0.0
 
 
 def load_cloud(artifacts: str | Path, run_dir: str | Path) -> tuple[Any, torch.nn.Module]:
@@ -65,10 +68,11 @@ def load_cloud(artifacts: str | Path, run_dir: str | Path) -> tuple[Any, torch.n
 def serve_cloud(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     """Serve until ``stop`` is set or ``cfg.duration`` passes; returns request counts."""
     topics.validate_id(cfg.run_id, "run id")
+    shape = LinkShape.from_options(cfg.link_kbps, cfg.link_latency_ms)
     manifest, cloud = load_cloud(cfg.artifacts, cfg.run_dir)
     stop = stop or threading.Event()
     status_topic = topics.status_topic(cfg.run_id, CLOUD_DEVICE)
-    link = open_link(cfg.broker, client_id("serve", cfg.run_id))
+    link = shape_link(open_link(cfg.broker, client_id("serve", cfg.run_id)), shape)
     link.set_will(status_topic, Status(role="cloud", device=CLOUD_DEVICE, run=cfg.run_id,
                                        state="offline").encode(), retain=True)
     server = InferenceServer(cloud, link)
@@ -104,4 +108,4 @@ def serve_cloud(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[s
         server.close()
         link.close()
     return {"answered": server.answered, "refused": server.refused,
-            "dropped": drops.snapshot()}
+            "dropped": drops.snapshot(), "link": link_summary(link)}

@@ -66,7 +66,7 @@ from toolkit.errors import HiertrainError
 from toolkit.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 from toolkit.messages import CLOUD_DEVICE, Status
 from toolkit.segments import FullModel, load_segments
-from toolkit.transport import open_link
+from toolkit.transport import LinkShape, link_summary, open_link, shape_link
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,13 @@ class CloudConfig:
     """torch intra-op threads (None: torch's default). Use 1 when the machine is shared
     with edge processes: small steps on an oversubscribed CPU run ~40x slower threaded."""
     extra_status: dict[str, Any] = field(default_factory=dict)
+    link_kbps: float | None = None
+    """Model a slow downlink for what the cloud publishes (toolkit.transport.shaping)."""
+    link_latency_ms: float = 0.0
 
     def check(self) -> None:
         topics.validate_id(self.run_id, "run id")
+        LinkShape.from_options(self.link_kbps, self.link_latency_ms)
         if self.device_ids is not None:
             if not self.device_ids:
                 raise HiertrainError("--device-ids is empty; give comma-separated device ids")
@@ -413,7 +417,8 @@ class CloudRun:
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
         cfg = self.cfg
         start = time.monotonic()
-        link = open_link(cfg.broker, client_id("cloud", self.run_id))
+        link = shape_link(open_link(cfg.broker, client_id("cloud", self.run_id)),
+                          LinkShape.from_options(cfg.link_kbps, cfg.link_latency_ms))
         link.set_will(topics.status_topic(self.run_id, CLOUD_DEVICE),
                       Status(role="cloud", device=CLOUD_DEVICE, run=self.run_id,
                              state="offline").encode(), retain=True)
@@ -583,6 +588,7 @@ class CloudRun:
             "messages_received": link.messages_received,
             "max_queue_depth": ingest.max_queue_depth,
             "backpressure_s": round(ingest.blocked_s, 3),
+            "link": link_summary(link),
         }
         atomic_write_bytes(self.run_dir / SUMMARY,
                            (json.dumps(summary, indent=2) + "\n").encode())

@@ -24,7 +24,15 @@ def _setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _check_link(args: argparse.Namespace) -> None:
+    """Bad --link-* values fail in a second, before torch is imported."""
+    from toolkit.transport import LinkShape
+
+    LinkShape.from_options(args.link_kbps, args.link_latency_ms)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _check_link(args)
     _setup(args)
     from edge_runtime.train import TrainConfig, run_training
 
@@ -33,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_id=args.run_id, epochs=args.epochs, backend=args.backend, shard=args.shard,
         seed=args.seed, limit=args.limit, quiet=args.quiet,
         connect_timeout=args.connect_timeout, report=args.report, state_dir=args.state_dir,
+        link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
     ))
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -44,10 +53,15 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{summary['payload_bytes_per_sample']:.0f} B/sample on the wire "
           f"(float32 cut: {summary['float32_bytes_per_sample']} B); blocked on the link "
           f"{summary['publish_wait_s']:.2f} s; weights saved to {summary['weights_path']}")
+    if summary.get("link"):
+        ln = summary["link"]
+        print(f"shaped link {ln['kbps'] or 'unlimited'} kbit/s, {ln['latency_ms']:g} ms: "
+              f"{ln['bytes_charged']} bytes charged, publisher blocked {ln['blocked_s']:.2f} s")
     return 0
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    _check_link(args)
     _setup(args)
     from edge_runtime.infer import InferConfig, format_table, run_inference
 
@@ -56,6 +70,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         run_id=args.run_id, threshold=args.threshold, limit=args.limit, weights=args.weights,
         timeout=args.timeout, backend=args.backend, seed=args.seed, quiet=args.quiet,
         connect_timeout=args.connect_timeout, report=args.report,
+        link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
     ))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
@@ -96,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--report", default=None, help="write a JSON report here")
         sp.add_argument("--json", action="store_true", help="print the result as JSON")
         sp.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+        sp.add_argument("--link-kbps", type=float, default=None, metavar="KBPS",
+                        help="model a slow uplink: send at most KBPS kbit/s, counting whole MQTT "
+                             "packets (default: unlimited; docs/runtime.md 'Link shaping')")
+        sp.add_argument("--link-latency-ms", type=float, default=0.0, metavar="MS",
+                        help="with --link-kbps or alone: one-way latency added to every message")
 
     sp = sub.add_parser("train", help="train on the local shard and publish cut activations")
     common(sp)

@@ -33,6 +33,8 @@ class TrainConfig:
     report: str | Path | None = None  # optional path for a JSON report
     state_dir: str | Path = "."  # where edge_weights-<device>.pt is written
     outbox: int = DEFAULT_OUTBOX
+    link_kbps: float | None = None  # model a slow uplink (toolkit.transport.shaping); None: as is
+    link_latency_ms: float = 0.0
 
 
 @dataclass
@@ -51,3 +53,5 @@ class InferConfig:
     quiet: bool = False
     connect_timeout: float = 30.0
     report: str | Path | None = None
+    link_kbps: float | None = None  # model a slow uplink (toolkit.transport.shaping); None: as is
+    link_latency_ms: float = 0.0

@@ -40,7 +40,7 @@ from toolkit.messages import decode_infer_reply, decode_weights
 from toolkit.quant import QuantScheme, quantize
 from toolkit.segments import load_segments
 from toolkit.topics import infer_reply_topic, infer_request_topic, validate_id, weights_topic
-from toolkit.transport import Link
+from toolkit.transport import Link, LinkShape, link_summary
 from toolkit.wire import ActivationBatch, encode
 
 log = logging.getLogger("edge_runtime")
@@ -148,6 +148,7 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
         raise HiertrainError(f"threshold must be in [0, 1], got {cfg.threshold}")
     if cfg.timeout <= 0:
         raise HiertrainError(f"timeout must be > 0 seconds, got {cfg.timeout}")
+    shape = LinkShape.from_options(cfg.link_kbps, cfg.link_latency_ms)
     manifest = load_manifest(cfg.artifacts)
     scheme = QuantScheme.from_dict(manifest.data["quantization"])
     ds = load_dataset(cfg.data, "test", input_shape=manifest.input_shape, limit=cfg.limit,
@@ -164,7 +165,7 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
         meta = {"source": str(cfg.weights)}
 
     link = connect_edge(cfg.broker, run, device, role="infer", timeout=cfg.connect_timeout,
-                        will=False)
+                        will=False, shape=shape)
     try:
         if state is None:
             wmeta, state = fetch_retained_weights(link, run, device, cfg.timeout)
@@ -174,7 +175,8 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
     finally:
         link.close()
     result.update({"weights": meta, "data": ds.name, "backend": cfg.backend,
-                   "threshold": cfg.threshold, "device": device, "run": run})
+                   "threshold": cfg.threshold, "device": device, "run": run,
+                   "link": link_summary(link)})
     if cfg.report:
         path = Path(cfg.report)
         path.parent.mkdir(parents=True, exist_ok=True)

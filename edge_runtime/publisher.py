@@ -50,6 +50,7 @@ class KindStats:
 @dataclass
 class PublisherStats:
     submitted: int = 0
+    bytes_submitted: int = 0
     acked: int = 0
     bytes_acked: int = 0
     publish_wait_s: float = 0.0
@@ -105,6 +106,7 @@ class Publisher:
         item = _Item(topic, bytes(payload), retain, kind, properties)
         with self._cond:
             self._stats.submitted += 1
+            self._stats.bytes_submitted += len(item.payload)
         try:
             self._queue.put_nowait(item)
             return
@@ -120,6 +122,7 @@ class Publisher:
                     if self._error is not None or time.monotonic() - start > self.block_timeout:
                         with self._cond:
                             self._stats.submitted -= 1  # never queued
+                            self._stats.bytes_submitted -= len(item.payload)
                     self._raise_if_failed()
                     if time.monotonic() - start > self.block_timeout:
                         raise HiertrainError(
@@ -167,7 +170,7 @@ class Publisher:
             s = self._stats
             return PublisherStats(
                 submitted=s.submitted, acked=s.acked, bytes_acked=s.bytes_acked,
-                publish_wait_s=s.publish_wait_s,
+                publish_wait_s=s.publish_wait_s, bytes_submitted=s.bytes_submitted,
                 by_kind={k: KindStats(v.messages, v.bytes) for k, v in s.by_kind.items()},
             )
 

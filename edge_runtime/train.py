@@ -46,7 +46,7 @@ from toolkit.manifest import Manifest, load_manifest
 from toolkit.messages import Status, encode_weights
 from toolkit.quant import QuantScheme, quantize
 from toolkit.topics import act_topic, status_topic, validate_id, weights_topic
-from toolkit.transport import Link
+from toolkit.transport import Link, LinkShape, drain_s, link_summary
 from toolkit.wire import ActivationBatch, encode
 
 log = logging.getLogger("edge_runtime")
@@ -114,6 +114,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     device = validate_id(cfg.device_id, "device id")
     if cfg.epochs < 1:
         raise HiertrainError(f"epochs must be >= 1, got {cfg.epochs}")
+    shape = LinkShape.from_options(cfg.link_kbps, cfg.link_latency_ms)
     try:  # fail before training, not after it, if the weights cannot be saved
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -126,7 +127,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
              backend.name, manifest.batch_size)
 
     link = connect_edge(cfg.broker, run, device, role="edge", timeout=cfg.connect_timeout,
-                        will=True)
+                        will=True, shape=shape)
     try:
         _publish_status(link, Status(role="edge", device=device, run=run, state="online",
                                      extra={"backend": backend.name, "samples": len(ds)}))
@@ -203,7 +204,9 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: D
                              kind="status")
             log.info("epoch %d/%d: loss %.4f, exit accuracy %.3f", epoch + 1, cfg.epochs,
                      history[-1]["loss"], exit_acc)
-        publisher.flush(FLUSH_TIMEOUT_S)
+        pending = publisher.stats.bytes_submitted - publisher.stats.bytes_acked
+        publisher.flush(FLUSH_TIMEOUT_S + drain_s(link, pending))
+        link.flush(FLUSH_TIMEOUT_S + drain_s(link))  # a shaped link still holds its buffer
     finally:
         publisher.close()
     wall_s = time.monotonic() - start
@@ -238,6 +241,7 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: D
         "batches_per_s": seq / max(wall_s, 1e-9),
         "backend": backend.name,
         "weights_path": str(path),
+        "link": link_summary(link),
         "history": history,
     }
 

@@ -21,15 +21,27 @@ from toolkit.transport.base import (
     MessageHandler,
     parse_url,
 )
+from toolkit.transport.shaping import (
+    LinkShape,
+    ShapedLink,
+    drain_s,
+    link_summary,
+    shape_link,
+)
 
 __all__ = [
     "DEFAULT_PORTS",
     "PROPERTY_KEYS",
     "BrokerAddress",
     "Link",
+    "LinkShape",
     "MessageHandler",
+    "ShapedLink",
+    "drain_s",
+    "link_summary",
     "open_link",
     "parse_url",
+    "shape_link",
 ]
 
 # scheme -> "module:factory"; the factory is called as factory(address, client_id, **kw).

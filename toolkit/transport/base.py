@@ -161,6 +161,15 @@ class Link(ABC):
         joining later still sees that a peer is gone.
         """
 
+    def flush(self, timeout: float) -> None:
+        """Wait until every published message was handed to the broker.
+
+        A no-op here, where ``publish`` itself waits; links that queue (a shaped
+        link, :mod:`toolkit.transport.shaping`) wait, and raise HiertrainError
+        after ``timeout`` seconds.
+        """
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Disconnect cleanly (the will is *not* sent) and stop the network thread."""
