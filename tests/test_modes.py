@@ -177,6 +177,8 @@ def _run_mode(mode: str, url: str, artifacts: Path, tmp: Path) -> tuple[dict, di
 
 
 def _check_common(mode: str, summary: dict, report: dict) -> None:
+    keys = ("mode", "samples", "bytes_up", "bytes_down", "wall_s", "full_accuracy")
+    print("edge", {k: report[k] for k in keys}, "cloud", {k: summary[k] for k in keys})
     dev = summary["per_device"]["e0"]
     assert summary["mode"] == report["mode"] == mode
     assert report["batches_published"] == EPOCHS * (report["samples"] // BATCH // EPOCHS) > 0
