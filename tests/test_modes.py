@@ -311,6 +311,26 @@ def test_one_split_step_is_one_step_of_the_whole_network(
 
 
 @pytest.mark.mqtt
+def test_split_with_int8_gradients(artifacts: Path, manifest: Manifest, broker: EmbeddedBroker,
+                                   tmp_path: Path) -> None:
+    from cloud_trainer.split_learning import GRAD_SCHEME
+    from edge_runtime.train import run_training
+
+    run = _run_id()
+    cloud = _Cloud(artifacts, broker.url, tmp_path / "cloud", run, mode="split", grad_bits=8,
+                   device_ids=["e0"], idle_timeout=30)
+    report = run_training(_edge_cfg(artifacts, broker.url, run, tmp_path, mode="split",
+                                    epochs=1, limit=3 * BATCH, grad_timeout=60))
+    cloud.join(60)
+    assert cloud.error is None, cloud.error
+    assert cloud.summary is not None and cloud.summary["per_device"]["e0"]["trained"] == 3
+    per_grad = message_size((BATCH, *manifest.cut_shape), GRAD_SCHEME, run_id=run,
+                            device_id="e0", has_labels=False)
+    assert cloud.summary["bytes_down"] == 3 * per_grad  # one byte per gradient element
+    assert report["bytes_down"] >= 3 * per_grad and report["malformed_grads"] == 0
+
+
+@pytest.mark.mqtt
 def test_a_mode_mismatch_is_refused_on_both_sides(
         artifacts: Path, broker: EmbeddedBroker, tmp_path: Path) -> None:
     from edge_runtime.train import run_training
