@@ -369,3 +369,37 @@ def test_split_refuses_the_executorch_backend(artifacts: Path, tmp_path: Path) -
     with pytest.raises(HiertrainError, match="torch backend"):
         run_training(_edge_cfg(artifacts, "mqtt://127.0.0.1:1", _run_id(), tmp_path,
                                mode="split", backend="executorch"))
+
+
+@pytest.mark.mqtt
+def test_cloud_mode_resumes_with_its_trained_edge_segment(
+        artifacts: Path, broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """The checkpoint holds the edge segment the cloud trained, and only a cloud-mode run
+    may resume it."""
+    from edge_runtime.train import run_training
+
+    run, run_dir = _run_id(), tmp_path / "cloud"
+    cloud = _Cloud(artifacts, broker.url, run_dir, run, mode="cloud", device_ids=["e0"],
+                   idle_timeout=30)
+    time.sleep(1.0)  # subscribed before the uploads (the cloud is in this process already)
+    run_training(_edge_cfg(artifacts, broker.url, run, tmp_path, mode="cloud", epochs=1,
+                           limit=8 * BATCH))
+    cloud.join(60)
+    assert cloud.error is None, cloud.error
+    first = cloud.summary
+    assert first is not None and first["batches_trained"] == 8
+
+    # Restarted: the edge's retained "done" status and the checkpoint say all is trained.
+    again = _Cloud(artifacts, broker.url, run_dir, run, mode="cloud", device_ids=["e0"],
+                   idle_timeout=30)
+    again.join(60)
+    assert again.error is None, again.error
+    assert again.summary is not None and again.summary["resumed_batches"] == 8
+    assert again.summary["session_batches_trained"] == 0
+    assert again.summary["full_accuracy"] == first["full_accuracy"]  # same trained edge + cloud
+
+    with pytest.raises(HiertrainError, match="--mode cloud"):
+        from cloud_trainer.trainer import CloudConfig, CloudRun
+
+        CloudRun(CloudConfig(artifacts=artifacts, broker=broker.url, run_dir=run_dir,
+                             run_id=run, mode="ht"))
