@@ -382,7 +382,9 @@ class Ingest:
             self.drops.drop("device", topic,
                             f"status from {status.role} {status.device!r} on {device!r}'s topic")
             return
-        mode = announced_mode(status)
+        # Only a live status counts: a retained "done" of an earlier run in another mode,
+        # with the same run and device ids, must not refuse the device's new run.
+        mode = announced_mode(status) if status.state in REGISTER_STATES else None
         if mode is not None and mode != self.mode:
             self.registry.refuse(device, mismatch(device, mode, self.mode))
         if self._refused(device, topic):

@@ -363,6 +363,28 @@ def test_a_mode_mismatch_is_refused_on_both_sides(
     assert summary["dropped"]["mode"] >= 1 + report["batches_published"]  # status + every batch
 
 
+def test_only_a_live_status_of_another_mode_refuses_a_device() -> None:
+    from cloud_trainer.ingest import DeviceRegistry, DropCounter, Ingest, Ledger
+    from toolkit.messages import Status
+
+    ingest = Ingest("r", cut_shape=(4, 2, 2), num_classes=10, max_batch=64, ledger=Ledger(),
+                    registry=DeviceRegistry(), drops=DropCounter(), mode="ht")
+
+    def status(device: str, state: str, **extra: Any) -> None:
+        ingest.on_status(status_topic("r", device),
+                         Status("edge", device, "r", state, extra=extra).encode(), {})
+
+    status("old", "done", mode="split")  # retained from an earlier split run: not refused
+    status("old", "online", mode="ht")
+    status("legacy", "online")  # an edge from before modes: ht
+    status("e0", "online", mode="split")
+    status("e0", "done", mode="split")
+    assert ingest.registry.admitted() == ["old", "legacy"]
+    assert list(ingest.registry.refused()) == ["e0"]
+    assert "--mode split" in ingest.registry.refused()["e0"]
+    assert ingest.drops.snapshot() == {"mode": 2}
+
+
 def test_split_refuses_the_executorch_backend(artifacts: Path, tmp_path: Path) -> None:
     from edge_runtime.train import run_training
 
