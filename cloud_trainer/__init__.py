@@ -10,7 +10,9 @@ Modules: ``ingest`` (MQTT handlers, bounded queue, drop counting), ``ledger``
 (exactly-once bookkeeping), ``trainer`` (the loop and the done rule),
 ``evaluate`` / ``metrics`` (held-out accuracy, curves), ``checkpoint`` (atomic
 files, resume), ``infer`` / ``serve`` (hierarchical inference), ``outbox``
-(publishing off the training thread), ``cli``.
+(publishing off the training thread), ``cli``; the baseline modes
+(``CloudConfig.mode``): ``split_learning`` (gradients back to the edges) and
+``centralized`` (the whole network on uploaded images).
 
 The names are imported lazily: ``cloud-trainer`` checks its arguments and run
 directory before paying seconds for torch, so a typo fails at once.

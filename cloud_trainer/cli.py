@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from toolkit.cli import run
+from toolkit.modes import DEFAULT_MODE, MODES
 
 COMMANDS = ("train", "serve")
 
@@ -68,14 +69,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, eval_limit=args.eval_limit, idle_timeout=args.idle_timeout,
         queue_size=args.queue_size, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
         connect_timeout=args.connect_timeout, threads=args.threads,
-        link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
+        link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms, mode=args.mode,
+        grad_bits=args.grad_bits,
     )
     with _stop_on_sigterm() as stop:
         s = run_cloud(cfg, stop)
     per = ", ".join(f"{d}: {v['trained']}/{v['published']}" for d, v in s["per_device"].items())
     dropped = sum(s["dropped"].values())
-    print(f"trained {s['batches_trained']} batches ({per}); full accuracy "
-          f"{s['full_accuracy']:.3f}, exit accuracy {s['exit_accuracy']:.3f}; "
+    exit_acc = "-" if s["exit_accuracy"] is None else f"{s['exit_accuracy']:.3f}"
+    print(f"--mode {s['mode']}: trained {s['batches_trained']} batches ({per}); full accuracy "
+          f"{s['full_accuracy']:.3f}, exit accuracy {exit_acc}; "
           f"{dropped} message(s) dropped; summary in {cfg.run_dir}/cloud_summary.json")
     return 0
 
@@ -135,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every N batches trained (default 50)")
     t.add_argument("--threads", type=int, metavar="N",
                    help="torch threads (default: torch's choice; 1 on a machine shared with edges)")
+    t.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help="ht: train the cloud segment on the edges' activations (default); "
+                        "split: classic split learning, send each activation's gradient back; "
+                        "cloud: train the whole network on the images the edges upload. "
+                        "The edges must run the same --mode")
+    t.add_argument("--grad-bits", type=int, choices=(32, 8), default=32,
+                   help="split: gradients sent back as float32 (32, default) or int8 (8)")
     t.set_defaults(func=cmd_train)
     s = sub.add_parser("serve", help="answer inference requests with run-dir/cloud_final.pt")
     _common(s)

@@ -16,8 +16,10 @@ Every malformed or foreign message is dropped and counted by a short reason
 ``status``, ``weights``... -- plus ``shape`` (not ``[N, *cut_shape]`` with
 ``1 <= N <= max_batch``), ``labels`` (missing or outside ``[0, num_classes)``),
 ``device`` (payload and topic disagree), ``unknown_device`` (not one of the
-run's devices), ``unknown_run``, ``reply_topic``, ``infer_busy`` and
-``shutdown``), and logged once per reason at WARNING. A broken or hostile
+run's devices), ``mode`` (the device announced another ``--mode`` than this
+trainer's, ``toolkit.modes``: it is refused, all its messages dropped),
+``unknown_run``, ``reply_topic``, ``infer_busy`` and ``shutdown``), and logged
+once per reason at WARNING. A broken or hostile
 sender costs a counter, never the run. Duplicates are not drops: the ledger
 counts them per device.
 """
@@ -38,6 +40,7 @@ from cloud_trainer.ledger import Ledger, SeqSet
 from toolkit import topics
 from toolkit.errors import WireError
 from toolkit.messages import CLOUD_DEVICE, Status, decode_status, decode_weights
+from toolkit.modes import DEFAULT_MODE, announced_mode, mismatch
 from toolkit.transport import Link
 from toolkit.wire import ActivationBatch, decode
 
@@ -134,9 +137,21 @@ class DeviceRegistry:
         self.device_ids = list(device_ids) if device_ids else None
         self.count = None if self.device_ids else count
         self._admitted: list[str] = []
+        self._refused: dict[str, str] = {}
+
+    def refuse(self, device: str, why: str) -> None:
+        """Never admit ``device`` again (e.g. it runs another mode); ``why`` is reported."""
+        with self._lock:
+            self._refused.setdefault(device, why)
+
+    def refused(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._refused)
 
     def admit(self, device: str) -> bool:
         with self._lock:
+            if device in self._refused:
+                return False
             if device in self._admitted:
                 return True
             if device == CLOUD_DEVICE:  # the cloud's own id is never an edge
@@ -206,6 +221,7 @@ class Ingest:
         queue_size: int = 64,
         infer_sink: Callable[[InferItem], bool] | None = None,
         train: bool = True,
+        mode: str = DEFAULT_MODE,
     ) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be >= 1")
@@ -219,6 +235,8 @@ class Ingest:
         self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=queue_size)
         self.infer_sink = infer_sink
         self.train = train
+        self.mode = mode
+        self.bytes_by_device: dict[str, int] = {}  # payload bytes on each edge's topics
         self._own_status = topics.status_topic(run_id, CLOUD_DEVICE)
         self._closing = threading.Event()
         self._stats_lock = threading.Lock()
@@ -255,7 +273,7 @@ class Ingest:
         with self._stats_lock:
             return time.monotonic() - self.last_message
 
-    def _topic_device(self, topic: str) -> str | None:
+    def _topic_device(self, topic: str, nbytes: int = 0) -> str | None:
         try:
             run, device, _ = topics.parse_topic(topic)
         except WireError as exc:
@@ -264,7 +282,15 @@ class Ingest:
         if run != self.run_id:
             self.drops.drop("unknown_run", topic, f"run {run!r} is not {self.run_id!r}")
             return None
+        with self._stats_lock:
+            self.bytes_by_device[device] = self.bytes_by_device.get(device, 0) + nbytes
         return device
+
+    def _refused(self, device: str, topic: str) -> bool:
+        why = self.registry.refused().get(device)
+        if why is not None:
+            self.drops.drop("mode", topic, why)
+        return why is not None
 
     def _check_activation(self, batch: ActivationBatch, topic: str, *, labels: bool) -> bool:
         shape = tuple(batch.quantized.codes.shape if batch.quantized is not None
@@ -310,8 +336,8 @@ class Ingest:
     # ----------------------------------------------------------------- handlers
     def on_act(self, topic: str, payload: bytes, props: dict[str, Any]) -> None:
         self._touch()
-        device = self._topic_device(topic)
-        if device is None:
+        device = self._topic_device(topic, len(payload))
+        if device is None or self._refused(device, topic):
             return
         try:
             batch = decode(payload, expected_run_id=self.run_id)
@@ -341,7 +367,7 @@ class Ingest:
             # someone clearing a retained status, not a message.
             return
         self._touch()
-        device = self._topic_device(topic)
+        device = self._topic_device(topic, len(payload))
         if device is None:
             return
         try:
@@ -356,6 +382,13 @@ class Ingest:
             self.drops.drop("device", topic,
                             f"status from {status.role} {status.device!r} on {device!r}'s topic")
             return
+        # Only a live status counts: a retained "done" of an earlier run in another mode,
+        # with the same run and device ids, must not refuse the device's new run.
+        mode = announced_mode(status) if status.state in REGISTER_STATES else None
+        if mode is not None and mode != self.mode:
+            self.registry.refuse(device, mismatch(device, mode, self.mode))
+        if self._refused(device, topic):
+            return
         if status.state in REGISTER_STATES:
             self.registry.admit(device)
         self._put(StatusItem(device, status))
@@ -364,8 +397,8 @@ class Ingest:
         if not payload:
             return  # a cleared retained message
         self._touch()
-        device = self._topic_device(topic)
-        if device is None:
+        device = self._topic_device(topic, len(payload))
+        if device is None or self._refused(device, topic):
             return
         try:
             meta, state = decode_weights(payload)

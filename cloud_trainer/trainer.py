@@ -65,8 +65,10 @@ from toolkit import topics
 from toolkit.errors import HiertrainError
 from toolkit.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 from toolkit.messages import CLOUD_DEVICE, Status
+from toolkit.modes import DEFAULT_MODE, check_mode
 from toolkit.segments import FullModel, load_segments
 from toolkit.transport import LinkShape, link_summary, open_link, shape_link
+from toolkit.wire import ActivationBatch
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ CLOUD_FINAL = "cloud_final.pt"
 FULL_MODEL = "full_model.pt"
 MAX_BATCH_FACTOR = 8
 """Largest accepted activation batch, in multiples of the manifest's batch size."""
+GRAD_BITS = (32, 8)
 
 
 @dataclass
@@ -110,8 +113,16 @@ class CloudConfig:
     link_kbps: float | None = None
     """Model a slow downlink for what the cloud publishes (toolkit.transport.shaping)."""
     link_latency_ms: float = 0.0
+    mode: str = DEFAULT_MODE
+    """ht (this method) or a baseline, split or cloud (``toolkit.modes``)."""
+    grad_bits: int = 32
+    """Split mode: gradients sent back as raw float32 (32) or int8 codes (8)."""
 
     def check(self) -> None:
+        check_mode(self.mode)
+        if self.grad_bits not in GRAD_BITS:
+            raise HiertrainError(f"--grad-bits must be one of {list(GRAD_BITS)}, "
+                                 f"got {self.grad_bits}")
         topics.validate_id(self.run_id, "run id")
         LinkShape.from_options(self.link_kbps, self.link_latency_ms)
         if self.device_ids is not None:
@@ -179,7 +190,16 @@ class _Window:
 
 
 class CloudRun:
-    """One training run: build with a config (no network yet), then :meth:`run`."""
+    """One training run: build with a config (no network yet), then :meth:`run`.
+
+    This is ``--mode ht``; the baselines subclass it (``cloud_trainer.split_learning``,
+    ``cloud_trainer.centralized``) and override the hooks ``_train_step``,
+    ``_wire_shape``, ``_extra_state``/``_load_extra_state`` and ``_edge_state``.
+    """
+
+    mode = "ht"
+    trains_exit = True
+    """False: the mode trains no exit head, so exit accuracy is reported as None."""
 
     def __init__(self, cfg: CloudConfig) -> None:
         cfg.check()
@@ -212,6 +232,7 @@ class CloudRun:
         self.window = _Window()
         self.last_eval: dict[str, Any] = {}
         self.since_checkpoint = 0
+        self.bytes_down: dict[str, int] = {}  # payload bytes published to each edge
         self._resume()
 
     # ------------------------------------------------------------------ resume
@@ -219,10 +240,16 @@ class CloudRun:
         ckpt = load_checkpoint(self.run_dir, run_id=self.run_id, manifest_sha=self.manifest_sha)
         if ckpt is None:
             return
+        if ckpt.get("mode", "ht") != self.mode:
+            raise HiertrainError(
+                f"checkpoint {self.run_dir / 'checkpoint.pt'} was trained with --mode "
+                f"{ckpt.get('mode', 'ht')}, this run is --mode {self.mode}; use another --run-dir"
+            )
         try:
             self.cloud.load_state_dict(ckpt["cloud"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.ledger.load_state_dict(ckpt["ledger"])
+            self._load_extra_state(ckpt)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise HiertrainError(
                 f"checkpoint {self.run_dir / 'checkpoint.pt'} does not fit these artifacts "
@@ -255,23 +282,41 @@ class CloudRun:
                 "last_eval": {k: v for k, v in self.last_eval.items()
                               if isinstance(v, (int, float, str)) or v is None},
                 "time": time.time(),
+                "mode": self.mode,
+                **self._extra_state(),
             }
             save_checkpoint(self.run_dir, state)
         self.since_checkpoint = 0
 
+    def _extra_state(self) -> dict[str, Any]:
+        """What a mode adds to the checkpoint (called under ``model_lock``)."""
+        return {}
+
+    def _load_extra_state(self, ckpt: dict[str, Any]) -> None:
+        """Restore what :meth:`_extra_state` saved."""
+
+    def _wire_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the training batches the edges send: the cut activation."""
+        return self.manifest.cut_shape
+
     # ---------------------------------------------------------------- training
+    def _train_step(self, b: ActivationBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step on one batch; returns (loss, logits)."""
+        x = b.dequantized()
+        with self.model_lock:
+            logits = self.cloud(x)
+            loss = F.cross_entropy(logits, b.labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return loss, logits
+
     def train_batch(self, item: ActItem) -> None:
         b = item.batch
-        x = b.dequantized()
         y = b.labels
         assert y is not None  # the ingest refuses unlabelled training batches
         try:
-            with self.model_lock:
-                logits = self.cloud(x)
-                loss = F.cross_entropy(logits, y)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+            loss, logits = self._train_step(b)
         except (RuntimeError, ValueError) as exc:
             # E.g. a batch of one through a BatchNorm over 1x1 maps. Retrying the
             # same batch would fail the same way, so it counts as processed.
@@ -310,6 +355,8 @@ class CloudRun:
         with self.model_lock:
             cloud = copy.deepcopy(self.cloud)  # evaluate outside the lock
         full_acc, exit_acc = self.evaluator.evaluate(self.step, cloud)
+        if not self.trains_exit:
+            exit_acc = None  # the head was never trained: its score would mean nothing
         taken = self.window.take()
         if taken is not None:  # keep the train curve aligned with the evaluation
             self.metrics.append("train", self.batches_trained, loss=taken[0], train_acc=taken[1])
@@ -318,8 +365,9 @@ class CloudRun:
             edge_device=source, edge_epoch=epoch, trigger=trigger,
         )
         self.last_eval = rec
-        log.info("eval after %d batches (edge weights of %s): full %.3f, exit %.3f",
-                 self.batches_trained, source, full_acc, exit_acc)
+        log.info("eval after %d batches (edge weights of %s): full %.3f, exit %s",
+                 self.batches_trained, source, full_acc,
+                 "-" if exit_acc is None else f"{exit_acc:.3f}")
         return rec
 
     def on_weights(self, item: WeightsItem) -> None:
@@ -372,13 +420,15 @@ class CloudRun:
             st = self.statuses.get(device)
             trained = self.ledger.trained_count(device)
             if st is None and trained == 0:
-                out.append(f"{device} never appeared")
+                if device not in self.registry.refused():
+                    out.append(f"{device} never appeared")
             elif st is None or st.state != "done":
                 state = "no status" if st is None else f"state {st.state}"
                 out.append(f"{device} did not finish ({state}, {trained} batches trained)")
             elif not self.ledger.covers(device, st.batches_published):
                 out.append(f"{device} is done but {trained} of its {st.batches_published} "
                            "batches arrived")
+        out.extend(f"refused: {why}" for why in self.registry.refused().values())
         missing = self.registry.missing_count()
         if missing:
             out.append(f"{missing} more device(s) never came online (--devices "
@@ -408,7 +458,7 @@ class CloudRun:
         return Status(
             role="cloud", device=CLOUD_DEVICE, run=self.run_id, state=state, message=message,
             exit_accuracy=self.last_eval.get("exit_accuracy"),
-            extra={"batches_trained": self.batches_trained,
+            extra={"mode": self.mode, "batches_trained": self.batches_trained,
                    "per_device": {d: v["trained"] for d, v in self.per_device().items()},
                    **self.cfg.extra_status, **extra},
         )
@@ -425,10 +475,10 @@ class CloudRun:
         server = InferenceServer(self.cloud, link, model_lock=self.model_lock)
         max_batch = MAX_BATCH_FACTOR * self.manifest.batch_size
         ingest = Ingest(
-            self.run_id, cut_shape=self.manifest.cut_shape,
+            self.run_id, cut_shape=self._wire_shape(),
             num_classes=self.manifest.num_classes, max_batch=max_batch, ledger=self.ledger,
             registry=self.registry, drops=self.drops, queue_size=cfg.queue_size,
-            infer_sink=server.submit,
+            infer_sink=server.submit, mode=self.mode,
         )
         ingest.subscribe(link)
         outbox: Outbox | None = None
@@ -567,6 +617,7 @@ class CloudRun:
                     title=f"{self.manifest.model_name} run {self.run_id}")
         summary = {
             "run_id": self.run_id,
+            "mode": self.mode,
             "end": end,
             "complete": not missing,
             "missing": missing,
@@ -589,10 +640,29 @@ class CloudRun:
             "max_queue_depth": ingest.max_queue_depth,
             "backpressure_s": round(ingest.blocked_s, 3),
             "link": link_summary(link),
+            # The keys every mode reports, for comparing them (docs/runtime.md):
+            "samples": self.samples_trained,
+            "bytes_up": sum(ingest.bytes_by_device.values()),
+            "bytes_down": sum(self.bytes_down.values()),
+            "bytes_up_per_device": dict(sorted(ingest.bytes_by_device.items())),
+            "bytes_down_per_device": dict(sorted(self.bytes_down.items())),
         }
         atomic_write_bytes(self.run_dir / SUMMARY,
                            (json.dumps(summary, indent=2) + "\n").encode())
         return summary
+
+
+def run_class(mode: str) -> type[CloudRun]:
+    """The :class:`CloudRun` of a mode (the baselines live in their own modules)."""
+    if check_mode(mode) == "split":
+        from cloud_trainer.split_learning import SplitCloudRun
+
+        return SplitCloudRun
+    if mode == "cloud":
+        from cloud_trainer.centralized import CentralizedCloudRun
+
+        return CentralizedCloudRun
+    return CloudRun
 
 
 def run_cloud(cfg: CloudConfig, stop: threading.Event | None = None) -> dict[str, Any]:
@@ -602,4 +672,4 @@ def run_cloud(cfg: CloudConfig, stop: threading.Event | None = None) -> dict[str
     HiertrainError when devices are missing or incomplete at the end, after
     writing everything that was trained.
     """
-    return CloudRun(cfg).run(stop)
+    return run_class(cfg.mode)(cfg).run(stop)

@@ -3,6 +3,9 @@ activations to the cloud over MQTT, and runs hierarchical (early-exit) inference
 
 Entry points: ``edge-runtime train|infer`` (``edge_runtime.cli``), or
 ``run_training(TrainConfig(...))`` / ``run_inference(InferConfig(...))``.
+``TrainConfig.mode`` (``--mode``) picks ht or a baseline: ``split`` (classic split
+learning, ``edge_runtime.split_learning``) or ``cloud`` (raw-image upload,
+``edge_runtime.upload``).
 
 The names below are imported on first use (PEP 562): ``edge-runtime --help`` and
 argument errors should not wait for torch and torchvision to import.

@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from edge_runtime.config import BACKENDS
+from edge_runtime.config import BACKENDS, DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -42,9 +42,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, limit=args.limit, quiet=args.quiet,
         connect_timeout=args.connect_timeout, report=args.report, state_dir=args.state_dir,
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
+        mode=args.mode, grad_timeout=args.grad_timeout, float_act=args.float_act,
     ))
     if args.json:
         print(json.dumps(summary, indent=2))
+        return 0
+    if summary["mode"] != "ht":
+        print(f"{summary['device']}: --mode {summary['mode']}, {summary['epochs']} epoch(s), "
+              f"{summary['batches_published']} batches ({summary['samples']} samples) in "
+              f"{summary['wall_s']:.1f} s; {summary['bytes_up']} B up, {summary['bytes_down']} "
+              f"B down ({summary['payload_bytes_per_sample']:.0f} B/sample on the wire)")
         return 0
     print(f"{summary['device']}: {summary['epochs']} epoch(s), {summary['batches_published']} "
           f"batches ({summary['samples_published']} samples) published in "
@@ -126,7 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use only this many training samples (before sharding)")
     sp.add_argument("--state-dir", default=".",
                     help="where to save edge_weights-<device>.pt (default: current directory)")
-    sp.set_defaults(func=cmd_train)
+    sp.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                    help="ht: this method (default); split: classic split learning, waits for "
+                         "the cloud's gradient every batch (torch backend); cloud: upload the "
+                         "raw images, the cloud trains everything. The cloud trainer must run "
+                         "the same --mode")
+    sp.add_argument("--grad-timeout", type=float, default=DEFAULT_GRAD_TIMEOUT, metavar="S",
+                    help="split: seconds to wait for the cloud trainer and for each gradient "
+                         f"(default {DEFAULT_GRAD_TIMEOUT:g})")
+    sp.add_argument("--float-act", action="store_true",
+                    help="split: send the cut activation as raw float32 instead of the "
+                         "manifest's quantization")
+    # --backend: executorch for ht, torch for split, none for cloud (resolve_backend)
+    sp.set_defaults(func=cmd_train, backend=None)
 
     sp = sub.add_parser("infer", help="early-exit inference, asking the cloud when unsure")
     common(sp)

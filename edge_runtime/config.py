@@ -9,8 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.modes import DEFAULT_MODE, MODES
+
+__all__ = ["BACKENDS", "DEFAULT_GRAD_TIMEOUT", "DEFAULT_MODE", "DEFAULT_OUTBOX", "MODES",
+           "InferConfig", "TrainConfig"]
+
 BACKENDS: tuple[str, ...] = ("executorch", "torch")
 """``executorch``: the exported program, as on a board; ``torch``: eager, same math."""
+
+DEFAULT_GRAD_TIMEOUT = 120.0
+"""Split mode: seconds to wait for the cloud trainer to come online, and for each gradient."""
 
 DEFAULT_OUTBOX = 64
 """Activation batches the publisher may hold before ``submit`` blocks (link back-pressure)."""
@@ -24,7 +32,7 @@ class TrainConfig:
     data: str | None = None
     run_id: str = "default"
     epochs: int = 3
-    backend: str = "executorch"
+    backend: str | None = None  # None: executorch for ht, torch for split (cloud: no compute)
     shard: str = "0/1"  # "index/count": this device's share of a dataset shared by devices
     seed: int = 0
     limit: int | None = None
@@ -35,6 +43,9 @@ class TrainConfig:
     outbox: int = DEFAULT_OUTBOX
     link_kbps: float | None = None  # model a slow uplink (toolkit.transport.shaping); None: as is
     link_latency_ms: float = 0.0
+    mode: str = DEFAULT_MODE  # ht (this method), split or cloud (baselines), see toolkit.modes
+    grad_timeout: float = DEFAULT_GRAD_TIMEOUT  # split only
+    float_act: bool = False  # split only: send the cut activation as raw float32
 
 
 @dataclass

@@ -18,6 +18,12 @@ excluded, they are in ``setup_s``); ``train_s`` is the time spent in the
 backend's steps; ``publish_wait_s`` is the time the loop was blocked on a full
 outbox (link back-pressure).
 
+``--mode split`` and ``--mode cloud`` (the baselines, ``toolkit.modes``) share
+the setup, the status protocol and the report here and run their own loops:
+``edge_runtime.split_learning`` and ``edge_runtime.upload``. Every report has
+``mode``, ``samples``, ``bytes_up``, ``bytes_down``, ``wall_s``, ``exit_accuracy``
+and ``full_accuracy`` (None on the edge: the cloud trainer measures it).
+
 The final edge weights are also saved locally, ``<state_dir>/edge_weights-<device>.pt``
 (``torch.save`` of the state dict; ``state_dir`` defaults to the current
 directory), for ``edge-runtime infer --weights PATH`` and for resuming.
@@ -44,6 +50,7 @@ from toolkit.data import Dataset, batches, load_dataset, normalize, shard
 from toolkit.errors import HiertrainError
 from toolkit.manifest import Manifest, load_manifest
 from toolkit.messages import Status, encode_weights
+from toolkit.modes import check_mode
 from toolkit.quant import QuantScheme, quantize
 from toolkit.topics import act_topic, status_topic, validate_id, weights_topic
 from toolkit.transport import Link, LinkShape, drain_s, link_summary
@@ -51,7 +58,8 @@ from toolkit.wire import ActivationBatch, encode
 
 log = logging.getLogger("edge_runtime")
 
-__all__ = ["TrainConfig", "load_training_data", "parse_shard", "run_training", "weights_path"]
+__all__ = ["TrainConfig", "load_training_data", "parse_shard", "publish_done", "resolve_backend",
+           "run_training", "weights_path"]
 
 FLUSH_TIMEOUT_S = 120.0
 STATUS_TIMEOUT_S = 10.0
@@ -79,16 +87,19 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def load_training_data(
-    manifest: Manifest, source: str | None, shard_spec: str, *, limit: int | None, seed: int
+    manifest: Manifest, source: str | None, shard_spec: str, *, limit: int | None, seed: int,
+    normalized: bool = True,
 ) -> Dataset:
-    """This device's shard of the train split, normalised as the model was exported."""
+    """This device's shard of the train split, normalised as the model was exported
+    (``normalized=False``: the loader's ``[0, 1]`` images, which ``--mode cloud`` uploads)."""
     index, count = parse_shard(shard_spec)
     ds = load_dataset(source, "train", input_shape=manifest.input_shape, limit=limit, seed=seed)
     if count > 1:
         ds = shard(ds, index, count)
-    norm = manifest.data["model"]["normalization"]
-    ds = Dataset(x=normalize(ds.x, norm["mean"], norm["std"]), y=ds.y, classes=ds.classes,
-                 name=ds.name)
+    if normalized:
+        norm = manifest.data["model"]["normalization"]
+        ds = Dataset(x=normalize(ds.x, norm["mean"], norm["std"]), y=ds.y, classes=ds.classes,
+                     name=ds.name)
     if len(ds) and int(ds.y.max()) >= manifest.num_classes:
         raise HiertrainError(
             f"{ds.name} has labels up to {int(ds.y.max())} but the artifacts were exported for "
@@ -119,21 +130,30 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HiertrainError(f"cannot use --state-dir {cfg.state_dir}: {exc}") from None
+    mode = check_mode(cfg.mode)
+    if cfg.float_act and mode != "split":
+        raise HiertrainError("--float-act only applies to --mode split; drop it")
+    if mode == "split" and not cfg.grad_timeout > 0:
+        raise HiertrainError(f"--grad-timeout must be > 0 seconds, got {cfg.grad_timeout}")
+    backend_name = resolve_backend(cfg.backend, mode)
     manifest = load_manifest(cfg.artifacts)  # verifies every artifact's sha256
     scheme = QuantScheme.from_dict(manifest.data["quantization"])
-    ds = load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit, seed=cfg.seed)
-    backend = make_backend(cfg.backend, manifest)
-    log.info("device %s: %d samples of %s, %s backend, batch %d", device, len(ds), ds.name,
-             backend.name, manifest.batch_size)
+    ds = load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit, seed=cfg.seed,
+                            normalized=mode != "cloud")
+    backend = make_backend(backend_name, manifest) if backend_name else None
+    log.info("device %s: %d samples of %s, mode %s, %s backend, batch %d", device, len(ds),
+             ds.name, mode, backend_name or "no", manifest.batch_size)
 
     link = connect_edge(cfg.broker, run, device, role="edge", timeout=cfg.connect_timeout,
                         will=True, shape=shape)
     try:
         _publish_status(link, Status(role="edge", device=device, run=run, state="online",
-                                     extra={"backend": backend.name, "samples": len(ds)}))
+                                     extra={"backend": backend_name or "none",
+                                            "samples": len(ds), "mode": mode}))
         setup_s = time.monotonic() - t0
-        summary = _train_loop(cfg, manifest, scheme, ds, backend, link, run, device)
+        summary = _mode_loop(mode)(cfg, manifest, scheme, ds, backend, link, run, device)
         summary["setup_s"] = round(setup_s, 3)
+        summary = {"mode": mode, **summary, **_link_totals(summary, link)}
     except BaseException as exc:
         _report_failure(link, run, device, exc)
         link.close()
@@ -144,6 +164,58 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**summary, "config": _jsonable(asdict(cfg))}, indent=2) + "\n")
     return summary
+
+
+def resolve_backend(backend: str | None, mode: str) -> str | None:
+    """The edge backend a mode runs on: ``--backend`` (default executorch) for ht, torch for
+    split (the exported program has no input for a gradient from the cloud), none for cloud."""
+    if mode == "cloud":
+        return None
+    if mode == "split":
+        if backend not in (None, "torch"):
+            raise HiertrainError(
+                f"--mode split runs the edge on the torch backend, not {backend}: the exported "
+                "program cannot take the cloud's gradient; drop --backend or pass --backend torch"
+            )
+        return "torch"
+    return backend or "executorch"
+
+
+def _mode_loop(mode: str):
+    """The training loop of a mode (the baselines live in their own modules)."""
+    if mode == "split":
+        from edge_runtime.split_learning import split_loop
+
+        return split_loop
+    if mode == "cloud":
+        from edge_runtime.upload import upload_loop
+
+        return upload_loop
+    return _train_loop
+
+
+def _link_totals(summary: dict[str, Any], link: Link) -> dict[str, Any]:
+    """The keys every mode's report carries, for comparing the modes (see docs/runtime.md).
+
+    ``bytes_up``/``bytes_down``: application payload bytes this device sent / received
+    over the whole run, everything included (status, weights, gradients).
+    """
+    return {
+        "samples": summary["samples_published"],
+        "bytes_up": link.bytes_sent,
+        "bytes_down": link.bytes_received,
+        "full_accuracy": summary.get("full_accuracy"),  # the cloud measures it: cloud_summary
+        "exit_accuracy": summary.get("exit_accuracy"),
+    }
+
+
+def publish_done(link: Link, run: str, device: str, *, epochs: int, seq: int, samples: int,
+                 exit_accuracy: float | None, extra: dict[str, Any]) -> None:
+    """The retained "done" status: the cloud trains until it has ``seq`` batches of us."""
+    _publish_status(link, Status(role="edge", device=device, run=run, state="done",
+                                 epoch=epochs - 1, batches_published=seq,
+                                 samples_published=samples, last_seq=seq - 1,
+                                 exit_accuracy=exit_accuracy, extra=extra))
 
 
 def _train_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: Dataset,
@@ -219,7 +291,7 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: D
 
     extra = {"wall_s": round(wall_s, 3), "bytes_sent": link.bytes_sent,
              "publish_wait_s": round(stats.publish_wait_s, 4), "train_s": round(train_s, 3),
-             "backend": backend.name, "epochs": cfg.epochs}
+             "backend": backend.name, "epochs": cfg.epochs, "mode": "ht"}
     _publish_status(link, Status(role="edge", device=device, run=run, state="done",
                                  epoch=cfg.epochs - 1, batches_published=seq,
                                  samples_published=samples, last_seq=seq - 1,

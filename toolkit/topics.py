@@ -12,6 +12,9 @@ exactly its own run with a single ``+`` wildcard over devices::
     infer        hiertrain/<run>/<device>/infer         edge -> cloud  toolkit.wire message,
                                                                        no labels
     infer_reply  hiertrain/<run>/<device>/infer/reply   cloud -> edge  inference result
+    grad         hiertrain/<run>/<device>/grad          cloud -> edge  toolkit.wire message: the
+                                                                       gradient of one cut
+                                                                       activation (--mode split)
 
     subscription wildcards over devices: hiertrain/<run>/+/<suffix>, e.g.
     act_wildcard(run) == "hiertrain/<run>/+/act"; wildcard(run, kind) for any kind
@@ -34,6 +37,7 @@ WEIGHTS = "weights"
 STATUS = "status"
 INFER = "infer"
 INFER_REPLY = "infer_reply"
+GRAD = "grad"
 
 _SUFFIX: dict[str, str] = {
     ACT: "act",
@@ -41,6 +45,7 @@ _SUFFIX: dict[str, str] = {
     STATUS: "status",
     INFER: "infer",
     INFER_REPLY: "infer/reply",
+    GRAD: "grad",
 }
 _KIND_BY_SUFFIX = {suffix: kind for kind, suffix in _SUFFIX.items()}
 KINDS: tuple[str, ...] = tuple(_SUFFIX)
@@ -97,6 +102,11 @@ def infer_request_topic(run: str, device: str) -> str:
 def infer_reply_topic(run: str, device: str) -> str:
     """``hiertrain/<run>/<device>/infer/reply``: inference replies, cloud to edge."""
     return topic(run, device, INFER_REPLY)
+
+
+def grad_topic(run: str, device: str) -> str:
+    """``hiertrain/<run>/<device>/grad``: cut-activation gradients, cloud to edge (split mode)."""
+    return topic(run, device, GRAD)
 
 
 def act_wildcard(run: str) -> str:

@@ -1,0 +1,102 @@
+"""The ``cloud`` baseline on the edge (``--mode cloud``): upload the raw images, compute nothing.
+
+Each batch of the same shard, in the same order an ht edge would train on,
+is published on the ``act`` topic with its labels: the loader's ``[0, 1]``
+images, losslessly (``toolkit.images``: one byte a pixel when the images are
+on a ``u / L`` grid, as uint8 sources and digits are, float32 otherwise). The
+cloud trainer normalises them with the manifest and trains the whole network.
+Like ht, the edge never waits for the cloud; only the link can hold it back
+(``publish_wait_s``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from edge_runtime.config import TrainConfig
+from edge_runtime.publisher import Publisher
+from toolkit.data import Dataset, batches
+from toolkit.images import encode_images
+from toolkit.manifest import Manifest
+from toolkit.messages import Status
+from toolkit.quant import QuantScheme
+from toolkit.topics import act_topic, status_topic
+from toolkit.transport import Link
+from toolkit.wire import ActivationBatch, encode
+
+log = logging.getLogger("edge_runtime")
+
+MODE = "cloud"
+FLUSH_TIMEOUT_S = 120.0
+
+
+def upload_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: Dataset,
+                backend: None, link: Link, run: str, device: str) -> dict[str, Any]:
+    """Publish ``cfg.epochs`` epochs of images; returns the edge report."""
+    from edge_runtime.train import publish_done
+
+    bs = manifest.batch_size
+    per_epoch = len(ds) // bs
+    topic = act_topic(run, device)
+    seq = samples = raw_batches = 0
+    history: list[dict[str, Any]] = []
+    publisher = Publisher(link, maxsize=cfg.outbox)
+    start = time.monotonic()
+    try:
+        for epoch in range(cfg.epochs):
+            t_epoch = time.monotonic()
+            bar = tqdm(total=per_epoch, desc=f"{device} upload {epoch + 1}/{cfg.epochs}",
+                       unit="batch", disable=cfg.quiet, file=sys.stderr, leave=True)
+            with bar:
+                for i, (x, y) in enumerate(batches(ds, bs, epoch=epoch, seed=cfg.seed)):
+                    form = encode_images(x)
+                    raw_batches += "raw" in form
+                    publisher.submit(topic, encode(ActivationBatch(
+                        run_id=run, device_id=device, seq=seq, epoch=epoch, batch_index=i,
+                        labels=y, **form)), kind="act")
+                    seq += 1
+                    samples += len(y)
+                    bar.update(1)
+            history.append({"epoch": epoch, "batches": per_epoch,
+                            "seconds": round(time.monotonic() - t_epoch, 3)})
+            publisher.submit(status_topic(run, device), Status(
+                role="edge", device=device, run=run, state="training", epoch=epoch,
+                batches_published=seq, samples_published=samples, last_seq=seq - 1,
+                extra={"mode": MODE}).encode(), retain=True, kind="status")
+        publisher.flush(FLUSH_TIMEOUT_S)
+    finally:
+        publisher.close()
+    if raw_batches:
+        log.warning("%d of %d batches were not on a uint8 grid (resized images?) and went as "
+                    "float32, 4 bytes a pixel", raw_batches, seq)
+    wall_s = time.monotonic() - start
+    stats = publisher.stats
+    act = stats.by_kind.get("act")
+    act_bytes = act.bytes if act else 0
+    publish_done(link, run, device, epochs=cfg.epochs, seq=seq, samples=samples,
+                 exit_accuracy=None, extra={
+                     "mode": MODE, "wall_s": round(wall_s, 3), "bytes_sent": link.bytes_sent,
+                     "publish_wait_s": round(stats.publish_wait_s, 4), "epochs": cfg.epochs})
+    return {
+        "device": device,
+        "run": run,
+        "epochs": cfg.epochs,
+        "batches_published": seq,
+        "samples_published": samples,
+        "exit_accuracy": None,
+        "bytes_sent": link.bytes_sent,
+        "act_bytes_sent": act_bytes,
+        "payload_bytes_per_sample": act_bytes / max(samples, 1),
+        "float32_batches": raw_batches,
+        "wall_s": wall_s,
+        "train_s": 0.0,
+        "publish_wait_s": stats.publish_wait_s,
+        "batches_per_s": seq / max(wall_s, 1e-9),
+        "backend": "none",
+        "history": history,
+    }
