@@ -33,6 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_id=args.run_id, epochs=args.epochs, backend=args.backend, shard=args.shard,
         seed=args.seed, limit=args.limit, quiet=args.quiet,
         connect_timeout=args.connect_timeout, report=args.report, state_dir=args.state_dir,
+        codec=args.codec,
     ))
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -42,6 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{summary['wall_s']:.1f} s ({summary['batches_per_s']:.1f} batches/s, "
           f"{summary['backend']}); exit accuracy {summary['exit_accuracy']:.3f}; "
           f"{summary['payload_bytes_per_sample']:.0f} B/sample on the wire "
+          f"({summary['codec']}) "
           f"(float32 cut: {summary['float32_bytes_per_sample']} B); blocked on the link "
           f"{summary['publish_wait_s']:.2f} s; weights saved to {summary['weights_path']}")
     return 0
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use only this many training samples (before sharding)")
     sp.add_argument("--state-dir", default=".",
                     help="where to save edge_weights-<device>.pt (default: current directory)")
+    sp.add_argument("--codec", default=None,
+                    help="activation codec (int8, int4, int2, int8+deflate, int4+deflate, "
+                         "int2+deflate, float32; default: the manifest's)")
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("infer", help="early-exit inference, asking the cloud when unsure")

@@ -33,6 +33,7 @@ class TrainConfig:
     report: str | Path | None = None  # optional path for a JSON report
     state_dir: str | Path = "."  # where edge_weights-<device>.pt is written
     outbox: int = DEFAULT_OUTBOX
+    codec: str | None = None  # toolkit.codec name; None: the manifest's (int8 if it has none)
 
 
 @dataclass
