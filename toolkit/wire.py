@@ -120,7 +120,7 @@ MAX_INFLATED_BYTES = 1 << 27
 """Largest plain payload (128 MiB) a DEFLATE message may announce; bounds the receiver's memory."""
 DEFLATE_LEVEL = 1
 """zlib level the encoder uses. Measured on cut activations (docs/codecs.md): level 6 saves only
-2-10 % more bytes than level 1 at 2-4x the CPU time, and the encoding runs in the edge's training
+2-11 % more bytes than level 1 at 2-5x the CPU time, and the encoding runs in the edge's training
 loop while the link time overlaps with it (the outbox)."""
 _WBITS = -15  # raw deflate: no zlib header or Adler-32, the message CRC covers the bytes
 
