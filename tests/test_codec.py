@@ -274,9 +274,10 @@ def test_int4_deflate_edge_feeds_a_real_cloud_trainer(int4_export, tmp_path) -> 
     batches = [decode(m, expected_run_id=run) for m in seen]
     assert all(b.quantized is not None and b.quantized.scheme.bits == 4 for b in batches)
     assert all(m[5] & FLAG_PACKED for m in seen)
+    assert sum(bool(m[5] & FLAG_DEFLATE) for m in seen) > n // 2  # the cloud inflated them
     est = size_estimate(CODECS["int4"], load_manifest(out).cut_shape, 16, run_id=run,
                         device_id="robot-0")
     assert rep["payload_bytes_per_sample"] <= est.message_bytes_per_sample
     assert rep["payload_bytes_per_sample"] < rep["float32_bytes_per_sample"] / 6
-    # The cloud learned from the dequantized int4 activations: above chance (0.1) after 1 epoch.
-    assert summary["full_accuracy"] > 0.3, summary
+    # The cloud learned from the dequantized int4 activations (0.93 measured; chance is 0.1).
+    assert summary["full_accuracy"] > 0.6, summary
