@@ -38,8 +38,8 @@ RUN, DEVICE = "r-codec", "dev-1"
 
 @pytest.fixture(scope="module")
 def post_relu() -> torch.Tensor:
-    """A real post-ReLU activation: ResNet-18's stem (conv, BN, ReLU, max-pool... then
-    layer1, which ends in a ReLU) at init weights on 8 digits images upsampled to 3x32x32."""
+    """A real post-ReLU activation: ResNet-18's edge up to ``layer1`` (its blocks end in a
+    ReLU) at init weights, on 8 digits images upsampled to 3x32x32."""
     torch.manual_seed(0)
     built = build_segments("resnet18", "layer1", num_classes=10, input_shape=(3, 32, 32),
                            exit_cfg=ExitHeadConfig(channels=16))
@@ -153,7 +153,7 @@ def test_schema_and_registry_agree() -> None:
     assert base == set(CODECS)
 
 
-def _manifest_from_main_fixture(tmp: Path, codec: str, *extra: str) -> tuple[Path, dict]:
+def _export_smallcnn(tmp: Path, codec: str, *extra: str) -> tuple[Path, dict]:
     out = tmp / f"art-{codec.replace('+', '_')}"
     mean, std = digits_stats()
     r = run_cli("toolkit", "export", "--model", "smallcnn", "--input-shape", "1,8,8",
@@ -166,7 +166,7 @@ def _manifest_from_main_fixture(tmp: Path, codec: str, *extra: str) -> tuple[Pat
 
 @pytest.fixture(scope="module")
 def int4_export(tmp_path_factory) -> tuple[Path, dict]:
-    return _manifest_from_main_fixture(tmp_path_factory.mktemp("codec"), "int4")
+    return _export_smallcnn(tmp_path_factory.mktemp("codec"), "int4")
 
 
 def test_export_records_codec_and_bytes_per_sample(int4_export) -> None:
