@@ -43,6 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout, report=args.report, state_dir=args.state_dir,
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
         mode=args.mode, grad_timeout=args.grad_timeout, float_act=args.float_act,
+        codec=args.codec,
     ))
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -58,6 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{summary['wall_s']:.1f} s ({summary['batches_per_s']:.1f} batches/s, "
           f"{summary['backend']}); exit accuracy {summary['exit_accuracy']:.3f}; "
           f"{summary['payload_bytes_per_sample']:.0f} B/sample on the wire "
+          f"({summary['codec']}) "
           f"(float32 cut: {summary['float32_bytes_per_sample']} B); blocked on the link "
           f"{summary['publish_wait_s']:.2f} s; weights saved to {summary['weights_path']}")
     if summary.get("link"):
@@ -133,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use only this many training samples (before sharding)")
     sp.add_argument("--state-dir", default=".",
                     help="where to save edge_weights-<device>.pt (default: current directory)")
+    sp.add_argument("--codec", default=None,
+                    help="activation codec (int8, int4, int2, int8+deflate, int4+deflate, "
+                         "int2+deflate, float32; default: the manifest's)")
     sp.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                     help="ht: this method (default); split: classic split learning, waits for "
                          "the cloud's gradient every batch (torch backend); cloud: upload the "

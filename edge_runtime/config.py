@@ -46,6 +46,7 @@ class TrainConfig:
     mode: str = DEFAULT_MODE  # ht (this method), split or cloud (baselines), see toolkit.modes
     grad_timeout: float = DEFAULT_GRAD_TIMEOUT  # split only
     float_act: bool = False  # split only: send the cut activation as raw float32
+    codec: str | None = None  # toolkit.codec name; None: the manifest's (int8 if it has none)
 
 
 @dataclass

@@ -35,16 +35,17 @@ from tqdm import tqdm
 from edge_runtime.backends import TorchBackend
 from edge_runtime.config import TrainConfig
 from edge_runtime.publisher import Publisher
+from toolkit.codec import Codec, encode_activation, parse_codec
 from toolkit.data import Dataset, batches
 from toolkit.errors import HiertrainError, WireError
 from toolkit.manifest import Manifest
 from toolkit.messages import CLOUD_DEVICE, Status, decode_status, encode_weights
 from toolkit.modes import mismatch
-from toolkit.quant import QuantScheme, quantize
+from toolkit.quant import QuantScheme
 from toolkit.rewrites import host_stat_layers
 from toolkit.topics import act_topic, grad_topic, status_topic, weights_topic
 from toolkit.transport import Link
-from toolkit.wire import ActivationBatch, decode, encode
+from toolkit.wire import ActivationBatch, decode
 
 log = logging.getLogger("edge_runtime")
 
@@ -150,15 +151,22 @@ class GradInbox:
             return grad
 
 
-def split_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: Dataset,
-               backend: TorchBackend, link: Link, run: str, device: str) -> dict[str, Any]:
-    """Train ``cfg.epochs`` epochs of split learning; returns the edge report."""
+def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantScheme,
+               ds: Dataset, backend: TorchBackend, link: Link, run: str, device: str
+               ) -> dict[str, Any]:
+    """Train ``cfg.epochs`` epochs of split learning; returns the edge report.
+
+    The activation goes up in ``codec`` (the same one ht would use, so the
+    comparison is about the protocol, not the compression), or raw float32
+    with ``--float-act``.
+    """
     from edge_runtime.train import publish_done, weights_path
 
     bs = manifest.batch_size
     per_epoch = len(ds) // bs
     edge = backend.module.edge
     stat_layers = [m for _, m in host_stat_layers(edge)]
+    act_codec = parse_codec("float32") if cfg.float_act else codec
     inbox = GradInbox(link, run, device, (bs, *manifest.cut_shape))
     t_wait = time.monotonic()
     inbox.wait_for_cloud(cfg.grad_timeout)
@@ -184,10 +192,8 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: Da
                     backend.optimizer.zero_grad(set_to_none=True)
                     cut = edge(x)
                     act = cut.detach()
-                    form = {"raw": act} if cfg.float_act else {"quantized": quantize(act, scheme)}
-                    publisher.submit(topic, encode(ActivationBatch(
-                        run_id=run, device_id=device, seq=seq, epoch=epoch, batch_index=i,
-                        labels=y, **form)), kind="act")
+                    publisher.submit(topic, encode_activation(
+                        run, device, seq, epoch, i, act, y, act_codec, scheme), kind="act")
                     t_sent = time.monotonic()
                     grad = inbox.wait(seq, cfg.grad_timeout)
                     t_got = time.monotonic()
@@ -238,7 +244,8 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: Da
         "exit_accuracy": None,  # no exit head is trained in split learning
         "bytes_sent": link.bytes_sent,
         "act_bytes_sent": act_bytes,
-        "act_codec": "float32" if cfg.float_act else scheme.scheme_id,
+        "act_codec": act_codec.name,
+        "codec": act_codec.name,
         "payload_bytes_per_sample": act_bytes / max(samples, 1),
         "float32_bytes_per_sample": manifest.data["cut"]["float32_bytes_per_sample"],
         "malformed_grads": inbox.bad,

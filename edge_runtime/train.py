@@ -1,8 +1,10 @@
 """Edge training: local SGD on the edge segment + exit head, cut activations to the cloud.
 
 Per batch: one backend step (ExecuTorch program or eager torch), the cut
-activation quantized with the manifest's scheme (``toolkit.quant``), encoded with
-its labels (``toolkit.wire``) and handed to the :class:`~edge_runtime.publisher.Publisher`,
+activation coded with the manifest's codec, or ``--codec`` (``toolkit.codec``:
+quantized with the manifest's scheme at the codec's bits, packed, maybe
+deflated), encoded with its labels (``toolkit.wire``) and handed to the
+:class:`~edge_runtime.publisher.Publisher`,
 whose outbox decouples training from the network. The edge trains its own
 layers from its exit head's loss only; it never waits for, nor receives anything
 from, the cloud trainer.
@@ -46,15 +48,15 @@ from edge_runtime.backends import make_backend
 from edge_runtime.config import TrainConfig
 from edge_runtime.link import connect_edge
 from edge_runtime.publisher import Publisher
+from toolkit.codec import Codec, encode_activation, parse_codec
 from toolkit.data import Dataset, batches, load_dataset, normalize, shard
 from toolkit.errors import HiertrainError
 from toolkit.manifest import Manifest, load_manifest
 from toolkit.messages import Status, encode_weights
 from toolkit.modes import check_mode
-from toolkit.quant import QuantScheme, quantize
+from toolkit.quant import QuantScheme
 from toolkit.topics import act_topic, status_topic, validate_id, weights_topic
 from toolkit.transport import Link, LinkShape, drain_s, link_summary
-from toolkit.wire import ActivationBatch, encode
 
 log = logging.getLogger("edge_runtime")
 
@@ -137,6 +139,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         raise HiertrainError(f"--grad-timeout must be > 0 seconds, got {cfg.grad_timeout}")
     backend_name = resolve_backend(cfg.backend, mode)
     manifest = load_manifest(cfg.artifacts)  # verifies every artifact's sha256
+    codec = parse_codec(cfg.codec or manifest.codec_name)
     scheme = QuantScheme.from_dict(manifest.data["quantization"])
     ds = load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit, seed=cfg.seed,
                             normalized=mode != "cloud")
@@ -151,7 +154,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                                      extra={"backend": backend_name or "none",
                                             "samples": len(ds), "mode": mode}))
         setup_s = time.monotonic() - t0
-        summary = _mode_loop(mode)(cfg, manifest, scheme, ds, backend, link, run, device)
+        summary = _mode_loop(mode)(cfg, manifest, codec, scheme, ds, backend, link, run,
+                                   device)
         summary["setup_s"] = round(setup_s, 3)
         summary = {"mode": mode, **summary, **_link_totals(summary, link)}
     except BaseException as exc:
@@ -218,8 +222,8 @@ def publish_done(link: Link, run: str, device: str, *, epochs: int, seq: int, sa
                                  exit_accuracy=exit_accuracy, extra=extra))
 
 
-def _train_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: Dataset,
-                backend, link: Link, run: str, device: str) -> dict[str, Any]:
+def _train_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantScheme,
+                ds: Dataset, backend, link: Link, run: str, device: str) -> dict[str, Any]:
     bs = manifest.batch_size
     per_epoch = len(ds) // bs
     topic = act_topic(run, device)
@@ -245,10 +249,9 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: D
                     t = time.monotonic()
                     res = backend.step(x, y)
                     train_s += time.monotonic() - t
-                    msg = ActivationBatch(run_id=run, device_id=device, seq=seq, epoch=epoch,
-                                          batch_index=i, quantized=quantize(res.cut, scheme),
-                                          labels=y)
-                    publisher.submit(topic, encode(msg), kind="act")
+                    msg = encode_activation(run, device, seq, epoch, i, res.cut, y, codec,
+                                            scheme)
+                    publisher.submit(topic, msg, kind="act")
                     seq += 1
                     samples += len(y)
                     seen += len(y)
@@ -291,7 +294,8 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: D
 
     extra = {"wall_s": round(wall_s, 3), "bytes_sent": link.bytes_sent,
              "publish_wait_s": round(stats.publish_wait_s, 4), "train_s": round(train_s, 3),
-             "backend": backend.name, "epochs": cfg.epochs, "mode": "ht"}
+             "backend": backend.name, "epochs": cfg.epochs, "mode": "ht",
+             "codec": codec.name}
     _publish_status(link, Status(role="edge", device=device, run=run, state="done",
                                  epoch=cfg.epochs - 1, batches_published=seq,
                                  samples_published=samples, last_seq=seq - 1,
@@ -312,6 +316,7 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: D
         "publish_wait_s": stats.publish_wait_s,
         "batches_per_s": seq / max(wall_s, 1e-9),
         "backend": backend.name,
+        "codec": codec.name,
         "weights_path": str(path),
         "link": link_summary(link),
         "history": history,

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from edge_runtime.config import TrainConfig
 from edge_runtime.publisher import Publisher
+from toolkit.codec import Codec
 from toolkit.data import Dataset, batches
 from toolkit.images import encode_images
 from toolkit.manifest import Manifest
@@ -35,9 +36,13 @@ MODE = "cloud"
 FLUSH_TIMEOUT_S = 120.0
 
 
-def upload_loop(cfg: TrainConfig, manifest: Manifest, scheme: QuantScheme, ds: Dataset,
-                backend: None, link: Link, run: str, device: str) -> dict[str, Any]:
-    """Publish ``cfg.epochs`` epochs of images; returns the edge report."""
+def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantScheme,
+                ds: Dataset, backend: None, link: Link, run: str, device: str) -> dict[str, Any]:
+    """Publish ``cfg.epochs`` epochs of images; returns the edge report.
+
+    The images go losslessly whatever ``codec`` says: the codec is for cut
+    activations, and this baseline has none.
+    """
     from edge_runtime.train import publish_done
 
     bs = manifest.batch_size

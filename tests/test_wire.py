@@ -13,15 +13,23 @@ import torch
 from toolkit.errors import HiertrainError, WireError
 from toolkit.quant import DEFAULT_SCHEME, QuantScheme, quantize
 from toolkit.wire import (
+    FLAG_DEFLATE,
+    FLAG_PACKED,
     FORMAT_VERSION,
     MAGIC,
+    MAX_INFLATED_BYTES,
     MIN_MESSAGE_SIZE,
+    SUPPORTED_VERSIONS,
     ActivationBatch,
+    _split,
     decode,
     encode,
     header_overhead,
     header_size,
     message_size,
+    pack_codes,
+    plain_payload_size,
+    unpack_codes,
 )
 
 RUN, DEVICE = "run-7", "pi4.b"
@@ -186,9 +194,10 @@ def test_rejects_wrong_magic() -> None:
 
 
 def test_rejects_unsupported_version_naming_supported_ones() -> None:
+    assert FORMAT_VERSION == 2 and SUPPORTED_VERSIONS == (1, 2)
     data = bytearray(encode(_batch()))
-    data[4] = 2
-    with pytest.raises(WireError, match=r"version 2.*\[1\]") as exc:
+    data[4] = 3
+    with pytest.raises(WireError, match=r"version 3.*\[1, 2\]") as exc:
         decode(bytes(data))
     assert exc.value.reason == "version"
 
@@ -227,7 +236,11 @@ def test_truncated_but_resealed_message_is_truncated() -> None:
 
 
 def test_rejects_reserved_flags() -> None:
-    assert _reasons(_tamper(encode(_batch()), _O_FLAGS, "<B", 1)) == "flags"
+    for bit in range(2, 8):
+        assert _reasons(_tamper(encode(_batch()), _O_FLAGS, "<B", 1 << bit)) == "flags", bit
+    v1 = encode(_batch(), version=1)
+    for flags in (FLAG_PACKED, FLAG_DEFLATE):
+        assert _reasons(_tamper(v1, _O_FLAGS, "<B", flags)) == "flags"
 
 
 def test_rejects_wrong_header_len() -> None:
@@ -270,7 +283,9 @@ def test_rejects_float32_message_with_scheme_fields() -> None:
     assert _reasons(_tamper(data, _O_GRAN, "<B", 1)) == "scheme"
 
 
-def _raw_message(shape: tuple[int, ...], payload_len: int, *, n_scale: int = 0) -> bytes:
+def _raw_message(
+    shape: tuple[int, ...], payload_len: int, *, n_scale: int = 0, version: int = FORMAT_VERSION
+) -> bytes:
     """A float32-coded message with an arbitrary (possibly absurd) shape, built by hand."""
     ndim = len(shape)
     head = (
@@ -285,7 +300,7 @@ def _raw_message(shape: tuple[int, ...], payload_len: int, *, n_scale: int = 0) 
     header_len = 8 + len(head)
     body = (
         MAGIC
-        + struct.pack("<BBH", 1, 0, header_len)
+        + struct.pack("<BBH", version, 0, header_len)
         + head
         + struct.pack("<I", n_scale)
         + b"\x00" * (8 * n_scale)
@@ -300,6 +315,7 @@ def test_hand_built_message_matches_encoder() -> None:
     """Guards the test helper itself, so the absurd-size cases below mean something."""
     batch = ActivationBatch(RUN, DEVICE, 1, 2, 3, raw=torch.zeros(2, 3))
     assert _raw_message((2, 3), 24) == encode(batch)
+    assert _raw_message((2, 3), 24, version=1) == encode(batch, version=1)
 
 
 @pytest.mark.parametrize(
@@ -362,7 +378,8 @@ def test_rejects_nonzero_zero_point_for_symmetric() -> None:
 
 
 def test_rejects_codes_outside_narrow_bit_range() -> None:
-    data = encode(_batch(shape=(2, 3), scheme=QuantScheme(bits=4)))
+    """Version 1 stores 4-bit codes one per byte, so a code can be out of range."""
+    data = encode(_batch(shape=(2, 3), scheme=QuantScheme(bits=4)), version=1)
     assert _reasons(_tamper(data, len(data) - 5, "<b", 8)) == "payload"
     assert _reasons(_tamper(data, len(data) - 5, "<b", -9)) == "payload"
 
@@ -494,3 +511,239 @@ def test_wire_error_is_a_hiertrain_error_with_reason() -> None:
     err = WireError("x.", reason="crc")
     assert isinstance(err, HiertrainError) and err.reason == "crc"
     assert WireError("x.").reason == "malformed"
+
+
+# ----------------------------------------------------------------- version 2: packing, deflate
+
+# Written by the version 1 encoder (commit f18a50d): int4 per channel, shape [2, 3], labels 3, 9.
+_V1_INT4 = bytes.fromhex(
+    "48544142010032000572756e2d37057069342e62050000000000000001000000020000000104010001020200"
+    "00000300000003000000cdcccc3d8988883c8988083ef8fffffff8fffffff8ffffff01030000000900000006"
+    "000000fdf8070707f877fef695"
+)
+
+
+def _frame_payload_at(data: bytes) -> tuple[int, int]:
+    """(offset of payload_len, payload length) of an encoded message."""
+    n = len(_split(memoryview(data)).payload)  # payload: the last field before the CRC
+    return len(data) - 4 - n - 4, n
+
+
+def _with_payload(data: bytes, payload: bytes, flags: int | None = None) -> bytes:
+    """The same message with another payload (and flags), length and CRC fixed."""
+    at, _ = _frame_payload_at(data)
+    body = bytearray(data[:at]) + struct.pack("<I", len(payload)) + payload
+    if flags is not None:
+        body[_O_FLAGS] = flags
+    return _fix_crc(bytes(body))
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush()
+
+
+def test_version1_message_from_the_old_encoder_still_decodes() -> None:
+    batch = decode(_V1_INT4, expected_run_id=RUN)
+    q = batch.quantized
+    assert q is not None and q.scheme == QuantScheme(bits=4)
+    assert q.codes.tolist() == [[-3, -8, 7], [7, 7, -8]]
+    assert q.zero_point.tolist() == [-8, -8, -8]
+    assert batch.labels is not None and batch.labels.tolist() == [3, 9]
+    expected = torch.tensor([[0.5, 0.0, 2.0], [1.5, 0.25, 0.0]])
+    assert torch.allclose(batch.dequantized(), expected, atol=float(q.scale.max()) / 2)
+    # The new encoder still writes this layout on request, byte for byte.
+    again = ActivationBatch(RUN, DEVICE, 5, 1, 2, quantized=q, labels=batch.labels)
+    assert encode(again, version=1) == _V1_INT4
+    assert len(_V1_INT4) == message_size((2, 3), q.scheme, run_id=RUN, device_id=DEVICE,
+                                         version=1)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.scheme_id if s else "float32")
+def test_version1_round_trip(scheme: QuantScheme | None) -> None:
+    batch = _batch(scheme=scheme)
+    data = encode(batch, version=1)
+    assert data[4] == 1 and data[_O_FLAGS] == 0
+    _assert_same(batch, decode(data))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pack_unpack_every_code_value_and_layout(bits: int) -> None:
+    s = QuantScheme(bits=bits)
+    per_byte = 8 // bits
+    for n in range(1, 3 * per_byte + 2):
+        codes = (torch.arange(n) % (1 << bits) + s.qmin).to(torch.int8).numpy()
+        packed = pack_codes(codes, bits)
+        assert len(packed) == -(-n // per_byte)
+        assert unpack_codes(packed, bits, n).tolist() == codes.tolist()
+    # First element in the low bits, stored as code - qmin; zeros of an affine ReLU code pack to 0.
+    assert pack_codes(torch.tensor([s.qmin, s.qmax], dtype=torch.int8).numpy(), bits) == bytes(
+        [((1 << bits) - 1) << bits]
+    )
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("numel", [1, 7, 30, 31, 1001])
+def test_packed_message_sizes_are_exact(bits: int, numel: int) -> None:
+    scheme = QuantScheme(bits=bits, granularity="per_tensor")
+    batch = _batch(shape=(1, numel), scheme=scheme)
+    data = encode(batch)
+    packed = -(-numel * bits // 8)  # int4: ceil(n / 2), int2: ceil(n / 4)
+    assert plain_payload_size((1, numel), scheme) == packed
+    assert _frame_payload_at(data)[1] == packed
+    assert data[_O_FLAGS] == FLAG_PACKED
+    assert len(data) == message_size((1, numel), scheme, run_id=RUN, device_id=DEVICE)
+    assert header_overhead((1, numel), scheme, run_id=RUN, device_id=DEVICE) == len(data) - packed
+    _assert_same(batch, decode(data))
+
+
+def test_int8_and_float32_are_not_packed() -> None:
+    assert encode(_batch())[_O_FLAGS] == 0
+    assert encode(_batch(scheme=None))[_O_FLAGS] == 0
+
+
+def _post_relu(shape: tuple[int, ...] = (8, 16, 8, 8), seed: int = 0) -> torch.Tensor:
+    """Mostly zeros, like a cut layer after a ReLU with a negative bias."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.relu(torch.randn(shape, generator=g) - 1.0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.scheme_id if s else "float32")
+def test_deflate_round_trip_and_bound(scheme: QuantScheme | None) -> None:
+    x = _post_relu()
+    batch = ActivationBatch(RUN, DEVICE, 1, 2, 3, quantized=quantize(x, scheme) if scheme else None,
+                            raw=None if scheme else x, labels=torch.arange(8))
+    data = encode(batch, deflate=True)
+    assert data[_O_FLAGS] & FLAG_DEFLATE
+    assert len(data) < len(encode(batch)) <= message_size(x.shape, scheme, run_id=RUN,
+                                                          device_id=DEVICE)
+    _assert_same(batch, decode(data))
+
+
+def test_incompressible_payload_goes_plain() -> None:
+    x = torch.rand(4, 64, generator=torch.Generator().manual_seed(5))
+    q = quantize(x, QuantScheme(granularity="per_tensor"))  # uniform codes: nothing to squeeze
+    batch = ActivationBatch(RUN, DEVICE, 0, 0, 0, quantized=q)
+    data = encode(batch, deflate=True)
+    assert data[_O_FLAGS] == 0 and data == encode(batch)
+    _assert_same(batch, decode(data))
+
+
+def test_encode_refuses_deflate_in_version1_and_unknown_versions() -> None:
+    with pytest.raises(WireError):
+        encode(_batch(), deflate=True, version=1)
+    with pytest.raises(WireError):
+        encode(_batch(), version=3)
+
+
+def test_rejects_packed_flag_not_matching_bits() -> None:
+    assert _reasons(_tamper(encode(_batch()), _O_FLAGS, "<B", FLAG_PACKED)) == "codec"
+    assert _reasons(_tamper(encode(_batch(scheme=None)), _O_FLAGS, "<B", FLAG_PACKED)) == "codec"
+    int4 = encode(_batch(shape=(2, 3), scheme=QuantScheme(bits=4)))
+    assert _reasons(_tamper(int4, _O_FLAGS, "<B", 0)) == "codec"
+
+
+def test_rejects_wrong_packed_length() -> None:
+    data = encode(_batch(shape=(2, 3), scheme=QuantScheme(bits=4)))  # 6 codes -> 3 bytes
+    at, n = _frame_payload_at(data)
+    payload = data[at + 4 : at + 4 + n]
+    assert n == 3
+    assert _reasons(_with_payload(data, payload[:-1])) == "payload"
+    assert _reasons(_with_payload(data, payload + b"\x00")) == "payload"
+    assert _reasons(_with_payload(data, payload * 2)) == "payload"
+
+
+def test_rejects_nonzero_padding_bits() -> None:
+    data = encode(_batch(shape=(1, 5), scheme=QuantScheme(bits=2, granularity="per_tensor")))
+    at, n = _frame_payload_at(data)
+    payload = bytearray(data[at + 4 : at + 4 + n])
+    assert n == 2 and payload[1] >> 2 == 0
+    payload[1] |= 0x40  # bits of the (absent) 8th code
+    assert _reasons(_with_payload(data, bytes(payload))) == "payload"
+
+
+_INT4 = QuantScheme(bits=4)
+
+
+def _deflated(scheme: QuantScheme | None = _INT4) -> tuple[bytes, bytes]:
+    """A deflated message and its plain payload."""
+    data = encode(ActivationBatch(RUN, DEVICE, 0, 0, 0,
+                                  quantized=quantize(_post_relu(), scheme) if scheme else None,
+                                  raw=None if scheme else _post_relu(), labels=None),
+                  deflate=True)
+    at, n = _frame_payload_at(data)
+    assert data[_O_FLAGS] & FLAG_DEFLATE
+    plain = zlib.decompress(data[at + 4 : at + 4 + n], -15)
+    return data, plain
+
+
+def test_rejects_deflate_garbage() -> None:
+    data, plain = _deflated()
+    assert _reasons(_with_payload(data, b"\xff" * 20)) == "decompress"
+    assert _reasons(_with_payload(data, bytes(range(7, 200, 3)))) == "decompress"
+    # A zlib-wrapped stream is not a raw deflate stream.
+    assert _reasons(_with_payload(data, zlib.compress(plain))) == "decompress"
+
+
+def test_rejects_truncated_short_long_and_trailing_deflate_streams() -> None:
+    data, plain = _deflated()
+    stream = _raw_deflate(plain)
+    assert decode(_with_payload(data, stream)).quantized is not None  # the helper is sound
+    assert _reasons(_with_payload(data, stream[: len(stream) // 2])) == "decompress"
+    assert _reasons(_with_payload(data, _raw_deflate(plain[:-1]))) == "decompress"
+    assert _reasons(_with_payload(data, _raw_deflate(plain + b"\x00"))) == "decompress"
+    assert _reasons(_with_payload(data, stream + b"\x00")) == "decompress"
+
+
+def test_rejects_zip_bomb_without_inflating_it() -> None:
+    data, plain = _deflated()
+    bomb = _raw_deflate(b"\x00" * (64 << 20))  # 64 MiB of zeros in ~64 KiB
+    assert len(bomb) < len(plain) * 100
+    bomb_msg = _with_payload(data, bomb[: len(plain) - 1])
+    assert _reasons(bomb_msg) == "decompress"  # inflates past plain size (+1) and stops
+    # A stream that claims far more than the message holds, cut to fit the size rule.
+    small = _raw_deflate(b"\x00" * (len(plain) * 1000))
+    assert len(small) < len(plain)
+    assert _reasons(_with_payload(data, small)) == "decompress"
+
+
+def test_rejects_deflated_payload_not_shorter_than_plain() -> None:
+    data, plain = _deflated()
+    stored = zlib.compressobj(0, zlib.DEFLATED, -15)  # level 0: "stored" blocks, longer
+    longer = stored.compress(plain) + stored.flush()
+    assert len(longer) > len(plain)
+    assert _reasons(_with_payload(data, longer)) == "payload"
+
+
+def test_rejects_shape_announcing_more_than_the_inflate_limit() -> None:
+    shape = (1 << 13, MAX_INFLATED_BYTES // 4 // (1 << 13) + 1)  # float32: 4 bytes each
+    msg = _raw_message(shape, 0)
+    body = bytearray(msg[:-4])
+    body[_O_FLAGS] = FLAG_DEFLATE
+    stream = _raw_deflate(b"\x00" * 16)
+    at = len(body) - 4
+    body[at:] = struct.pack("<I", len(stream)) + stream
+    assert _reasons(_fix_crc(bytes(body))) == "decompress"
+
+
+def test_rejects_nonfinite_values_inside_a_deflated_float32_payload() -> None:
+    data, plain = _deflated(scheme=None)
+    bad = bytearray(plain)
+    struct.pack_into("<f", bad, 0, float("inf"))
+    assert _reasons(_with_payload(data, _raw_deflate(bytes(bad)))) == "nonfinite"
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fuzz_mutations_of_packed_deflated_messages_only_wire_error(bits: int) -> None:
+    rng = random.Random(bits)
+    data = encode(ActivationBatch(RUN, DEVICE, 0, 0, 0,
+                                  quantized=quantize(_post_relu((2, 4, 4, 4)),
+                                                     QuantScheme(bits=bits)),
+                                  labels=torch.arange(2)), deflate=True)
+    assert data[_O_FLAGS] & FLAG_DEFLATE
+    for _ in range(150):
+        for name, mutate in _mutations(data, rng).items():
+            try:
+                decode(mutate())
+            except WireError as exc:
+                assert exc.reason != "malformed", (name, str(exc))

@@ -86,6 +86,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         optimizer=OptimizerConfig(lr=args.lr, momentum=args.momentum,
                                   weight_decay=args.weight_decay),
         seed=args.seed, edge_norm=args.edge_norm, force=args.force, verify=not args.no_verify,
+        codec=args.codec,
     )
     manifest = export_artifacts(cfg, progress=lambda m: print(f"[export] {m}", file=sys.stderr))
     d = manifest.data
@@ -97,6 +98,10 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"batch {d['batch_size']}, cut {d['cut']['shape']}, "
           f"~{d['board']['estimated_train_mb']:.0f} MB of {d['board']['budget_mb']} MB "
           f"({d['board']['name']}); {check}")
+    size = d["cut"]["codec"]
+    bound = "exact" if size["size"] == "exact" else "at most; deflate is data-dependent"
+    print(f"codec {size['name']}: {size['message_bytes_per_sample']:.1f} bytes per sample on the "
+          f"wire ({bound}; float32 payload {d['cut']['float32_bytes_per_sample']})")
     return 0
 
 
@@ -209,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--momentum", type=float, default=0.9)
     sp.add_argument("--weight-decay", type=float, default=5e-4)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--codec", default="int8",
+                    help="activation codec on the wire: int8 (default), int4, int2, "
+                         "int8+deflate, int4+deflate, int2+deflate or float32")
     sp.add_argument("--edge-norm", choices=("batch", "group"), default=None,
                     help="normalisation in the edge segment (default: the model's)")
     sp.add_argument("--no-verify", action="store_true",

@@ -24,6 +24,7 @@ import torch
 
 from toolkit import __version__
 from toolkit.boards import BoardProfile, load_board
+from toolkit.codec import DEFAULT_CODEC, Codec, parse_codec, size_estimate
 from toolkit.errors import ExportError, HiertrainError
 from toolkit.exits import ExitHeadConfig
 from toolkit.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, sha256_file, validate
@@ -75,6 +76,7 @@ class ExportConfig:
     exit: ExitHeadConfig | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     quant: QuantScheme = DEFAULT_SCHEME
+    codec: str = DEFAULT_CODEC  # toolkit.codec name: bits on the wire and entropy coding
     seed: int = 0
     edge_norm: str | None = None
     force: bool = False
@@ -105,9 +107,12 @@ class _Plan:
     exit_cfg: ExitHeadConfig
     edge_norm: str
     estimate_mb: float
+    codec: Codec
+    quant: QuantScheme  # the manifest's scheme: cfg.quant with the codec's bits
 
 
 def _resolve(cfg: ExportConfig) -> _Plan:
+    codec = parse_codec(cfg.codec)
     board = load_board(cfg.board)
     spec = get_spec(cfg.model)
     split = cfg.split or spec.default_split
@@ -141,7 +146,8 @@ def _resolve(cfg: ExportConfig) -> _Plan:
         )
     return _Plan(board=board, split=split, shape=shape, mean=mean, std=std, batch=batch,
                  exit_cfg=exit_cfg, edge_norm=cfg.edge_norm or spec.edge_norm,
-                 estimate_mb=estimate)
+                 estimate_mb=estimate, codec=codec,
+                 quant=codec.scheme(cfg.quant) if codec.quantized else cfg.quant)
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
@@ -239,6 +245,12 @@ def _write(cfg: ExportConfig, plan: _Plan, built: BuiltSegments, tmp: Path,
     outputs += [_tensor(f"bn_mean:{n}", [m.num_features]) for n, m in stat_layers]
     outputs += [_tensor(f"bn_var:{n}", [m.num_features]) for n, m in stat_layers]
     n_cut = math.prod(cut)
+    codec_size = {"name": plan.codec.name,
+                  **size_estimate(plan.codec, cut, batch, plan.quant).to_dict()}
+    if plan.codec.deflate:
+        codec_size["note"] = ("deflate is data-dependent: the figures are the size before "
+                              "deflate, an upper bound; post-ReLU activations usually shrink a "
+                              "lot further")
     manifest = {
         "schema": "hiertrain.manifest",
         "schema_version": SCHEMA_VERSION,
@@ -251,10 +263,11 @@ def _write(cfg: ExportConfig, plan: _Plan, built: BuiltSegments, tmp: Path,
                   "cloud_stages": [n for n, _ in built.cloud.named_children()]},
         "exit_head": plan.exit_cfg.to_dict(),
         "cut": {"shape": cut, "dtype": "float32", "float32_bytes_per_sample": 4 * n_cut,
-                "int8_bytes_per_sample": n_cut},
+                "int8_bytes_per_sample": n_cut, "codec": codec_size},
         "batch_size": batch,
         "optimizer": cfg.optimizer.to_dict(),
-        "quantization": cfg.quant.to_dict(),
+        "quantization": plan.quant.to_dict(),
+        "codec": plan.codec.to_dict(),
         "programs": {
             "edge_train": {
                 "file": EDGE_TRAIN,

@@ -80,6 +80,11 @@ class Manifest:
     def cut_shape(self) -> tuple[int, ...]:
         return tuple(self.data["cut"]["shape"])
 
+    @property
+    def codec_name(self) -> str:
+        """The activation codec (``toolkit.codec``); manifests without one mean ``int8``."""
+        return self.data.get("codec", {}).get("name", "int8")
+
 
 def load_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
     """Read, validate and (by default) hash-check an artifacts directory."""

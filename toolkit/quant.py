@@ -43,9 +43,10 @@ give a zero scale; it gets ``scale = |c|`` (1.0 when ``c == 0``) and
 ``zero_point = 0`` instead, so it encodes as the code -1, 0 or 1 and
 round-trips exactly.
 
-Bits 2, 4 and 8 are valid scheme values; the codes are always stored one per
-``int8`` (clamped to the narrower range for fewer bits). Packing 2- and 4-bit
-codes is left for later.
+Bits 2, 4 and 8 are valid scheme values; in memory the codes are always one
+per ``int8`` (clamped to the narrower range for fewer bits). On the wire,
+``toolkit.wire`` (version 2) packs 2- and 4-bit codes 4 and 2 to a byte;
+``toolkit.codec`` names the combinations a sender may choose.
 
 NaN or Inf in an activation raises :class:`~toolkit.errors.WireError`: it means
 training diverged, and encoding it would hide that behind garbage codes.

@@ -4,15 +4,16 @@ Every activation batch the edge publishes, and every inference request, is one
 message in this format; the edge runtime and the cloud trainer share this
 module and nothing else about the bytes. The values it carries come from
 ``toolkit.quant``; this module only lays them out, checks them and refuses
-anything malformed.
+anything malformed. Which codes and which entropy coding a sender uses is the
+job of ``toolkit.codec``.
 
-Layout, version 1 (all integers little-endian)::
+Layout, version 2 (all integers little-endian)::
 
     field                 type              notes
     --------------------  ----------------  ----------------------------------------------
     magic                 4 bytes           b"HTAB"
-    version               u8                FORMAT_VERSION = 1
-    flags                 u8                reserved, must be 0
+    version               u8                FORMAT_VERSION = 2 (1 is still read, see below)
+    flags                 u8                bit 0 PACKED, bit 1 DEFLATE; bits 2-7 must be 0
     header_len            u16               bytes from the magic through the shape dims
     run_id                u8 len + utf-8    <= 255 bytes
     device_id             u8 len + utf-8    <= 255 bytes
@@ -32,13 +33,42 @@ Layout, version 1 (all integers little-endian)::
     zero_point            i32 x n_scale     in [qmin, qmax]; all 0 when symmetric
     has_labels            u8                0 or 1; inference requests carry no labels
     labels                i32 x N           only when has_labels == 1 (int64 in torch)
-    payload_len           u32               must equal prod(shape) x itemsize (1 or 4)
-    payload               bytes             codes (int8) or values (f32), C order
+    payload_len           u32               bytes of payload as sent (see "payload")
+    payload               bytes             the tensor, C order (see "payload")
     crc32                 u32               zlib.crc32 of every byte before it
+
+Payload. Let ``n = prod(shape)``. The *plain* payload is:
+
+    dtype, bits            PACKED  plain payload (``plain_payload_size``)
+    ---------------------  ------  -----------------------------------------------------
+    int8 codes, bits 8     0       n bytes, one signed code per byte
+    int8 codes, bits 2, 4  1       ceil(n * bits / 8) bytes: 8/bits codes per byte, the
+                                   unsigned value ``code - qmin`` (0..2**bits-1) of
+                                   element i at bit offset ``(i % (8/bits)) * bits`` of
+                                   byte ``i // (8/bits)`` (first element in the low bits);
+                                   unused high bits of the last byte are 0
+    float32                0       4n bytes, little-endian f32
+
+PACKED is set exactly when the codes have fewer than 8 bits (so ``post-ReLU``
+zeros, coded ``qmin`` by an affine scheme, pack to 0 bits). If DEFLATE is set,
+``payload`` is the plain payload compressed as a raw deflate stream (RFC 1951,
+``zlib`` with ``wbits=-15``; the CRC32 already guards the bytes, so no zlib
+header or Adler-32), and it must be shorter than the plain payload: a sender
+whose data does not compress sends it plain with DEFLATE clear, so
+:func:`message_size` is exact without DEFLATE and an upper bound with it. The
+receiver inflates at most ``plain_payload_size + 1`` bytes
+(``zlib.decompressobj().decompress(data, max_length)``) and requires exactly
+the plain size and a complete stream with nothing after it, so a small message
+can never make it allocate more than the shape announces; a shape announcing
+more than ``MAX_INFLATED_BYTES`` is refused before inflating.
+
+Version 1 is version 2 with ``flags`` always 0 (no packing, no deflate; 2- and
+4-bit codes one per byte). This build still decodes it; it always writes
+version 2.
 
 ``header_len`` covers only the bounded part (at most 574 bytes), so it always
 fits its u16 and a logger can read the routing fields without touching the
-tensor sections; version 1 decoders require it to be exact.
+tensor sections; decoders require it to be exact.
 
 :func:`decode` raises :class:`~toolkit.errors.WireError`, and nothing else, on
 any malformed input; its ``reason`` attribute is a stable code a receiver can
@@ -51,8 +81,16 @@ count drops by. The checks run in this order, so each reason means one thing:
    field also shows up as ``truncated`` or ``trailing``.
 2. ``crc``: anything else damaged in transit.
 3. Checks on a message that arrived intact, i.e. a sender bug or version
-   skew: ``flags``, ``header``, ``utf8``, ``run_id``, ``dtype``, ``scheme``,
-   ``shape``, ``scale``, ``labels``, ``payload``, ``nonfinite``.
+   skew: ``flags`` (an undefined flag bit, or any flag in version 1),
+   ``header``, ``utf8``, ``run_id``, ``dtype``, ``shape``, ``scheme``,
+   ``codec`` (PACKED not set exactly for 2- and 4-bit codes of a version 2
+   message), ``payload`` (a plain payload of the wrong length, a deflated one
+   not shorter than the plain size), ``decompress`` (a DEFLATE payload that is
+   not a valid raw deflate stream, ends early, inflates to more or fewer bytes
+   than the plain size, or has bytes after its end; or a shape whose plain
+   payload exceeds ``MAX_INFLATED_BYTES``), ``nonfinite`` (float32 values),
+   ``scale``, ``payload`` again (nonzero padding bits of a packed payload,
+   2- or 4-bit codes outside their range in a version 1 message), ``labels``.
 """
 
 from __future__ import annotations
@@ -69,8 +107,22 @@ from toolkit.errors import WireError
 from toolkit.quant import GRANULARITIES, QuantizedTensor, QuantScheme, dequantize
 
 MAGIC = b"HTAB"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+
+FLAG_PACKED = 0x01
+"""Codes of fewer than 8 bits are bit-packed (version 2)."""
+FLAG_DEFLATE = 0x02
+"""The payload is a raw deflate stream of the plain payload (version 2)."""
+_KNOWN_FLAGS = {1: 0, 2: FLAG_PACKED | FLAG_DEFLATE}
+
+MAX_INFLATED_BYTES = 1 << 27
+"""Largest plain payload (128 MiB) a DEFLATE message may announce; bounds the receiver's memory."""
+DEFLATE_LEVEL = 1
+"""zlib level the encoder uses. Measured on cut activations (docs/codecs.md): level 6 saves only
+2-11 % more bytes than level 1 at 2-5x the CPU time, and the encoding runs in the edge's training
+loop while the link time overlaps with it (the outbox)."""
+_WBITS = -15  # raw deflate: no zlib header or Adler-32, the message CRC covers the bytes
 
 DTYPE_INT8 = 1
 DTYPE_FLOAT32 = 2
@@ -142,6 +194,21 @@ def header_size(ndim: int, *, run_id: str = "", device_id: str = "") -> int:
     )
 
 
+def plain_payload_size(
+    shape: tuple[int, ...] | list[int] | torch.Size,
+    scheme: QuantScheme | None,
+    *,
+    version: int = FORMAT_VERSION,
+) -> int:
+    """Bytes of the payload before any deflate: packed codes, int8 codes or float32 values."""
+    n = math.prod(int(d) for d in shape)
+    if scheme is None:
+        return 4 * n
+    if version >= 2 and scheme.bits < 8:
+        return -(-n * scheme.bits // 8)
+    return n
+
+
 def message_size(
     shape: tuple[int, ...] | list[int] | torch.Size,
     scheme: QuantScheme | None,
@@ -149,16 +216,19 @@ def message_size(
     run_id: str = "",
     device_id: str = "",
     has_labels: bool = True,
+    version: int = FORMAT_VERSION,
 ) -> int:
-    """Exact encoded size of a message; ``scheme=None`` means raw float32.
+    """Encoded size of a message; ``scheme=None`` means raw float32.
 
-    Used for bytes-per-sample reporting without encoding anything.
+    Exact for messages without DEFLATE (2- and 4-bit codes are packed in
+    version 2), and an upper bound for deflated ones, whose payload is by
+    construction shorter than the plain one. Used for bytes-per-sample
+    reporting and planning without encoding anything.
     """
     shape = tuple(int(d) for d in shape)
     if scheme is None:
-        n_scale, itemsize = 0, 4
+        n_scale = 0
     else:
-        itemsize = 1
         n_scale = shape[scheme.channel_axis] if scheme.granularity == "per_channel" else 1
     n = shape[0] if has_labels else 0
     return (
@@ -168,7 +238,7 @@ def message_size(
         + 1
         + 4 * n
         + _U32.size
-        + math.prod(shape) * itemsize
+        + plain_payload_size(shape, scheme, version=version)
         + 4
     )
 
@@ -180,11 +250,75 @@ def header_overhead(
     run_id: str = "",
     device_id: str = "",
     has_labels: bool = True,
+    version: int = FORMAT_VERSION,
 ) -> int:
-    """Bytes of a message that are not activation payload (header, scales, labels, CRC)."""
-    itemsize = 4 if scheme is None else 1
-    total = message_size(shape, scheme, run_id=run_id, device_id=device_id, has_labels=has_labels)
-    return total - math.prod(int(d) for d in shape) * itemsize
+    """Bytes of a message that are not activation payload (header, scales, labels, CRC).
+
+    Exact whatever the payload's coding: deflate changes only the payload.
+    """
+    total = message_size(shape, scheme, run_id=run_id, device_id=device_id,
+                         has_labels=has_labels, version=version)
+    return total - plain_payload_size(shape, scheme, version=version)
+
+
+# --------------------------------------------------------------------------- bit packing
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    """Pack signed ``bits``-bit codes (2 or 4) as ``code - qmin``, low bits first."""
+    per_byte = 8 // bits
+    qmin = -(1 << (bits - 1))
+    flat = codes.reshape(-1)
+    u = (flat.astype(np.int8, copy=False) - np.int8(qmin)).view(np.uint8)  # 0..2**bits-1
+    pad = -len(u) % per_byte
+    if pad:
+        u = np.concatenate([u, np.zeros(pad, dtype=np.uint8)])
+    out = u[0::per_byte].copy()
+    for j in range(1, per_byte):
+        out |= u[j::per_byte] << np.uint8(j * bits)
+    return out.tobytes()
+
+
+def unpack_codes(data: bytes | memoryview, bits: int, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: ``n`` int8 codes; ``WireError("payload")`` on bad padding."""
+    per_byte = 8 // bits
+    if len(data) != -(-n * bits // 8):
+        raise WireError(
+            f"packed payload is {len(data)} bytes but {n} {bits}-bit codes need "
+            f"{-(-n * bits // 8)}.",
+            reason="payload",
+        )
+    raw = np.frombuffer(data, dtype=np.uint8)
+    mask = np.uint8((1 << bits) - 1)
+    u = np.empty(len(raw) * per_byte, dtype=np.uint8)
+    for j in range(per_byte):
+        u[j::per_byte] = (raw >> np.uint8(j * bits)) & mask
+    if u[n:].any():
+        raise WireError("unused bits of the last packed byte must be 0.", reason="payload")
+    codes = u[:n].view(np.int8)
+    codes += np.int8(-(1 << (bits - 1)))  # in place: u is ours, 0..2**bits-1 -> qmin..qmax
+    return codes
+
+
+def _inflate(payload: memoryview, plain_size: int) -> bytes:
+    """Inflate a raw deflate stream to exactly ``plain_size`` bytes, never more than one extra."""
+    d = zlib.decompressobj(wbits=_WBITS)
+    try:
+        out = d.decompress(payload, plain_size + 1)
+    except zlib.error as exc:
+        raise WireError(f"payload is not a valid deflate stream: {exc}.",
+                        reason="decompress") from None
+    if len(out) != plain_size:
+        raise WireError(
+            f"deflated payload inflates to {'more than ' if len(out) > plain_size else ''}"
+            f"{len(out)} bytes, the shape needs {plain_size}.",
+            reason="decompress",
+        )
+    if not d.eof:
+        raise WireError("deflated payload ends before its stream does.", reason="decompress")
+    if d.unused_data or d.unconsumed_tail:
+        raise WireError("bytes follow the end of the deflate stream.", reason="decompress")
+    return out
 
 
 # --------------------------------------------------------------------------- encode
@@ -218,8 +352,21 @@ def _check_shape(shape: tuple[int, ...]) -> None:
         )
 
 
-def encode(batch: ActivationBatch) -> bytes:
-    """Serialise a batch; raises :class:`WireError` if it cannot be represented."""
+def encode(batch: ActivationBatch, *, deflate: bool = False,
+           version: int = FORMAT_VERSION) -> bytes:
+    """Serialise a batch; raises :class:`WireError` if it cannot be represented.
+
+    2- and 4-bit codes are bit-packed. ``deflate=True`` deflates the payload
+    when that makes it shorter (otherwise it goes plain, flag clear).
+    ``version=1`` writes the old layout for receivers not yet upgraded (no
+    packing, no deflate).
+    """
+    if version not in SUPPORTED_VERSIONS:
+        raise WireError(f"cannot write wire version {version}; this build writes "
+                        f"{list(SUPPORTED_VERSIONS)}.", reason="version")
+    if deflate and version < 2:
+        raise WireError("deflate needs wire format version 2.", reason="codec")
+    flags = 0
     run_id = _id_bytes("run_id", batch.run_id)
     device_id = _id_bytes("device_id", batch.device_id)
     _check_uint("seq", batch.seq, _U64_MAX)
@@ -262,7 +409,18 @@ def encode(batch: ActivationBatch) -> bytes:
             + q.scale.detach().cpu().to(torch.float32).numpy().astype("<f4").tobytes()
             + q.zero_point.detach().cpu().to(torch.int32).numpy().astype("<i4").tobytes()
         )
-        payload = q.codes.detach().cpu().contiguous().numpy().tobytes()
+        codes = q.codes.detach().cpu().contiguous().numpy()
+        if version >= 2 and scheme.bits < 8:
+            if codes.size and (codes.min() < scheme.qmin or codes.max() > scheme.qmax):
+                raise WireError(
+                    f"codes fall outside [{scheme.qmin}, {scheme.qmax}] for "
+                    f"{scheme.bits}-bit quantization.",
+                    reason="payload",
+                )
+            payload = pack_codes(codes, scheme.bits)
+            flags |= FLAG_PACKED
+        else:
+            payload = codes.tobytes()
     else:
         assert batch.raw is not None
         if not batch.raw.is_floating_point():
@@ -298,10 +456,16 @@ def encode(batch: ActivationBatch) -> bytes:
             raise WireError("labels must fit in int32.", reason="labels")
         labels = _U8.pack(1) + lab64.numpy().astype("<i4").tobytes()
 
+    if deflate:
+        c = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, _WBITS)
+        packed = c.compress(payload) + c.flush()
+        if len(packed) < len(payload):
+            payload = packed
+            flags |= FLAG_DEFLATE
     header_len = header_size(len(shape), run_id=batch.run_id, device_id=batch.device_id)
     body = b"".join(
         (
-            _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, header_len),
+            _PREAMBLE.pack(MAGIC, version, flags, header_len),
             _U8.pack(len(run_id)),
             run_id,
             _U8.pack(len(device_id)),
@@ -353,6 +517,7 @@ class _Reader:
 class _Frame:
     """The fields of a message, sliced but not yet validated."""
 
+    version: int
     flags: int
     header_len: int
     header_end: int
@@ -395,7 +560,7 @@ def _split(data: memoryview) -> _Frame:
             reason="truncated",
         )
     r = _Reader(data)
-    _, _, flags, header_len = r.unpack(_PREAMBLE)
+    _, version, flags, header_len = r.unpack(_PREAMBLE)
     run_id = r.take(r.u8())
     device_id = r.take(r.u8())
     seq, epoch, batch_index = r.unpack(_COUNTERS)
@@ -412,6 +577,7 @@ def _split(data: memoryview) -> _Frame:
     if r.pos != len(data):
         raise WireError(f"{len(data) - r.pos} trailing byte(s) after the CRC.", reason="trailing")
     return _Frame(
+        version,
         flags,
         header_len,
         header_end,
@@ -452,13 +618,8 @@ def _decode_tensor(f: _Frame) -> tuple[QuantizedTensor | None, torch.Tensor | No
         )
     _check_shape(f.shape)
     numel = math.prod(f.shape)
-    expected = numel * _ITEMSIZE[f.dtype]
-    if len(f.payload) != expected:
-        raise WireError(
-            f"payload is {len(f.payload)} bytes but shape {list(f.shape)} needs {expected}.",
-            reason="payload",
-        )
 
+    scheme: QuantScheme | None = None
     if f.dtype == DTYPE_FLOAT32:
         if (f.bits, f.granularity, f.symmetric, f.channel_axis, f.n_scale) != (
             RAW_BITS,
@@ -471,31 +632,60 @@ def _decode_tensor(f: _Frame) -> tuple[QuantizedTensor | None, torch.Tensor | No
                 "a float32 message must have bits 32, no scheme fields and no scales.",
                 reason="scheme",
             )
-        values = np.frombuffer(f.payload, dtype="<f4").astype(np.float32).reshape(f.shape)
-        if not np.isfinite(values).all():
-            raise WireError("float32 activation contains NaN or Inf.", reason="nonfinite")
-        return None, torch.from_numpy(values)
-
-    if f.granularity >= len(GRANULARITIES) or f.symmetric > 1:
-        raise WireError(
-            f"invalid scheme fields: granularity {f.granularity}, symmetric {f.symmetric}.",
-            reason="scheme",
+    else:
+        if f.granularity >= len(GRANULARITIES) or f.symmetric > 1:
+            raise WireError(
+                f"invalid scheme fields: granularity {f.granularity}, symmetric {f.symmetric}.",
+                reason="scheme",
+            )
+        scheme = QuantScheme(
+            bits=f.bits,
+            granularity=GRANULARITIES[f.granularity],
+            symmetric=bool(f.symmetric),
+            channel_axis=f.channel_axis,
         )
-    scheme = QuantScheme(
-        bits=f.bits,
-        granularity=GRANULARITIES[f.granularity],
-        symmetric=bool(f.symmetric),
-        channel_axis=f.channel_axis,
-    )
-    if scheme.granularity == "per_channel":
-        if scheme.channel_axis >= len(f.shape):
+        if scheme.granularity == "per_channel" and scheme.channel_axis >= len(f.shape):
             raise WireError(
                 f"channel_axis {scheme.channel_axis} is out of range for shape {list(f.shape)}.",
                 reason="scheme",
             )
-        n_expected = f.shape[scheme.channel_axis]
-    else:
-        n_expected = 1
+
+    packed = f.version >= 2 and scheme is not None and scheme.bits < 8
+    if bool(f.flags & FLAG_PACKED) != packed:
+        raise WireError(
+            f"the PACKED flag must be set exactly for 2- and 4-bit codes; flags "
+            f"{f.flags:#04x} with {'float32' if scheme is None else f'{scheme.bits}-bit codes'}.",
+            reason="codec",
+        )
+    plain_size = plain_payload_size(f.shape, scheme, version=f.version)
+    payload: bytes | memoryview = f.payload
+    if f.flags & FLAG_DEFLATE:
+        if plain_size > MAX_INFLATED_BYTES:
+            raise WireError(
+                f"the shape announces a {plain_size}-byte payload, over the "
+                f"{MAX_INFLATED_BYTES}-byte limit for deflated messages.",
+                reason="decompress",
+            )
+        if len(payload) >= plain_size:
+            raise WireError(
+                f"deflated payload is {len(payload)} bytes, not shorter than the "
+                f"{plain_size} bytes it stands for; a sender sends such data plain.",
+                reason="payload",
+            )
+        payload = _inflate(payload, plain_size)
+    elif len(payload) != plain_size:
+        raise WireError(
+            f"payload is {len(payload)} bytes but shape {list(f.shape)} needs {plain_size}.",
+            reason="payload",
+        )
+
+    if scheme is None:
+        values = np.frombuffer(payload, dtype="<f4").astype(np.float32).reshape(f.shape)
+        if not np.isfinite(values).all():
+            raise WireError("float32 activation contains NaN or Inf.", reason="nonfinite")
+        return None, torch.from_numpy(values)
+
+    n_expected = f.shape[scheme.channel_axis] if scheme.granularity == "per_channel" else 1
     if f.n_scale != n_expected:
         raise WireError(
             f"{f.n_scale} scale entries, expected {n_expected} for "
@@ -510,8 +700,12 @@ def _decode_tensor(f: _Frame) -> tuple[QuantizedTensor | None, torch.Tensor | No
         raise WireError("a symmetric scheme must have all-zero zero points.", reason="scale")
     if ((zero_point < scheme.qmin) | (zero_point > scheme.qmax)).any():
         raise WireError(f"zero points must lie in [{scheme.qmin}, {scheme.qmax}].", reason="scale")
-    codes = np.frombuffer(f.payload, dtype=np.int8).reshape(f.shape).copy()
-    if scheme.bits < 8 and numel and (codes.min() < scheme.qmin or codes.max() > scheme.qmax):
+    if packed:
+        codes = unpack_codes(payload, scheme.bits, numel).reshape(f.shape)
+    else:
+        codes = np.frombuffer(payload, dtype=np.int8).reshape(f.shape).copy()
+    # Packed codes are in range by construction; one-per-byte (version 1) ones may not be.
+    if not packed and scheme.bits < 8 and (codes.min() < scheme.qmin or codes.max() > scheme.qmax):
         raise WireError(
             f"codes fall outside [{scheme.qmin}, {scheme.qmax}] for "
             f"{scheme.bits}-bit quantization.",
@@ -552,9 +746,10 @@ def _decode(data: bytes, expected_run_id: str | None) -> ActivationBatch:
     if zlib.crc32(view[:body_len]) != crc:
         raise WireError("CRC mismatch: the message was damaged in transit.", reason="crc")
 
-    if f.flags != 0:
+    if f.flags & ~_KNOWN_FLAGS[f.version]:
         raise WireError(
-            f"reserved flags must be 0 in version {FORMAT_VERSION}, got {f.flags:#04x}.",
+            f"undefined flag bits {f.flags & ~_KNOWN_FLAGS[f.version]:#04x} in a version "
+            f"{f.version} message (flags {f.flags:#04x}).",
             reason="flags",
         )
     if f.header_len != f.header_end:
