@@ -227,6 +227,7 @@ class CloudRun:
         self.weights: dict[str, WeightsItem] = {}
         self.failed: dict[str, int] = {}
         self.batches_trained = 0
+        self.last_batch_unix: float | None = None  # wall clock of the last trained batch
         self.samples_trained = 0
         self.resumed_batches = 0
         self.window = _Window()
@@ -568,6 +569,7 @@ class CloudRun:
     def _dispatch(self, item: Any, bar: Any) -> None:
         if isinstance(item, ActItem):
             self.train_batch(item)
+            self.last_batch_unix = time.time()
             bar.update(1)
             self._periodic()
         elif isinstance(item, StatusItem):
@@ -635,6 +637,7 @@ class CloudRun:
             "eval_data": self.evaluator.name,
             "eval_samples": len(self.evaluator),
             "wall_s": round(wall_s, 3),
+            "last_batch_unix": self.last_batch_unix,
             "bytes_received": link.bytes_received,
             "messages_received": link.messages_received,
             "max_queue_depth": ingest.max_queue_depth,

@@ -154,9 +154,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                                      extra={"backend": backend_name or "none",
                                             "samples": len(ds), "mode": mode}))
         setup_s = time.monotonic() - t0
+        started_unix = time.time()
         summary = _mode_loop(mode)(cfg, manifest, codec, scheme, ds, backend, link, run,
                                    device)
         summary["setup_s"] = round(setup_s, 3)
+        # Wall-clock stamps (not monotonic): toolkit bench lines them up with the
+        # cloud trainer's on the same machine to time a whole run.
+        summary["started_unix"] = started_unix
+        summary["finished_unix"] = time.time()
         summary = {"mode": mode, **summary, **_link_totals(summary, link)}
     except BaseException as exc:
         _report_failure(link, run, device, exc)

@@ -221,17 +221,21 @@ def _row(spec: RunSpec, res: dict[str, Any], data_name: str, float32_bytes: int
     # batch, both stamped with the wall clock of this one machine. Process
     # start-up and the final evaluation are not training.
     start = edge["started_unix"]
-    end = max(edge["finished_unix"], cloud["last_batch_unix"])
+    end = max(edge["finished_unix"], cloud["last_batch_unix"] or 0.0)
     samples = edge["samples_published"]
-    up = edge["training_bytes_up"]
-    down = edge["training_bytes_down"]
+    # Training traffic: what the edge sent for training (activations, or images)
+    # and what the cloud sent back (split learning's gradients). The one-off
+    # upload of the edge weights at the end, and status messages, are in
+    # bytes_up_total.
+    up = edge["act_bytes_sent"]
+    down = cloud["bytes_down"]
     return {
         "model": spec.model, "split": spec.split, "mode": spec.mode,
         "schedule": spec.schedule, "link_mbps": spec.link_mbps,
         "latency_ms": spec.latency_ms if spec.link_mbps is not None else 0.0,
         "codec": spec.codec if spec.mode != "cloud" else "uint8-images",
         "samples": samples, "epochs": spec.epochs, "wall_s": round(end - start, 3),
-        "bytes_up": up, "bytes_down": down,
+        "bytes_up": up, "bytes_down": down, "bytes_up_total": edge["bytes_up"],
         "bytes_per_sample_up": round(up / max(samples, 1), 1),
         "float32_cut_bytes_per_sample": float32_bytes,
         "full_accuracy": cloud["full_accuracy"],

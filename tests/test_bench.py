@@ -1,0 +1,86 @@
+"""toolkit bench: the sweep's arithmetic, and one real shaped sweep through a real broker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from toolkit.bench import BenchConfig, markdown_table, plan_runs, reductions, runtime_samples
+from toolkit.errors import HiertrainError
+
+
+def test_runtime_samples_bound_the_slowest_modes_link_time() -> None:
+    cfg = BenchConfig(samples=512, max_link_s=100.0, batch=32)
+    # 10 kB up + 40 kB down per sample at 1 Mbit/s: 0.4 s per sample -> 250 fit -> 224.
+    assert runtime_samples(cfg, 1.0, 10_000, 40_000) == 224
+    assert runtime_samples(cfg, 1000.0, 10_000, 40_000) == 512  # capped by samples
+    assert runtime_samples(cfg, 0.001, 10_000, 40_000) == 64  # never below two batches
+
+
+def test_plan_gives_every_mode_the_same_samples_at_a_rate() -> None:
+    cfg = BenchConfig(models=("smallcnn",), rates_mbps=(0.5, 50.0), extra_codecs=("int4",))
+    runs = plan_runs(cfg, (3, 32, 32))
+    by_rate: dict = {}
+    for r in runs:
+        if r.schedule == "runtime":
+            by_rate.setdefault(r.link_mbps, set()).add(r.samples)
+    assert {k: len(v) for k, v in by_rate.items()} == {0.5: 1, 50.0: 1}
+    assert by_rate[0.5] != by_rate[50.0]
+    acc = [r for r in runs if r.schedule == "accuracy"]
+    assert sorted((r.mode, r.codec) for r in acc) == [
+        ("cloud", "int8"), ("ht", "int4"), ("ht", "int8"), ("split", "int8")]
+    assert all(r.link_mbps is None for r in acc)
+
+
+def test_reductions_and_table() -> None:
+    def row(mode: str, wall: float) -> dict:
+        return {"model": "m", "mode": mode, "schedule": "runtime", "link_mbps": 1.0,
+                "samples": 64, "wall_s": wall, "data": "d"}
+
+    rows = [row("ht", 25.0), row("split", 100.0), row("cloud", 50.0)]
+    (e,) = reductions(rows)
+    assert e["reduction_vs_split"] == 0.75 and e["reduction_vs_cloud"] == 0.5
+    table = markdown_table(rows, [e])
+    assert "| m | 1 | 64 | 25.0 | 100.0 | 50.0 | 75 % | 50 % |" in table
+
+
+def test_bad_config_is_refused() -> None:
+    with pytest.raises(HiertrainError, match="mode"):
+        BenchConfig(modes=("ht", "bogus")).check()
+    with pytest.raises(HiertrainError, match="rates"):
+        BenchConfig(rates_mbps=(0.0,)).check()
+
+
+def test_bench_cli_refuses_unknown_model(cli, tmp_path: Path) -> None:
+    r = cli("toolkit", "bench", "--models", "nope", "--out", str(tmp_path), timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nope" in r.stderr
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_bench_runs_every_mode_on_a_shaped_link(cli, tmp_path: Path) -> None:
+    """Three real runs (ht, split, cloud) at 2 Mbit/s: rows, reductions, plots, all from data."""
+    r = cli("toolkit", "bench", "--models", "smallcnn", "--rates", "2", "--samples", "128",
+            "--schedules", "runtime", "--data", "digits", "--broker", "embedded",
+            "--latency-ms", "50", "--out", str(tmp_path), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "lowbitrate.json").read_text())
+    assert sorted(x["mode"] for x in rows) == ["cloud", "ht", "split"]
+    by = {x["mode"]: x for x in rows}
+    for x in rows:
+        assert x["samples"] == 128 and x["link_mbps"] == 2.0 and x["wall_s"] > 0
+        assert x["batches_trained"] == 4
+        assert x["predicted_s"] is not None and x["predicted_s"] > 0
+        # The shaper is honest: a run cannot beat its own traffic through the link.
+        assert x["wall_s"] >= (x["bytes_up"] * 8 / 2e6) * 0.95
+    assert by["split"]["bytes_down"] > by["split"]["bytes_up"]  # float32 gradients back
+    assert by["ht"]["bytes_down"] == 0 and by["cloud"]["bytes_down"] == 0
+    assert by["ht"]["exit_accuracy"] is not None and by["split"]["exit_accuracy"] is None
+    # split's gradients make it the slowest on this link; every figure is measured.
+    assert by["split"]["wall_s"] > by["ht"]["wall_s"]
+    for name in ("lowbitrate.csv", "lowbitrate_runtime.png", "lowbitrate.md",
+                 "lowbitrate_reductions.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "HT vs split" in (tmp_path / "lowbitrate.md").read_text()
