@@ -141,7 +141,8 @@ class ReliableChannel:
         self._tx_next = 0  # next sequence number to assign
         self._tx_base = 0  # oldest unacknowledged
         self._inflight: dict[int, _Outgoing] = {}
-        self._pending: collections.deque[tuple[bytes, int]] = collections.deque()  # (payload, flags)
+        # (payload, flags) of fragments not yet sent
+        self._pending: collections.deque[tuple[bytes, int]] = collections.deque()
         self._tx_limit = tx_queue_frames
         self._peer_window = window
         self._send_lock = threading.Lock()  # keeps one message's fragments contiguous
