@@ -91,6 +91,7 @@ class _Outgoing:
     sent_at: float = 0.0
     retransmitted: bool = False
     kick: bool = False  # known lost (a later frame got through): resend now
+    timeouts: int = 0  # consecutive timeouts: this frame's timer backs off 2**timeouts
 
 
 def _dist(a: int, b: int) -> int:
@@ -374,6 +375,14 @@ class ReliableChannel:
         return encode_ack(AckFrame(self._session, self._peer_session or 0, self._rx_next, sack,
                                    window))
 
+    def _due(self, out: _Outgoing) -> float:
+        """When ``out`` times out: the RTO, doubled per timeout of this frame (Karn) while the
+        peer is silent. A dedicated line has no congestion to back off from: if the peer was
+        heard after the frame went out, the frame was merely damaged and the plain RTO holds."""
+        alive = self.last_heard > out.sent_at
+        backoff = 1 if alive else 1 << min(out.timeouts, 8)
+        return out.sent_at + min(MAX_RTO_S, self._rto * backoff)
+
     def _next_action(self, now: float) -> tuple[bytes | None, float]:
         """(frame to write, or None and how long to wait); called with the lock held."""
         if self._ack_due:
@@ -388,12 +397,12 @@ class ReliableChannel:
             self.stats.frames_retransmitted += 1
             return out.wire, 0.0
         if self._inflight:
-            oldest = min(self._inflight.values(), key=lambda o: o.sent_at)
-            due = oldest.sent_at + self._rto
+            oldest = min(self._inflight.values(), key=self._due)
+            due = self._due(oldest)
             if due <= now:
                 oldest.retransmitted = True
                 oldest.sent_at = now
-                self._rto = min(MAX_RTO_S, self._rto * 2)
+                oldest.timeouts += 1
                 self.stats.frames_retransmitted += 1
                 return oldest.wire, 0.0
             wake = min(wake, due)

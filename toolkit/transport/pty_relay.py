@@ -29,9 +29,12 @@ class RelayStats:
 class PtyRelay:
     """``with PtyRelay(corrupt=1e-3) as r: open r.ports[0] and r.ports[1]``."""
 
-    def __init__(self, *, corrupt: float = 0.0, drop: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, *, corrupt: float = 0.0, drop: float = 0.0, seed: int = 0,
+                 corrupt_at: tuple[int, ...] = ()) -> None:
+        """``corrupt_at``: offsets in the first->second stream whose byte is flipped for sure."""
         self.corrupt = corrupt
         self.drop = drop
+        self.corrupt_at = set(corrupt_at)
         self.stats = RelayStats()
         self._rng = random.Random(seed)
         self._fds: list[int] = []
@@ -48,11 +51,16 @@ class PtyRelay:
         self._thread = threading.Thread(target=self._run, name="pty-relay", daemon=True)
         self._thread.start()
 
-    def _damage(self, data: bytes) -> bytes:
-        if not (self.corrupt or self.drop):
+    def _damage(self, data: bytes, offset: int | None) -> bytes:
+        hit = offset is not None and any(offset <= o < offset + len(data) for o in self.corrupt_at)
+        if not (self.corrupt or self.drop or hit):
             return data
         out = bytearray()
-        for b in data:
+        for i, b in enumerate(data):
+            if offset is not None and offset + i in self.corrupt_at:
+                out.append(b ^ 0x10)
+                self.stats.flipped += 1
+                continue
             r = self._rng.random()
             if r < self.drop:
                 self.stats.dropped += 1
@@ -76,8 +84,10 @@ class PtyRelay:
                     data = os.read(fd, 4096)
                 except OSError:
                     continue
-                self.stats.bytes[0 if fd == a else 1] += len(data)
-                data = self._damage(data)
+                side = 0 if fd == a else 1
+                offset = self.stats.bytes[0] if side == 0 else None
+                self.stats.bytes[side] += len(data)
+                data = self._damage(data, offset)
                 view = memoryview(data)
                 while view and not self._stop.is_set():
                     try:
