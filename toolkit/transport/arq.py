@@ -416,6 +416,18 @@ class ReliableChannel:
             self.stats.frames_sent += 1
             self._cond.notify_all()  # a blocked send() may go on
             return wire, 0.0
+        if self._inflight and self._srtt is not None:
+            # Nothing new may go out (window full or queue empty) and the line would idle.
+            # On a dedicated line idle time is free, so resend the oldest unacknowledged
+            # frame once a round trip has passed without its ACK instead of waiting out
+            # the full timeout: a lost resend then costs one round trip, not an RTO.
+            oldest = min(self._inflight.values(), key=lambda o: o.sent_at)
+            early = oldest.sent_at + max(2 * self._srtt, self._min_rto)
+            if early <= now:
+                oldest.retransmitted, oldest.sent_at = True, now
+                self.stats.frames_retransmitted += 1
+                return oldest.wire, 0.0
+            wake = min(wake, early)
         if now - self._last_tx >= self.keepalive:
             return self._ack_frame(), 0.0
         return None, max(0.0, min(wake, self._last_tx + self.keepalive) - now)
