@@ -11,6 +11,9 @@ Selective-repeat ARQ on :mod:`toolkit.transport.framing` frames:
 * The sender keeps at most ``window`` frames unacknowledged and resends a frame
   whose ACK has not come within the retransmission timeout, estimated from
   measured round trips (Jacobson/Karn) and doubled on every timeout.
+* When nothing new may go out (window full, or nothing queued) the line would idle,
+  and on a dedicated line idle time is free: the oldest unacknowledged frame is
+  then resent after two round trips without waiting for the full timeout.
 * Flow control: the ACK also carries the receiver's window. A receiver whose
   application has not taken its delivered messages (``rx_queue`` full) advertises
   0 and drops new frames; the sender then sends one probe frame per timeout until
