@@ -218,3 +218,33 @@ def test_a_device_that_goes_silent_gets_its_will_published():
             gw.stop()
             gw_thread.join(timeout=10)
             cloud.close()
+
+
+@pytest.mark.mqtt
+def test_one_gateway_serves_device_processes_one_after_another():
+    """edge-runtime train, then infer, then train again: each a new process on the same line
+    while the gateway keeps running; stale frames and keepalives of the previous process
+    must not reset the new one's session."""
+    with EmbeddedBroker() as broker, PtyRelay() as relay:
+        gw = Gateway(GatewayConfig(serial=relay.ports[1], baud=BAUD, broker=broker.url))
+        gw_thread = threading.Thread(target=gw.run, daemon=True)
+        gw_thread.start()
+        cloud = open_link(broker.url, "cloud")
+        up: queue.Queue = queue.Queue()
+        cloud.subscribe("hiertrain/r/+/act", lambda t, p, pr: up.put(p))
+        cloud.connect(timeout=10)
+        try:
+            for i in range(4):
+                dev = open_link(f"serial://{relay.ports[0]}?baud={BAUD}", f"dev-{i}")
+                dev.connect(timeout=20)
+                dev.publish("hiertrain/r/d/act", f"run {i}".encode())
+                assert up.get(timeout=10) == f"run {i}".encode()
+                if i % 2:  # the next process starts while the gateway's keepalives cross
+                    time.sleep(1.2)
+                    dev.channel.close()  # died without BYE
+                else:
+                    dev.close()
+        finally:
+            gw.stop()
+            gw_thread.join(timeout=10)
+            cloud.close()

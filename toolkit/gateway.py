@@ -115,7 +115,8 @@ class Gateway:
         """Act on one packet; False when the gateway should stop (``once`` and BYE)."""
         h, rid = packet.header, packet.header.get("id")
         if packet.kind == sp.HELLO:
-            self._end_session(publish_will=True)
+            self._end_session(publish_will=True)  # a device that greets again had restarted
+            self._reset.clear()  # the reset that came with this HELLO is handled
             self._client_id = str(h.get("client_id") or "ht-serial-device")
             link = open_link(self.cfg.broker, self._client_id)
             will = h.get("will")

@@ -22,9 +22,12 @@ Selective-repeat ARQ on :mod:`toolkit.transport.framing` frames:
   real UART paces itself; a pseudo-terminal has no baud rate at all, so pacing
   is what makes a pty behave like the configured link. Pacing also keeps the OS
   transmit buffer short, so round-trip estimates measure the line.
-* Each side picks a random session id at start. A frame from a new peer session
-  means the peer restarted: both directions start over at sequence 0, queued
-  messages are dropped and ``on_peer_reset`` tells the layer above.
+* Sessions: each side's frames carry ``boot << 16 | epoch`` with a random boot id
+  per process. A new peer boot means the peer restarted: both directions start
+  over at sequence 0 (ours under the next epoch), queued messages are dropped and
+  ``on_peer_reset`` tells the layer above. A newer epoch of the same boot only
+  restarts the receive side, so two peers never keep resetting each other, and
+  frames of an older epoch still on the line are ignored.
 
 Idle sides send an ACK every ``keepalive`` seconds, so ``last_heard`` tells
 whether the peer is alive.
@@ -119,6 +122,9 @@ class ReliableChannel:
         on_peer_reset: Callable[[], None] | None = None,
         name: str = "serial",
     ) -> None:
+        """``on_peer_reset`` runs on the reader thread with the channel's lock held, before
+        the first message of the peer's new session is queued (so a consumer sees the reset
+        and that message in order); it must only set a flag."""
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be 1..{MAX_WINDOW}, got {window}")
         if not 16 <= mtu <= 4096:
@@ -171,7 +177,8 @@ class ReliableChannel:
 
     @staticmethod
     def _new_session() -> int:
-        return secrets.randbits(32) or 1
+        """``boot << 16 | epoch``: a random boot id per process, epoch 0."""
+        return (secrets.randbits(16) or 1) << 16
 
     # ------------------------------------------------------------ public API
     def send(self, message: bytes, timeout: float | None = None) -> None:
@@ -268,29 +275,48 @@ class ReliableChannel:
                 else:
                     self._on_ack(frame)
 
-    def _peer_restarted(self, session: int) -> bool:
-        """Adopt ``session``; True (after resetting both directions) if it replaced another."""
-        if self._peer_session == session:
-            return False
-        first = self._peer_session is None
-        self._peer_session = session
+    def _check_peer(self, session: int, data: bool) -> str:
+        """Track the peer's session; "ok", "stale" (ignore the frame) or "restarted".
+
+        A session is ``boot << 16 | epoch``. A new *boot* means the peer process restarted:
+        both directions start over, and our own stream is re-keyed (next epoch, sequence 0),
+        since the fresh peer knows none of it. A newer *epoch* of the same boot means the
+        peer re-keyed its stream for us: only our receive state starts over. Keeping the boot
+        through a re-key is what stops two peers from resetting each other in turn.
+        """
+        boot, epoch = session >> 16, session & 0xFFFF
+        if self._peer_session is None or boot != self._peer_session >> 16:
+            first = self._peer_session is None
+            self._peer_session = session
+            self._reset_rx()
+            if first:
+                return "ok"
+            self.stats.peer_resets += 1
+            self._session = (self._session & 0xFFFF0000) | ((self._session + 1) & 0xFFFF)
+            self._tx_next = self._tx_base = 0
+            self._inflight.clear()
+            self._pending.clear()
+            while True:
+                try:
+                    self._rx.get_nowait()
+                except queue.Empty:
+                    break
+            self._peer_window = self.window
+            return "restarted"
+        ahead = (epoch - self._peer_session) & 0xFFFF
+        if ahead == 0:
+            return "ok"
+        if ahead >= 0x8000:
+            return "stale"  # a frame of the peer's previous epoch, still on the line
+        if data:
+            self._peer_session = session
+            self._reset_rx()
+        return "ok"
+
+    def _reset_rx(self) -> None:
         self._rx_next = 0
         self._rx_buffer.clear()
         self._reassembly.clear()
-        if first:
-            return False
-        self.stats.peer_resets += 1
-        self._session = self._new_session()
-        self._tx_next = self._tx_base = 0
-        self._inflight.clear()
-        self._pending.clear()
-        while True:
-            try:
-                self._rx.get_nowait()
-            except queue.Empty:
-                break
-        self._peer_window = self.window
-        return True
 
     def _notify_reset(self) -> None:
         log.info("%s: the peer restarted; the line starts afresh", self.name)
@@ -302,7 +328,11 @@ class ReliableChannel:
 
     def _on_data(self, frame: DataFrame) -> None:
         with self._cond:
-            reset = self._peer_restarted(frame.session)
+            state = self._check_peer(frame.session, data=True)
+            if state == "stale":
+                return
+            if state == "restarted":
+                self._notify_reset()  # before this frame's message is queued: see __init__
             ahead = _dist(frame.seq, self._rx_next)
             room = not self._rx.full()
             if ahead < self.window and room:
@@ -314,8 +344,6 @@ class ReliableChannel:
                 self.stats.duplicate_frames += 1  # already delivered: our ACK was lost
             self._ack_due = True
             self._cond.notify_all()
-        if reset:
-            self._notify_reset()
 
     def _drain(self) -> None:
         """Move in-order frames into reassembly and complete messages to the queue."""
@@ -330,8 +358,10 @@ class ReliableChannel:
 
     def _on_ack(self, ack: AckFrame) -> None:
         with self._cond:
-            reset = self._peer_restarted(ack.session)
-            if not reset and ack.peer_session == self._session:
+            state = self._check_peer(ack.session, data=False)
+            if state == "restarted":
+                self._notify_reset()
+            if state == "ok" and ack.peer_session == self._session:
                 now = time.monotonic()
                 opened = self._peer_window == 0 and ack.window > 0
                 self._peer_window = min(ack.window, self.window)
@@ -356,8 +386,6 @@ class ReliableChannel:
                 else:
                     self._tx_base = self._tx_next
                 self._cond.notify_all()
-        if reset:
-            self._notify_reset()
 
     def _rtt_sample(self, rtt: float) -> None:
         if self._srtt is None:
