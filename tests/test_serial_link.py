@@ -111,7 +111,8 @@ def test_a_corrupted_frame_is_detected_and_resent():
             a.send(msg)
             assert b.recv(timeout=20) == msg
             assert relay.stats.flipped == 1
-            assert b.stats.bad_frames == 1  # the receiver saw the CRC fail...
+            # the receiver saw the frame fail (twice if the flip made a 0x00 and split it)...
+            assert 1 <= b.stats.bad_frames <= 2
             assert a.stats.frames_retransmitted >= 1  # ...and the sender resent it
             assert b.stats.messages_received == 1
         finally:
