@@ -70,6 +70,7 @@ def test_training_through_the_serial_gateway(artifacts, tmp_path):
         logs = {f.name: f.read_text()[-3000:] for f in tmp_path.glob("*.log")}
         assert all(p.returncode == 0 for p in procs), logs
         damage = (relay.stats.flipped, relay.stats.dropped)
+        infer = _infer_over_serial(artifacts, tmp_path, broker.url, relay.ports, run_id)
     report = json.loads((tmp_path / "edge.json").read_text())
     summary = json.loads((tmp_path / "cloud" / "cloud_summary.json").read_text())
     dev = summary["per_device"]["robot-0"]
@@ -81,3 +82,38 @@ def test_training_through_the_serial_gateway(artifacts, tmp_path):
     stats = json.loads(logs["gateway.log"].strip().splitlines()[-1])
     assert stats["published"] >= report["batches_published"]
     assert stats["channel"]["bad_frames"] > 0
+    # inference: an exit trained for 8 steps is not certain (threshold 1.0), so the cloud
+    # answers, through the gateway, each reply matched to its request by correlation data
+    assert infer["answered_by_cloud"] + infer["answered_locally"] == 20, infer
+    assert infer["answered_by_cloud"] >= 15, infer
+    assert infer["cloud_timeouts"] == 0 and infer["cloud_errors"] == 0, infer
+
+
+def _infer_over_serial(artifacts: Path, tmp: Path, url: str, ports: tuple[str, str],
+                       run_id: str) -> dict:
+    """``edge-runtime infer --serial`` against ``cloud-trainer serve`` through a new gateway."""
+    serve = _spawn(["cloud_trainer", "serve", "--artifacts", str(artifacts), "--broker", url,
+                    "--run-dir", str(tmp / "cloud"), "--run-id", run_id, "--duration", "120",
+                    "--quiet"], tmp / "serve.log")
+    gateway = _spawn(["toolkit", "gateway", "--serial", ports[1], "--baud", str(BAUD),
+                      "--broker", url, "--once", "--idle-timeout", "120"], tmp / "gateway2.log")
+    try:
+        time.sleep(3.0)  # serve subscribes; a request before that would time out once
+        r = subprocess.run([sys.executable, "-m", "edge_runtime", "infer", "--artifacts",
+                            str(artifacts), "--serial", ports[0], "--baud", str(BAUD),
+                            "--device-id", "robot-0", "--run-id", run_id, "--weights",
+                            "retained", "--threshold", "1.0", "--limit", "20", "--timeout",
+                            "20", "--threads", "1", "--quiet", "--json"],
+                           cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert r.returncode == 0, (r.stderr[-3000:], (tmp / "gateway2.log").read_text()[-2000:])
+        gateway.wait(timeout=30)
+        assert gateway.returncode == 0
+        return json.loads(r.stdout)
+    finally:
+        for p in (serve, gateway):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
