@@ -31,9 +31,32 @@ def _check_link(args: argparse.Namespace) -> None:
     LinkShape.from_options(args.link_kbps, args.link_latency_ms)
 
 
+def _broker(args: argparse.Namespace) -> str:
+    """--broker, or the serial:// URL that --serial/--baud stand for."""
+    if args.serial:
+        from toolkit.transport.serial_link import serial_url
+
+        return serial_url(args.serial, args.baud)
+    if not args.broker:
+        from toolkit.errors import HiertrainError
+
+        raise HiertrainError("give --broker mqtt://host[:port] or --serial PORT [--baud N]")
+    return args.broker
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    _setup(args)
+    from edge_runtime.provision import ProvisionConfig, run_provisioning
+
+    print(json.dumps(run_provisioning(ProvisionConfig(
+        port=args.port, baud=args.baud, dest=args.dest, timeout=args.timeout))))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     _check_link(args)
     _setup(args)
+    args.broker = _broker(args)
     from edge_runtime.train import TrainConfig, run_training
 
     summary = run_training(TrainConfig(
@@ -72,6 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     _check_link(args)
     _setup(args)
+    args.broker = _broker(args)
     from edge_runtime.infer import InferConfig, format_table, run_inference
 
     result = run_inference(InferConfig(
@@ -105,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--artifacts", required=True, help="'toolkit export' output directory")
-        sp.add_argument("--broker", required=True, help="mqtt://host[:port] or mqtts://...")
+        sp.add_argument("--broker", default=None,
+                        help="mqtt://host[:port], mqtts://... or serial:///dev/ttyUSB0?baud=N")
+        sp.add_argument("--serial", default=None,
+                        help="serial port to a 'toolkit gateway' instead of --broker")
+        sp.add_argument("--baud", type=int, default=115200, help="with --serial (default 115200)")
         sp.add_argument("--device-id", required=True, help="this device's id (A-Za-z0-9_.-)")
         sp.add_argument("--data", default=None,
                         help="dataset: digits (default), .npz, cifar-10-batches-py, ImageFolder")
@@ -164,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=10.0,
                     help="seconds to wait for each cloud reply (default 10)")
     sp.set_defaults(func=cmd_infer)
+
+    sp = sub.add_parser("provision", help="wait for 'toolkit flash' on a serial port")
+    sp.add_argument("--port", required=True, help="serial port, e.g. /dev/ttyGS0")
+    sp.add_argument("--baud", type=int, default=115200)
+    sp.add_argument("--dest", required=True, help="artifacts directory to install into")
+    sp.add_argument("--timeout", type=float, default=None,
+                    help="give up after this many seconds (default: wait forever)")
+    sp.add_argument("--threads", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    sp.add_argument("--quiet", action="store_true", help="no info logs")
+    sp.set_defaults(func=cmd_provision)
     return p
 
 

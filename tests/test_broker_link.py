@@ -260,8 +260,11 @@ def test_open_link_chooses_transport_by_scheme() -> None:
     assert isinstance(link, MqttLink)
     assert link.address == BrokerAddress("mqtt", "127.0.0.1", 1)
     assert link.bytes_sent == link.bytes_received == link.messages_sent == 0
-    with pytest.raises(HiertrainError, match="serial://"):
-        open_link("serial:///dev/ttyACM0", "x")
+    serial_link = open_link("serial:///dev/ttyACM0?baud=57600", "x")  # port opens on connect
+    assert type(serial_link).__name__ == "SerialLink"
+    assert serial_link.address.url == "serial:///dev/ttyACM0?baud=57600"
+    with pytest.raises(HiertrainError, match="bad serial URL"):
+        open_link("serial://", "x")
 
 
 def test_embedded_broker_port_and_url() -> None:

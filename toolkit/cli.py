@@ -177,6 +177,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import logging
+
+    from toolkit.gateway import GatewayConfig, run_gateway
+
+    logging.basicConfig(level=logging.INFO, format="gateway: %(message)s", stream=sys.stderr)
+    stats = run_gateway(GatewayConfig(serial=args.serial, baud=args.baud, broker=args.broker,
+                                      once=args.once, idle_timeout=args.idle_timeout))
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    from toolkit.flash import FlashConfig, flash
+
+    result = flash(FlashConfig(port=args.port, baud=args.baud, artifacts=Path(args.artifacts),
+                               board=args.board, timeout=args.timeout))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from toolkit.bundle import build_bundle
+
+    out = build_bundle(board=args.board, artifacts=Path(args.artifacts), out=Path(args.out))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="toolkit", description="hiertrain build-time toolkit: models, export, demo"
@@ -290,6 +319,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
     sp.add_argument("--schedules", default="runtime,accuracy")
     sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("gateway", help="bridge a device's serial line to an MQTT broker")
+    sp.add_argument("--serial", required=True, help="/dev/ttyUSB0 or serial:///dev/...?baud=N")
+    sp.add_argument("--baud", type=int, default=115200)
+    sp.add_argument("--broker", required=True, help="mqtt://host[:port]")
+    sp.add_argument("--once", action="store_true", help="exit when the device says goodbye")
+    sp.add_argument("--idle-timeout", type=float, default=None,
+                    help="give up if no device greets within this many seconds")
+    sp.set_defaults(func=cmd_gateway)
+
+    sp = sub.add_parser("flash", help="push artifacts to a board in provisioning mode (serial)")
+    sp.add_argument("--port", required=True, help="serial port, e.g. /dev/ttyACM0")
+    sp.add_argument("--baud", type=int, default=115200)
+    sp.add_argument("--artifacts", required=True, help="'toolkit export' output directory")
+    sp.add_argument("--board", default=None, help="board profile to send along (name or .yaml)")
+    sp.add_argument("--timeout", type=float, default=600.0, help="give up after this many s")
+    sp.set_defaults(func=cmd_flash)
+
+    sp = sub.add_parser("bundle", help="tarball for a Linux board: artifacts, config, systemd")
+    sp.add_argument("--board", required=True, help="board profile name or .yaml path")
+    sp.add_argument("--artifacts", required=True, help="'toolkit export' output directory")
+    sp.add_argument("--out", required=True, help="e.g. edge-bundle.tar.gz")
+    sp.set_defaults(func=cmd_bundle)
     return p
 
 

@@ -48,6 +48,7 @@ __all__ = [
 _TRANSPORTS: dict[str, str] = {
     "mqtt": "toolkit.transport.mqtt:open_mqtt_link",
     "mqtts": "toolkit.transport.mqtt:open_mqtt_link",
+    "serial": "toolkit.transport.serial_link:open_serial_link",
 }
 
 
@@ -57,7 +58,12 @@ def open_link(url: str, client_id: str, **kw: Any) -> Link:
     Keyword arguments go to the transport's constructor (for MQTT see
     :class:`toolkit.transport.mqtt.MqttLink`).
     """
-    address = parse_url(url)
+    if isinstance(url, str) and url.strip().lower().startswith("serial:"):
+        from toolkit.transport.serial_link import parse_serial_url  # no port in the URL
+
+        address: BrokerAddress = parse_serial_url(url)
+    else:
+        address = parse_url(url)
     target = _TRANSPORTS.get(address.scheme)
     if target is None:  # parse_url and _TRANSPORTS disagree: a bug, but say it plainly
         raise HiertrainError(f"no transport for {address.scheme}:// URLs ({url!r})")
