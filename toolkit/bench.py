@@ -249,7 +249,15 @@ def _row(spec: RunSpec, res: dict[str, Any], data_name: str, float32_bytes: int
 
 
 def plan_runs(cfg: BenchConfig, shape: tuple[int, int, int]) -> list[RunSpec]:
-    runs: list[RunSpec] = []
+    """Every run of the sweep, in the order they run.
+
+    Runtime runs come first, slowest links first: those are bound by the
+    link, not by the CPU, so they are the least disturbed by anything else
+    running on the machine. The compute-bound fast-link runs follow, then the
+    accuracy runs, whose figures do not depend on timing at all.
+    """
+    runtime: list[RunSpec] = []
+    accuracy: list[RunSpec] = []
     for model in cfg.models:
         split = cfg.splits.get(model) or DEFAULT_SPLITS.get(model)
         if split is None:
@@ -261,17 +269,18 @@ def plan_runs(cfg: BenchConfig, shape: tuple[int, int, int]) -> list[RunSpec]:
             for rate in cfg.rates_mbps:
                 n = runtime_samples(cfg, rate, int8, f32)
                 for mode in cfg.modes:
-                    runs.append(RunSpec(model, split, mode, "runtime", rate, cfg.latency_ms,
-                                        cfg.codec, n, 1))
+                    runtime.append(RunSpec(model, split, mode, "runtime", rate, cfg.latency_ms,
+                                           cfg.codec, n, 1))
         if "accuracy" in cfg.schedules:
             for mode in cfg.modes:
-                runs.append(RunSpec(model, split, mode, "accuracy", None, 0.0, cfg.codec,
-                                    cfg.accuracy_samples, cfg.accuracy_epochs))
+                accuracy.append(RunSpec(model, split, mode, "accuracy", None, 0.0, cfg.codec,
+                                        cfg.accuracy_samples, cfg.accuracy_epochs))
             if "ht" in cfg.modes:
                 for codec in cfg.extra_codecs:
-                    runs.append(RunSpec(model, split, "ht", "accuracy", None, 0.0, codec,
-                                        cfg.accuracy_samples, cfg.accuracy_epochs))
-    return runs
+                    accuracy.append(RunSpec(model, split, "ht", "accuracy", None, 0.0, codec,
+                                            cfg.accuracy_samples, cfg.accuracy_epochs))
+    runtime.sort(key=lambda r: (r.link_mbps, cfg.models.index(r.model)))  # stable: modes kept
+    return runtime + accuracy
 
 
 def _export(model: str, split: str, shape, mean, std, cfg: BenchConfig, work: Path) -> Path:
