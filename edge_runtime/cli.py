@@ -1,4 +1,4 @@
-"""``edge-runtime`` command line: ``train`` and ``infer``.
+"""``edge-runtime`` command line: ``train``, ``infer`` and ``cluster``.
 
 User errors print ``error: ...`` and exit 2 (``toolkit.cli.run``).
 """
@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=10.0,
                     help="seconds to wait for each cloud reply (default 10)")
     sp.set_defaults(func=cmd_infer)
+
+    from edge_runtime.cluster_run import add_parser as add_cluster_parser
+
+    add_cluster_parser(sub, common)
     return p
 
 

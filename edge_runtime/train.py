@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from edge_runtime.backends import make_backend
+from edge_runtime.backends import EdgeBackend, make_backend
 from edge_runtime.config import TrainConfig
 from edge_runtime.link import connect_edge
 from edge_runtime.publisher import Publisher
@@ -107,8 +107,11 @@ def _publish_status(link: Link, status: Status) -> None:
                  timeout=STATUS_TIMEOUT_S)
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, publish, report; returns the summary dict (also written to ``cfg.report``)."""
+def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[str, Any]:
+    """Train, publish, report; returns the summary dict (also written to ``cfg.report``).
+
+    ``backend`` replaces the one ``cfg.backend`` names (``edge-runtime cluster`` passes its
+    tiled cluster step)."""
     t0 = time.monotonic()
     run = validate_id(cfg.run_id, "run id")
     device = validate_id(cfg.device_id, "device id")
@@ -121,7 +124,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     manifest = load_manifest(cfg.artifacts)  # verifies every artifact's sha256
     scheme = QuantScheme.from_dict(manifest.data["quantization"])
     ds = load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit, seed=cfg.seed)
-    backend = make_backend(cfg.backend, manifest)
+    backend = backend or make_backend(cfg.backend, manifest)
     log.info("device %s: %d samples of %s, %s backend, batch %d", device, len(ds), ds.name,
              backend.name, manifest.batch_size)
 

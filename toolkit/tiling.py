@@ -162,6 +162,8 @@ class Node:
         if self.kind in ("bn", "relu", "identity"):
             return wants
         if self.kind == "seq":
+            if not self.children:  # identity shortcut
+                return wants
             lengths = [length]
             for c in self.children[:-1]:
                 lengths.append(c.out_len(lengths[-1], axis))
