@@ -37,7 +37,14 @@ import torch
 
 from edge_runtime.cluster import SyntheticJob, job_module, job_plan, spawn_local, synthetic_worker
 from toolkit.broker import free_port
-from toolkit.tiling import CostModel, choose_groups, default_grid, plan_cluster, units_of
+from toolkit.tiling import (
+    CostModel,
+    choose_groups,
+    default_grid,
+    estimate_step_s,
+    plan_cluster,
+    units_of,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -76,6 +83,7 @@ def run_world(workers: int, steps: int, batch: int, tmp: Path) -> list[dict]:
     print(f"  {workers} worker(s): {len(jobs)} configurations in {time.monotonic() - t0:.0f} s")
     rows = []
     for name, job in zip(meta, jobs, strict=True):
+        model = _model_figures(job)
         ranks = [torch.load(f"{job.out_dir}/rank{r}.pt", weights_only=False)
                  for r in range(workers)]
         plan = ranks[0]["plan"]
@@ -94,8 +102,24 @@ def run_world(workers: int, steps: int, batch: int, tmp: Path) -> list[dict]:
             "planned_bytes": {**plan["p2p_bytes"], **plan["allreduce_bytes"]},
             "planned_gflops_fwd_per_rank": [round(p["gflops_fwd"], 4) for p in plan["per_rank"]],
             "peak_rss_mb_per_rank": [round(r["rss_mb"], 1) for r in ranks],
+            **model,
         })
     return rows
+
+
+def _model_figures(job: SyntheticJob) -> dict:
+    """Planner figures for a job: the compute-bound speed-up (one device's FLOPs over the
+    busiest worker's, halos included) and the cost model's step time on rpi4 boards."""
+    module = job_module(job)
+    plan = job_plan(job, module)
+    one = plan_cluster(units_of(module.edge), plan.grouping(), (1, 1), job.input_shape,
+                       job.batch, plan.param_count)
+    flops_one = one.per_rank()[0]["gflops_fwd"]
+    return {"compute_bound_speedup": round(
+                flops_one / max(p["gflops_fwd"] for p in plan.per_rank()), 3),
+            "model_step_s_rpi4_100mbit": round(estimate_step_s(plan, RPI4), 4),
+            "model_speedup_rpi4_100mbit": round(
+                estimate_step_s(one, RPI4) / estimate_step_s(plan, RPI4), 3)}
 
 
 def planned_rows(batch: int, workers: int) -> list[dict]:
@@ -118,7 +142,8 @@ def planned_rows(batch: int, workers: int) -> list[dict]:
                          "planned_max_gflops_fwd_per_worker": round(
                              max(p["gflops_fwd"] for p in per), 4),
                          "planned_gflops_fwd_one_device": round(one.per_rank()[0]["gflops_fwd"], 4),
-                         "bytes_exchanged": plan.bytes_exchanged()})
+                         "bytes_exchanged": plan.bytes_exchanged(),
+                         **_model_figures(job)})
     return rows
 
 
@@ -173,17 +198,19 @@ def main() -> None:
         r["mem_reduction_vs_1"] = round(b["peak_mem_mb_per_worker"] / r["peak_mem_mb_per_worker"],
                                         3)
     print(f"{'model':16} {'W':>2} {'groups':10} {'step s':>7} {'speedup':>7} {'MB/worker':>9} "
-          f"{'mem x':>6} {'exchanged MB':>12}")
+          f"{'mem x':>6} {'exchanged MB':>12} {'FLOP bound x':>12} {'rpi4 model x':>12}")
     for r in rows:
         print(f"{r['model']:16} {r['workers']:>2} {'+'.join(map(str, r['groups'])):10} "
               f"{r['step_s']:7.3f} {r['speedup_vs_1']:7.2f} {r['peak_mem_mb_per_worker']:9.2f} "
-              f"{r['mem_reduction_vs_1']:6.2f} {r['bytes_exchanged'] / 2**20:12.2f}")
+              f"{r['mem_reduction_vs_1']:6.2f} {r['bytes_exchanged'] / 2**20:12.2f} "
+              f"{r['compute_bound_speedup']:12.2f} {r['model_speedup_rpi4_100mbit']:12.2f}")
     planned = planned_rows(args.batch, 6)
     for p in planned:
         print(f"planned 6 workers {p['model']:16} {'+'.join(map(str, p['groups'])):10} "
               f"act MB/worker {p['planned_act_mb_per_worker']:.2f} of "
               f"{p['planned_act_mb_one_device']:.2f}; exchanged {p['bytes_exchanged'] / 2**20:.2f}"
-              " MB")
+              f" MB; FLOP bound x{p['compute_bound_speedup']:.2f}; rpi4 model "
+              f"x{p['model_speedup_rpi4_100mbit']:.2f}")
     RESULTS.mkdir(exist_ok=True)
     out = {"host": {"cpus": torch.get_num_threads(), "machine": platform.machine(),
                     "torch": torch.__version__, "threads_per_worker": 1},
