@@ -65,9 +65,10 @@ class Comm:
         """Send ``sends[dst]`` and receive a tensor of shape ``recvs[src]`` from each source."""
         bufs = {src: torch.empty(shape) for src, shape in recvs.items()}
         reqs = [dist.irecv(buf, src) for src, buf in bufs.items()]
+        keep = []  # alive until every send completed
         for dst, t in sends.items():
-            t = t.contiguous()
-            reqs.append(dist.isend(t, dst))
+            keep.append(t.contiguous())
+            reqs.append(dist.isend(keep[-1], dst))
             self.sent[kind] += t.numel() * t.element_size()
         for r in reqs:
             r.wait()
@@ -441,7 +442,11 @@ def spawn_local(fn, args: tuple, world: int, timeout_s: float) -> None:
                     f"the local cluster of {world} processes did not finish within "
                     f"{timeout_s:.0f} s")
     except mp.ProcessRaisedException as exc:
-        raise HiertrainError(f"a cluster process failed: {str(exc).strip()[-2000:]}") from None
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else "unknown error"
+        if last.startswith("toolkit.errors.") and ": " in last:
+            last = last.split(": ", 1)[1]  # a HiertrainError: its one-sentence message
+        raise HiertrainError(f"cluster rank {exc.error_index} failed: {last}") from None
     except mp.ProcessExitedException as exc:
         raise HiertrainError(f"a cluster process died: {exc}") from None
     finally:

@@ -203,7 +203,12 @@ def run_cluster(cfg: ClusterConfig) -> dict | None:
             raise HiertrainError("--rank needs --master-port (the same on every board)")
         return _rank_main(cfg.rank, cfg, None)
     from toolkit.broker import free_port
+    from toolkit.manifest import load_manifest
+    from toolkit.segments import load_segments
 
+    # plan once here first, so that a user error is one line before any process starts
+    manifest = load_manifest(cfg.train.artifacts)
+    plan_for(manifest, load_segments(manifest).step, cfg)
     cfg = replace(cfg, master_port=cfg.master_port or free_port(), master_addr="127.0.0.1")
     with tempfile.TemporaryDirectory(prefix="ht-cluster-") as tmp:
         path = str(Path(tmp) / "summary.json")

@@ -250,3 +250,43 @@ def test_cluster_cli_feeds_the_unchanged_cloud_trainer_over_mqtt(tmp_path, cli):
             assert _rel(got[k], v) <= 1e-4, (k, _rel(got[k], v))
         else:
             assert torch.equal(got[k], v), k
+
+
+def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(tmp_path, cli):
+    from toolkit.export import ExportConfig, export_artifacts
+
+    art = tmp_path / "art"
+    export_artifacts(ExportConfig(model="smallcnn", split="block2", out=art, input_shape=(1, 8, 8),
+                                  mean=(0.3,), std=(0.37,), batch=16, verify=False))
+    base = ["edge-runtime", "cluster", "--artifacts", str(art), "--broker",
+            "mqtt://127.0.0.1:1", "--device-id", "d", "--quiet"]
+    cases = {
+        ("--world-size", "3", "--grid", "2x2"): "--grid 2x2 has 4 tiles",
+        ("--world-size", "8"): "no grouping fits a 4x2 grid",
+        ("--world-size", "8", "--groups", "all"): "too small for a 4x2 tile grid",
+        ("--world-size", "2", "--groups", "3+1"): "grouping '3+1'",
+        ("--world-size", "2", "--rank", "5", "--master-port", "1"): "--rank 5 is outside",
+    }
+    for extra, msg in cases.items():
+        res = cli(*base, *extra, timeout=120)
+        assert res.returncode == 2, (extra, res.stderr[-2000:])
+        err = res.stderr.strip().splitlines()
+        assert err[-1].startswith("error: ") and msg in err[-1], (extra, err[-3:])
+
+
+@pytest.mark.cluster
+def test_a_failing_rank_0_stops_the_whole_cluster_with_its_one_line_error(tmp_path, cli):
+    """Rank 0 cannot reach the broker: it tells the other rank to stop, every process exits,
+    and the command prints rank 0's error (no hang, no traceback)."""
+    from toolkit.export import ExportConfig, export_artifacts
+
+    art = tmp_path / "art"
+    export_artifacts(ExportConfig(model="smallcnn", split="block2", out=art, input_shape=(1, 8, 8),
+                                  mean=(0.3,), std=(0.37,), batch=16, verify=False))
+    res = cli("edge-runtime", "cluster", "--world-size", "2", "--artifacts", str(art),
+              "--broker", f"mqtt://127.0.0.1:{free_port()}", "--device-id", "d", "--quiet",
+              "--connect-timeout", "2", "--limit", "64", "--threads", "1",
+              timeout=CLUSTER_TIMEOUT_S)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert err[-1].startswith("error: cluster rank 0 failed: ") and "127.0.0.1" in err[-1], err[-5:]
