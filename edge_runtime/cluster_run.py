@@ -239,6 +239,8 @@ def add_parser(sub, common) -> None:
                     help="bandwidth between boards in Mbit/s for the cost model (default 100)")
     sp.add_argument("--link-latency-ms", type=float, default=0.5,
                     help="latency between boards for the cost model (default 0.5)")
+    sp.add_argument("--plan-only", action="store_true",
+                    help="print the tile plan (and the cost model's candidates) as JSON and exit")
     sp.add_argument("--epochs", type=_positive_int, default=3)
     sp.add_argument("--limit", type=_positive_int, default=None,
                     help="use only this many training samples")
@@ -247,17 +249,34 @@ def add_parser(sub, common) -> None:
     sp.set_defaults(func=cmd_cluster)
 
 
+def plan_only(cfg: ClusterConfig) -> dict:
+    """The plan ``cfg`` would run, without starting anything (``--plan-only``)."""
+    from toolkit.manifest import load_manifest
+    from toolkit.segments import load_segments
+
+    manifest = load_manifest(cfg.train.artifacts)
+    plan, table = plan_for(manifest, load_segments(manifest).step, cfg)
+    return {**plan.summary(),
+            "group_units": [[c.name for c in g.node.children] for g in plan.groups],
+            "candidates": [{"groups": list(g), "estimated_step_s": round(t, 6)}
+                           for g, t in table]}
+
+
 def cmd_cluster(args) -> int:
     train = TrainConfig(
         artifacts=args.artifacts, broker=args.broker, device_id=args.device_id, data=args.data,
         run_id=args.run_id, epochs=args.epochs, backend="torch", seed=args.seed,
         limit=args.limit, quiet=args.quiet, connect_timeout=args.connect_timeout,
         report=args.report, state_dir=args.state_dir)
-    summary = run_cluster(ClusterConfig(
+    cfg = ClusterConfig(
         train=train, world_size=args.world_size, rank=args.rank, master_addr=args.master_addr,
         master_port=args.master_port, grid=args.grid, groups=args.groups, board=args.board,
         link_mbps=args.link_mbps, link_latency_ms=args.link_latency_ms,
-        threads=args.threads or 1))
+        threads=args.threads or 1)
+    if args.plan_only:
+        print(json.dumps(plan_only(cfg), indent=2))
+        return 0
+    summary = run_cluster(cfg)
     if summary is None:
         return 0
     if args.json:

@@ -81,6 +81,7 @@ def test_planned_halo_contains_the_receptive_field_and_no_more_than_needed(spec)
         assert need[1].lo <= c0 and c1 <= need[1].hi, (t.rank, need, (c0, c1))
         # tight for interior borders: at most one extra row/col (a covered gap) each side
         assert r0 - need[0].lo <= 1 and need[0].hi - r1 <= 1, (t.rank, need, (r0, r1))
+        assert c0 - need[1].lo <= 1 and need[1].hi - c1 <= 1, (t.rank, need, (c0, c1))
 
 
 @pytest.mark.parametrize("spec", [VGG, RESNET], ids=["vgg", "resnet"])
@@ -267,6 +268,15 @@ def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(tmp_path
         ("--world-size", "2", "--groups", "3+1"): "grouping '3+1'",
         ("--world-size", "2", "--rank", "5", "--master-port", "1"): "--rank 5 is outside",
     }
+    import json
+
+    res = cli(*base, "--world-size", "2", "--plan-only", "--link-mbps", "1e9",
+              "--link-latency-ms", "0", timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = json.loads(res.stdout)
+    assert plan["workers"] == 2 and plan["grid"] == [2, 1]
+    assert plan["group_units"] == [["block1.0"], ["block2.0"]]  # free links: one unit per group
+    assert len(plan["candidates"]) == 2 and plan["groups"] == plan["candidates"][0]["groups"]
     for extra, msg in cases.items():
         res = cli(*base, *extra, timeout=120)
         assert res.returncode == 2, (extra, res.stderr[-2000:])
