@@ -10,6 +10,9 @@ random 32x32 batches with ``edge_runtime.cluster`` and records, per configuratio
   gradients and momentum; ``act_mb_per_rank`` lists every worker's activation share;
 - ``bytes_exchanged``: bytes all workers sent in one step (point-to-point exactly; all-reduce as
   a ring sends it), measured by the executor, with the planner's breakdown;
+- ``cpu_s_per_rank``: CPU seconds each worker's process used per step (median); unlike wall
+  time it is not inflated when workers share cores, so ``cpu_speedup_vs_1`` (one worker's CPU
+  seconds over the busiest worker's) is the speed-up separate boards with free links would get;
 - ``peak_rss_mb_per_rank``: each process's peak RSS (dominated by the ~300 MB of the Python +
   torch runtime itself, so it hides the feature-map savings).
 
@@ -95,6 +98,7 @@ def run_world(workers: int, steps: int, batch: int, tmp: Path) -> list[dict]:
             "groups": plan["groups"], "batch": batch,
             "step_s": statistics.median(ranks[0]["seconds"][1:]),
             "step_s_all": [round(s, 4) for s in ranks[0]["seconds"]],
+            "cpu_s_per_rank": [round(statistics.median(r["cpu_s"][1:]), 4) for r in ranks],
             "peak_mem_mb_per_worker": round(max(mem), 3),
             "mem_mb_per_rank": [round(m, 3) for m in mem],
             "act_mb_per_rank": [round(a / 2**20, 3) for a in act],
@@ -195,15 +199,18 @@ def main() -> None:
     for r in rows:
         b = base.get((r["model"], tuple(r["groups"]))) or base_any[r["model"]]
         r["speedup_vs_1"] = round(b["step_s"] / r["step_s"], 3)
+        r["cpu_speedup_vs_1"] = round(b["cpu_s_per_rank"][0] / max(r["cpu_s_per_rank"]), 3)
         r["mem_reduction_vs_1"] = round(b["peak_mem_mb_per_worker"] / r["peak_mem_mb_per_worker"],
                                         3)
     print(f"{'model':16} {'W':>2} {'groups':10} {'step s':>7} {'speedup':>7} {'MB/worker':>9} "
-          f"{'mem x':>6} {'exchanged MB':>12} {'FLOP bound x':>12} {'rpi4 model x':>12}")
+          f"{'mem x':>6} {'exchanged MB':>12} {'CPU x':>6} {'FLOP bound x':>12} "
+          f"{'rpi4 model x':>12}")
     for r in rows:
         print(f"{r['model']:16} {r['workers']:>2} {'+'.join(map(str, r['groups'])):10} "
               f"{r['step_s']:7.3f} {r['speedup_vs_1']:7.2f} {r['peak_mem_mb_per_worker']:9.2f} "
               f"{r['mem_reduction_vs_1']:6.2f} {r['bytes_exchanged'] / 2**20:12.2f} "
-              f"{r['compute_bound_speedup']:12.2f} {r['model_speedup_rpi4_100mbit']:12.2f}")
+              f"{r['cpu_speedup_vs_1']:6.2f} {r['compute_bound_speedup']:12.2f} "
+              f"{r['model_speedup_rpi4_100mbit']:12.2f}")
     planned = planned_rows(args.batch, 6)
     for p in planned:
         print(f"planned 6 workers {p['model']:16} {'+'.join(map(str, p['groups'])):10} "

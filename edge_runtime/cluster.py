@@ -220,6 +220,7 @@ class StepOutput:
     cut: torch.Tensor | None
     exit_logits: torch.Tensor | None
     seconds: float
+    cpu_s: float  # CPU time this process used for the step (not inflated by sharing cores)
     act_bytes: int  # activation storages held for backward on this board
     sent: dict[str, int] = field(default_factory=dict)  # bytes this board sent, this step
 
@@ -255,6 +256,7 @@ class TiledTrainer:
         """Forward, backward, gradient all-reduce, SGD and BN statistics; ``x``/``y`` on rank 0
         only (other ranks pass None)."""
         t0 = time.perf_counter()
+        c0 = time.process_time()
         sent_before = Counter(self.comm.sent)
         self.optimizer.zero_grad(set_to_none=True)
         saved = _SavedBytes(self._param_ptrs)
@@ -286,7 +288,8 @@ class TiledTrainer:
         self._apply_stats()
         sent = {k: v - sent_before.get(k, 0) for k, v in self.comm.sent.items()}
         return StepOutput(loss=loss, cut=cut, exit_logits=logits,
-                          seconds=time.perf_counter() - t0, act_bytes=act_bytes, sent=sent)
+                          seconds=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
+                          act_bytes=act_bytes, sent=sent)
 
     # -- pieces -----------------------------------------------------------------------------
     def _scatter_input(self, x: torch.Tensor | None) -> torch.Tensor:
@@ -524,18 +527,19 @@ def _synthetic_job(rank: int, job: SyntheticJob) -> None:
     plan = job_plan(job, module)
     trainer = TiledTrainer(module, plan, Comm(), lr=job.lr, momentum=job.momentum)
     data = job_batches(job) if rank == 0 else [(None, None)] * job.steps
-    losses, seconds, act, sent, grads = [], [], [], [], {}
+    losses, seconds, cpu, act, sent, grads = [], [], [], [], [], {}
     for i, (x, y) in enumerate(data):
         out = trainer.step(x, y)
         losses.append(out.loss)
         seconds.append(out.seconds)
+        cpu.append(out.cpu_s)
         act.append(out.act_bytes)
         sent.append(out.sent)
         if i == 0 and job.record_grads:
             grads = {n: p.grad.clone() for n, p in module.named_parameters()
                      if p.grad is not None}
     Path(job.out_dir).mkdir(parents=True, exist_ok=True)
-    torch.save({"losses": losses, "seconds": seconds, "act_bytes": act, "sent": sent,
+    torch.save({"losses": losses, "seconds": seconds, "cpu_s": cpu, "act_bytes": act, "sent": sent,
                 "grads": grads, "state": module.state_dict(),
                 "state_bytes": trainer.state_bytes, "rss_mb": peak_rss_mb(),
                 "plan": plan.summary()},
