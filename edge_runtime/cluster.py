@@ -32,6 +32,7 @@ import os
 import resource
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -41,8 +42,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from edge_runtime.backends import EdgeBackend, StepResult
 from toolkit.edge_program import EdgeTrainStep
 from toolkit.errors import HiertrainError
+from toolkit.manifest import Manifest
 from toolkit.rewrites import host_stat_layers
 from toolkit.tiling import ClusterPlan, Interval, Node, Rect, TilePlan, rect_intersect
 
@@ -399,6 +402,45 @@ class TiledTrainer:
             if layer.last_stats is not None:
                 layer.update_running_stats(*layer.last_stats)
                 layer.last_stats = None
+
+
+# ------------------------------------------------------------------ rank 0's backend
+class ClusterBackend(EdgeBackend):
+    """Rank 0's backend: one tiled step across the cluster per call."""
+
+    def __init__(self, manifest: Manifest, trainer: TiledTrainer) -> None:
+        super().__init__(manifest)
+        self.trainer = trainer
+        self.name = f"cluster-{trainer.plan.world}x-torch"
+        self.step_s: list[float] = []
+        self.act_bytes = 0
+        self.sent: dict[str, int] = {}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        x, y = self.check_batch(x, y)
+        control(1)
+        out = self.trainer.step(x, y)
+        self.step_s.append(out.seconds)
+        self.act_bytes = max(self.act_bytes, out.act_bytes)
+        self.sent = out.sent
+        return StepResult(loss=out.loss, cut=out.cut, exit_logits=out.exit_logits)
+
+    def stop(self) -> None:
+        control(0)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.trainer.module.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        raise HiertrainError("resuming a cluster run from saved weights is not supported")
+
+
+def control(flag: int) -> int:
+    """Rank 0 broadcasts 1 ("step") or 0 ("stop"); the others receive it."""
+    t = torch.tensor([flag], dtype=torch.int64)
+    if dist.get_world_size() > 1:
+        dist.broadcast(t, 0)
+    return int(t)
 
 
 # ------------------------------------------------------------------ process group

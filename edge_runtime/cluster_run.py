@@ -19,26 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from edge_runtime.backends import EdgeBackend, StepResult
-from edge_runtime.cluster import (
-    Comm,
-    TiledTrainer,
-    init_process_group,
-    peak_rss_mb,
-    set_threads,
-    spawn_local,
-)
 from edge_runtime.config import TrainConfig
 from toolkit.errors import HiertrainError
-from toolkit.manifest import Manifest
+
+# torch, torch.distributed and the executor are imported inside the functions: building the
+# CLI parser must stay light (``edge-runtime --help`` should not wait for torch).
 
 log = logging.getLogger("edge_runtime")
 
@@ -61,7 +50,7 @@ class ClusterConfig:
     timeout_s: float = 24 * 3600.0  # bound on a local cluster run
 
 
-def plan_for(manifest: Manifest, module, cfg: ClusterConfig):
+def plan_for(manifest, module, cfg: ClusterConfig):
     """The tile plan every rank computes identically; returns (plan, candidates table)."""
     from toolkit.boards import load_board
     from toolkit.tiling import (
@@ -93,7 +82,7 @@ def plan_for(manifest: Manifest, module, cfg: ClusterConfig):
     return plan_cluster(units, grouping, grid, shape, batch, params), table
 
 
-def _optimizer_args(manifest: Manifest) -> dict[str, Any]:
+def _optimizer_args(manifest) -> dict[str, Any]:
     opt = manifest.data["optimizer"]
     if opt.get("name", "sgd") != "sgd":
         raise HiertrainError(f"{manifest.root}: optimizer {opt.get('name')!r} is not supported "
@@ -103,44 +92,18 @@ def _optimizer_args(manifest: Manifest) -> dict[str, Any]:
             "nesterov": bool(opt.get("nesterov", False))}
 
 
-class ClusterBackend(EdgeBackend):
-    """Rank 0's backend: one tiled step across the cluster per call."""
-
-    def __init__(self, manifest: Manifest, trainer: TiledTrainer) -> None:
-        super().__init__(manifest)
-        self.trainer = trainer
-        self.name = f"cluster-{trainer.plan.world}x-torch"
-        self.step_s: list[float] = []
-        self.act_bytes = 0
-        self.sent: dict[str, int] = {}
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        x, y = self.check_batch(x, y)
-        _control(1)
-        out = self.trainer.step(x, y)
-        self.step_s.append(out.seconds)
-        self.act_bytes = max(self.act_bytes, out.act_bytes)
-        self.sent = out.sent
-        return StepResult(loss=out.loss, cut=out.cut, exit_logits=out.exit_logits)
-
-    def stop(self) -> None:
-        _control(0)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.trainer.module.state_dict().items()}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        raise HiertrainError("resuming a cluster run from saved weights is not supported")
-
-
-def _control(flag: int) -> int:
-    t = torch.tensor([flag], dtype=torch.int64)
-    if dist.get_world_size() > 1:
-        dist.broadcast(t, 0)
-    return int(t)
-
-
 def _rank_main(rank: int, cfg: ClusterConfig, summary_path: str | None) -> dict | None:
+    import torch.distributed as dist
+
+    from edge_runtime.cluster import (
+        ClusterBackend,
+        Comm,
+        TiledTrainer,
+        control,
+        init_process_group,
+        peak_rss_mb,
+        set_threads,
+    )
     from edge_runtime.train import run_training
     from toolkit.manifest import load_manifest
     from toolkit.segments import load_segments
@@ -157,7 +120,7 @@ def _rank_main(rank: int, cfg: ClusterConfig, summary_path: str | None) -> dict 
         trainer = TiledTrainer(module, plan, Comm(), **_optimizer_args(manifest))
         if rank != 0:
             steps = 0
-            while _control(0) == 1:
+            while control(0) == 1:
                 trainer.step(None, None)
                 steps += 1
             log.info("rank %d: %d tiled steps", rank, steps)
@@ -202,6 +165,7 @@ def run_cluster(cfg: ClusterConfig) -> dict | None:
         if cfg.master_port is None:
             raise HiertrainError("--rank needs --master-port (the same on every board)")
         return _rank_main(cfg.rank, cfg, None)
+    from edge_runtime.cluster import spawn_local
     from toolkit.broker import free_port
     from toolkit.manifest import load_manifest
     from toolkit.segments import load_segments
