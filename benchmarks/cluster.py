@@ -10,9 +10,10 @@ random 32x32 batches with ``edge_runtime.cluster`` and records, per configuratio
   gradients and momentum; ``act_mb_per_rank`` lists every worker's activation share;
 - ``bytes_exchanged``: bytes all workers sent in one step (point-to-point exactly; all-reduce as
   a ring sends it), measured by the executor, with the planner's breakdown;
-- ``cpu_s_per_rank``: CPU seconds each worker's process used per step (median); unlike wall
-  time it is not inflated when workers share cores, so ``cpu_speedup_vs_1`` (one worker's CPU
-  seconds over the busiest worker's) is the speed-up separate boards with free links would get;
+- ``cpu_s_per_rank``: CPU seconds of each worker's training thread per step (median; gloo's
+  own threads, which poll the sockets, are excluded); unlike wall time it is not inflated when
+  workers share cores, so ``cpu_speedup_vs_1`` (one worker's CPU seconds over the busiest
+  worker's) is the compute speed-up separate boards would get if the links were free;
 - ``peak_rss_mb_per_rank``: each process's peak RSS (dominated by the ~300 MB of the Python +
   torch runtime itself, so it hides the feature-map savings).
 

@@ -223,7 +223,7 @@ class StepOutput:
     cut: torch.Tensor | None
     exit_logits: torch.Tensor | None
     seconds: float
-    cpu_s: float  # CPU time this process used for the step (not inflated by sharing cores)
+    cpu_s: float  # CPU time of the training thread (not inflated by sharing cores)
     act_bytes: int  # activation storages held for backward on this board
     sent: dict[str, int] = field(default_factory=dict)  # bytes this board sent, this step
 
@@ -259,7 +259,7 @@ class TiledTrainer:
         """Forward, backward, gradient all-reduce, SGD and BN statistics; ``x``/``y`` on rank 0
         only (other ranks pass None)."""
         t0 = time.perf_counter()
-        c0 = time.process_time()
+        c0 = time.thread_time()
         sent_before = Counter(self.comm.sent)
         self.optimizer.zero_grad(set_to_none=True)
         saved = _SavedBytes(self._param_ptrs)
@@ -291,7 +291,7 @@ class TiledTrainer:
         self._apply_stats()
         sent = {k: v - sent_before.get(k, 0) for k, v in self.comm.sent.items()}
         return StepOutput(loss=loss, cut=cut, exit_logits=logits,
-                          seconds=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
+                          seconds=time.perf_counter() - t0, cpu_s=time.thread_time() - c0,
                           act_bytes=act_bytes, sent=sent)
 
     # -- pieces -----------------------------------------------------------------------------
