@@ -465,9 +465,6 @@ def set_threads(n: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
 
 
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
-
 
 # ------------------------------------------------------------------ local clusters and jobs
 def spawn_local(fn, args: tuple, world: int, timeout_s: float) -> None:

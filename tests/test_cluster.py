@@ -78,7 +78,8 @@ def _receptive_rows_cols(edge, x_shape, out_rect):
     return (int(rows.min()), int(rows.max()) + 1), (int(cols.min()), int(cols.max()) + 1)
 
 
-@pytest.mark.parametrize("spec", [VGG, RESNET], ids=["vgg", "resnet"])
+@pytest.mark.parametrize("spec", [VGG, RESNET, {**RESNET, "input_shape": (3, 15, 13)}],
+                         ids=["vgg", "resnet", "resnet-odd-15x13"])
 def test_planned_halo_contains_the_receptive_field_and_no_more_than_needed(spec):
     job = SyntheticJob(**spec, batch=1, grid=(4, 2), grouping="all", steps=1, out_dir="",
                        port=0)
@@ -196,6 +197,9 @@ def test_tiled_training_equals_single_device_training(tmp_path, world, grids):
                 grouping = (1, 3)
             jobs.append(_job(tmp_path, f"{name}-{grid[0]}x{grid[1]}-{len(jobs)}", spec, grid,
                              grouping, port))
+    # odd map sizes: uneven tiles, a stride-2 conv whose last window hangs over the border
+    jobs.append(_job(tmp_path, "resnet-odd", {**RESNET, "input_shape": (3, 15, 13)}, grids[0],
+                     (2, 3), port))
     spawn_local(synthetic_worker, (jobs,), world, CLUSTER_TIMEOUT_S)
     for job in jobs:
         _check_against_reference(job, world)
