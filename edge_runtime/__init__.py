@@ -1,8 +1,9 @@
 """hiertrain edge runtime: trains the edge segment on the device, streams int8 cut
 activations to the cloud over MQTT, and runs hierarchical (early-exit) inference.
 
-Entry points: ``edge-runtime train|infer`` (``edge_runtime.cli``), or
-``run_training(TrainConfig(...))`` / ``run_inference(InferConfig(...))``.
+Entry points: ``edge-runtime train|infer|cluster`` (``edge_runtime.cli``), or
+``run_training(TrainConfig(...))`` / ``run_inference(InferConfig(...))`` /
+``run_cluster(ClusterConfig(...))``.
 ``TrainConfig.mode`` (``--mode``) picks ht or a baseline: ``split`` (classic split
 learning, ``edge_runtime.split_learning``) or ``cloud`` (raw-image upload,
 ``edge_runtime.upload``).
@@ -18,6 +19,8 @@ from typing import Any
 
 _EXPORTS = {
     "BACKENDS": "edge_runtime.config",
+    "ClusterConfig": "edge_runtime.cluster_run",
+    "run_cluster": "edge_runtime.cluster_run",
     "EdgeBackend": "edge_runtime.backends",
     "StepResult": "edge_runtime.backends",
     "make_backend": "edge_runtime.backends",

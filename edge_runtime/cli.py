@@ -1,4 +1,4 @@
-"""``edge-runtime`` command line: ``train`` and ``infer``.
+"""``edge-runtime`` command line: ``train``, ``infer`` and ``cluster``.
 
 User errors print ``error: ...`` and exit 2 (``toolkit.cli.run``).
 """
@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=_positive_int, default=None, help=argparse.SUPPRESS)
     sp.add_argument("--quiet", action="store_true", help="no info logs")
     sp.set_defaults(func=cmd_provision)
+
+    from edge_runtime.cluster_run import add_parser as add_cluster_parser
+
+    add_cluster_parser(sub, common)
     return p
 
 

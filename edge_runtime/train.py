@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from edge_runtime.backends import make_backend
+from edge_runtime.backends import EdgeBackend, make_backend
 from edge_runtime.config import TrainConfig
 from edge_runtime.link import connect_edge
 from edge_runtime.publisher import Publisher
@@ -120,8 +120,11 @@ def _publish_status(link: Link, status: Status) -> None:
                  timeout=STATUS_TIMEOUT_S)
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, publish, report; returns the summary dict (also written to ``cfg.report``)."""
+def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[str, Any]:
+    """Train, publish, report; returns the summary dict (also written to ``cfg.report``).
+
+    ``backend`` replaces the one ``cfg.backend`` names (``edge-runtime cluster`` passes its
+    tiled cluster step)."""
     t0 = time.monotonic()
     run = validate_id(cfg.run_id, "run id")
     device = validate_id(cfg.device_id, "device id")
@@ -143,15 +146,16 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     scheme = QuantScheme.from_dict(manifest.data["quantization"])
     ds = load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit, seed=cfg.seed,
                             normalized=mode != "cloud")
-    backend = make_backend(backend_name, manifest) if backend_name else None
+    if backend is None and backend_name:
+        backend = make_backend(backend_name, manifest)
     log.info("device %s: %d samples of %s, mode %s, %s backend, batch %d", device, len(ds),
-             ds.name, mode, backend_name or "no", manifest.batch_size)
+             ds.name, mode, backend.name if backend else "no", manifest.batch_size)
 
     link = connect_edge(cfg.broker, run, device, role="edge", timeout=cfg.connect_timeout,
                         will=True, shape=shape)
     try:
         _publish_status(link, Status(role="edge", device=device, run=run, state="online",
-                                     extra={"backend": backend_name or "none",
+                                     extra={"backend": backend.name if backend else "none",
                                             "samples": len(ds), "mode": mode}))
         setup_s = time.monotonic() - t0
         started_unix = time.time()
