@@ -2,8 +2,8 @@
 
 Every rank loads the same artifacts (so the weight replicas start equal) and plans the same
 tiling (``toolkit.tiling``: grid from ``--grid`` or the world size, layer groups from
-``--groups`` or the cost model with the board profile's GFLOP/s and ``--link-mbps``/
-``--link-latency-ms`` for the links *between* boards). Rank 0 owns the camera data and the
+``--groups`` or the cost model with the board profile's GFLOP/s and ``--board-link-mbps``/
+``--board-link-latency-ms`` for the links *between* boards). Rank 0 owns the camera data and the
 broker connection: it runs the ordinary training loop (``edge_runtime.train``) with a backend
 whose step is one tiled cluster step, so the cut activations go out on exactly the int8 MQTT
 path of ``edge-runtime train`` and the cloud trainer needs no change. Before each step rank 0
@@ -199,9 +199,9 @@ def add_parser(sub, common) -> None:
                     help="layer groups: auto (cost model), all, each, or unit counts like 2+2")
     sp.add_argument("--board", default=None,
                     help="board profile for the cost model (default: the manifest's board)")
-    sp.add_argument("--link-mbps", type=float, default=100.0,
+    sp.add_argument("--board-link-mbps", type=float, default=100.0,
                     help="bandwidth between boards in Mbit/s for the cost model (default 100)")
-    sp.add_argument("--link-latency-ms", type=float, default=0.5,
+    sp.add_argument("--board-link-latency-ms", type=float, default=0.5,
                     help="latency between boards for the cost model (default 0.5)")
     sp.add_argument("--plan-only", action="store_true",
                     help="print the tile plan (and the cost model's candidates) as JSON and exit")
@@ -235,7 +235,7 @@ def cmd_cluster(args) -> int:
     cfg = ClusterConfig(
         train=train, world_size=args.world_size, rank=args.rank, master_addr=args.master_addr,
         master_port=args.master_port, grid=args.grid, groups=args.groups, board=args.board,
-        link_mbps=args.link_mbps, link_latency_ms=args.link_latency_ms,
+        link_mbps=args.board_link_mbps, link_latency_ms=args.board_link_latency_ms,
         threads=args.threads or 1)
     if args.plan_only:
         print(json.dumps(plan_only(cfg), indent=2))

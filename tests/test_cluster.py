@@ -285,8 +285,8 @@ def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(tmp_path
     }
     import json
 
-    res = cli(*base, "--world-size", "2", "--plan-only", "--link-mbps", "1e9",
-              "--link-latency-ms", "0", timeout=120)
+    res = cli(*base, "--world-size", "2", "--plan-only", "--board-link-mbps", "1e9",
+              "--board-link-latency-ms", "0", timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     plan = json.loads(res.stdout)
     assert plan["workers"] == 2 and plan["grid"] == [2, 1]
