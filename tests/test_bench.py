@@ -42,8 +42,9 @@ def test_reductions_and_table() -> None:
     rows = [row("ht", 25.0), row("split", 100.0), row("cloud", 50.0)]
     (e,) = reductions(rows)
     assert e["reduction_vs_split"] == 0.75 and e["reduction_vs_cloud"] == 0.5
+    assert e["reduction_vs_split_g8"] is None
     table = markdown_table(rows, [e])
-    assert "| m | 1 | 64 | 25.0 | 100.0 | 50.0 | 75 % | 50 % |" in table
+    assert "| m | 1 | 64 | 25.0 | 100.0 | - | 50.0 | 75 % | - | 50 % |" in table
 
 
 def test_bad_config_is_refused() -> None:
@@ -61,14 +62,15 @@ def test_bench_cli_refuses_unknown_model(cli, tmp_path: Path) -> None:
 @pytest.mark.mqtt
 @pytest.mark.slow
 def test_bench_runs_every_mode_on_a_shaped_link(cli, tmp_path: Path) -> None:
-    """Three real runs (ht, split, cloud) at 2 Mbit/s: rows, reductions, plots, all from data."""
+    """Four real runs (ht, split x 2, cloud) at 2 Mbit/s: rows, reductions, plots, from data."""
     r = cli("toolkit", "bench", "--models", "smallcnn", "--rates", "2", "--samples", "128",
             "--schedules", "runtime", "--data", "digits", "--broker", "embedded",
-            "--latency-ms", "50", "--out", str(tmp_path), timeout=900)
+            "--latency-ms", "50", "--split-grad-bits", "32,8", "--out", str(tmp_path),
+            timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "lowbitrate.json").read_text())
-    assert sorted(x["mode"] for x in rows) == ["cloud", "ht", "split"]
-    by = {x["mode"]: x for x in rows}
+    assert sorted(x["mode"] for x in rows) == ["cloud", "ht", "split", "split"]
+    by = {("split_g8" if x["grad_codec"] == "int8" else x["mode"]): x for x in rows}
     for x in rows:
         assert x["samples"] == 128 and x["link_mbps"] == 2.0 and x["wall_s"] > 0
         assert x["batches_trained"] == 4
@@ -76,6 +78,7 @@ def test_bench_runs_every_mode_on_a_shaped_link(cli, tmp_path: Path) -> None:
         # The shaper is honest: a run cannot beat its own traffic through the link.
         assert x["wall_s"] >= (x["bytes_up"] * 8 / 2e6) * 0.95
     assert by["split"]["bytes_down"] > by["split"]["bytes_up"]  # float32 gradients back
+    assert by["split_g8"]["bytes_down"] < by["split"]["bytes_down"] / 3  # int8 gradients
     assert by["ht"]["bytes_down"] == 0 and by["cloud"]["bytes_down"] == 0
     assert by["ht"]["exit_accuracy"] is not None and by["split"]["exit_accuracy"] is None
     # split's gradients make it the slowest on this link; every figure is measured.

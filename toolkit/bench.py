@@ -72,6 +72,8 @@ class BenchConfig:
     data: str | None = None
     broker: str = "auto"
     schedules: tuple[str, ...] = ("runtime", "accuracy")
+    split_grad_bits: tuple[int, ...] = (32,)
+    """Split learning's gradient codes: 32 (float32, classic) and/or 8 (a stronger baseline)."""
 
     def check(self) -> None:
         from toolkit.models import MODELS
@@ -91,6 +93,8 @@ class BenchConfig:
         bad = [s for s in self.schedules if s not in ("runtime", "accuracy")]
         if bad:
             raise HiertrainError(f"unknown schedule(s) {', '.join(bad)}; use runtime, accuracy")
+        if not self.split_grad_bits or any(b not in (8, 32) for b in self.split_grad_bits):
+            raise HiertrainError("split gradient bits must be 32 and/or 8")
         if self.broker not in ("auto", "mosquitto", "embedded"):
             raise HiertrainError("broker must be auto, mosquitto or embedded")
 
@@ -106,11 +110,19 @@ class RunSpec:
     codec: str
     samples: int
     epochs: int
+    grad_bits: int = 32  # split only: float32 gradients (classic) or int8
 
     @property
     def name(self) -> str:
         rate = "inf" if self.link_mbps is None else f"{self.link_mbps:g}"
-        return f"{self.schedule}-{self.model}-{self.mode}-{rate}M-{self.codec.replace('+', '_')}"
+        g = "-g8" if self.mode == "split" and self.grad_bits == 8 else ""
+        return (f"{self.schedule}-{self.model}-{self.mode}{g}-{rate}M-"
+                f"{self.codec.replace('+', '_')}")
+
+    @property
+    def key(self) -> str:
+        """Mode as the tables name it: split learning with int8 gradients is ``split_g8``."""
+        return "split_g8" if self.mode == "split" and self.grad_bits == 8 else self.mode
 
 
 # ----------------------------------------------------------------------------- data
@@ -197,6 +209,8 @@ def run_one(spec: RunSpec, artifacts: Path, url: str, work: Path, source: str | 
                  "--threads", "1", "--quiet", "--mode", spec.mode,
                  "--eval-limit", str(cfg.eval_limit), "--checkpoint-every", "1000000",
                  *_link_args(spec)]
+        if spec.mode == "split":
+            cloud += ["--grad-bits", str(spec.grad_bits)]
         if source:
             cloud += ["--eval-data", source]
         group.start("cloud", cloud)
@@ -231,6 +245,8 @@ def _row(spec: RunSpec, res: dict[str, Any], data_name: str, float32_bytes: int
     down = cloud["bytes_down"]
     return {
         "model": spec.model, "split": spec.split, "mode": spec.mode,
+        "grad_codec": ({32: "float32", 8: "int8"}[spec.grad_bits] if spec.mode == "split"
+                       else None),
         "schedule": spec.schedule, "link_mbps": spec.link_mbps,
         "latency_ms": spec.latency_ms if spec.link_mbps is not None else 0.0,
         "codec": spec.codec if spec.mode != "cloud" else "uint8-images",
@@ -269,8 +285,9 @@ def plan_runs(cfg: BenchConfig, shape: tuple[int, int, int]) -> list[RunSpec]:
             for rate in cfg.rates_mbps:
                 n = runtime_samples(cfg, rate, int8, f32)
                 for mode in cfg.modes:
-                    runtime.append(RunSpec(model, split, mode, "runtime", rate, cfg.latency_ms,
-                                           cfg.codec, n, 1))
+                    for g in (cfg.split_grad_bits if mode == "split" else (32,)):
+                        runtime.append(RunSpec(model, split, mode, "runtime", rate,
+                                               cfg.latency_ms, cfg.codec, n, 1, g))
         if "accuracy" in cfg.schedules:
             for mode in cfg.modes:
                 accuracy.append(RunSpec(model, split, mode, "accuracy", None, 0.0, cfg.codec,
@@ -379,14 +396,16 @@ def reductions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if r["schedule"] == "runtime":
-            by_key.setdefault((r["model"], r["link_mbps"]), {})[r["mode"]] = r
+            key = "split_g8" if r["mode"] == "split" and r.get("grad_codec") == "int8" \
+                else r["mode"]
+            by_key.setdefault((r["model"], r["link_mbps"]), {})[key] = r
     for (model, rate), modes in sorted(by_key.items()):
         ht = modes.get("ht")
         if ht is None:
             continue
         entry = {"model": model, "link_mbps": rate, "samples": ht["samples"],
                  "ht_s": ht["wall_s"]}
-        for base in ("split", "cloud"):
+        for base in ("split", "split_g8", "cloud"):
             b = modes.get(base)
             entry[f"{base}_s"] = b["wall_s"] if b else None
             entry[f"reduction_vs_{base}"] = (
@@ -407,9 +426,9 @@ def markdown_table(rows: list[dict[str, Any]], red: list[dict[str, Any]]) -> str
     data = sorted({r["data"] for r in rows})
     lines = [f"Data: {', '.join(data)}. Each figure is a measured run (see benchmarks/results/"
              "lowbitrate.json).", "",
-             "| model | link Mbit/s | samples | HT s | split s | cloud s | HT vs split | "
-             "HT vs cloud | paper (CIFAR-10, vs split) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | link Mbit/s | samples | HT s | split s | split (int8 grad) s | cloud s | "
+             "HT vs split | HT vs split (int8 grad) | HT vs cloud | paper (CIFAR-10, vs split) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v * 100:.0f} %"
@@ -420,8 +439,9 @@ def markdown_table(rows: list[dict[str, Any]], red: list[dict[str, Any]]) -> str
     for e in red:
         paper = PAPER_REDUCTION.get((e["model"], "CIFAR-10"))
         lines.append(f"| {e['model']} | {e['link_mbps']:g} | {e['samples']} | {sec(e['ht_s'])} | "
-                     f"{sec(e['split_s'])} | {sec(e['cloud_s'])} | "
-                     f"{pct(e['reduction_vs_split'])} | {pct(e['reduction_vs_cloud'])} | "
+                     f"{sec(e['split_s'])} | {sec(e['split_g8_s'])} | {sec(e['cloud_s'])} | "
+                     f"{pct(e['reduction_vs_split'])} | {pct(e['reduction_vs_split_g8'])} | "
+                     f"{pct(e['reduction_vs_cloud'])} | "
                      f"{pct(paper)} |")
     acc = [r for r in rows if r["schedule"] == "accuracy"]
     if acc:
@@ -446,11 +466,14 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> None:
     if models:
         fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
         for ax, model in zip(axes[0], models, strict=True):
-            for mode in MODES:
+            for mode, grad, label in (("ht", None, "ht"), ("split", "float32", "split"),
+                                      ("split", "int8", "split (int8 grad)"),
+                                      ("cloud", None, "cloud")):
                 pts = sorted((r["link_mbps"], r["wall_s"] / r["samples"] * 1000)
-                             for r in rt if r["model"] == model and r["mode"] == mode)
+                             for r in rt if r["model"] == model and r["mode"] == mode
+                             and r.get("grad_codec") == grad)
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=label)
             ax.set(xscale="log", yscale="log", xlabel="link bit rate (Mbit/s)",
                    ylabel="training time per sample (ms)", title=model)
             ax.grid(True, which="both", alpha=0.3)

@@ -168,10 +168,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         accuracy_samples=args.accuracy_samples, accuracy_epochs=args.accuracy_epochs,
         eval_limit=args.eval_limit, lr=args.lr, data=args.data, broker=args.broker,
         schedules=tuple(args.schedules.split(",")),
+        split_grad_bits=tuple(int(b) for b in args.split_grad_bits),
     ))
     for e in reductions(rows):
-        vs = ", ".join(f"{e[k] * 100:.0f} % vs {k.split('_')[-1]}"
-                       for k in ("reduction_vs_split", "reduction_vs_cloud") if e[k] is not None)
+        vs = ", ".join(f"{e[k] * 100:.0f} % vs {k.removeprefix('reduction_vs_')}"
+                       for k in ("reduction_vs_split", "reduction_vs_split_g8",
+                                 "reduction_vs_cloud") if e[k] is not None)
         print(f"{e['model']} at {e['link_mbps']:g} Mbit/s: HT {e['ht_s']:.1f} s ({vs})")
     print(f"written to {Path(args.out) / 'lowbitrate.json'}")
     return 0
@@ -318,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default=None, help="dataset (default: CIFAR-10 copy, else digits)")
     sp.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
     sp.add_argument("--schedules", default="runtime,accuracy")
+    sp.add_argument("--split-grad-bits", type=_floats, default=(32,),
+                    help="split learning's gradients: 32 (float32, classic) and/or 8, e.g. 32,8")
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("gateway", help="bridge a device's serial line to an MQTT broker")
