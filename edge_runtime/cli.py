@@ -1,4 +1,4 @@
-"""``edge-runtime`` command line: ``train`` and ``infer``.
+"""``edge-runtime`` command line: ``train``, ``infer`` and ``personalise``.
 
 User errors print ``error: ...`` and exit 2 (``toolkit.cli.run``).
 """
@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from edge_runtime import personal_cli
 from edge_runtime.config import BACKENDS
 
 
@@ -49,11 +50,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     _setup(args)
+    from toolkit.personal_export import is_personal
+
+    if is_personal(args.artifacts):  # multi-exit artifacts of 'toolkit export --personalise'
+        return personal_cli.cmd_infer_personal(args)
+    personal_cli.require_broker(args)
     from edge_runtime.infer import InferConfig, format_table, run_inference
 
     result = run_inference(InferConfig(
         artifacts=args.artifacts, broker=args.broker, device_id=args.device_id, data=args.data,
-        run_id=args.run_id, threshold=args.threshold, limit=args.limit, weights=args.weights,
+        run_id=args.run_id, threshold=0.8 if args.threshold is None else args.threshold,
+        limit=args.limit, weights=args.weights,
         timeout=args.timeout, backend=args.backend, seed=args.seed, quiet=args.quiet,
         connect_timeout=args.connect_timeout, report=args.report,
     ))
@@ -79,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
+    def common(sp: argparse.ArgumentParser, cloud: bool = True) -> None:
         sp.add_argument("--artifacts", required=True, help="'toolkit export' output directory")
-        sp.add_argument("--broker", required=True, help="mqtt://host[:port] or mqtts://...")
-        sp.add_argument("--device-id", required=True, help="this device's id (A-Za-z0-9_.-)")
+        sp.add_argument("--broker", required=cloud, help="mqtt://host[:port] or mqtts://...")
+        sp.add_argument("--device-id", required=cloud, help="this device's id (A-Za-z0-9_.-)")
         sp.add_argument("--data", default=None,
                         help="dataset: digits (default), .npz, cifar-10-batches-py, ImageFolder")
         sp.add_argument("--run-id", default="default")
@@ -109,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("infer", help="early-exit inference, asking the cloud when unsure")
-    common(sp)
-    sp.add_argument("--threshold", type=float, default=0.8,
-                    help="exit softmax confidence needed to answer locally (default 0.8)")
+    common(sp, cloud=False)  # personalised multi-exit artifacts need no cloud
+    sp.add_argument("--threshold", type=float, default=None,
+                    help="exit softmax confidence needed to answer locally (default 0.8; for "
+                         "personalised artifacts: overrides the calibrated thresholds)")
     sp.add_argument("--limit", type=_positive_int, default=200,
                     help="number of test samples (default 200)")
     sp.add_argument("--weights", default=None,
@@ -119,7 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "device's retained weights from the broker (default: initial weights)")
     sp.add_argument("--timeout", type=float, default=10.0,
                     help="seconds to wait for each cloud reply (default 10)")
+    personal_cli.add_scenario_args(sp)
+    sp.add_argument("--compare-full", action="store_true",
+                    help="personalised artifacts: also time the original network per sample")
     sp.set_defaults(func=cmd_infer)
+
+    def runtime_only(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--backend", choices=BACKENDS, default="executorch")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+        sp.add_argument("--json", action="store_true", help="print the result as JSON")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+
+    personal_cli.add_personalise_parser(sub, runtime_only)
     return p
 
 

@@ -12,6 +12,8 @@ into place when complete). The directory holds:
 ``personal_seg<k>.pte``  ``forward(a[1], *exit_weights_k) -> (a_next,
                          logits_k)``: early-exit inference one segment at a time;
                          the last segment ends at the backbone's classifier
+``personal_full.pte``    ``forward(x[1]) -> final_logits``: the original network,
+                         the baseline early exits are measured against
 ``backbone.pt``          the frozen backbone (state dict of the full model)
 ``exits_init.pt``        initial exit weights, keyed like the training program
 ``personal.json``        schema ``hiertrain.personal`` v1
@@ -63,6 +65,7 @@ PERSONAL_SCHEMA = "hiertrain.personal"
 PERSONAL_SCHEMA_VERSION = 1
 TRAIN_PTE = "personal_train.pte"
 FORWARD_PTE = "personal_forward.pte"
+FULL_PTE = "personal_full.pte"
 BACKBONE = "backbone.pt"
 EXITS_INIT = "exits_init.pt"
 _SCHEMA_PATH = Path(__file__).parent / "schemas" / f"personal.v{PERSONAL_SCHEMA_VERSION}.json"
@@ -243,6 +246,9 @@ def _write(cfg: PersonalExportConfig, spec: PersonalSpec, mean, std, net: MultiE
                          "input_shape": list(a.shape), "output_shape": list(a_next.shape),
                          "exit": spec.exit_points[k] if k < len(spec.exit_points) else None})
         a = a_next
+    progress("lowering the full-network baseline")
+    buf, full_backend = lower_with_exit_weights(copy.deepcopy(net.backbone), [], x[:1])
+    (tmp / FULL_PTE).write_bytes(buf)
     torch.save(backbone_state, tmp / BACKBONE)
     torch.save(exit_state(net), tmp / EXITS_INIT)
 
@@ -263,7 +269,8 @@ def _write(cfg: PersonalExportConfig, spec: PersonalSpec, mean, std, net: MultiE
             "global_rel_grad_error", "max_rel_grad_error", "loss_abs_error")}}
 
     flops = train_flops(step, x, y, w)
-    files = [TRAIN_PTE, FORWARD_PTE, BACKBONE, EXITS_INIT] + [s["file"] for s in segments]
+    files = [TRAIN_PTE, FORWARD_PTE, FULL_PTE, BACKBONE, EXITS_INIT]
+    files += [s["file"] for s in segments]
     data = {
         "schema": PERSONAL_SCHEMA,
         "schema_version": PERSONAL_SCHEMA_VERSION,
@@ -281,6 +288,7 @@ def _write(cfg: PersonalExportConfig, spec: PersonalSpec, mean, std, net: MultiE
                       "parameters": [n for n, _ in step.named_parameters()]},
             "forward": {"file": FORWARD_PTE, "backend": fwd_backend, "weights": fwd_names},
             "segments": segments,
+            "full": {"file": FULL_PTE, "backend": full_backend},
         },
         "cost": {"train_step_flops": flops, "trainable_parameters": sum(
             p.numel() for p in step.parameters())},
