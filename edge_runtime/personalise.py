@@ -179,8 +179,9 @@ def load_personal_split(manifest: Manifest, data: str | None, split: str,
     ds = load_dataset(data, split, input_shape=tuple(manifest.data["spec"]["input_shape"]),
                       seed=seed)
     ds = personal_view(ds, classes, shift)
-    if limit is not None:
-        ds = Dataset(ds.x[:limit], ds.y[:limit], ds.classes, ds.name)
+    if limit is not None:  # a seeded sample: sources are often sorted by class
+        pick = torch.from_numpy(np.random.default_rng([seed, 5]).permutation(len(ds))[:limit])
+        ds = Dataset(ds.x[pick], ds.y[pick], ds.classes, ds.name)
     norm = manifest.data["normalization"]
     return Dataset(normalize(ds.x, norm["mean"], norm["std"]), ds.y, ds.classes, ds.name)
 
