@@ -91,6 +91,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--latency-samples", type=int, default=400)
+    ap.add_argument("--sweep-labelled", default="0,0.02,0.25",
+                    help="also personalise (eager backend, same math) with these labelled "
+                         "shares and report accuracy after each ('' to skip)")
     ap.add_argument("--out", default="benchmarks/results/personalise.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -105,9 +108,11 @@ def main() -> int:
     cache = Path(args.backbone_cache) if args.backbone_cache else work / "backbone.pt"
     general = load_dataset(data, "train")
     t0 = time.monotonic()
+    sidecar = cache.with_suffix(".json")  # how the cached backbone was made
     if cache.is_file():
         log(f"reusing the pretrained backbone {cache}")
-        pretrain_s = None
+        pretrain_s = (json.loads(sidecar.read_text()).get("pretrain_s")
+                      if sidecar.is_file() else None)
     else:
         log(f"pretraining smallcnn on {general.name} ({len(general)} images, "
             f"{args.pretrain_epochs} epochs, 1 thread)")
@@ -116,6 +121,8 @@ def main() -> int:
                        progress=lambda e: log(f"  epoch {e + 1} ({time.monotonic() - t0:.0f} s)"))
         torch.save(net.state_dict(), cache)
         pretrain_s = time.monotonic() - t0
+        sidecar.write_text(json.dumps({"pretrain_s": pretrain_s,
+                                       "epochs": args.pretrain_epochs}) + "\n")
 
     # 2. export
     art = work / "art"
@@ -214,6 +221,24 @@ def main() -> int:
     f_exit = train_flops(step, xb, yb, wb)
     f_whole = train_flops(whole, xb, yb, wb)
 
+    sweep = []
+    for share in [float(v) for v in args.sweep_labelled.split(",") if v.strip()]:
+        log(f"labelled-share sweep: {share:.0%} labelled (eager backend)")
+        sdir = work / f"sweep-{share}"
+        r = run_personalise(PersonaliseConfig(
+            artifacts=art, out=sdir, data=data, classes=classes, shift=args.shift,
+            labelled=share, pseudo_threshold=0.9, epochs=args.epochs, holdout=0.2,
+            backend="torch", seed=0, limit=args.stream, quiet=True))
+        ex, pol = load_state_dir(sdir)
+        net_s = PersonalBackend(m, "torch")
+        load_exit_state(net_s.net, ex, "exits")
+        c_s, ok_s = scores(net_s.forward(test.x), test.y)
+        w_s = route(pol, c_s)
+        sweep.append({"labelled_share": share, "labelled_samples": r["labelled_samples"],
+                      "pseudo_labelled_samples": r["pseudo_labelled_samples"],
+                      "accuracy_after": float(ok_s.gather(0, w_s.view(1, -1)).float().mean()),
+                      "mean_flops": float(cum[w_s].mean())})
+
     result = {
         "data": f"{test.name}; general pretraining on {general.name}",
         "personal_scenario": {"classes": list(classes), "class_names": [
@@ -251,6 +276,8 @@ def main() -> int:
             "stream_samples", "heldout_samples", "labelled_samples", "pseudo_labelled_samples",
             "ignored_samples", "pseudo_label_accuracy", "steps", "train_step_ms",
             "heldout_accuracy_before", "heldout_accuracy_after")},
+        "labelled_sweep": {"accuracy_before": acc_before, "runs": sweep,
+                           "note": "eager backend (parity-tested against ExecuTorch)"},
         "export_s": export_s,
         "paper": PAPER,
         "machine": "2-core x86 shared with other jobs; torch 1 thread",
@@ -266,6 +293,9 @@ def main() -> int:
     print(f"  latency ratio at equal accuracy ({target_eq:.3f} target, {acc_eq:.3f} reached) "
           f"{lat_eq['latency_ratio']:.2f}x, FLOPs {result['equal_accuracy']['flops_ratio']:.2f}x "
           f"(paper: 2.2-3.2x)")
+    for r in sweep:
+        print(f"  {r['labelled_share']:.0%} labelled: accuracy after {r['accuracy_after']:.3f} "
+              f"({100 * (r['accuracy_after'] - acc_before):+.1f} pt)")
     print(f"wrote {out}")
     return 0
 

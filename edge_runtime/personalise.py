@@ -45,7 +45,6 @@ from toolkit.personal_data import SHIFTS, personal_view, split_holdout
 from toolkit.personal_export import (
     FORWARD_PTE,
     TRAIN_PTE,
-    load_exit_state,
     load_personal_manifest,
     load_personal_net,
 )
@@ -133,8 +132,7 @@ class PersonalBackend:
         """Logits of every exit and the final classifier for any number of samples."""
         outs: list[list[torch.Tensor]] = []
         if self.name == "torch":
-            fwd = PersonalForward(self.net).eval()
-            load_exit_state(self.net, self.exit_state(), "exit state")
+            fwd = PersonalForward(self.net).eval()  # shares the trained exit modules
             for i in range(0, len(x_all), 256):
                 outs.append(list(fwd(x_all[i:i + 256])))
         else:

@@ -237,3 +237,24 @@ def test_export_personalise_needs_a_checkpoint(tmp_path, cli):
             str(tmp_path / "x"))
     assert r.returncode == 2 and "--checkpoint" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_backbone_from_a_hiertrain_full_model_checkpoint(tmp_path):
+    """``full_model.pt`` of a hiertrain run (edge./cloud. prefixes, host-stats BN keys) loads
+    as the backbone; a checkpoint of another shape is refused with a readable error."""
+    from toolkit.errors import HiertrainError
+    from toolkit.exits import ExitHeadConfig
+    from toolkit.personal import load_backbone
+    from toolkit.segments import FullModel, build_segments
+
+    built = build_segments("smallcnn", "block1", num_classes=10, input_shape=SHAPE,
+                           exit_cfg=ExitHeadConfig(channels=16), seed=5)
+    full = FullModel(built.step.edge, built.cloud)
+    torch.save(full.state_dict(), tmp_path / "full_model.pt")
+    net = load_backbone("smallcnn", tmp_path / "full_model.pt", num_classes=10,
+                        input_shape=SHAPE)
+    x = torch.rand(4, *SHAPE)
+    with torch.no_grad():
+        assert torch.allclose(net(x), full.eval()(x), atol=1e-6)
+    with pytest.raises(HiertrainError, match="does not fit"):
+        load_backbone("smallcnn", tmp_path / "full_model.pt", num_classes=5, input_shape=SHAPE)
