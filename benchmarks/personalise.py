@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -90,6 +91,11 @@ def main() -> int:
     ap.add_argument("--labelled", type=float, default=0.1)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--exit-channels", type=int, default=16)
+    ap.add_argument("--artifacts", default=None,
+                    help="reuse an existing 'toolkit export --personalise' directory")
+    ap.add_argument("--backend", default="executorch",
+                    help="backend of the main personalisation run (default executorch)")
     ap.add_argument("--latency-samples", type=int, default=400)
     ap.add_argument("--sweep-labelled", default="0,0.02,0.25",
                     help="also personalise (eager backend, same math) with these labelled "
@@ -125,12 +131,20 @@ def main() -> int:
                                        "epochs": args.pretrain_epochs}) + "\n")
 
     # 2. export
-    art = work / "art"
-    log("exporting the multi-exit personalisation programs")
+    art = Path(args.artifacts) if args.artifacts else work / "art"
     t0 = time.monotonic()
-    m = export_personal(PersonalExportConfig(model="smallcnn", out=art, checkpoint=cache,
-                                             exit_channels=32, batch=args.batch), progress=log)
-    export_s = time.monotonic() - t0
+    if args.artifacts:
+        from toolkit.personal_export import load_personal_manifest
+
+        m = load_personal_manifest(art)
+        export_s = None
+    else:
+        log("exporting the multi-exit personalisation programs")
+        m = export_personal(PersonalExportConfig(model="smallcnn", out=art, checkpoint=cache,
+                                                 exit_channels=args.exit_channels,
+                                                 batch=args.batch),
+                            progress=log)
+        export_s = time.monotonic() - t0
     general_test = load_personal_split(m, data, "test", None, "none", None, 0)
     backend0 = PersonalBackend(m, "torch")
     general_acc = float((backend0.forward(general_test.x)[-1].argmax(1)
@@ -138,12 +152,12 @@ def main() -> int:
 
     # 3. personalise on the board program (ExecuTorch)
     state = work / "state"
-    log(f"personalising through ExecuTorch ({args.stream} local samples, "
+    log(f"personalising on {args.backend} ({args.stream} local samples, "
         f"{args.labelled:.0%} labelled, {args.epochs} epochs)")
     rep = run_personalise(PersonaliseConfig(
         artifacts=art, out=state, data=data, classes=classes, shift=args.shift,
         labelled=args.labelled, pseudo_threshold=0.9, epochs=args.epochs, holdout=0.2,
-        backend="executorch", seed=0, limit=args.stream, quiet=True))
+        backend=args.backend, seed=0, limit=args.stream, quiet=False))
     exits, policy_after = load_state_dir(state)
 
     # 4. accuracy before/after on the personal test set
@@ -175,11 +189,14 @@ def main() -> int:
     flops_seg, flops_full = segment_flops(trained.net, tuple(m.data["spec"]["input_shape"]))
     cum = torch.tensor(flops_seg, dtype=torch.float64).cumsum(0)
 
-    def latency(policy, n):
-        eng = MultiExitEngine(m, "executorch", exits, policy)
+    lat_idx = torch.from_numpy(np.random.default_rng(1).permutation(len(test)))
+
+    def latency(policy, n, backend):
+        """Early-exit and original network on the same samples, interleaved per sample."""
+        eng = MultiExitEngine(m, backend, exits, policy)
         early = full = 0.0
         hits = 0
-        for i in range(n):
+        for i in lat_idx[:n].tolist():
             x = test.x[i:i + 1]
             t = time.perf_counter()
             k, lg = eng.run(x)
@@ -188,13 +205,15 @@ def main() -> int:
             eng.run_full(x)
             full += time.perf_counter() - t
             hits += int(int(lg.argmax()) == int(test.y[i]))
-        return {"samples": n, "early_exit_ms": 1000 * early / n, "full_network_ms": 1000 * full / n,
-                "latency_ratio": full / early, "accuracy_on_these": hits / n}
+        return {"samples": n, "runtime": backend, "early_exit_ms": 1000 * early / n,
+                "full_network_ms": 1000 * full / n, "latency_ratio": full / early,
+                "accuracy_on_these": hits / n}
 
     n_lat = min(args.latency_samples, len(test))
-    log(f"timing early-exit vs full-network inference through ExecuTorch on {n_lat} samples")
-    lat_eq = latency(policy_eq, n_lat)
-    lat_after = latency(policy_after, n_lat)
+    log(f"timing early-exit vs full-network inference on {n_lat} random test samples")
+    lat_eq = latency(policy_eq, n_lat, "torch")
+    lat_eq_et = latency(policy_eq, n_lat, "executorch")
+    lat_after = latency(policy_after, n_lat, "torch")
 
     # 6. training cost: exits only vs the whole network (same batch, same loss)
     log("timing one training step: exits only vs whole-network fine-tuning (eager)")
@@ -216,6 +235,10 @@ def main() -> int:
         whole(xb, yb, wb)[0].backward()
         opt_w.step()
 
+    et_step_ms = rep["train_step_ms"] if args.backend == "executorch" else None
+    if et_step_ms is None:
+        et = PersonalBackend(m, "executorch")
+        et_step_ms = 1000 * step_times(lambda: et.step(xb, yb, wb), 10)
     t_exit = step_times(exit_step, 40)
     t_whole = step_times(whole_step, 40)
     f_exit = train_flops(step, xb, yb, wb)
@@ -265,13 +288,17 @@ def main() -> int:
                            "flops_ratio": flops_full / float(cum[where_eq].mean()),
                            **lat_eq},
         "latency_ratio": lat_eq["latency_ratio"],
+        "latency_ratio_runtime": "eager PyTorch, batch 1, 1 thread",
+        "latency_executorch": lat_eq_et,
         "latency_at_accuracy_after": lat_after,
         "train_cost_ratio": t_whole / t_exit,
         "train_cost": {"exit_step_ms": 1000 * t_exit, "whole_network_step_ms": 1000 * t_whole,
                        "exit_step_flops": f_exit, "whole_network_step_flops": f_whole,
                        "flops_ratio": f_whole / f_exit, "batch": args.batch,
                        "runtime": "eager PyTorch, 1 thread, median of 40 steps",
-                       "executorch_exit_step_ms": rep["train_step_ms"]},
+                       "personalise_backend": args.backend,
+                       "personalise_step_ms": rep["train_step_ms"],
+                       "executorch_exit_step_ms": et_step_ms},
         "personalise_report": {k: rep[k] for k in (
             "stream_samples", "heldout_samples", "labelled_samples", "pseudo_labelled_samples",
             "ignored_samples", "pseudo_label_accuracy", "steps", "train_step_ms",
@@ -291,8 +318,8 @@ def main() -> int:
     print(f"  training cost ratio (whole network / exits) {result['train_cost_ratio']:.2f}x "
           f"time, {f_whole / f_exit:.2f}x FLOPs (paper: up to 2.2x)")
     print(f"  latency ratio at equal accuracy ({target_eq:.3f} target, {acc_eq:.3f} reached) "
-          f"{lat_eq['latency_ratio']:.2f}x, FLOPs {result['equal_accuracy']['flops_ratio']:.2f}x "
-          f"(paper: 2.2-3.2x)")
+          f"{lat_eq['latency_ratio']:.2f}x eager, {lat_eq_et['latency_ratio']:.2f}x ExecuTorch, "
+          f"FLOPs {result['equal_accuracy']['flops_ratio']:.2f}x (paper: 2.2-3.2x)")
     for r in sweep:
         print(f"  {r['labelled_share']:.0%} labelled: accuracy after {r['accuracy_after']:.3f} "
               f"({100 * (r['accuracy_after'] - acc_before):+.1f} pt)")

@@ -104,8 +104,8 @@ def lowest_threshold(conf: torch.Tensor, correct: torch.Tensor, target: float) -
 def calibrate(logits: Sequence[torch.Tensor], labels: torch.Tensor, exit_points: Sequence[str],
               target: float, terminal: str | None = None) -> ExitPolicy:
     """Thresholds from held-out ``logits`` (one ``[N, classes]`` per exit, then the final)."""
-    if not 0.0 < target <= 1.0:
-        raise HiertrainError(f"target accuracy must be in (0, 1], got {target}")
+    if not 0.0 <= target <= 1.0:
+        raise HiertrainError(f"target accuracy must be in [0, 1], got {target}")
     if len(logits) != len(exit_points) + 1:
         raise HiertrainError(f"expected {len(exit_points) + 1} logits tensors, got {len(logits)}")
     probs = [torch.softmax(lg.float(), dim=1) for lg in logits]
