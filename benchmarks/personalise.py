@@ -101,7 +101,7 @@ def main() -> int:
     ap.add_argument("--labelled", type=float, default=0.1)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--exit-channels", type=int, default=16)
+    ap.add_argument("--exit-channels", type=int, default=0)
     ap.add_argument("--artifacts", default=None,
                     help="reuse an existing 'toolkit export --personalise' directory")
     ap.add_argument("--backend", default="torch",
