@@ -1,4 +1,5 @@
-"""``edge-runtime`` command line: ``train``, ``infer`` and ``cluster``.
+"""``edge-runtime`` command line: ``train``, ``infer``, ``cluster``, ``personalise`` and
+``provision``.
 
 User errors print ``error: ...`` and exit 2 (``toolkit.cli.run``).
 """
@@ -11,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from edge_runtime import personal_cli
 from edge_runtime.config import BACKENDS, DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES
 
 
@@ -95,12 +97,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     _check_link(args)
     _setup(args)
+    from toolkit.personal_export import is_personal
+
+    if is_personal(args.artifacts):  # multi-exit artifacts of 'toolkit export --personalise'
+        return personal_cli.cmd_infer_personal(args)
+    if not (args.broker or args.serial) or not args.device_id:
+        personal_cli.require_broker(args)
     args.broker = _broker(args)
     from edge_runtime.infer import InferConfig, format_table, run_inference
 
     result = run_inference(InferConfig(
         artifacts=args.artifacts, broker=args.broker, device_id=args.device_id, data=args.data,
-        run_id=args.run_id, threshold=args.threshold, limit=args.limit, weights=args.weights,
+        run_id=args.run_id, threshold=0.8 if args.threshold is None else args.threshold,
+        limit=args.limit, weights=args.weights,
         timeout=args.timeout, backend=args.backend, seed=args.seed, quiet=args.quiet,
         connect_timeout=args.connect_timeout, report=args.report,
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
@@ -127,14 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
+    def common(sp: argparse.ArgumentParser, cloud: bool = True) -> None:
         sp.add_argument("--artifacts", required=True, help="'toolkit export' output directory")
         sp.add_argument("--broker", default=None,
                         help="mqtt://host[:port], mqtts://... or serial:///dev/ttyUSB0?baud=N")
         sp.add_argument("--serial", default=None,
                         help="serial port to a 'toolkit gateway' instead of --broker")
         sp.add_argument("--baud", type=int, default=115200, help="with --serial (default 115200)")
-        sp.add_argument("--device-id", required=True, help="this device's id (A-Za-z0-9_.-)")
+        sp.add_argument("--device-id", required=cloud, help="this device's id (A-Za-z0-9_.-)")
         sp.add_argument("--data", default=None,
                         help="dataset: digits (default), .npz, cifar-10-batches-py, ImageFolder")
         sp.add_argument("--run-id", default="default")
@@ -181,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_train, backend=None)
 
     sp = sub.add_parser("infer", help="early-exit inference, asking the cloud when unsure")
-    common(sp)
-    sp.add_argument("--threshold", type=float, default=0.8,
-                    help="exit softmax confidence needed to answer locally (default 0.8)")
+    common(sp, cloud=False)  # personalised multi-exit artifacts need no cloud
+    sp.add_argument("--threshold", type=float, default=None,
+                    help="exit softmax confidence needed to answer locally (default 0.8; for "
+                         "personalised artifacts: overrides the calibrated thresholds)")
     sp.add_argument("--limit", type=_positive_int, default=200,
                     help="number of test samples (default 200)")
     sp.add_argument("--weights", default=None,
@@ -191,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "device's retained weights from the broker (default: initial weights)")
     sp.add_argument("--timeout", type=float, default=10.0,
                     help="seconds to wait for each cloud reply (default 10)")
+    personal_cli.add_scenario_args(sp)
+    sp.add_argument("--compare-full", action="store_true",
+                    help="personalised artifacts: also time the original network per sample")
     sp.set_defaults(func=cmd_infer)
 
     sp = sub.add_parser("provision", help="wait for 'toolkit flash' on a serial port")
@@ -206,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_runtime.cluster_run import add_parser as add_cluster_parser
 
     add_cluster_parser(sub, common)
+
+    def runtime_only(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--backend", choices=BACKENDS, default="executorch")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+        sp.add_argument("--json", action="store_true", help="print the result as JSON")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+
+    personal_cli.add_personalise_parser(sub, runtime_only)
     return p
 
 

@@ -70,6 +70,10 @@ def cmd_boards(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.personalise:
+        from toolkit.personal_cli import cmd_export_personal
+
+        return cmd_export_personal(args)
     from toolkit.exits import ExitHeadConfig
     from toolkit.export import ExportConfig, OptimizerConfig, export_artifacts
     from toolkit.models import get_spec
@@ -252,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="normalisation in the edge segment (default: the model's)")
     sp.add_argument("--no-verify", action="store_true",
                     help="skip the gradient-parity check of the lowered program")
+    sp.add_argument("--personalise", action="store_true",
+                    help="multi-exit personalisation program: frozen backbone, trainable exits "
+                         "(docs/personalise.md)")
+    sp.add_argument("--checkpoint", default=None,
+                    help="with --personalise: pretrained backbone state dict (full_model.pt of a "
+                         "hiertrain run, or the model's own state dict)")
+    sp.add_argument("--exits", default=None,
+                    help="with --personalise: comma-separated stages to attach exits after "
+                         "(default: every stage but the classifier)")
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("plan", help="predict epoch time per split point and mode; pick a split")

@@ -58,12 +58,13 @@ class TrainingProgram:
     def from_file(cls, path: str | Path) -> TrainingProgram:
         return cls(Path(path).read_bytes())
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    def forward_backward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """One forward + backward; ``inputs`` as exported (``x, y`` for the edge step)."""
         if self._first:  # the thread pool starts (and prints its CPU probe) on first run
             self._first = False
             with stderr_silenced():
-                return self.module.forward_backward("forward", (x, y))
-        return self.module.forward_backward("forward", (x, y))
+                return self.module.forward_backward("forward", tuple(inputs))
+        return self.module.forward_backward("forward", tuple(inputs))
 
     def named_gradients(self) -> dict[str, torch.Tensor]:
         return self.module.named_gradients()

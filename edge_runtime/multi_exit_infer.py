@@ -1,0 +1,207 @@
+"""Early-exit inference on a personalised multi-exit network (no cloud, batch 1).
+
+A sample runs one segment at a time (``personal_seg<k>.pte``: the backbone
+stages since the previous exit, then exit ``k``) and leaves at the first exit
+whose softmax confidence reaches its calibrated threshold
+(``edge_runtime.calibrate.ExitPolicy``); the terminal exit answers the rest.
+The work after the exit is never done, which is the latency saving. The
+original network (``personal_full.pte``, backbone only) can be timed on the
+same samples for comparison (``compare_full``).
+
+Old single-exit artifacts never get here: ``edge-runtime infer`` dispatches on
+the artifacts' manifest (``personal.json``) and keeps its hierarchical path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from edge_runtime.calibrate import ExitPolicy
+from edge_runtime.config import BACKENDS
+from edge_runtime.personalise import load_personal_split, load_state_dir
+from toolkit.errors import HiertrainError
+from toolkit.manifest import Manifest
+from toolkit.personal_export import (
+    FULL_PTE,
+    exit_state,
+    load_exit_state,
+    load_personal_manifest,
+    load_personal_net,
+)
+
+
+@dataclass
+class MultiExitConfig:
+    artifacts: str | Path
+    weights: str | Path | None = None  # personalise --out dir or exits.pt; None: initial exits
+    data: str | None = None
+    classes: tuple[int, ...] | None = None
+    shift: str = "none"
+    split: str = "test"
+    limit: int | None = 200
+    threshold: float | None = None  # overrides the calibrated policy: one threshold for all
+    backend: str = "executorch"
+    compare_full: bool = False
+    seed: int = 0
+    quiet: bool = False
+    report: str | Path | None = None
+
+
+class MultiExitEngine:
+    """``run(x[1]) -> (chain position, logits)`` under an exit policy."""
+
+    def __init__(self, manifest: Manifest, backend: str, state: dict[str, torch.Tensor] | None,
+                 policy: ExitPolicy):
+        if backend not in BACKENDS:
+            raise HiertrainError(f"unknown backend {backend!r}; choose one of: "
+                                 f"{', '.join(BACKENDS)}")
+        self.backend, self.policy = backend, policy
+        self.net = load_personal_net(manifest)
+        if state is not None:
+            load_exit_state(self.net, state, "the exit weights")
+        self.net.eval()
+        self.chain = policy.chain()
+        self.segments = [s.eval() for s in self.net.segments()]
+        if backend == "executorch":
+            from toolkit.et_program import InferenceProgram
+
+            full = exit_state(self.net)
+            self.programs, self.weights = [], []
+            for seg in manifest.data["programs"]["segments"]:
+                self.programs.append(InferenceProgram.from_file(manifest.path(seg["file"])))
+                prefix = f"net.exits.{seg['exit']}." if seg["exit"] else ""
+                self.weights.append([full[prefix + n.removeprefix("exit.")].contiguous()
+                                     for n in seg["weights"]])
+            self.full_program = InferenceProgram.from_file(manifest.path(FULL_PTE))
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        a = x.contiguous()
+        for k in self.chain:
+            if self.backend == "executorch":
+                a, logits = self.programs[k].run(a, *self.weights[k])[:2]
+            else:
+                a, logits = self.segments[k](a)
+            conf = float(torch.softmax(logits.float(), dim=1).max())
+            if self.policy.decide(k, conf):
+                return k, logits
+        raise AssertionError("the terminal exit always answers")
+
+    @torch.no_grad()
+    def run_full(self, x: torch.Tensor) -> torch.Tensor:
+        """The original network, as shipped: every stage and the backbone's classifier."""
+        if self.backend == "executorch":
+            return self.full_program.run(x.contiguous())[0]
+        return self.net.backbone(x)
+
+
+def segment_flops(net, input_shape) -> tuple[list[int], int]:
+    """FLOPs (batch 1) of each segment incl. its exit, and of the full backbone."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = []
+    a = torch.zeros(1, *input_shape)
+    with torch.no_grad():
+        for seg in net.segments():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                a, _ = seg.eval()(a)
+            flops.append(int(counter.get_total_flops()))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            net.backbone(torch.zeros(1, *input_shape))
+    return flops, int(counter.get_total_flops())
+
+
+def run_multi_exit_inference(cfg: MultiExitConfig) -> dict[str, Any]:
+    manifest = load_personal_manifest(cfg.artifacts)
+    points = list(manifest.data["spec"]["exit_points"])
+    state, policy, source = None, None, "initial exits"
+    if cfg.weights is not None:
+        state, policy = load_state_dir(cfg.weights)
+        source = str(cfg.weights)
+    if cfg.threshold is not None:
+        if not 0.0 <= cfg.threshold <= 1.0:
+            raise HiertrainError(f"threshold must be in [0, 1], got {cfg.threshold}")
+        policy = ExitPolicy.fixed(points, cfg.threshold)
+    if policy is None:
+        raise HiertrainError("no exit policy: pass --weights with the --out directory of "
+                             "'edge-runtime personalise' (it holds policy.json) or --threshold")
+    engine = MultiExitEngine(manifest, cfg.backend, state, policy)
+    ds = load_personal_split(manifest, cfg.data, cfg.split, cfg.classes, cfg.shift, cfg.limit,
+                             cfg.seed)
+    names = [*points, "final"]
+    seg_flops, full_flops = segment_flops(engine.net, tuple(manifest.data["spec"]["input_shape"]))
+    per = {names[k]: {"samples": 0, "correct": 0, "latency_s": 0.0} for k in engine.chain}
+    full = {"samples": 0, "correct": 0, "latency_s": 0.0}
+    flops = 0
+    for i in tqdm(range(len(ds)), desc="multi-exit infer", unit="sample", disable=cfg.quiet,
+                  file=sys.stderr):
+        x, label = ds.x[i:i + 1], int(ds.y[i])
+        t = time.perf_counter()
+        k, logits = engine.run(x)
+        dt = time.perf_counter() - t
+        e = per[names[k]]
+        e["samples"] += 1
+        e["correct"] += int(int(logits.argmax()) == label)
+        e["latency_s"] += dt
+        flops += sum(seg_flops[: k + 1])
+        if cfg.compare_full:
+            t = time.perf_counter()
+            out = engine.run_full(x)
+            full["latency_s"] += time.perf_counter() - t
+            full["samples"] += 1
+            full["correct"] += int(int(out.argmax()) == label)
+    n = len(ds)
+    total_s = sum(e["latency_s"] for e in per.values())
+    result: dict[str, Any] = {
+        "data": ds.name, "backend": cfg.backend, "weights": source, "samples": n,
+        "accuracy": sum(e["correct"] for e in per.values()) / n,
+        "mean_latency_ms": 1000 * total_s / n,
+        "mean_depth": sum((names.index(k) + 1) * e["samples"] for k, e in per.items()) / n,
+        "mean_flops": flops / n,
+        "policy": policy.to_dict(),
+        "per_exit": {k: {"samples": e["samples"], "share": e["samples"] / n,
+                         "accuracy": e["correct"] / e["samples"] if e["samples"] else None,
+                         "mean_latency_ms": (1000 * e["latency_s"] / e["samples"]
+                                             if e["samples"] else None)}
+                     for k, e in per.items()},
+    }
+    if cfg.compare_full:
+        result["full_network"] = {
+            "accuracy": full["correct"] / n, "mean_latency_ms": 1000 * full["latency_s"] / n,
+            "flops": full_flops}
+        result["latency_ratio"] = full["latency_s"] / total_s if total_s > 0 else None
+        result["flops_ratio"] = full_flops / (flops / n)
+    if cfg.report:
+        path = Path(cfg.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cfg_d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+        path.write_text(json.dumps({**result, "config": cfg_d}, indent=2) + "\n")
+    return result
+
+
+def format_result(r: dict[str, Any]) -> str:
+    lines = [f"early-exit inference on {r['data']}: {r['backend']} backend, "
+             f"weights: {r['weights']}",
+             f"  {'exit':<10} {'samples':>8} {'accuracy':>9} {'mean latency':>13}"]
+    for name, e in r["per_exit"].items():
+        acc = "-" if e["accuracy"] is None else f"{e['accuracy']:.3f}"
+        ms = "-" if e["mean_latency_ms"] is None else f"{e['mean_latency_ms']:.3f}"
+        lines.append(f"  {name:<10} {e['samples']:>8} {acc:>9} {ms:>10} ms")
+    lines.append(f"  {'overall':<10} {r['samples']:>8} {r['accuracy']:>9.3f} "
+                 f"{r['mean_latency_ms']:>10.3f} ms  (mean depth {r['mean_depth']:.2f})")
+    if "full_network" in r:
+        f = r["full_network"]
+        lines.append(f"  {'full net':<10} {r['samples']:>8} {f['accuracy']:>9.3f} "
+                     f"{f['mean_latency_ms']:>10.3f} ms  (latency ratio {r['latency_ratio']:.2f}x,"
+                     f" FLOPs ratio {r['flops_ratio']:.2f}x)")
+    return "\n".join(lines)
