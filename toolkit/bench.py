@@ -72,6 +72,8 @@ class BenchConfig:
     data: str | None = None
     broker: str = "auto"
     schedules: tuple[str, ...] = ("runtime", "accuracy")
+    resume: bool = False
+    """Skip runs already in ``out/lowbitrate.json`` (by their ``run`` name)."""
     split_grad_bits: tuple[int, ...] = (32,)
     """Split learning's gradient codes: 32 (float32, classic) and/or 8 (a stronger baseline)."""
 
@@ -208,6 +210,9 @@ def run_one(spec: RunSpec, artifacts: Path, url: str, work: Path, source: str | 
                  "--run-dir", str(run_dir / "cloud"), "--run-id", run_id, "--devices", "1",
                  "--threads", "1", "--quiet", "--mode", spec.mode,
                  "--eval-limit", str(cfg.eval_limit), "--checkpoint-every", "1000000",
+                 # A slow link can be silent for minutes while the edge uploads its
+                 # weights at the end; the run's own deadline bounds it instead.
+                 "--idle-timeout", f"{RUN_TIMEOUT_S:g}",
                  *_link_args(spec)]
         if spec.mode == "split":
             cloud += ["--grad-bits", str(spec.grad_bits)]
@@ -244,7 +249,7 @@ def _row(spec: RunSpec, res: dict[str, Any], data_name: str, float32_bytes: int
     up = edge["act_bytes_sent"]
     down = cloud["bytes_down"]
     return {
-        "model": spec.model, "split": spec.split, "mode": spec.mode,
+        "run": spec.name, "model": spec.model, "split": spec.split, "mode": spec.mode,
         "grad_codec": ({32: "float32", 8: "int8"}[spec.grad_bits] if spec.mode == "split"
                        else None),
         "schedule": spec.schedule, "link_mbps": spec.link_mbps,
@@ -322,18 +327,30 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(cfg, shape)
     print(f"bench: {len(runs)} runs on {data_name}; work dir {work}", file=sys.stderr)
-    rows: list[dict[str, Any]] = []
     results = cfg.out / "lowbitrate.json"
+    rows: list[dict[str, Any]] = []
+    if cfg.resume and results.is_file():
+        rows = [r for r in json.loads(results.read_text()) if "run" in r]
+        print(f"bench: resuming, {len(rows)} runs already measured", file=sys.stderr)
+    done = {r["run"] for r in rows}
+    failed: list[str] = []
     profiles = {m: _profile(m, shape, cfg, work) for m in cfg.models}
     with _broker(cfg) as broker:
         for i, spec in enumerate(runs, 1):
+            if spec.name in done:
+                continue
             artifacts = _export(spec.model, spec.split, shape, mean, std, cfg, work)
             _, f32 = _cut_bytes(spec.model, spec.split, shape)
             t = time.monotonic()
             print(f"[{i}/{len(runs)}] {spec.name}: {spec.samples} samples x {spec.epochs} "
                   "epoch(s) ...", file=sys.stderr, flush=True)
-            row = _row(spec, run_one(spec, artifacts, broker.url, work, source, cfg),
-                       data_name, f32)
+            try:
+                res = run_one(spec, artifacts, broker.url, work, source, cfg)
+            except HiertrainError as exc:  # keep going: one bad run must not lose the sweep
+                failed.append(spec.name)
+                print(f"    FAILED: {exc}", file=sys.stderr, flush=True)
+                continue
+            row = _row(spec, res, data_name, f32)
             row["predicted_s"] = _predict(spec, row, profiles[spec.model])
             rows.append(row)
             print(f"    {row['wall_s']:.1f} s training, {row['bytes_per_sample_up']:.0f} B/sample "
@@ -341,6 +358,9 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                   f"({time.monotonic() - t:.0f} s with start-up)", file=sys.stderr, flush=True)
             write_results(rows, results)  # nothing lost if a later run fails
     write_report(rows, cfg.out)
+    if failed:
+        raise HiertrainError(f"{len(failed)} run(s) failed (logs under {work}): "
+                             f"{', '.join(failed)}; rerun with --resume to retry only those")
     return rows
 
 

@@ -172,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         accuracy_samples=args.accuracy_samples, accuracy_epochs=args.accuracy_epochs,
         eval_limit=args.eval_limit, lr=args.lr, data=args.data, broker=args.broker,
         schedules=tuple(args.schedules.split(",")),
-        split_grad_bits=tuple(int(b) for b in args.split_grad_bits),
+        split_grad_bits=tuple(int(b) for b in args.split_grad_bits), resume=args.resume,
     ))
     for e in reductions(rows):
         vs = ", ".join(f"{e[k] * 100:.0f} % vs {k.removeprefix('reduction_vs_')}"
@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default=None, help="dataset (default: CIFAR-10 copy, else digits)")
     sp.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
     sp.add_argument("--schedules", default="runtime,accuracy")
+    sp.add_argument("--resume", action="store_true",
+                    help="keep the runs already in OUT/lowbitrate.json, run only the others")
     sp.add_argument("--split-grad-bits", type=_floats, default=(32,),
                     help="split learning's gradients: 32 (float32, classic) and/or 8, e.g. 32,8")
     sp.set_defaults(func=cmd_bench)
