@@ -139,6 +139,11 @@ def test_activation_bytes_equal_encoded_messages():
         grad = encode(ActivationBatch("run", "dev", 1, 0, 0, raw=x))
         assert traffic.gradient_bytes(shape[0], shape[1:], run_id="run",
                                       device_id="dev") == len(grad)
+        from cloud_trainer.split_learning import GRAD_SCHEME  # what the cloud really sends
+
+        g8 = encode(ActivationBatch("run", "dev", 1, 0, 0, quantized=quantize(x, GRAD_SCHEME)))
+        assert traffic.gradient_bytes(shape[0], shape[1:], 8, run_id="run",
+                                      device_id="dev") == len(g8)
         n = math.prod(shape)
         assert traffic.activation_bytes(shape[0], shape[1:], 4) == (
             traffic.activation_bytes(shape[0], shape[1:], 8) - n + math.ceil(n / 2))
@@ -197,6 +202,9 @@ def test_predict_prices_a_profile_with_speeds():
     sl = predict("split", p, "a", fast, samples=100, cloud_speed=2.0)
     assert sl.per_batch["cloud_s"] == pytest.approx(t.split_cloud_s / 2)
     assert sl.down_bytes_per_batch == traffic.gradient_bytes(10, (4, 2, 2))
+    sl8 = predict("split", p, "a", fast, samples=100, grad_bits=8)
+    assert sl8.down_bytes_per_batch == traffic.gradient_bytes(10, (4, 2, 2), 8)
+    assert sl8.down_bytes_per_batch < sl.down_bytes_per_batch  # (tiny cut: headers dominate)
     cl = predict("cloud", p, None, fast, samples=100)
     assert cl.per_batch["cloud_s"] == pytest.approx(3.0)
     assert cl.up_bytes_per_batch == traffic.image_bytes(10, (3, 4, 4))

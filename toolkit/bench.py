@@ -382,7 +382,8 @@ def _predict(spec: RunSpec, row: dict[str, Any], profile) -> float | None:
         return None
     bits = _codec_bits(spec.codec)
     p = predict(spec.mode, profile, spec.split, Link(spec.link_mbps * 1000, spec.latency_ms),
-                row["samples"] * spec.epochs, bits if bits in (2, 4, 8, 32) else 8)
+                row["samples"] * spec.epochs, bits if bits in (2, 4, 8, 32) else 8,
+                grad_bits=spec.grad_bits)
     return round(p.epoch_s, 3)
 
 

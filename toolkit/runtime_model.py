@@ -206,6 +206,7 @@ def predict(
     *,
     edge_speed: float = 1.0,
     cloud_speed: float = 1.0,
+    grad_bits: int = 32,
 ) -> Prediction:
     """Price one mode for a measured profile.
 
@@ -213,7 +214,8 @@ def predict(
     to the machine that measured ``profile`` (1.0: the same machine; 0.2: five
     times slower), so measured seconds are divided by them. ``bits`` is the
     width of the uploaded cut activation codes (8, packed 4 or 2, or 32 for raw
-    float32); the cut gradient of split learning is always float32. ``split``
+    float32); the cut gradient of split learning is float32 (``grad_bits`` 32,
+    classic) or int8 (8, the cloud trainer's ``--grad-bits 8``). ``split``
     is ignored by the ``cloud`` mode.
     """
     from toolkit import traffic  # imports torch through toolkit.wire
@@ -234,6 +236,6 @@ def predict(
     up = traffic.activation_bytes(profile.batch, t.cut_shape, bits)
     if mode == "ht":
         return ht_epoch(n, t.ht_edge_s / edge_speed, up, t.ht_cloud_s / cloud_speed, link)
-    down = traffic.gradient_bytes(profile.batch, t.cut_shape)
+    down = traffic.gradient_bytes(profile.batch, t.cut_shape, grad_bits)
     return split_epoch(n, t.split_edge_fwd_s / edge_speed, t.split_edge_bwd_s / edge_speed, up,
                        t.split_cloud_s / cloud_speed, down, link)

@@ -46,11 +46,20 @@ def activation_bytes(batch: int, cut_shape: tuple[int, ...], bits: int = 8, *,
     return int8 - n + packed_payload(n, bits)
 
 
-def gradient_bytes(batch: int, cut_shape: tuple[int, ...], *,
+_GRAD_INT8 = QuantScheme(bits=8, granularity="per_channel", symmetric=True)
+
+
+def gradient_bytes(batch: int, cut_shape: tuple[int, ...], grad_bits: int = 32, *,
                    run_id: str = "", device_id: str = "") -> int:
-    """Split learning's reply: the float32 gradient of the cut activation, no labels."""
-    return message_size((batch, *cut_shape), None, run_id=run_id, device_id=device_id,
-                        has_labels=False)
+    """Split learning's reply: the gradient of the cut activation, no labels.
+
+    ``grad_bits`` 32 is raw float32 (classic split learning, the cloud's
+    default), 8 the cloud's ``--grad-bits 8`` (int8, per channel, symmetric).
+    """
+    if grad_bits not in (8, 32):
+        raise ValueError(f"gradient bits must be 8 or 32, got {grad_bits}")
+    return message_size((batch, *cut_shape), _GRAD_INT8 if grad_bits == 8 else None,
+                        run_id=run_id, device_id=device_id, has_labels=False)
 
 
 def image_bytes(batch: int, input_shape: tuple[int, ...], *,
