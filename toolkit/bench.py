@@ -72,6 +72,8 @@ class BenchConfig:
     data: str | None = None
     broker: str = "auto"
     schedules: tuple[str, ...] = ("runtime", "accuracy")
+    report_only: bool = False
+    """Run nothing: re-derive predictions, tables and plots from ``out/lowbitrate.json``."""
     resume: bool = False
     """Skip runs already in ``out/lowbitrate.json`` (by their ``run`` name)."""
     split_grad_bits: tuple[int, ...] = (32,)
@@ -335,6 +337,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     done = {r["run"] for r in rows}
     failed: list[str] = []
     profiles = {m: _profile(m, shape, cfg, work) for m in cfg.models}
+    if cfg.report_only:
+        return _report_only(cfg, runs, results, profiles)
     with _broker(cfg) as broker:
         for i, spec in enumerate(runs, 1):
             if spec.name in done:
@@ -361,6 +365,21 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     if failed:
         raise HiertrainError(f"{len(failed)} run(s) failed (logs under {work}): "
                              f"{', '.join(failed)}; rerun with --resume to retry only those")
+    return rows
+
+
+def _report_only(cfg: BenchConfig, runs: list[RunSpec], results: Path, profiles: dict
+                 ) -> list[dict[str, Any]]:
+    if not results.is_file():
+        raise HiertrainError(f"--report-only needs {results}; run the benchmark first")
+    specs = {s.name: s for s in runs}
+    rows = json.loads(results.read_text())
+    for row in rows:
+        spec = specs.get(row.get("run", ""))
+        if spec is not None and spec.model in profiles:
+            row["predicted_s"] = _predict(spec, row, profiles[spec.model])
+    write_results(rows, results)
+    write_report(rows, cfg.out)
     return rows
 
 

@@ -173,6 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         eval_limit=args.eval_limit, lr=args.lr, data=args.data, broker=args.broker,
         schedules=tuple(args.schedules.split(",")),
         split_grad_bits=tuple(int(b) for b in args.split_grad_bits), resume=args.resume,
+        report_only=args.report_only,
     ))
     for e in reductions(rows):
         vs = ", ".join(f"{e[k] * 100:.0f} % vs {k.removeprefix('reduction_vs_')}"
@@ -333,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default=None, help="dataset (default: CIFAR-10 copy, else digits)")
     sp.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
     sp.add_argument("--schedules", default="runtime,accuracy")
+    sp.add_argument("--report-only", action="store_true",
+                    help="run nothing: redo predictions, tables and plots from OUT/lowbitrate.json")
     sp.add_argument("--resume", action="store_true",
                     help="keep the runs already in OUT/lowbitrate.json, run only the others")
     sp.add_argument("--split-grad-bits", type=_floats, default=(32,),
