@@ -21,7 +21,7 @@ COMMITTED = ["bench", "--models", "vgg16,resnet18", "--rates", "0.5,2,10,50",
              "--latency-ms", "20", "--codec", "int8", "--extra-codecs",
              "int4+deflate,int2+deflate", "--samples", "512", "--max-link-s", "200",
              "--split-grad-bits", "32,8",
-             "--accuracy-samples", "2048", "--accuracy-epochs", "2"]
+             "--accuracy-samples", "1024", "--accuracy-epochs", "2"]
 QUICK = ["bench", "--models", "smallcnn", "--rates", "0.5,10", "--samples", "128",
          "--accuracy-samples", "256", "--accuracy-epochs", "1", "--eval-limit", "200",
          "--out", "benchmarks/results/quick", "--data", "digits"]
