@@ -180,6 +180,7 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
     publisher = Publisher(link, maxsize=cfg.outbox)
     start = time.monotonic()
     try:
+        last_batch_unix: float | None = None
         for epoch in range(cfg.epochs):
             t_epoch = time.monotonic()
             epoch_wait = 0.0
@@ -206,6 +207,7 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
                     epoch_wait += t_got - t_sent
                     seq += 1
                     samples += len(y)
+                    last_batch_unix = time.time()  # toolkit bench: end of training
                     bar.update(1)
             history.append({"epoch": epoch, "batches": per_epoch,
                             "grad_wait_s": round(epoch_wait, 3),
@@ -250,6 +252,7 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
         "float32_bytes_per_sample": manifest.data["cut"]["float32_bytes_per_sample"],
         "malformed_grads": inbox.bad,
         "wall_s": wall_s,
+        "last_batch_unix": last_batch_unix,
         "train_s": train_s,
         "grad_wait_s": grad_wait_s,
         "publish_wait_s": stats.publish_wait_s,

@@ -244,6 +244,7 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
     publisher = Publisher(link, maxsize=cfg.outbox)
     start = time.monotonic()
     try:
+        last_batch_unix: float | None = None
         for epoch in range(cfg.epochs):
             t_epoch = time.monotonic()
             act_bytes_before = publisher.stats.by_kind.get("act")
@@ -266,6 +267,7 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
                     seen += len(y)
                     correct += int((res.exit_logits.argmax(dim=1) == y).sum())
                     loss_sum += res.loss
+                    last_batch_unix = time.time()  # toolkit bench: end of training
                     bar.update(1)
                     if i % 10 == 0 or i == per_epoch - 1:
                         sent = publisher.stats.by_kind.get("act")
@@ -321,6 +323,7 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
         "payload_bytes_per_sample": act_bytes / max(samples, 1),
         "float32_bytes_per_sample": manifest.data["cut"]["float32_bytes_per_sample"],
         "wall_s": wall_s,
+        "last_batch_unix": last_batch_unix,
         "train_s": train_s,
         "publish_wait_s": stats.publish_wait_s,
         "batches_per_s": seq / max(wall_s, 1e-9),

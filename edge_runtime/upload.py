@@ -53,6 +53,7 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
     publisher = Publisher(link, maxsize=cfg.outbox)
     start = time.monotonic()
     try:
+        last_batch_unix: float | None = None
         for epoch in range(cfg.epochs):
             t_epoch = time.monotonic()
             bar = tqdm(total=per_epoch, desc=f"{device} upload {epoch + 1}/{cfg.epochs}",
@@ -66,6 +67,7 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
                         labels=y, **form)), kind="act")
                     seq += 1
                     samples += len(y)
+                    last_batch_unix = time.time()  # toolkit bench: end of training
                     bar.update(1)
             history.append({"epoch": epoch, "batches": per_epoch,
                             "seconds": round(time.monotonic() - t_epoch, 3)})
@@ -99,6 +101,7 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
         "payload_bytes_per_sample": act_bytes / max(samples, 1),
         "float32_batches": raw_batches,
         "wall_s": wall_s,
+        "last_batch_unix": last_batch_unix,
         "train_s": 0.0,
         "publish_wait_s": stats.publish_wait_s,
         "batches_per_s": seq / max(wall_s, 1e-9),

@@ -238,11 +238,13 @@ def run_one(spec: RunSpec, artifacts: Path, url: str, work: Path, source: str | 
 def _row(spec: RunSpec, res: dict[str, Any], data_name: str, float32_bytes: int
          ) -> dict[str, Any]:
     edge, cloud = res["edge"], res["cloud"]
-    # Training time: from the edge's first batch to the cloud's last trained
-    # batch, both stamped with the wall clock of this one machine. Process
-    # start-up and the final evaluation are not training.
+    # Training time: from the edge's first batch to the last training step on
+    # either side (the cloud's last batch; split learning's last edge step comes
+    # after it), stamped with the wall clock of this one machine. Process
+    # start-up, the one-off upload of the trained edge weights and the final
+    # evaluation are not training.
     start = edge["started_unix"]
-    end = max(edge["finished_unix"], cloud["last_batch_unix"] or 0.0)
+    end = max(edge["last_batch_unix"] or 0.0, cloud["last_batch_unix"] or 0.0)
     samples = edge["samples_published"]
     # Training traffic: what the edge sent for training (activations, or images)
     # and what the cloud sent back (split learning's gradients). The one-off
