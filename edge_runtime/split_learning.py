@@ -52,7 +52,6 @@ log = logging.getLogger("edge_runtime")
 MODE = "split"
 LIVE_STATES = ("online", "training")
 _POLL_S = 0.2
-FLUSH_TIMEOUT_S = 120.0
 
 
 class GradInbox:
@@ -160,7 +159,7 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
     comparison is about the protocol, not the compression), or raw float32
     with ``--float-act``.
     """
-    from edge_runtime.train import publish_done, weights_path
+    from edge_runtime.train import flush_outbox, publish_done, weights_path
 
     bs = manifest.batch_size
     per_epoch = len(ds) // bs
@@ -223,7 +222,7 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
                 extra={"mode": MODE}).encode(), retain=True, kind="status")
             log.info("epoch %d/%d: %d batches, %.1f s waiting for gradients", epoch + 1,
                      cfg.epochs, per_epoch, epoch_wait)
-        publisher.flush(FLUSH_TIMEOUT_S)
+        flush_outbox(publisher, link)
     finally:
         publisher.close()
     wall_s = time.monotonic() - start

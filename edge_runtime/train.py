@@ -222,6 +222,18 @@ def _link_totals(summary: dict[str, Any], link: Link) -> dict[str, Any]:
     }
 
 
+def flush_outbox(publisher: Publisher, link: Link) -> None:
+    """Wait until everything submitted reached the broker, however slow the link.
+
+    On a shaped (slow) link the bound grows by the time the bytes still queued
+    need at its rate: an 11 MB weights upload at 500 kbit/s takes three minutes
+    and is not a broker that stopped answering.
+    """
+    pending = publisher.stats.bytes_submitted - publisher.stats.bytes_acked
+    publisher.flush(FLUSH_TIMEOUT_S + drain_s(link, pending))
+    link.flush(FLUSH_TIMEOUT_S + drain_s(link))  # a shaped link still holds its buffer
+
+
 def publish_done(link: Link, run: str, device: str, *, epochs: int, seq: int, samples: int,
                  exit_accuracy: float | None, extra: dict[str, Any]) -> None:
     """The retained "done" status: the cloud trains until it has ``seq`` batches of us."""
@@ -290,9 +302,7 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
                              kind="status")
             log.info("epoch %d/%d: loss %.4f, exit accuracy %.3f", epoch + 1, cfg.epochs,
                      history[-1]["loss"], exit_acc)
-        pending = publisher.stats.bytes_submitted - publisher.stats.bytes_acked
-        publisher.flush(FLUSH_TIMEOUT_S + drain_s(link, pending))
-        link.flush(FLUSH_TIMEOUT_S + drain_s(link))  # a shaped link still holds its buffer
+        flush_outbox(publisher, link)
     finally:
         publisher.close()
     wall_s = time.monotonic() - start

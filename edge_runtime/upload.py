@@ -33,7 +33,6 @@ from toolkit.wire import ActivationBatch, encode
 log = logging.getLogger("edge_runtime")
 
 MODE = "cloud"
-FLUSH_TIMEOUT_S = 120.0
 
 
 def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantScheme,
@@ -43,7 +42,7 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
     The images go losslessly whatever ``codec`` says: the codec is for cut
     activations, and this baseline has none.
     """
-    from edge_runtime.train import publish_done
+    from edge_runtime.train import flush_outbox, publish_done
 
     bs = manifest.batch_size
     per_epoch = len(ds) // bs
@@ -75,7 +74,7 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
                 role="edge", device=device, run=run, state="training", epoch=epoch,
                 batches_published=seq, samples_published=samples, last_seq=seq - 1,
                 extra={"mode": MODE}).encode(), retain=True, kind="status")
-        publisher.flush(FLUSH_TIMEOUT_S)
+        flush_outbox(publisher, link)
     finally:
         publisher.close()
     if raw_batches:

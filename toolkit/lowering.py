@@ -127,7 +127,6 @@ def infer_weight_names(module: nn.Module) -> list[str]:
 
 
 def lower_infer(module: nn.Module, x: torch.Tensor) -> InferProgram:
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from torch.export import export
 
     module.eval()
@@ -139,7 +138,20 @@ def lower_infer(module: nn.Module, x: torch.Tensor) -> InferProgram:
             ep = export(_WeightsAsInputs(module, names), (x, *weights), strict=False)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"torch.export failed on the edge inference program: {exc}") from exc
-    partitioners = []
+    buffer, backend = lower_forward(ep, "edge inference program")
+    return InferProgram(buffer=buffer, weights=names, backend=backend)
+
+
+def lower_forward(ep, what: str) -> tuple[bytes, str]:
+    """An exported forward program as ``.pte`` bytes: XNNPACK where it lowers, else portable.
+
+    Returns the buffer and the backend that took it (``"xnnpack"`` when any
+    part was delegated). Weights that are program inputs stay dynamic, which
+    XNNPACK takes for linear layers but not for convolutions.
+    """
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    partitioners: list[list] = []
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
             XnnpackPartitioner,
@@ -161,7 +173,5 @@ def lower_infer(module: nn.Module, x: torch.Tensor) -> InferProgram:
             last = exc
             continue
         delegated = "executorch_call_delegate" in prog.exported_program().graph_module.code
-        return InferProgram(
-            buffer=prog.buffer, weights=names, backend="xnnpack" if delegated else "portable"
-        )
-    raise _explain(last, "edge inference program")
+        return prog.buffer, "xnnpack" if delegated else "portable"
+    raise _explain(last, what)

@@ -137,10 +137,9 @@ def lower_personal_train(step: PersonalTrainStep, x, y, w) -> bytes:
 def lower_with_exit_weights(module: nn.Module, names: list[str], x: torch.Tensor
                             ) -> tuple[bytes, str]:
     """Forward program with ``names`` as inputs after ``x``; XNNPACK if it takes it."""
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from torch.export import export
 
-    from toolkit.lowering import _explain, _quiet
+    from toolkit.lowering import _quiet, lower_forward
 
     module.eval()
     params = dict(module.named_parameters())
@@ -150,30 +149,7 @@ def lower_with_exit_weights(module: nn.Module, names: list[str], x: torch.Tensor
             ep = export(_ExitWeightsAsInputs(module, names), (x, *weights), strict=False)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"torch.export failed on a personalised forward program: {exc}") from exc
-    partitioners: list[list] = []
-    try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-            XnnpackPartitioner,
-        )
-
-        partitioners.append([XnnpackPartitioner()])
-    except ImportError:
-        pass
-    partitioners.append([])
-    last: Exception | None = None
-    for partitioner in partitioners:
-        try:
-            with _quiet():
-                prog = to_edge_transform_and_lower(
-                    ep, partitioner=partitioner,
-                    compile_config=EdgeCompileConfig(_check_ir_validity=False),
-                ).to_executorch()
-        except Exception as exc:  # noqa: BLE001 - fall back to portable
-            last = exc
-            continue
-        delegated = "executorch_call_delegate" in prog.exported_program().graph_module.code
-        return prog.buffer, "xnnpack" if delegated else "portable"
-    raise _explain(last, "personalised forward program")
+    return lower_forward(ep, "personalised forward program")
 
 
 def _resolve_spec(cfg: PersonalExportConfig) -> tuple[PersonalSpec, tuple, tuple]:
