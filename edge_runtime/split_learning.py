@@ -39,11 +39,11 @@ from toolkit.codec import Codec, encode_activation, parse_codec
 from toolkit.data import Dataset, batches
 from toolkit.errors import HiertrainError, WireError
 from toolkit.manifest import Manifest
-from toolkit.messages import CLOUD_DEVICE, Status, decode_status, encode_weights
+from toolkit.messages import CLOUD_DEVICE, Status, decode_status
 from toolkit.modes import mismatch
 from toolkit.quant import QuantScheme
 from toolkit.rewrites import host_stat_layers
-from toolkit.topics import act_topic, grad_topic, status_topic, weights_topic
+from toolkit.topics import act_topic, grad_topic, status_topic
 from toolkit.transport import Link
 from toolkit.wire import ActivationBatch, decode
 
@@ -159,7 +159,12 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
     comparison is about the protocol, not the compression), or raw float32
     with ``--float-act``.
     """
-    from edge_runtime.train import flush_outbox, publish_done, weights_path
+    from edge_runtime.train import (
+        flush_outbox,
+        publish_done,
+        publish_epoch_weights,
+        weights_path,
+    )
 
     bs = manifest.batch_size
     per_epoch = len(ds) // bs
@@ -211,11 +216,7 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
             history.append({"epoch": epoch, "batches": per_epoch,
                             "grad_wait_s": round(epoch_wait, 3),
                             "seconds": round(time.monotonic() - t_epoch, 3)})
-            # The weights let the cloud assemble and score the full model, as in ht.
-            meta = {"run": run, "device": device, "epoch": epoch, "last_seq": seq - 1}
-            publisher.submit(weights_topic(run, device),
-                             encode_weights(backend.state_dict(), meta), retain=True,
-                             kind="weights")
+            publish_epoch_weights(publisher, backend, run, device, epoch, seq)
             publisher.submit(status_topic(run, device), Status(
                 role="edge", device=device, run=run, state="training", epoch=epoch,
                 batches_published=seq, samples_published=samples, last_seq=seq - 1,

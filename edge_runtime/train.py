@@ -234,6 +234,14 @@ def flush_outbox(publisher: Publisher, link: Link) -> None:
     link.flush(FLUSH_TIMEOUT_S + drain_s(link))  # a shaped link still holds its buffer
 
 
+def publish_epoch_weights(publisher: Publisher, backend: EdgeBackend, run: str, device: str,
+                          epoch: int, seq: int) -> None:
+    """Retained edge weights at an epoch's end: the cloud assembles and scores the full model."""
+    meta = {"run": run, "device": device, "epoch": epoch, "last_seq": seq - 1}
+    publisher.submit(weights_topic(run, device), encode_weights(backend.state_dict(), meta),
+                     retain=True, kind="weights")
+
+
 def publish_done(link: Link, run: str, device: str, *, epochs: int, seq: int, samples: int,
                  exit_accuracy: float | None, extra: dict[str, Any]) -> None:
     """The retained "done" status: the cloud trains until it has ``seq`` batches of us."""
@@ -291,10 +299,7 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
             history.append({"epoch": epoch, "batches": per_epoch, "loss": loss_sum / per_epoch,
                             "exit_accuracy": exit_acc,
                             "seconds": round(time.monotonic() - t_epoch, 3)})
-            meta = {"run": run, "device": device, "epoch": epoch, "last_seq": seq - 1}
-            publisher.submit(weights_topic(run, device),
-                             encode_weights(backend.state_dict(), meta), retain=True,
-                             kind="weights")
+            publish_epoch_weights(publisher, backend, run, device, epoch, seq)
             status = Status(role="edge", device=device, run=run, state="training", epoch=epoch,
                             batches_published=seq, samples_published=samples, last_seq=seq - 1,
                             exit_accuracy=exit_acc)
@@ -317,10 +322,8 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
              "publish_wait_s": round(stats.publish_wait_s, 4), "train_s": round(train_s, 3),
              "backend": backend.name, "epochs": cfg.epochs, "mode": "ht",
              "codec": codec.name}
-    _publish_status(link, Status(role="edge", device=device, run=run, state="done",
-                                 epoch=cfg.epochs - 1, batches_published=seq,
-                                 samples_published=samples, last_seq=seq - 1,
-                                 exit_accuracy=exit_acc, extra=extra))
+    publish_done(link, run, device, epochs=cfg.epochs, seq=seq, samples=samples,
+                 exit_accuracy=exit_acc, extra=extra)
     return {
         "device": device,
         "run": run,
