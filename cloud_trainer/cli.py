@@ -19,6 +19,7 @@ from typing import Any
 
 from toolkit.cli import run
 from toolkit.modes import DEFAULT_MODE, MODES
+from toolkit.security import add_security_args, security_from_args
 
 COMMANDS = ("train", "serve")
 
@@ -57,6 +58,7 @@ def _check_link(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _check_link(args)
+    security = security_from_args(args)
     from cloud_trainer.checkpoint import ensure_run_dir
 
     ensure_run_dir(args.run_dir)  # seconds before torch is imported
@@ -70,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         queue_size=args.queue_size, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
         connect_timeout=args.connect_timeout, threads=args.threads,
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms, mode=args.mode,
-        grad_bits=args.grad_bits,
+        grad_bits=args.grad_bits, security=security,
     )
     with _stop_on_sigterm() as stop:
         s = run_cloud(cfg, stop)
@@ -85,13 +87,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _check_link(args)
+    security = security_from_args(args)
     from cloud_trainer.serve import ServeConfig, serve_cloud
 
     _setup_logging(args.quiet)
     cfg = ServeConfig(artifacts=args.artifacts, broker=args.broker, run_dir=args.run_dir,
                       run_id=args.run_id, duration=args.duration,
                       connect_timeout=args.connect_timeout, quiet=args.quiet,
-                      link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms)
+                      link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
+                      security=security)
     with _stop_on_sigterm() as stop:
         result = serve_cloud(cfg, stop)
     print(json.dumps(result))
@@ -110,6 +114,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "packets (default: unlimited; docs/runtime.md 'Link shaping')")
     p.add_argument("--link-latency-ms", type=float, default=0.0, metavar="MS",
                    help="one-way latency added to every message the cloud publishes")
+    add_security_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

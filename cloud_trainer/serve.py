@@ -24,6 +24,7 @@ from toolkit import topics
 from toolkit.errors import HiertrainError
 from toolkit.manifest import load_manifest
 from toolkit.messages import CLOUD_DEVICE, Status
+from toolkit.security import LinkSecurity
 from toolkit.segments import load_segments
 from toolkit.transport import LinkShape, link_summary, open_link, shape_link
 
@@ -43,6 +44,8 @@ class ServeConfig:
     link_kbps: float | None = None
     """Model a slow downlink for the replies (toolkit.transport.shaping)."""
     link_latency_ms: float = 0.0
+    security: LinkSecurity | None = None
+    """Broker credentials, TLS files and the run's HMAC key (``toolkit.security``)."""
 
 
 def load_cloud(artifacts: str | Path, run_dir: str | Path) -> tuple[Any, torch.nn.Module]:
@@ -72,11 +75,12 @@ def serve_cloud(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[s
     manifest, cloud = load_cloud(cfg.artifacts, cfg.run_dir)
     stop = stop or threading.Event()
     status_topic = topics.status_topic(cfg.run_id, CLOUD_DEVICE)
-    link = shape_link(open_link(cfg.broker, client_id("serve", cfg.run_id)), shape)
+    drops = DropCounter()
+    link = shape_link(open_link(cfg.broker, client_id("serve", cfg.run_id),
+                                security=cfg.security, on_reject=drops.drop), shape)
     link.set_will(status_topic, Status(role="cloud", device=CLOUD_DEVICE, run=cfg.run_id,
                                        state="offline").encode(), retain=True)
     server = InferenceServer(cloud, link)
-    drops = DropCounter()
     ingest = Ingest(
         cfg.run_id, cut_shape=manifest.cut_shape, num_classes=manifest.num_classes,
         max_batch=MAX_BATCH_FACTOR * manifest.batch_size, ledger=Ledger(),

@@ -66,6 +66,7 @@ from toolkit.errors import HiertrainError
 from toolkit.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 from toolkit.messages import CLOUD_DEVICE, Status
 from toolkit.modes import DEFAULT_MODE, check_mode
+from toolkit.security import LinkSecurity
 from toolkit.segments import FullModel, load_segments
 from toolkit.transport import LinkShape, link_summary, open_link, shape_link
 from toolkit.wire import ActivationBatch
@@ -117,6 +118,9 @@ class CloudConfig:
     """ht (this method) or a baseline, split or cloud (``toolkit.modes``)."""
     grad_bits: int = 32
     """Split mode: gradients sent back as raw float32 (32) or int8 codes (8)."""
+    security: LinkSecurity | None = None
+    """Broker credentials, TLS files, and the run's HMAC key (``toolkit.security``): with a
+    key, unsigned and badly signed messages are dropped (``unsigned``, ``bad_signature``)."""
 
     def check(self) -> None:
         check_mode(self.mode)
@@ -468,7 +472,8 @@ class CloudRun:
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
         cfg = self.cfg
         start = time.monotonic()
-        link = shape_link(open_link(cfg.broker, client_id("cloud", self.run_id)),
+        link = shape_link(open_link(cfg.broker, client_id("cloud", self.run_id),
+                                    security=cfg.security, on_reject=self.drops.drop),
                           LinkShape.from_options(cfg.link_kbps, cfg.link_latency_ms))
         link.set_will(topics.status_topic(self.run_id, CLOUD_DEVICE),
                       Status(role="cloud", device=CLOUD_DEVICE, run=self.run_id,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from edge_runtime import personal_cli
 from edge_runtime.config import BACKENDS, DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES
+from toolkit.security import add_security_args
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -31,6 +32,14 @@ def _check_link(args: argparse.Namespace) -> None:
     from toolkit.transport import LinkShape
 
     LinkShape.from_options(args.link_kbps, args.link_latency_ms)
+
+
+def _security(args: argparse.Namespace) -> None:
+    """--username/--password-file/--ca-file/.../--hmac-key-file (and the environment) checked
+    once and kept in ``args.security``; a password inside --broker is refused here."""
+    from toolkit.security import security_from_args
+
+    args.security = security_from_args(args, args.broker)
 
 
 def _broker(args: argparse.Namespace) -> str:
@@ -59,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_link(args)
     _setup(args)
     args.broker = _broker(args)
+    _security(args)
     from edge_runtime.train import TrainConfig, run_training
 
     summary = run_training(TrainConfig(
@@ -68,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout, report=args.report, state_dir=args.state_dir,
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
         mode=args.mode, grad_timeout=args.grad_timeout, float_act=args.float_act,
-        codec=args.codec,
+        codec=args.codec, security=args.security,
     ))
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -104,6 +114,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if not (args.broker or args.serial) or not args.device_id:
         personal_cli.require_broker(args)
     args.broker = _broker(args)
+    _security(args)
     from edge_runtime.infer import InferConfig, format_table, run_inference
 
     result = run_inference(InferConfig(
@@ -113,6 +124,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         timeout=args.timeout, backend=args.backend, seed=args.seed, quiet=args.quiet,
         connect_timeout=args.connect_timeout, report=args.report,
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
+        security=args.security,
     ))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
@@ -162,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "packets (default: unlimited; docs/runtime.md 'Link shaping')")
         sp.add_argument("--link-latency-ms", type=float, default=0.0, metavar="MS",
                         help="with --link-kbps or alone: one-way latency added to every message")
+        add_security_args(sp)
 
     sp = sub.add_parser("train", help="train on the local shard and publish cut activations")
     common(sp)

@@ -227,11 +227,14 @@ def plan_only(cfg: ClusterConfig) -> dict:
 
 
 def cmd_cluster(args) -> int:
+    from toolkit.security import security_from_args
+
     train = TrainConfig(
         artifacts=args.artifacts, broker=args.broker, device_id=args.device_id, data=args.data,
         run_id=args.run_id, epochs=args.epochs, backend="torch", seed=args.seed,
         limit=args.limit, quiet=args.quiet, connect_timeout=args.connect_timeout,
-        report=args.report, state_dir=args.state_dir)
+        report=args.report, state_dir=args.state_dir,
+        security=security_from_args(args, args.broker))
     cfg = ClusterConfig(
         train=train, world_size=args.world_size, rank=args.rank, master_addr=args.master_addr,
         master_port=args.master_port, grid=args.grid, groups=args.groups, board=args.board,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.modes import DEFAULT_MODE, MODES
+from toolkit.security import LinkSecurity
 
 __all__ = ["BACKENDS", "DEFAULT_GRAD_TIMEOUT", "DEFAULT_MODE", "DEFAULT_OUTBOX", "MODES",
            "InferConfig", "TrainConfig"]
@@ -47,6 +48,7 @@ class TrainConfig:
     grad_timeout: float = DEFAULT_GRAD_TIMEOUT  # split only
     float_act: bool = False  # split only: send the cut activation as raw float32
     codec: str | None = None  # toolkit.codec name; None: the manifest's (int8 if it has none)
+    security: LinkSecurity | None = None  # credentials, TLS, signing (toolkit.security)
 
 
 @dataclass
@@ -67,3 +69,4 @@ class InferConfig:
     report: str | Path | None = None
     link_kbps: float | None = None  # model a slow uplink (toolkit.transport.shaping); None: as is
     link_latency_ms: float = 0.0
+    security: LinkSecurity | None = None  # credentials, TLS, signing (toolkit.security)

@@ -38,6 +38,7 @@ from toolkit.errors import HiertrainError, WireError
 from toolkit.manifest import Manifest, load_manifest
 from toolkit.messages import decode_infer_reply, decode_weights
 from toolkit.quant import QuantScheme, quantize
+from toolkit.security import redact
 from toolkit.segments import load_segments
 from toolkit.topics import infer_reply_topic, infer_request_topic, validate_id, weights_topic
 from toolkit.transport import Link, LinkShape, link_summary
@@ -165,7 +166,7 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
         meta = {"source": str(cfg.weights)}
 
     link = connect_edge(cfg.broker, run, device, role="infer", timeout=cfg.connect_timeout,
-                        will=False, shape=shape)
+                        will=False, shape=shape, security=cfg.security)
     try:
         if state is None:
             wmeta, state = fetch_retained_weights(link, run, device, cfg.timeout)
@@ -180,7 +181,7 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
     if cfg.report:
         path = Path(cfg.report)
         path.parent.mkdir(parents=True, exist_ok=True)
-        cfg_d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+        cfg_d = redact({k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
         path.write_text(json.dumps({**result, "config": cfg_d}, indent=2) + "\n")
     return result
 

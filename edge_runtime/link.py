@@ -10,6 +10,7 @@ import os
 import secrets
 
 from toolkit.messages import Status
+from toolkit.security import LinkSecurity
 from toolkit.topics import status_topic
 from toolkit.transport import Link, LinkShape, open_link, shape_link
 
@@ -24,17 +25,18 @@ def client_id(role: str, run: str, device: str) -> str:
 
 def connect_edge(
     broker: str, run: str, device: str, *, role: str, timeout: float, will: bool,
-    shape: LinkShape | None = None,
+    shape: LinkShape | None = None, security: LinkSecurity | None = None,
 ) -> Link:
     """Connected link; with ``will`` the broker marks the device "offline" if it dies.
 
     With ``shape`` the link's publishes go through a modelled slow uplink
     (:class:`~toolkit.transport.shaping.ShapedLink`), so wall-clock time reflects it.
+    ``security`` adds credentials, TLS files and message signing (:mod:`toolkit.security`).
 
     ``Link.connect`` retries with backoff, logging each retry, and raises
     HiertrainError naming the URL once ``timeout`` has passed.
     """
-    link = shape_link(open_link(broker, client_id(role, run, device)), shape)
+    link = shape_link(open_link(broker, client_id(role, run, device), security=security), shape)
     if will:
         offline = Status(role="edge", device=device, run=run, state="offline",
                          message="connection lost without a clean disconnect")

@@ -55,6 +55,7 @@ from toolkit.manifest import Manifest, load_manifest
 from toolkit.messages import Status, encode_weights
 from toolkit.modes import check_mode
 from toolkit.quant import QuantScheme
+from toolkit.security import redact
 from toolkit.topics import act_topic, status_topic, validate_id, weights_topic
 from toolkit.transport import Link, LinkShape, drain_s, link_summary
 
@@ -152,7 +153,7 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
              ds.name, mode, backend.name if backend else "no", manifest.batch_size)
 
     link = connect_edge(cfg.broker, run, device, role="edge", timeout=cfg.connect_timeout,
-                        will=True, shape=shape)
+                        will=True, shape=shape, security=cfg.security)
     try:
         _publish_status(link, Status(role="edge", device=device, run=run, state="online",
                                      extra={"backend": backend.name if backend else "none",
@@ -175,7 +176,8 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
     if cfg.report:
         path = Path(cfg.report)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**summary, "config": _jsonable(asdict(cfg))}, indent=2) + "\n")
+        config = redact(_jsonable(asdict(cfg)))
+        path.write_text(json.dumps({**summary, "config": config}, indent=2) + "\n")
     return summary
 
 

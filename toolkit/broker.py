@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -309,11 +311,58 @@ def find_mosquitto() -> str | None:
     return None
 
 
-def _mosquitto_config(host: str, port: int, quiet: bool) -> str:
+@dataclass(frozen=True)
+class MosquittoSecurity:
+    """Access control for a :class:`MosquittoBroker` (docs/security.md has a recipe).
+
+    ``password_file`` (``mosquitto_passwd`` format) turns anonymous access
+    off; ``acl_file`` limits each user to its topics; ``certfile`` and
+    ``keyfile`` (PEM) make the listener TLS-only (``mqtts://``), and with
+    ``require_certificate`` a client must also present a certificate signed by
+    ``cafile``.
+    """
+
+    password_file: str | None = None
+    acl_file: str | None = None
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    require_certificate: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
+
+    def listener_lines(self) -> str:
+        """Config lines that follow the ``listener`` line."""
+        if bool(self.certfile) != bool(self.keyfile):
+            raise HiertrainError("a TLS listener needs both certfile and keyfile")
+        if self.require_certificate and not self.cafile:
+            raise HiertrainError("require_certificate needs a cafile to check client "
+                                 "certificates against")
+        # mosquitto started as root drops to the "mosquitto" user before it reads the
+        # password and ACL files, which then must be readable by that user; a broker this
+        # class starts runs as its caller instead (ignored when not root), so the caller's
+        # private files (0600 in a 0700 temp dir) work as they are.
+        lines = [f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+                 f"allow_anonymous {'false' if self.password_file else 'true'}"]
+        for key in ("password_file", "acl_file", "cafile", "certfile", "keyfile"):
+            value = getattr(self, key)
+            if value is not None:
+                lines.append(f"{key} {Path(value).resolve()}")
+        if self.require_certificate:
+            lines.append("require_certificate true")
+        return "\n".join(lines) + "\n"
+
+
+def _mosquitto_config(
+    host: str, port: int, quiet: bool, security: MosquittoSecurity | None = None
+) -> str:
     log_types = "log_type error\nlog_type warning\n" if quiet else "log_type all\n"
+    access = security.listener_lines() if security is not None else "allow_anonymous true\n"
     return (
         f"listener {port} {host}\n"
-        "allow_anonymous true\n"
+        f"{access}"
         "persistence false\n"
         # Activation batches are 10+ MB: no size cap below the protocol limit.
         f"max_packet_size {MAX_PACKET_SIZE}\n"
@@ -339,9 +388,15 @@ class MosquittoBroker(_BrokerBase):
         *,
         executable: str | None = None,
         quiet: bool = True,
+        security: MosquittoSecurity | None = None,
     ) -> None:
-        """``port=0`` picks a free port at start; ``executable`` defaults to find_mosquitto()."""
+        """``port=0`` picks a free port at start; ``executable`` defaults to find_mosquitto().
+
+        ``security`` adds passwords, an ACL and TLS; without it the listener is
+        open to anonymous clients (the tests' and the demo's default).
+        """
         self.host = host
+        self.security = security
         self._requested_port = port
         self.port = port
         self.quiet = quiet
@@ -349,6 +404,13 @@ class MosquittoBroker(_BrokerBase):
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._log_file: Any = None
+
+    @property
+    def url(self) -> str:
+        """``mqtts://`` for a TLS listener, else ``mqtt://``."""
+        plain = _url(self.host, self.port)
+        return plain.replace("mqtt://", "mqtts://", 1) if self.security and self.security.tls \
+            else plain
 
     @property
     def log_path(self) -> Path | None:
@@ -376,7 +438,7 @@ class MosquittoBroker(_BrokerBase):
                 continue
             self._tmp = tempfile.TemporaryDirectory(prefix="hiertrain-mosquitto-")
             conf = Path(self._tmp.name) / "mosquitto.conf"
-            conf.write_text(_mosquitto_config(self.host, self.port, self.quiet))
+            conf.write_text(_mosquitto_config(self.host, self.port, self.quiet, self.security))
             self._log_file = open(Path(self._tmp.name) / "mosquitto.log", "wb")
             self._proc = subprocess.Popen(
                 [exe, "-c", str(conf)],

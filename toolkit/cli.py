@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from toolkit.errors import HiertrainError
+from toolkit.security import add_security_args
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -190,8 +191,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from toolkit.gateway import GatewayConfig, run_gateway
 
     logging.basicConfig(level=logging.INFO, format="gateway: %(message)s", stream=sys.stderr)
+    from toolkit.security import security_from_args
+
     stats = run_gateway(GatewayConfig(serial=args.serial, baud=args.baud, broker=args.broker,
-                                      once=args.once, idle_timeout=args.idle_timeout))
+                                      once=args.once, idle_timeout=args.idle_timeout,
+                                      security=security_from_args(args)))
     print(json.dumps(stats))
     return 0
 
@@ -349,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--once", action="store_true", help="exit when the device says goodbye")
     sp.add_argument("--idle-timeout", type=float, default=None,
                     help="give up if no device greets within this many seconds")
+    add_security_args(sp, signing=False)
     sp.set_defaults(func=cmd_gateway)
 
     sp = sub.add_parser("flash", help="push artifacts to a board in provisioning mode (serial)")

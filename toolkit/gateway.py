@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolkit.errors import HiertrainError, WireError
+from toolkit.security import LinkSecurity
 from toolkit.transport import Link, open_link
 from toolkit.transport import serial_proto as sp
 from toolkit.transport.serial_link import channel_for, parse_serial_url, serial_url
@@ -40,6 +41,8 @@ class GatewayConfig:
     broker: str
     baud: int = 115200
     once: bool = False  # stop after the device's BYE (tests, one-shot jobs)
+    security: LinkSecurity | None = None  # broker credentials and TLS (no signing: the device
+    # signs, the gateway relays its bytes unchanged)
     liveness_s: float = 10.0
     connect_timeout: float = 30.0
     idle_timeout: float | None = None  # stop if no device greets within this many seconds
@@ -118,7 +121,7 @@ class Gateway:
             self._end_session(publish_will=True)  # a device that greets again had restarted
             self._reset.clear()  # the reset that came with this HELLO is handled
             self._client_id = str(h.get("client_id") or "ht-serial-device")
-            link = open_link(self.cfg.broker, self._client_id)
+            link = open_link(self.cfg.broker, self._client_id, security=self.cfg.security)
             will = h.get("will")
             if will:
                 self._will = (str(will["topic"]), packet.payload, int(will.get("qos", 1)),

@@ -13,6 +13,7 @@ import importlib
 from typing import Any
 
 from toolkit.errors import HiertrainError
+from toolkit.security import LinkSecurity
 from toolkit.transport.base import (
     DEFAULT_PORTS,
     PROPERTY_KEYS,
@@ -28,6 +29,7 @@ from toolkit.transport.shaping import (
     link_summary,
     shape_link,
 )
+from toolkit.transport.signing import RejectHandler, SignedLink
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -37,6 +39,7 @@ __all__ = [
     "LinkShape",
     "MessageHandler",
     "ShapedLink",
+    "SignedLink",
     "drain_s",
     "link_summary",
     "open_link",
@@ -52,12 +55,25 @@ _TRANSPORTS: dict[str, str] = {
 }
 
 
-def open_link(url: str, client_id: str, **kw: Any) -> Link:
+def open_link(
+    url: str,
+    client_id: str,
+    *,
+    security: LinkSecurity | None = None,
+    on_reject: RejectHandler | None = None,
+    **kw: Any,
+) -> Link:
     """Create an unconnected link for ``url``; call ``connect()`` on it next.
 
-    Keyword arguments go to the transport's constructor (for MQTT see
+    ``security`` (:mod:`toolkit.security`) adds broker credentials and TLS
+    files to an MQTT link and, with an HMAC key, wraps the link in a
+    :class:`~toolkit.transport.signing.SignedLink` whose rejected incoming
+    messages go to ``on_reject(reason, topic, detail)``. Other keyword
+    arguments go to the transport's constructor (for MQTT see
     :class:`toolkit.transport.mqtt.MqttLink`).
     """
+    if security is not None:
+        security.check(url)
     if isinstance(url, str) and url.strip().lower().startswith("serial:"):
         from toolkit.transport.serial_link import parse_serial_url  # no port in the URL
 
@@ -67,7 +83,15 @@ def open_link(url: str, client_id: str, **kw: Any) -> Link:
     target = _TRANSPORTS.get(address.scheme)
     if target is None:  # parse_url and _TRANSPORTS disagree: a bug, but say it plainly
         raise HiertrainError(f"no transport for {address.scheme}:// URLs ({url!r})")
+    if security is not None and address.scheme in DEFAULT_PORTS:
+        if security.username is not None:
+            kw.setdefault("username", security.username)
+            kw.setdefault("password", security.password)
+        if address.tls and security.uses_tls_files:
+            kw.setdefault("tls_context", security.tls_context())
     module_name, factory_name = target.split(":")
     factory = getattr(importlib.import_module(module_name), factory_name)
     link: Link = factory(address, client_id, **kw)
+    if security is not None and security.hmac_key is not None:
+        link = SignedLink(link, security.hmac_key, on_reject)
     return link

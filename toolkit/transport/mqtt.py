@@ -25,6 +25,7 @@ Design notes (the why):
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import socket
@@ -62,6 +63,7 @@ _RC_UNSUPPORTED_PROTOCOL = 132
 # Refusals that will not go away by retrying: bad credentials, not authorized,
 # banned, bad client id (3.1.1 codes 2, 4, 5 map onto the v5 values here).
 _RC_FATAL = frozenset({133, 134, 135, 138, 140})
+_RC_AUTH = frozenset({134, 135})  # bad user name or password, not authorized
 
 # Property envelope for MQTT 3.1.1 links: MAGIC, u32 header length, JSON
 # header, payload. The first byte is non-ASCII and the project's own wire
@@ -218,6 +220,8 @@ class MqttLink(Link):
         max_queued: int = 1024,
         publish_timeout: float = 60.0,
         tls_context: ssl.SSLContext | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         """Create an unconnected link.
 
@@ -225,9 +229,14 @@ class MqttLink(Link):
         refuses 5), "5" or "3.1.1". ``max_inflight`` unacknowledged QoS 1
         messages keep the pipe full; ``max_queued`` bounds paho's outgoing
         queue so a dead broker turns into an error instead of unbounded memory.
+        ``username``/``password`` override credentials in the URL (the CLIs
+        read them from a file or the environment, :mod:`toolkit.security`);
+        ``tls_context`` replaces the system-CA default for ``mqtts://``.
         """
         if isinstance(address, str):
             address = parse_url(address)
+        if username is not None:
+            address = dataclasses.replace(address, username=username, password=password)
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, not {protocol!r}")
         super().__init__(address, client_id)
@@ -254,6 +263,10 @@ class MqttLink(Link):
         self._suback: dict[int, list[ReasonCode]] = {}
         self._resub_mids: list[int] = []
         self._in_callback = threading.local()
+        # PUBACK reason codes that refused a publish (MQTT 5: e.g. "Not authorized"
+        # when the broker's ACL forbids the topic), by message id.
+        self._refused_pubs: dict[int, ReasonCode] = {}
+        self._refused_lock = threading.Lock()
 
     # ----------------------------------------------------------------- state
     @property
@@ -327,6 +340,7 @@ class MqttLink(Link):
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     def _stop_client(self, client: mqtt.Client) -> None:
@@ -359,6 +373,15 @@ class MqttLink(Link):
                 )
             else:
                 client.connect(self.address.host, self.address.port, self._keepalive)
+        except ssl.SSLCertVerificationError as exc:
+            # Retrying cannot fix a certificate the CA file does not vouch for.
+            if not probe:
+                self._client = None
+            raise HiertrainError(
+                f"TLS to MQTT broker at {self.address.url} failed: the broker's certificate "
+                f"is not trusted ({exc.verify_message or exc}); check --ca-file and that the "
+                "certificate names this host"
+            ) from None
         except (OSError, ssl.SSLError) as exc:
             return _describe_os_error(exc, client.connect_timeout), None
         # Run the handshake on this thread with client.loop(): a failed attempt
@@ -431,7 +454,13 @@ class MqttLink(Link):
                     continue
             if rc is not None and rc.value in _RC_FATAL | {_RC_UNSUPPORTED_PROTOCOL}:
                 self._client = None
-                raise HiertrainError(f"MQTT broker at {self.address.url} {reason}")
+                hint = ""
+                if rc.value in _RC_AUTH:
+                    hint = ("; check --username and the password (--password-file or "
+                            "HIERTRAIN_MQTT_PASSWORD)" if self.address.username is not None
+                            else "; the broker requires a user name and password (--username "
+                            "and --password-file or HIERTRAIN_MQTT_PASSWORD)")
+                raise HiertrainError(f"MQTT broker at {self.address.url} {reason}{hint}")
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closing.is_set():
                 self._client = None
@@ -525,6 +554,21 @@ class MqttLink(Link):
         with self._suback_cond:
             self._suback[mid] = list(reason_codes)
             self._suback_cond.notify_all()
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        # Runs before paho marks the message published, so publish() sees it.
+        with self._refused_lock:
+            if reason_code.is_failure:
+                self._refused_pubs[mid] = reason_code
+            else:
+                self._refused_pubs.pop(mid, None)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         payload, props = _unwrap(msg.payload)
@@ -640,6 +684,13 @@ class MqttLink(Link):
                 raise HiertrainError(
                     f"MQTT broker at {self.address.url} did not acknowledge a "
                     f"{len(data)}-byte message on {topic!r} within {limit:.1f} s"
+                )
+            with self._refused_lock:
+                refused = self._refused_pubs.pop(info.mid, None)
+            if refused is not None:
+                raise HiertrainError(
+                    f"MQTT broker at {self.address.url} refused the publish to {topic!r} "
+                    f"({refused}): this client may not write there (broker ACL)"
                 )
         self._count_sent(len(data))
 

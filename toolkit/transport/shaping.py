@@ -271,9 +271,11 @@ class ShapedLink(Link):
     def packet_size(
         self, topic: str, payload: bytes, qos: int, properties: Mapping[str, Any] | None
     ) -> int:
-        """Wire bytes charged for one publish (:func:`mqtt_publish_size`)."""
-        return mqtt_publish_size(topic, len(payload), qos=qos, protocol=self.protocol_version,
-                                 properties=properties)
+        """Wire bytes charged for one publish (:func:`mqtt_publish_size`), including what
+        the inner link adds to every payload (a signature, :mod:`toolkit.transport.signing`)."""
+        extra = int(getattr(self.inner, "payload_overhead", 0))
+        return mqtt_publish_size(topic, len(payload) + extra, qos=qos,
+                                 protocol=self.protocol_version, properties=properties)
 
     @property
     def stats(self) -> ShapeStats:

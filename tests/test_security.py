@@ -1,0 +1,372 @@
+"""Broker security against a real mosquitto: passwords, a per-device ACL, TLS with a test CA,
+and signed messages checked by the cloud trainer (docs/security.md).
+
+The test makes its own CA, server and client certificates (``cryptography``), a
+``mosquitto_passwd`` password file and an ACL that lets each device write only under
+``hiertrain/<run>/<its user name>/``, then starts mosquitto with a TLS-only listener on
+127.0.0.1 and checks what an unauthenticated client, a device writing into another device's
+topics, a tampering sender and a client trusting the wrong CA each get.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import queue
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+from toolkit import topics
+from toolkit.broker import MosquittoBroker, MosquittoSecurity, find_mosquitto
+from toolkit.errors import HiertrainError
+from toolkit.security import LinkSecurity, load_security, redact
+from toolkit.transport import Link, open_link
+from toolkit.transport.signing import sign
+
+pytestmark = [pytest.mark.security, pytest.mark.mqtt, pytest.mark.mosquitto]
+
+RUN = "sec"
+USERS = {"cloud": "cl0ud-pw-5ecret", "robot-a": "a-pw-5ecret-xyz", "robot-b": "b-pw-5ecret-xyz"}
+HMAC_KEY = "0123456789abcdef-test-run-key-5ecret"
+SECRETS = [*USERS.values(), HMAC_KEY]
+
+
+# --------------------------------------------------------------------------- test PKI
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_ca: Path  # a CA nobody signed the broker's certificate with
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(key, path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+def _cert(subject: str, key, issuer_name=None, issuer_key=None, *, ca: bool = False,
+          sans: list | None = None):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    b = (x509.CertificateBuilder().subject_name(name)
+         .issuer_name(issuer_name or name).public_key(key.public_key())
+         .serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(minutes=5))
+         .not_valid_after(now + datetime.timedelta(days=1))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        b = b.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                            critical=False)
+    if issuer_key is not None:
+        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            issuer_key.public_key()), critical=False)
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return b.sign(issuer_key or key, hashes.SHA256())
+
+
+def _pem(cert, path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def make_pki(d: Path) -> Pki:
+    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate, a rogue CA."""
+    from cryptography import x509
+
+    ca_key = _key()
+    ca = _cert("hiertrain test CA", ca_key, ca=True)
+    srv_key = _key()
+    srv = _cert("127.0.0.1", srv_key, ca.subject, ca_key, sans=[
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    cli_key = _key()
+    cli = _cert("robot-a", cli_key, ca.subject, ca_key)
+    rogue_key = _key()
+    rogue = _cert("not the hiertrain CA", rogue_key, ca=True)
+    for key, name in ((srv_key, "server.key"), (cli_key, "client.key")):
+        _write_key(key, d / name)
+    return Pki(ca=_pem(ca, d / "ca.pem"), server_cert=_pem(srv, d / "server.pem"),
+               server_key=d / "server.key", client_cert=_pem(cli, d / "client.pem"),
+               client_key=d / "client.key", rogue_ca=_pem(rogue, d / "rogue-ca.pem"))
+
+
+def make_password_file(path: Path, users: dict[str, str]) -> Path:
+    tool = shutil.which("mosquitto_passwd")
+    assert tool, "mosquitto_passwd is part of Debian's mosquitto package"
+    path.touch(mode=0o600)
+    for user, password in users.items():
+        # -b takes the password as an argument: fine for a throw-away test file.
+        subprocess.run([tool, "-b", str(path), user, password], check=True, timeout=30,
+                       capture_output=True)
+    return path
+
+
+def make_acl(path: Path, runs: list[str]) -> Path:
+    """The recipe of docs/security.md: the cloud owns the runs, each device its own topics."""
+    lines = ["# the cloud trainer: the whole run", "user cloud"]
+    lines += [f"topic readwrite hiertrain/{run}/#" for run in runs]
+    lines += ["", "# every other user is a device whose user name is its device id"]
+    for run in runs:
+        lines += [f"pattern readwrite hiertrain/{run}/%u/#",
+                  f"pattern read hiertrain/{run}/cloud/status"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    pytest.importorskip("cryptography")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def secure_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[MosquittoBroker]:
+    if find_mosquitto() is None and not os.environ.get("CI"):
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI installs it")
+    d = tmp_path_factory.mktemp("mosq")
+    sec = MosquittoSecurity(password_file=str(make_password_file(d / "passwd", USERS)),
+                            acl_file=str(make_acl(d / "acl", [RUN])), cafile=str(pki.ca),
+                            certfile=str(pki.server_cert), keyfile=str(pki.server_key))
+    with MosquittoBroker(security=sec).start(timeout=15) as broker:
+        assert broker.url.startswith("mqtts://127.0.0.1:")
+        yield broker
+
+
+def _security(pki: Pki, user: str | None, **kw: Any) -> LinkSecurity:
+    return LinkSecurity(username=user, password=USERS.get(user or ""), ca_file=str(pki.ca), **kw)
+
+
+def _link(broker: MosquittoBroker, sec: LinkSecurity, name: str, **kw: Any) -> Link:
+    return open_link(broker.url, f"{name}-{os.getpid()}-{random.getrandbits(24):06x}",
+                     security=sec, **kw)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_password_in_the_url_is_refused_and_secrets_come_from_files_or_env(
+        tmp_path: Path) -> None:
+    with pytest.raises(HiertrainError, match="--password-file") as err:
+        load_security("mqtts://robot-a:hunter2@broker:8883", env={})
+    assert "hunter2" not in str(err.value)
+
+    pw = tmp_path / "pw"
+    pw.write_text("from-file\n")
+    sec = load_security("mqtts://broker", username="robot-a", password_file=str(pw),
+                        env={"HIERTRAIN_MQTT_PASSWORD": "from-env"})
+    assert sec.password == "from-file"  # the file wins over the environment
+    sec = load_security("mqtts://robot-a@broker", env={"HIERTRAIN_MQTT_PASSWORD": "from-env",
+                                                       "HIERTRAIN_HMAC_KEY": HMAC_KEY})
+    assert (sec.username, sec.password, sec.hmac_key) == ("robot-a", "from-env",
+                                                          HMAC_KEY.encode())
+    assert "from-env" not in repr(sec) and HMAC_KEY not in repr(sec)
+    assert redact({"cfg": {"security": {"password": "x", "hmac_key": b"y", "username": "u"}}}) \
+        == {"cfg": {"security": {"password": "<redacted>", "hmac_key": "<redacted>",
+                                 "username": "u"}}}
+    with pytest.raises(HiertrainError, match="at least 16"):
+        load_security("mqtt://h", env={"HIERTRAIN_HMAC_KEY": "short"})
+    with pytest.raises(HiertrainError, match="mqtts://"):
+        load_security("mqtt://h", ca_file="ca.pem", env={})
+    with pytest.raises(HiertrainError, match="does not exist"):
+        load_security("mqtt://h", username="u", password_file=str(tmp_path / "nope"), env={})
+
+
+# --------------------------------------------------------------------------- broker
+
+
+def test_unauthenticated_and_wrong_password_clients_are_refused(
+        secure_broker: MosquittoBroker, pki: Pki) -> None:
+    start = time.monotonic()
+    anon = _link(secure_broker, LinkSecurity(ca_file=str(pki.ca)), "anon")
+    with pytest.raises(HiertrainError, match="(?i)not authori[sz]ed.*requires a user name") as err:
+        anon.connect(timeout=10)
+    anon.close()
+    wrong = _link(secure_broker, LinkSecurity(username="robot-a", password="guess",
+                                              ca_file=str(pki.ca)), "wrong")
+    with pytest.raises(HiertrainError, match="(?i)not authori[sz]ed|bad user name") as err:
+        wrong.connect(timeout=10)
+    wrong.close()
+    assert "guess" not in str(err.value)
+    assert time.monotonic() - start < 8, "a refusal is final: no retrying until the timeout"
+
+
+def test_tls_with_the_wrong_ca_fails_clearly(secure_broker: MosquittoBroker, pki: Pki) -> None:
+    link = _link(secure_broker, LinkSecurity(username="robot-a", password=USERS["robot-a"],
+                                             ca_file=str(pki.rogue_ca)), "rogue")
+    start = time.monotonic()
+    with pytest.raises(HiertrainError, match="certificate is not trusted.*--ca-file"):
+        link.connect(timeout=20)
+    assert time.monotonic() - start < 8
+    link.close()
+    # and a plain mqtt:// client cannot talk to the TLS-only listener at all
+    plain = open_link(secure_broker.url.replace("mqtts://", "mqtt://"), f"plain-{os.getpid()}")
+    with pytest.raises(HiertrainError):
+        plain.connect(timeout=2)
+    plain.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_device_cannot_publish_into_another_devices_topics(
+        secure_broker: MosquittoBroker, pki: Pki, protocol: str) -> None:
+    got: queue.Queue[str] = queue.Queue()
+    cloud = _link(secure_broker, _security(pki, "cloud"), "cloud")
+    cloud.subscribe(f"hiertrain/{RUN}/#", lambda t, p, props: got.put(f"{t} {p.decode()}"))
+    cloud.connect(timeout=10)
+    robot_a = _link(secure_broker, _security(pki, "robot-a", cert_file=str(pki.client_cert),
+                                             key_file=str(pki.client_key)),
+                    "robot-a", protocol=protocol)
+    try:
+        robot_a.connect(timeout=10)
+        robot_a.publish(topics.act_topic(RUN, "robot-a"), b"mine")
+        assert got.get(timeout=5) == f"hiertrain/{RUN}/robot-a/act mine"
+        for victim in (topics.act_topic(RUN, "robot-b"), topics.status_topic(RUN, "cloud"),
+                       topics.act_topic("other-run", "robot-a")):
+            if protocol == "5":  # MQTT 5: the PUBACK says "Not authorized"
+                with pytest.raises(HiertrainError, match="refused the publish.*ACL"):
+                    robot_a.publish(victim, b"forged")
+            else:  # MQTT 3.1.1 has no way to say it: the broker acknowledges and drops
+                robot_a.publish(victim, b"forged")
+        robot_a.publish(topics.act_topic(RUN, "robot-a"), b"still mine")
+        assert got.get(timeout=5) == f"hiertrain/{RUN}/robot-a/act still mine"
+        with pytest.raises(queue.Empty):  # nothing forged ever reached the cloud
+            print("unexpected:", got.get(timeout=0.5))
+    finally:
+        robot_a.close()
+        cloud.close()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from toolkit.export import ExportConfig, export_artifacts
+
+    out = tmp_path_factory.mktemp("secart") / "art"
+    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8),
+                                  mean=(0.3,), std=(0.37,), batch=16, board="rpi4",
+                                  verify=False))
+    return out
+
+
+def _secret_files(d: Path, user: str) -> tuple[Path, Path]:
+    pw, key = d / f"{user}.pw", d / "run.key"
+    pw.write_text(USERS[user] + "\n")
+    key.write_text(HMAC_KEY + "\n")
+    for p in (pw, key):
+        p.chmod(0o600)
+    return pw, key
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+
+def test_signed_training_over_tls_end_to_end(secure_broker: MosquittoBroker, pki: Pki,
+                                             artifacts: Path, tmp_path: Path) -> None:
+    """edge-runtime -> mosquitto (TLS, password, ACL) -> cloud-trainer, every message signed.
+
+    While the two train, an attacker holding the cloud's broker account (say, a compromised
+    broker) injects a tampered copy, an unsigned message and a signed message replayed under
+    robot-b's topic: the cloud drops each with its reason and trains everything real.
+    """
+    run = RUN
+    cloud_pw, key = _secret_files(tmp_path, "cloud")
+    edge_pw, _ = _secret_files(tmp_path, "robot-a")
+    tls = ["--ca-file", str(pki.ca)]
+    run_dir = tmp_path / "cloud"
+    attacker = _link(secure_broker, _security(pki, "cloud"), "attacker")
+    captured: queue.Queue[bytes] = queue.Queue()
+    attacker.subscribe(topics.act_topic(run, "robot-a"), lambda t, p, _: captured.put(p))
+    attacker.connect(timeout=20)
+    cloud = _spawn(["cloud_trainer", "--artifacts", str(artifacts), "--broker", secure_broker.url,
+                    "--run-dir", str(run_dir), "--run-id", run, "--device-ids", "robot-a",
+                    "--threads", "1", "--idle-timeout", "30", "--username", "cloud",
+                    "--password-file", str(cloud_pw), "--hmac-key-file", str(key), *tls],
+                   tmp_path / "cloud.log")
+    # The edge takes its password and key from the environment, the other supported way.
+    edge = _spawn(["edge_runtime", "train", "--artifacts", str(artifacts), "--broker",
+                   secure_broker.url, "--device-id", "robot-a", "--run-id", run, "--epochs", "1",
+                   "--limit", "96", "--backend", "torch", "--report", str(tmp_path / "edge.json"),
+                   "--state-dir", str(tmp_path), "--threads", "1", "--username", "robot-a", *tls],
+                  tmp_path / "edge.log",
+                  env={"HIERTRAIN_MQTT_PASSWORD": USERS["robot-a"],
+                       "HIERTRAIN_HMAC_KEY": HMAC_KEY})
+    try:
+        real = captured.get(timeout=120)  # a signed activation batch of robot-a
+        tampered = bytearray(real)
+        tampered[-30] ^= 0x01  # one bit of the payload
+        victim = topics.act_topic(run, "robot-a")
+        attacker.publish(victim, bytes(tampered))  # -> bad_signature
+        attacker.publish(victim, real[37:])  # the bare wire message, signature cut off -> unsigned
+        forged = sign(b"a key that is not the run's key!", victim, real[37:])
+        attacker.publish(victim, forged)  # -> bad_signature
+        attacker.publish(topics.act_topic(run, "robot-b"), real)  # replay elsewhere -> bad_sig.
+        deadline = time.monotonic() + 240
+        for p in (edge, cloud):
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        attacker.close()
+        for p in (edge, cloud):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    logs = {f.name: f.read_text() for f in tmp_path.glob("*.log")}
+    assert edge.returncode == 0 and cloud.returncode == 0, {k: v[-3000:] for k, v in logs.items()}
+    summary = json.loads((run_dir / "cloud_summary.json").read_text())
+    report = json.loads((tmp_path / "edge.json").read_text())
+    assert report["batches_published"] >= 5  # 96 samples, batch 16
+    assert summary["per_device"]["robot-a"]["trained"] == report["batches_published"]
+    assert summary["dropped"] == {"bad_signature": 3, "unsigned": 1}, summary["dropped"]
+    assert report["config"]["security"]["hmac_key"] == "<redacted>"
+    assert report["config"]["security"]["password"] == "<redacted>"
+    # No secret in any log, report, summary or file the run wrote.
+    written = [*logs.values(), *(p.read_text(errors="replace") for p in run_dir.rglob("*")
+                                 if p.is_file() and p.suffix in (".json", ".jsonl", ".csv",
+                                                                 ".log", ".txt"))]
+    written.append(json.dumps(report))
+    for secret in SECRETS:
+        assert not any(secret in text for text in written), secret
