@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from toolkit.errors import HiertrainError
+from toolkit.safeload import describe_load_error
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -88,7 +89,8 @@ def load_checkpoint(run_dir: Path, *, run_id: str, manifest_sha: str) -> dict[st
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise HiertrainError(
-            f"cannot read checkpoint {path} ({exc}); delete it to start the run afresh"
+            f"cannot read checkpoint {path} ({describe_load_error(exc)}); delete it to start "
+            "the run afresh"
         ) from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise HiertrainError(f"{path} is not a cloud-trainer checkpoint; use another --run-dir")

@@ -24,6 +24,7 @@ from toolkit import topics
 from toolkit.errors import HiertrainError
 from toolkit.manifest import load_manifest
 from toolkit.messages import CLOUD_DEVICE, Status
+from toolkit.safeload import load_weights
 from toolkit.security import LinkSecurity
 from toolkit.segments import load_segments
 from toolkit.transport import LinkShape, link_summary, open_link, shape_link
@@ -58,8 +59,9 @@ def load_cloud(artifacts: str | Path, run_dir: str | Path) -> tuple[Any, torch.n
             "or point --run-dir at a finished run"
         )
     cloud = load_segments(manifest).cloud
+    state = load_weights(path, "cloud weights")
     try:
-        cloud.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        cloud.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - unreadable or not this model
         raise HiertrainError(
             f"{path} does not fit the cloud segment of {manifest.root} "

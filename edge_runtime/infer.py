@@ -38,6 +38,7 @@ from toolkit.errors import HiertrainError, WireError
 from toolkit.manifest import Manifest, load_manifest
 from toolkit.messages import decode_infer_reply, decode_weights
 from toolkit.quant import QuantScheme, quantize
+from toolkit.safeload import load_weights
 from toolkit.security import redact
 from toolkit.segments import load_segments
 from toolkit.topics import infer_reply_topic, infer_request_topic, validate_id, weights_topic
@@ -95,10 +96,7 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
             f"weights file {path} does not exist; pass the edge_weights-<device>.pt that "
             "'edge-runtime train' wrote, or --weights retained"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- any unpickling failure is bad input
-        raise HiertrainError(f"cannot load weights file {path}: {exc}") from None
+    state = load_weights(path, "weights file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HiertrainError(f"weights file {path} is not a state dict of tensors")
     return state

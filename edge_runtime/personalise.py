@@ -48,6 +48,7 @@ from toolkit.personal_export import (
     load_personal_manifest,
     load_personal_net,
 )
+from toolkit.safeload import load_weights
 
 EXITS_FILE = "exits.pt"
 POLICY_FILE = "policy.json"
@@ -280,10 +281,7 @@ def load_state_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], ExitPolic
     if not f.is_file():
         raise HiertrainError(f"{p} holds no {EXITS_FILE}; pass the --out directory of "
                              "'edge-runtime personalise'")
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - bad input
-        raise HiertrainError(f"cannot load exit weights {f}: {exc}") from None
+    state = load_weights(f, "exit weights")
     pol = f.parent / POLICY_FILE
     policy = None
     if pol.is_file():

@@ -69,6 +69,16 @@ def _require(data: dict, path: str, kind: type, source: str):
     return node
 
 
+def _latency(data: dict, source: str) -> float:
+    """``link.latency_ms``: optional, a number >= 0 (0 by default)."""
+    value = (data.get("link") or {}).get("latency_ms", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise HiertrainError(
+            f"board profile {source}: 'link.latency_ms' must be a number >= 0, got {value!r}"
+        )
+    return float(value)
+
+
 def parse_profile(data: object, source: str) -> BoardProfile:
     if not isinstance(data, dict):
         raise HiertrainError(f"board profile {source} is not a YAML mapping")
@@ -95,7 +105,7 @@ def parse_profile(data: object, source: str) -> BoardProfile:
         default_batch=_require(data, "training.default_batch", int, source),
         threads=_require(data, "training.threads", int, source),
         link_kbps=_require(data, "link.kbps", float, source),
-        link_latency_ms=float(data.get("link", {}).get("latency_ms", 0.0)),
+        link_latency_ms=_latency(data, source),
         relative_speed=(_require(data, "cpu.relative_speed", float, source)
                         if "relative_speed" in (data.get("cpu") or {}) else None),
         mqtt=dict(data.get("mqtt") or {}),
@@ -121,5 +131,8 @@ def load_board(name_or_path: str) -> BoardProfile:
     except OSError as exc:
         raise HiertrainError(f"cannot read board profile {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise HiertrainError(f"board profile {path} is not valid YAML: {exc}") from None
+        detail = "; ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
+        raise HiertrainError(f"board profile {path} is not valid YAML: {detail}") from None
+    except UnicodeDecodeError:
+        raise HiertrainError(f"board profile {path} is not UTF-8 text") from None
     return parse_profile(data, str(path))

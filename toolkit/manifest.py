@@ -45,7 +45,10 @@ def validate(data: object, source: str = "manifest") -> None:
         jsonschema.validate(data, schema())
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise ManifestError(f"{source} is invalid at {where}: {exc.message}") from None
+        message = " ".join(exc.message.split())  # one line, whatever value it quotes
+        if len(message) > 200:
+            message = message[:197] + "..."
+        raise ManifestError(f"{source} is invalid at {where}: {message}") from None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ def load_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}") from None
+    except RecursionError:  # JSON nested thousands deep: no manifest looks like that
+        raise ManifestError(f"cannot read {path}: JSON nested too deeply") from None
     validate(data, str(path))
     manifest = Manifest(data=data, root=root)
     if verify:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import struct
 import time
 import zlib
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from toolkit.errors import WireError
+from toolkit.safeload import describe_load_error
 
 CLOUD_DEVICE = "cloud"
 STATUS_SCHEMA = "hiertrain.status"
@@ -59,6 +61,17 @@ class Status:
         return json.dumps({"schema": STATUS_SCHEMA, "v": STATUS_VERSION, **d, **extra}).encode()
 
 
+# Field, accepted types, lower bound for numbers. Checked on decode: the cloud's
+# training loop does arithmetic on these, and a status is input from the network.
+_STATUS_FIELDS: tuple[tuple[str, tuple[type, ...], float | None], ...] = (
+    ("role", (str,), None), ("device", (str,), None), ("run", (str,), None),
+    ("state", (str,), None), ("message", (str,), None),
+    ("epoch", (int,), 0), ("batches_published", (int,), 0), ("samples_published", (int,), 0),
+    ("last_seq", (int,), -1), ("exit_accuracy", (int, float, type(None)), float("-inf")),
+    ("time", (int, float), float("-inf")),
+)
+
+
 def decode_status(data: bytes) -> Status:
     try:
         d = json.loads(bytes(data).decode())
@@ -72,6 +85,14 @@ def decode_status(data: bytes) -> Status:
     if d.get("state") not in STATES or d.get("role") not in ("edge", "cloud"):
         raise WireError(f"status message has bad state/role {d.get('state')!r}/{d.get('role')!r}",
                         reason="status")
+    for key, kinds, low in _STATUS_FIELDS:
+        value = d.get(key)
+        if key not in d or (value is None and type(None) in kinds):
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds) or (
+                low is not None and not (value >= low and math.isfinite(value))):
+            raise WireError(f"status field {key!r} has a bad value {str(value)[:40]!r}",
+                            reason="status")
     known = {f for f in Status.__dataclass_fields__ if f != "extra"}
     try:
         return Status(**{k: d[k] for k in known if k in d},
@@ -117,7 +138,8 @@ def decode_weights(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         state = torch.load(io.BytesIO(data[start + hlen:-4]), map_location="cpu",
                            weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decoding failure is bad input
-        raise WireError(f"weights message does not decode: {exc}", reason="weights") from None
+        raise WireError(f"weights message does not decode: {describe_load_error(exc)}",
+                        reason="weights") from None
     if not isinstance(meta, dict) or not isinstance(state, dict) or not all(
         isinstance(v, torch.Tensor) for v in state.values()
     ):

@@ -31,6 +31,7 @@ from torch import nn
 from toolkit.errors import HiertrainError
 from toolkit.exits import GlobalAvgPool
 from toolkit.models import build_model, get_spec
+from toolkit.safeload import load_weights
 
 HEAD_STAGE = "head"
 
@@ -224,10 +225,7 @@ def load_backbone(model: str, checkpoint: str | Path | None, *, num_classes: int
     path = Path(checkpoint)
     if not path.is_file():
         raise HiertrainError(f"backbone checkpoint {path} does not exist; pass a state dict file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
-        raise HiertrainError(f"cannot load backbone checkpoint {path}: {exc}") from None
+    state = load_weights(path, "backbone checkpoint")
     if not isinstance(state, dict):
         raise HiertrainError(f"backbone checkpoint {path} is not a state dict")
     try:

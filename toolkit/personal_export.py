@@ -59,6 +59,7 @@ from toolkit.personal import (
     exit_state,
     load_backbone,
 )
+from toolkit.safeload import load_weights
 
 PERSONAL_MANIFEST = "personal.json"
 PERSONAL_SCHEMA = "hiertrain.personal"
@@ -353,7 +354,8 @@ def load_personal_net(manifest: Manifest) -> MultiExitNet:
     backbone = load_backbone(spec.model, manifest.path(BACKBONE), num_classes=spec.num_classes,
                              input_shape=spec.input_shape)
     net = build_multi_exit(spec, backbone)
-    load_exit_state(net, torch.load(manifest.path(EXITS_INIT), weights_only=True),
+    load_exit_state(net, load_weights(manifest.path(EXITS_INIT), "artifact",
+                                      error=ManifestError),
                     str(manifest.path(EXITS_INIT)))
     return net
 

@@ -18,6 +18,7 @@ from toolkit.exits import ExitHeadConfig, build_exit_head
 from toolkit.manifest import Manifest
 from toolkit.models import build_model
 from toolkit.rewrites import EDGE_NORMS, Rewrite, make_exact, to_group_norm
+from toolkit.safeload import load_weights
 from toolkit.split import cut_shape, split_model
 
 EDGE_INIT = "edge_init.pt"
@@ -61,10 +62,7 @@ def build_segments(
 
 
 def _load_state(manifest: Manifest, name: str) -> dict:
-    try:
-        state = torch.load(manifest.path(name), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
-        raise ManifestError(f"cannot load {manifest.path(name)}: {exc}") from None
+    state = load_weights(manifest.path(name), "artifact", error=ManifestError)
     if not isinstance(state, dict):
         raise ManifestError(f"{manifest.path(name)} is not a state dict")
     return state
