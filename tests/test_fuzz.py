@@ -15,6 +15,7 @@ except with probability 2**-32 each. Examples are derandomized, so the run is de
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from collections.abc import Callable
@@ -365,3 +366,53 @@ def test_mutated_signed_messages_are_all_dropped() -> None:
     # verify (it clears a retained message) and is then refused as "truncated".
     assert set(counts) <= {"bad_signature", "unsigned", "truncated"}, counts
     assert counts["bad_signature"] > N_SIGNED / 2, counts
+
+
+def test_fuzzed_status_and_weights_messages_never_escape() -> None:
+    """Status JSON and weights messages with random fields: each is dropped (counted) or queued
+    well-typed; nothing raises out of the handlers."""
+    from cloud_trainer.ingest import StatusItem
+    from toolkit.messages import Status, encode_weights
+
+    h = Harness()
+    statuses = topics.status_wildcard(RUN)
+    weights = topics.wildcard(RUN, topics.WEIGHTS)
+    good_weights = encode_weights({"w": torch.ones(2)}, {"run": RUN, "device": DEVICE})
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+                        st.floats(allow_nan=True), st.text(max_size=8))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+    fed = 0
+
+    @settings(FUZZ, max_examples=300)
+    @given(st.data())
+    def fuzz(data: st.DataObject) -> None:
+        nonlocal fed
+        for _ in range(PER_EXAMPLE):
+            if data.draw(st.booleans()):
+                d = json.loads(Status("edge", DEVICE, RUN, "online", time=1.0).encode())
+                for key in data.draw(st.lists(st.sampled_from(sorted(d)), max_size=4)):
+                    d[key] = data.draw(values)
+                payload = json.dumps(d).encode()
+                if data.draw(st.booleans()):
+                    payload = _mutate(data, payload)
+                before = h.dropped()
+                h.loop.handlers[statuses](topics.status_topic(RUN, DEVICE), payload, {})
+            else:
+                payload = _mutate(data, good_weights)
+                before = h.dropped()
+                h.loop.handlers[weights](topics.weights_topic(RUN, DEVICE), payload, {})
+            fed += 1
+            queued = 0
+            while not h.ingest.queue.empty():
+                item = h.ingest.queue.get_nowait()
+                queued += 1
+                if isinstance(item, StatusItem):  # what the trainer does arithmetic on
+                    s = item.status
+                    assert all(isinstance(v, int) and not isinstance(v, bool) for v in (
+                        s.epoch, s.batches_published, s.samples_published, s.last_seq))
+            # An empty payload clears a retained message: neither a message nor a drop.
+            assert (h.dropped() - before) + queued == (1 if payload else 0)
+
+    fuzz()
+    assert fed >= 1500

@@ -212,6 +212,15 @@ def test_password_in_the_url_is_refused_and_secrets_come_from_files_or_env(
         load_security("mqtt://h", username="u", password_file=str(tmp_path / "nope"), env={})
 
 
+def test_the_clis_refuse_a_password_on_the_command_line(cli) -> None:
+    for cmd in (["edge-runtime", "train", "--artifacts", "a", "--device-id", "d"],
+                ["cloud-trainer", "--artifacts", "a", "--run-dir", "r"],
+                ["toolkit", "gateway", "--serial", "/dev/null"]):
+        r = cli(*cmd, "--broker", "mqtts://robot-a:hunter2@127.0.0.1:8883", timeout=120)
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert "--password-file" in r.stderr and "hunter2" not in r.stderr + r.stdout, r.stderr
+
+
 # --------------------------------------------------------------------------- broker
 
 
