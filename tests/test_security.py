@@ -285,6 +285,39 @@ def test_a_device_cannot_publish_into_another_devices_topics(
         cloud.close()
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_signed_request_and_reply_with_properties(secure_broker: MosquittoBroker, pki: Pki,
+                                                  protocol: str) -> None:
+    """Signing composes with MQTT 5 properties and with the 3.1.1 property envelope."""
+    key = HMAC_KEY.encode()
+    requests: queue.Queue[tuple[bytes, dict]] = queue.Queue()
+    replies: queue.Queue[bytes] = queue.Queue()
+    rejected: list[tuple[str, str]] = []
+    cloud = _link(secure_broker, LinkSecurity("cloud", USERS["cloud"], str(pki.ca),
+                                              hmac_key=key),
+                  "cloud", protocol=protocol, on_reject=lambda r, t, d: rejected.append((r, t)))
+    cloud.subscribe(topics.infer_request_wildcard(RUN),
+                    lambda t, p, props: requests.put((p, props)))
+    edge = _link(secure_broker, LinkSecurity("robot-a", USERS["robot-a"], str(pki.ca),
+                                             hmac_key=key), "robot-a", protocol=protocol)
+    reply_topic = topics.infer_reply_topic(RUN, "robot-a")
+    edge.subscribe(reply_topic, lambda t, p, props: replies.put(p))
+    try:
+        cloud.connect(timeout=10)
+        edge.connect(timeout=10)
+        edge.publish(topics.infer_request_topic(RUN, "robot-a"), b"request",
+                     properties={"response_topic": reply_topic, "correlation_data": b"c1"})
+        payload, props = requests.get(timeout=5)
+        assert payload == b"request" and props["correlation_data"] == b"c1"
+        cloud.publish(props["response_topic"], b"reply")
+        assert replies.get(timeout=5) == b"reply"
+        assert edge.bytes_sent == len(b"request") + 37  # the signature is on the wire
+    finally:
+        edge.close()
+        cloud.close()
+    assert not rejected
+
+
 # --------------------------------------------------------------------------- end to end
 
 
