@@ -403,7 +403,7 @@ def _predict(spec: RunSpec, row: dict[str, Any], profile) -> float | None:
         return None
     bits = _codec_bits(spec.codec)
     p = predict(spec.mode, profile, spec.split, Link(spec.link_mbps * 1000, spec.latency_ms),
-                row["samples"] * spec.epochs, bits if bits in (2, 4, 8, 32) else 8,
+                row["samples"], bits if bits in (2, 4, 8, 32) else 8,
                 grad_bits=spec.grad_bits)
     return round(p.epoch_s, 3)
 
@@ -491,8 +491,8 @@ def markdown_table(rows: list[dict[str, Any]], red: list[dict[str, Any]]) -> str
                   "full acc | exit acc |", "|---|---|---|---|---|---|---|---|"]
         for r in acc:
             ex = "-" if r["exit_accuracy"] is None else f"{r['exit_accuracy']:.3f}"
-            lines.append(f"| {r['model']} | {r['mode']} | {r['codec']} | {r['samples']} x "
-                         f"{r['epochs']} | {r['bytes_per_sample_up']:.0f} | "
+            lines.append(f"| {r['model']} | {r['mode']} | {r['codec']} | "
+                         f"{r['samples'] // max(r['epochs'], 1)} x {r['epochs']} | {r['bytes_per_sample_up']:.0f} | "
                          f"{r['float32_cut_bytes_per_sample']} | {r['full_accuracy']:.3f} | {ex} |")
     return "\n".join(lines) + "\n"
 
