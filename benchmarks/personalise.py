@@ -111,12 +111,17 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--exit-channels", type=int, default=0)
+    ap.add_argument("--exits", default=None,
+                    help="comma-separated stages to attach exits after (default: every stage "
+                         "but the classifier)")
     ap.add_argument("--artifacts", default=None,
                     help="reuse an existing 'toolkit export --personalise' directory")
     ap.add_argument("--backend", default="torch",
                     help="backend of the personalisation runs (default torch: the same module "
                          "ExecuTorch runs, parity-tested; 30-90x faster on this CPU)")
     ap.add_argument("--latency-samples", type=int, default=1000)
+    ap.add_argument("--no-latency-after", dest="latency_after", action="store_false",
+                    help="skip timing the personalised policy (only the equal-accuracy one)")
     ap.add_argument("--et-threads", type=int, default=1,
                     help="ExecuTorch (XNNPACK) thread pool size, like torch's one thread")
     ap.add_argument("--et-step-samples", type=int, default=10,
@@ -162,6 +167,8 @@ def main() -> int:
         log("exporting the multi-exit personalisation programs")
         m = export_personal(PersonalExportConfig(model=args.model, out=art, checkpoint=cache,
                                                  exit_channels=args.exit_channels,
+                                                 exit_points=tuple(args.exits.split(","))
+                                                 if args.exits else None,
                                                  batch=args.batch, optimizer=OptimizerConfig(
                                                      lr=args.lr, momentum=0.9,
                                                      weight_decay=5e-4)),
@@ -245,7 +252,8 @@ def main() -> int:
     lat_eq_shipped = latency(policy_eq, n_lat, "executorch")
     log("lowering the equal-accuracy policy's segments with the exit weights baked in")
     lat_eq = latency(policy_eq, n_lat, "executorch", bake=True)
-    lat_after = latency(policy_after, n_lat, "executorch", bake=True)
+    lat_after = (latency(policy_after, n_lat, "executorch", bake=True)
+                 if args.latency_after else None)
 
     # 6. training cost: exits only vs the whole network (same batch, same loss)
     log("timing one training step: exits only vs whole-network fine-tuning (eager)")
@@ -268,7 +276,7 @@ def main() -> int:
         opt_w.step()
 
     et_step_ms = rep["train_step_ms"] if args.backend == "executorch" else None
-    if et_step_ms is None:
+    if et_step_ms is None and args.et_step_samples > 0:
         et = PersonalBackend(m, "executorch")
         et_step_ms = 1000 * step_times(lambda: et.step(xb, yb, wb), args.et_step_samples)
     t_exit = step_times(exit_step, 40)
