@@ -120,6 +120,10 @@ def main() -> int:
                     help="backend of the personalisation runs (default torch: the same module "
                          "ExecuTorch runs, parity-tested; 30-90x faster on this CPU)")
     ap.add_argument("--latency-samples", type=int, default=1000)
+    ap.add_argument("--eager-latency-samples", type=int, default=None,
+                    help="samples for the eager-PyTorch latency (default: --latency-samples)")
+    ap.add_argument("--train-timing-steps", type=int, default=40,
+                    help="training steps timed per method (median)")
     ap.add_argument("--no-latency-after", dest="latency_after", action="store_false",
                     help="skip timing the personalised policy (only the equal-accuracy one)")
     ap.add_argument("--et-threads", type=int, default=1,
@@ -248,7 +252,7 @@ def main() -> int:
 
     n_lat = min(args.latency_samples, len(test))
     log(f"timing early-exit vs full-network inference on {n_lat} random test samples")
-    lat_eq_eager = latency(policy_eq, n_lat, "torch")
+    lat_eq_eager = latency(policy_eq, min(args.eager_latency_samples or n_lat, n_lat), "torch")
     lat_eq_shipped = latency(policy_eq, n_lat, "executorch")
     log("lowering the equal-accuracy policy's segments with the exit weights baked in")
     lat_eq = latency(policy_eq, n_lat, "executorch", bake=True)
@@ -279,8 +283,8 @@ def main() -> int:
     if et_step_ms is None and args.et_step_samples > 0:
         et = PersonalBackend(m, "executorch")
         et_step_ms = 1000 * step_times(lambda: et.step(xb, yb, wb), args.et_step_samples)
-    t_exit = step_times(exit_step, 40)
-    t_whole = step_times(whole_step, 40)
+    t_exit = step_times(exit_step, args.train_timing_steps)
+    t_whole = step_times(whole_step, args.train_timing_steps)
     f_exit = train_flops(step, xb, yb, wb)
     f_whole = train_flops(whole, xb, yb, wb)
 
@@ -340,7 +344,7 @@ def main() -> int:
         "train_cost": {"exit_step_ms": 1000 * t_exit, "whole_network_step_ms": 1000 * t_whole,
                        "exit_step_flops": f_exit, "whole_network_step_flops": f_whole,
                        "flops_ratio": f_whole / f_exit, "batch": args.batch,
-                       "runtime": "eager PyTorch, 1 thread, median of 40 steps",
+                       "runtime": f"eager PyTorch, 1 thread, median of {args.train_timing_steps} steps",
                        "personalise_backend": args.backend,
                        "personalise_step_ms": rep["train_step_ms"],
                        "executorch_exit_step_ms": et_step_ms},
