@@ -344,7 +344,8 @@ def main() -> int:
         "train_cost": {"exit_step_ms": 1000 * t_exit, "whole_network_step_ms": 1000 * t_whole,
                        "exit_step_flops": f_exit, "whole_network_step_flops": f_whole,
                        "flops_ratio": f_whole / f_exit, "batch": args.batch,
-                       "runtime": f"eager PyTorch, 1 thread, median of {args.train_timing_steps} steps",
+                       "runtime": ("eager PyTorch, 1 thread, median of "
+                                   f"{args.train_timing_steps} steps"),
                        "personalise_backend": args.backend,
                        "personalise_step_ms": rep["train_step_ms"],
                        "executorch_exit_step_ms": et_step_ms},
