@@ -1,8 +1,9 @@
 """Benchmark: on-device early-exit personalisation (PersEPhonEE) on CIFAR-10 (JPEG copy).
 
-General data: the CIFAR-10 training set, all ten classes, clean. A smallcnn backbone
-(16-32-64 channels) is pretrained on it eagerly (SGD, one-cycle, flips and shifts;
-``--pretrain-epochs``, one thread) -- the network a robot ships with.
+General data: the CIFAR-10 training set, all ten classes, clean. A backbone (``--model``:
+smallcnn, vgg16 or resnet18) is pretrained on it eagerly (SGD, one-cycle, flips and shifts;
+``--pretrain-*``, one thread) -- the network a robot ships with -- or reused from
+``--backbone-cache`` (a file outside the repository; pretrained there when missing).
 
 Personal distribution: four classes (``--classes``, default cat, deer, dog, horse) seen through a
 fixed warm, low-contrast camera tint (``toolkit.personal_data``). The robot's local stream is
@@ -10,23 +11,23 @@ fixed warm, low-contrast camera tint (``toolkit.personal_data``). The robot's lo
 local data is held out for calibration; figures are measured on the CIFAR-10 *test* images of
 those classes under the same tint.
 
-Measured (written to benchmarks/results/personalise.json, printed beside the paper's figures):
+Measured (written to ``--out``, printed beside the paper's figures):
 
 * ``accuracy_before``: the shipped network on the personal test set;
   ``accuracy_after``: the personalised early-exit network (thresholds calibrated for the deepest
   exit's held-out accuracy), same test set.
 * ``train_cost_ratio``: one SGD step of whole-network fine-tuning / one step of exit-only
   personalisation (same batch, same loss, eager PyTorch, median step time); FLOPs ratio beside it.
-* ``latency_ratio``: per-sample latency of the original network / early-exit inference with
-  thresholds calibrated for the original network's held-out accuracy (equal accuracy), eager
-  PyTorch at batch 1, interleaved per sample; the same through ExecuTorch
-  (``personal_full.pte`` vs ``personal_seg<k>.pte``) in ``latency_executorch``, and the FLOPs
-  ratio in ``equal_accuracy``.
+* ``latency_ratio``: per-sample latency at batch 1 of the original network
+  (``personal_full.pte``) / early-exit inference (the policy's segments lowered with the exit
+  weights baked in), both through ExecuTorch with the same XNNPACK thread pool
+  (``--et-threads``), interleaved per sample, with thresholds calibrated for the original
+  network's held-out accuracy (equal accuracy); the shipped segment programs and eager PyTorch
+  beside it, the FLOPs ratio in ``equal_accuracy``, and the personalised policy's latency in
+  ``latency_at_accuracy_after``.
 
 Personalisation runs on the eager ``torch`` backend by default (``--backend``): the same module
 the ExecuTorch program was lowered from, parity-tested, and ~70x faster on this CPU.
-
-Nothing is cached in the repository; ``--backbone-cache`` may name a file outside it.
 """
 
 from __future__ import annotations
