@@ -83,7 +83,6 @@ class MultiExitEngine:
         terminal = chain[-1]
         # the exits a sample can leave at: a threshold, or the terminal
         self.keep = [k for k in chain if k == terminal or policy.thresholds[k] is not None]
-        self.thresholds = [policy.thresholds[k] if k != terminal else None for k in self.keep]
         shipped = backend == "executorch" and not bake
         # shipped programs evaluate every exit up to the terminal; the rest skip null ones
         self.route = chain if shipped else self.keep
