@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     personal_cli.add_scenario_args(sp)
     sp.add_argument("--compare-full", action="store_true",
                     help="personalised artifacts: also time the original network per sample")
+    sp.add_argument("--bake", action="store_true",
+                    help="personalised artifacts on executorch: first re-lower the policy's "
+                         "segments with the exit weights as constants (skips never-answering "
+                         "exits; XNNPACK takes conv exit heads)")
     sp.set_defaults(func=cmd_infer)
 
     sp = sub.add_parser("provision", help="wait for 'toolkit flash' on a serial port")

@@ -35,6 +35,7 @@ from toolkit.personal_export import (
     load_exit_state,
     load_personal_manifest,
     load_personal_net,
+    lower_baked_segments,
 )
 
 
@@ -50,49 +51,97 @@ class MultiExitConfig:
     threshold: float | None = None  # overrides the calibrated policy: one threshold for all
     backend: str = "executorch"
     compare_full: bool = False
+    bake: bool = False  # executorch: re-lower the segments with the exit weights as constants
     seed: int = 0
     quiet: bool = False
     report: str | Path | None = None
 
 
 class MultiExitEngine:
-    """``run(x[1]) -> (chain position, logits)`` under an exit policy."""
+    """``run(x[1]) -> (chain position, logits)`` under an exit policy.
+
+    ``bake=False`` runs the shipped segment programs (exit weights as inputs, every
+    exit up to the terminal evaluated). ``bake=True`` first lowers the policy's own
+    segments with the personalised exit weights as constants
+    (:func:`toolkit.personal_export.lower_baked_segments`): exits whose threshold is
+    ``None`` are skipped, their stages merged into the next segment, and XNNPACK takes
+    conv exit heads too. The ``torch`` backend always runs the policy's segments (the
+    skipped exits are never computed), which is what the baked programs compute.
+    """
 
     def __init__(self, manifest: Manifest, backend: str, state: dict[str, torch.Tensor] | None,
-                 policy: ExitPolicy):
+                 policy: ExitPolicy, *, bake: bool = False):
         if backend not in BACKENDS:
             raise HiertrainError(f"unknown backend {backend!r}; choose one of: "
                                  f"{', '.join(BACKENDS)}")
-        self.backend, self.policy = backend, policy
+        self.backend, self.policy, self.baked = backend, policy, bake
         self.net = load_personal_net(manifest)
         if state is not None:
             load_exit_state(self.net, state, "the exit weights")
         self.net.eval()
-        self.chain = policy.chain()
-        self.segments = [s.eval() for s in self.net.segments()]
+        chain = policy.chain()
+        terminal = chain[-1]
+        # the exits a sample can leave at: a threshold, or the terminal
+        self.keep = [k for k in chain if k == terminal or policy.thresholds[k] is not None]
+        shipped = backend == "executorch" and not bake
+        # shipped programs evaluate every exit up to the terminal; the rest skip null ones
+        self.route = chain if shipped else self.keep
+        self.route_thresholds = [policy.thresholds[k] if k != terminal else None
+                                 for k in self.route]
+        self.segments = [s.eval() for s in self.net.policy_segments(self.keep)]
+        self.chain = chain
         if backend == "executorch":
             from toolkit.et_program import InferenceProgram
 
-            full = exit_state(self.net)
-            self.programs, self.weights = [], []
-            for seg in manifest.data["programs"]["segments"]:
-                self.programs.append(InferenceProgram.from_file(manifest.path(seg["file"])))
-                prefix = f"net.exits.{seg['exit']}." if seg["exit"] else ""
-                self.weights.append([full[prefix + n.removeprefix("exit.")].contiguous()
-                                     for n in seg["weights"]])
+            if bake:
+                shape = tuple(manifest.data["spec"]["input_shape"])
+                self.programs = [InferenceProgram(buf) for buf, _ in
+                                 lower_baked_segments(self.net, self.keep, shape)]
+                self.weights = [[] for _ in self.programs]
+            else:
+                full = exit_state(self.net)
+                self.programs, self.weights = [], []
+                for seg in manifest.data["programs"]["segments"][: terminal + 1]:
+                    self.programs.append(
+                        InferenceProgram.from_file(manifest.path(seg["file"])))
+                    prefix = f"net.exits.{seg['exit']}." if seg["exit"] else ""
+                    self.weights.append([full[prefix + n.removeprefix("exit.")].contiguous()
+                                         for n in seg["weights"]])
             self.full_program = InferenceProgram.from_file(manifest.path(FULL_PTE))
+        self.warm_up(tuple(manifest.data["spec"]["input_shape"]))
+
+    @torch.no_grad()
+    def warm_up(self, input_shape: tuple[int, ...]) -> None:
+        """Run every segment and the full network once: a program's first call packs the
+        XNNPACK weights and allocates, which is loading, not per-sample latency."""
+        a = torch.zeros(1, *input_shape)
+        for i in range(len(self.route)):
+            if self.backend == "executorch":
+                outs = self.programs[i].run(a, *self.weights[i])
+            else:
+                outs = self.segments[i](a)
+            a = outs[0]
+        self.run_full(torch.zeros(1, *input_shape))
 
     @torch.no_grad()
     def run(self, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Segments in order until an exit is confident enough; the terminal answers the rest."""
         a = x.contiguous()
-        for k in self.chain:
-            if self.backend == "executorch":
-                a, logits = self.programs[k].run(a, *self.weights[k])[:2]
+        last = len(self.route) - 1
+        et = self.backend == "executorch"
+        for i, k in enumerate(self.route):
+            if et:
+                outs = self.programs[i].run(a, *self.weights[i])
             else:
-                a, logits = self.segments[k](a)
-            conf = float(torch.softmax(logits.float(), dim=1).max())
-            if self.policy.decide(k, conf):
+                outs = self.segments[i](a)
+            logits = outs[-1]
+            if i == last:
                 return k, logits
+            t = self.route_thresholds[i]
+            # the same confidence calibration used (edge_runtime.calibrate.route)
+            if t is not None and float(torch.softmax(logits.float(), dim=1).max()) >= t:
+                return k, logits
+            a = outs[0]
         raise AssertionError("the terminal exit always answers")
 
     @torch.no_grad()
@@ -135,7 +184,7 @@ def run_multi_exit_inference(cfg: MultiExitConfig) -> dict[str, Any]:
     if policy is None:
         raise HiertrainError("no exit policy: pass --weights with the --out directory of "
                              "'edge-runtime personalise' (it holds policy.json) or --threshold")
-    engine = MultiExitEngine(manifest, cfg.backend, state, policy)
+    engine = MultiExitEngine(manifest, cfg.backend, state, policy, bake=cfg.bake)
     ds = load_personal_split(manifest, cfg.data, cfg.split, cfg.classes, cfg.shift, cfg.limit,
                              cfg.seed)
     names = [*points, "final"]

@@ -98,7 +98,8 @@ def cmd_infer_personal(args: argparse.Namespace) -> int:
     r = run_multi_exit_inference(MultiExitConfig(
         artifacts=args.artifacts, weights=args.weights, data=args.data, classes=args.classes,
         shift=args.shift, limit=args.limit, threshold=args.threshold,
-        backend=args.backend, compare_full=args.compare_full, seed=args.seed, quiet=args.quiet,
+        backend=args.backend, compare_full=args.compare_full, bake=args.bake,
+        seed=args.seed, quiet=args.quiet,
         report=args.report,
     ))
     print(json.dumps(r, indent=2) if args.json else format_result(r))

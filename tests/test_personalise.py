@@ -258,3 +258,32 @@ def test_backbone_from_a_hiertrain_full_model_checkpoint(tmp_path):
         assert torch.allclose(net(x), full.eval()(x), atol=1e-6)
     with pytest.raises(HiertrainError, match="does not fit"):
         load_backbone("smallcnn", tmp_path / "full_model.pt", num_classes=5, input_shape=SHAPE)
+
+
+def test_baked_early_exit_segments_match_eager(artifacts, personalised):
+    """After personalisation the exits are fixed: the policy's segments re-lowered with the
+    exit weights as constants (conv heads included, so all of it goes to XNNPACK) skip the
+    exits that never answer and give the eager backend's exits and logits sample by sample."""
+    from edge_runtime.calibrate import ExitPolicy
+    from edge_runtime.multi_exit_infer import MultiExitEngine
+
+    state_dir, _ = personalised
+    m = load_personal_manifest(artifacts)
+    state = torch.load(f"{state_dir}/exits.pt", weights_only=True)
+    policy = ExitPolicy(["block1", "block2", "block3"], [None, 0.6, 0.5], "block3")
+    baked = MultiExitEngine(m, "executorch", state, policy, bake=True)
+    shipped = MultiExitEngine(m, "executorch", state, policy)
+    eager = MultiExitEngine(m, "torch", state, policy)
+    assert baked.route == eager.route == [1, 2]  # block1 has no threshold: never evaluated
+    assert shipped.route == [0, 1, 2]  # the shipped programs each carry their exit
+    ds = load_personal_split(m, "digits", "test", CLASSES, "tint", 40, 0)
+    exits = set()
+    for i in range(len(ds)):
+        x = ds.x[i:i + 1]
+        (kb, lb), (ks, ls), (ke, le) = baked.run(x), shipped.run(x), eager.run(x)
+        assert kb == ks == ke
+        assert torch.allclose(lb, le, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(ls, le, rtol=1e-4, atol=1e-4)
+        exits.add(kb)
+        assert torch.allclose(baked.run_full(x), eager.run_full(x), rtol=1e-4, atol=1e-4)
+    assert exits == {1, 2}, f"the test should see both exits answer, saw {exits}"

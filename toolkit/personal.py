@@ -115,22 +115,47 @@ class MultiExitNet(nn.Module):
         segs.append(ExitSegment(stages, None))
         return segs
 
+    def policy_segments(self, keep: Sequence[int]) -> list[ExitSegment]:
+        """Segments for an exit policy: only the exits at positions ``keep`` (ascending,
+        the terminal last) are evaluated; the stages of every skipped exit are merged into
+        the next kept segment and nothing after the terminal is built. The terminal
+        segment returns its logits only (no activation leaves it)."""
+        keep = list(keep)
+        n = len(self.exit_points)
+        if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] > n:
+            raise HiertrainError(f"exit positions {keep} are not ascending within 0..{n}")
+        plain = self.segments()
+        out: list[ExitSegment] = []
+        stages = nn.Sequential()
+        for k, seg in enumerate(plain[: keep[-1] + 1]):
+            for name, stage in seg.stages.named_children():
+                stages.add_module(name, stage)
+            if k in keep:
+                out.append(ExitSegment(stages, seg.exit, emit_activation=k != keep[-1]))
+                stages = nn.Sequential()
+        return out
+
 
 class ExitSegment(nn.Module):
     """``forward(a) -> (a_next, logits)``: the unit of early-exit inference (batch 1).
 
     The last segment has no exit: its ``a_next`` *is* the final logits, and it
     returns them twice so every segment has the same output arity.
+    ``emit_activation=False`` (a policy's terminal segment) returns ``(logits,)``:
+    no sample goes further, so the activation need not be copied out.
     """
 
-    def __init__(self, stages: nn.Sequential, exit_head: nn.Module | None):
+    def __init__(self, stages: nn.Sequential, exit_head: nn.Module | None,
+                 emit_activation: bool = True):
         super().__init__()
         self.stages = stages
         self.exit = exit_head
+        self.emit_activation = emit_activation
 
     def forward(self, a: torch.Tensor):
         a = self.stages(a)
-        return a, (self.exit(a) if self.exit is not None else a)
+        logits = self.exit(a) if self.exit is not None else a
+        return (a, logits) if self.emit_activation else (logits,)
 
 
 class PersonalTrainStep(nn.Module):

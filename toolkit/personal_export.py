@@ -29,7 +29,7 @@ import copy
 import datetime as dt
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -277,6 +277,36 @@ def _write(cfg: PersonalExportConfig, spec: PersonalSpec, mean, std, net: MultiE
     validate_personal(data, "generated personal manifest")
     (tmp / PERSONAL_MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
     return data
+
+
+def lower_baked_segments(net: MultiExitNet, keep: Sequence[int],
+                         input_shape: Sequence[int]) -> list[tuple[bytes, str]]:
+    """The early-exit segments of one exit policy lowered with the exit weights *baked in*.
+
+    The shipped ``personal_seg<k>.pte`` take the exit weights as inputs, because the
+    board personalises them; XNNPACK does not take convolutions with dynamic weights, so
+    a conv exit head runs on the portable kernels, and every exit is evaluated even where
+    the policy never lets a sample leave. Once personalisation is over the weights are
+    fixed: lowered again as constants (``net.policy_segments(keep)``: skipped exits
+    merged into the next segment, nothing after the terminal), the whole segment goes to
+    XNNPACK, which packs the weights once. Returns ``(buffer, backend)`` per segment.
+    """
+    from toolkit.lowering import lower_forward
+
+    out = []
+    a = torch.zeros(1, *input_shape)
+    for k, seg in enumerate(copy.deepcopy(net).eval().policy_segments(keep)):
+        seg = seg.eval()
+        with torch.no_grad():
+            try:
+                ep = torch.export.export(seg, (a,))
+            except Exception as exc:  # noqa: BLE001
+                raise ExportError(f"torch.export failed on baked early-exit segment {k}: "
+                                  f"{exc}") from exc
+            out.append(lower_forward(ep, f"baked early-exit segment {k}"))
+            if seg.emit_activation:
+                a = seg(a)[0]
+    return out
 
 
 def check_personal_program(buffer: bytes, step: PersonalTrainStep, x, y, w) -> dict:
