@@ -492,7 +492,8 @@ def markdown_table(rows: list[dict[str, Any]], red: list[dict[str, Any]]) -> str
         for r in acc:
             ex = "-" if r["exit_accuracy"] is None else f"{r['exit_accuracy']:.3f}"
             lines.append(f"| {r['model']} | {r['mode']} | {r['codec']} | "
-                         f"{r['samples'] // max(r['epochs'], 1)} x {r['epochs']} | {r['bytes_per_sample_up']:.0f} | "
+                         f"{r['samples'] // max(r['epochs'], 1)} x {r['epochs']} | "
+                         f"{r['bytes_per_sample_up']:.0f} | "
                          f"{r['float32_cut_bytes_per_sample']} | {r['full_accuracy']:.3f} | {ex} |")
     return "\n".join(lines) + "\n"
 
