@@ -90,7 +90,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         optimizer=OptimizerConfig(lr=args.lr, momentum=args.momentum,
                                   weight_decay=args.weight_decay),
         seed=args.seed, edge_norm=args.edge_norm, force=args.force, verify=not args.no_verify,
-        codec=args.codec,
+        codec=args.codec, lowering=args.lowering,
     )
     manifest = export_artifacts(cfg, progress=lambda m: print(f"[export] {m}", file=sys.stderr))
     d = manifest.data
@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="normalisation in the edge segment (default: the model's)")
     sp.add_argument("--no-verify", action="store_true",
                     help="skip the gradient-parity check of the lowered program")
+    sp.add_argument("--lowering", choices=("matmul", "portable"), default="matmul",
+                    help="convolutions in the training program: im2col + matrix products "
+                         "(default, 10-20x faster) or ExecuTorch's portable conv kernels "
+                         "(docs/export.md, 'Speed')")
     sp.add_argument("--personalise", action="store_true",
                     help="multi-exit personalisation program: frozen backbone, trainable exits "
                          "(docs/personalise.md)")

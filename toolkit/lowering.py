@@ -11,6 +11,7 @@ dynamic weights it takes few) and to the portable kernels otherwise.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import warnings
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torch._decomp import get_decompositions
 
+from toolkit.edge_program import ChannelMajorTrainStep, EdgeTrainStep
 from toolkit.errors import ExportError
 from toolkit.et_program import stderr_silenced
 
@@ -28,6 +30,19 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 # The backward ops that the portable kernels compute wrongly, replaced by the
 # decomposition torch itself ships for them.
 BACKWARD_DECOMPOSITIONS = [torch.ops.aten.max_pool2d_with_indices_backward]
+
+# How the training program computes convolutions (``toolkit export --lowering``):
+# "matmul" rewrites them as im2col + mm before lowering (toolkit.fastconv; 10-20x
+# faster on ExecuTorch 1.5.1), "portable" keeps ExecuTorch's convolution kernels.
+LOWERINGS = ("matmul", "portable")
+DEFAULT_LOWERING = "matmul"
+
+
+def _new_empty_strided(self, size, stride, *, dtype=None, layout=None, device=None,
+                       pin_memory=None):
+    """Autograd's reshape of a non-viewable gradient allocates with ``new_empty_strided``,
+    which ExecuTorch has no kernel for; its strides here are the contiguous ones."""
+    return torch.empty(size, dtype=dtype or self.dtype, device=device or self.device)
 
 
 @contextlib.contextmanager
@@ -59,24 +74,50 @@ class TrainProgram:
     buffer: bytes
     parameters: list[str]
     planned_arena_bytes: int
+    lowering: str = "portable"
+    layout: str = "nchw"  # "channel_major": the segment ran on [C, N, H, W] tensors
+
+
+def fast_train_step(step: EdgeTrainStep) -> tuple[EdgeTrainStep, str]:
+    """The module the "matmul" lowering exports: convolutions as im2col + mm, and the
+    whole segment channel-major when every module allows it. Same function, same
+    parameter names; ``step`` itself is left alone. Returns the module and its layout."""
+    from toolkit.fastconv import channel_major_possible, convs_to_matmul, to_channel_major
+
+    step = copy.deepcopy(step)
+    if channel_major_possible(step.edge, step.exit):
+        to_channel_major(step)
+        return ChannelMajorTrainStep(step.edge, step.exit), "channel_major"
+    convs_to_matmul(step)
+    return step, "nchw"
 
 
 def lower_train_step(
-    step: nn.Module, x: torch.Tensor, y: torch.Tensor, *, decompose: bool = True
+    step: nn.Module, x: torch.Tensor, y: torch.Tensor, *, decompose: bool = True,
+    lowering: str = DEFAULT_LOWERING,
 ) -> TrainProgram:
-    """Lower ``step``; ``decompose=False`` keeps ExecuTorch's own (wrong) max-pool backward
-    kernel and exists only so that a test can show the workaround is still needed."""
+    """Lower ``step`` with the given convolution ``lowering`` (``LOWERINGS``).
+
+    ``decompose=False`` keeps ExecuTorch's own (wrong) max-pool backward kernel and
+    exists only so that a test can show the workaround is still needed."""
     from executorch.exir import EdgeCompileConfig, to_edge
     from torch.export import export
     from torch.export.experimental import _export_forward_backward
 
+    if lowering not in LOWERINGS:
+        raise ExportError(f"unknown lowering {lowering!r}; choose one of: {', '.join(LOWERINGS)}")
+    layout = "nchw"
+    if lowering == "matmul":
+        step, layout = fast_train_step(step)
     step.train()
     try:
         with _quiet():
             ep = export(step, (x, y), strict=False)
             ep = _export_forward_backward(ep)
+            decomps = {torch.ops.aten.new_empty_strided.default: _new_empty_strided}
             if decompose:
-                ep = ep.run_decompositions(get_decompositions(BACKWARD_DECOMPOSITIONS))
+                decomps.update(get_decompositions(BACKWARD_DECOMPOSITIONS))
+            ep = ep.run_decompositions(decomps)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise ExportError(f"torch.export failed on the edge training step: {exc}") from exc
     kinds = [spec.kind.name for spec in ep.graph_signature.output_specs]
@@ -97,6 +138,8 @@ def lower_train_step(
         buffer=prog.buffer,
         parameters=[n for n, p in step.named_parameters() if p.requires_grad],
         planned_arena_bytes=int(sum(sizes)),
+        lowering=lowering,
+        layout=layout,
     )
 
 

@@ -1,0 +1,179 @@
+"""Convolutions as matrix products, so that ExecuTorch trains them at gemm speed.
+
+ExecuTorch 1.5.1's portable ``convolution`` and ``convolution_backward`` kernels
+are plain nested loops: on the small CNN they took ~87 % of a training step
+(ETDump, ``benchmarks/et_speed.py --profile``), and a step ran 20-60x slower
+than eager PyTorch. The pip wheel's runtime links ExecuTorch's *optimized*
+kernel library, whose ``mm`` is a blocked gemm. XNNPACK takes convolutions only
+with static weights, which it packs at load time: a training program, whose
+weights change every step, cannot use that.
+
+``MatmulConv2d`` computes the same function as ``nn.Conv2d`` (groups=1, zero
+padding) as im2col + one ``mm``: the ``kh * kw`` shifted windows of the
+channel-major input (``[C, N, H, W]``) are stacked into a ``[C*kh*kw, N*Ho*Wo]``
+matrix that the weight ``[Cout, C*kh*kw]`` multiplies. Autograd derives the
+backward from the same primitives (two more ``mm`` for the weight and input
+gradients, slice-scatters for col2im); nothing calls ``convolution_backward``.
+The weight stays an ordinary parameter of the program, updated in place by
+the optimizer, and the ``.pte`` runs on any ExecuTorch runtime (``mm`` is a
+portable op too, just slower there).
+
+``to_channel_major`` goes one step further: when every module of the edge step
+is layout-agnostic or has a channel-major form, the whole segment runs on
+``[C, N, H, W]`` tensors, so the im2col needs no transposes and BatchNorm's
+channel-major statistics (``HostStatsBatchNorm2d``) need none either; the
+input and the cut are transposed once. Per-conv transposes cost ~45 % of a
+step otherwise.
+
+Only the lowered copy is rewritten (``toolkit.lowering``): eager PyTorch keeps
+``nn.Conv2d``, and the export's parity gate compares the two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from toolkit.exits import GlobalAvgPool
+from toolkit.rewrites import HostStatsBatchNorm2d
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _zero_pad(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """Zero padding by concatenation: the backward of ``F.pad`` is a ``constant_pad_nd``
+    with negative pads (a crop), which ExecuTorch's kernel refuses; the backward of
+    ``cat`` is slicing."""
+    c, n, h, w = x.shape
+    if ph:
+        z = x.new_zeros(c, n, ph, w)
+        x = torch.cat([z, x, z], dim=2)
+    if pw:
+        z = x.new_zeros(c, n, h + 2 * ph, pw)
+        x = torch.cat([z, x, z], dim=3)
+    return x
+
+
+class MatmulConv2d(nn.Module):
+    """``nn.Conv2d`` as im2col + ``mm``, same parameters under the same names.
+
+    ``channel_major``: input and output are ``[C, N, H, W]`` (see ``to_channel_major``);
+    otherwise ``[N, C, H, W]`` like ``nn.Conv2d``, at the price of two transposes.
+    """
+
+    def __init__(self, conv: nn.Conv2d, channel_major: bool = False):
+        super().__init__()
+        if not convertible(conv):
+            raise ValueError(f"cannot rewrite {conv} as a matrix product")
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = _pair(conv.kernel_size)
+        self.stride = _pair(conv.stride)
+        self.padding = _pair(conv.padding)
+        self.dilation = _pair(conv.dilation)
+        self.channel_major = channel_major
+        self.weight = conv.weight
+        self.bias = conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x if self.channel_major else x.permute(1, 0, 2, 3)
+        c, n, h, w = xc.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+            self.kernel_size, self.stride, self.padding, self.dilation)
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if ph or pw:
+            xc = _zero_pad(xc, ph, pw)
+        if kh == kw == 1:
+            cols = xc[:, :, : sh * (ho - 1) + 1 : sh, : sw * (wo - 1) + 1 : sw]
+        else:
+            cols = torch.stack(
+                [
+                    xc[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh,
+                       j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+                    for i in range(kh) for j in range(kw)
+                ],
+                dim=1,
+            )
+        out = torch.mm(self.weight.reshape(self.out_channels, c * kh * kw),
+                       cols.reshape(c * kh * kw, n * ho * wo))
+        out = out.view(self.out_channels, n, ho, wo)
+        if self.bias is not None:
+            out = out + self.bias.view(-1, 1, 1, 1)
+        return out if self.channel_major else out.permute(1, 0, 2, 3).contiguous()
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, "
+                f"channel_major={self.channel_major}")
+
+
+class ChannelMajorGlobalAvgPool(nn.Module):
+    """``GlobalAvgPool`` on ``[C, N, H, W]``: returns ``[N, C]`` like the original."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)).t()
+
+
+def convertible(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.groups == 1
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def convs_to_matmul(module: nn.Module) -> int:
+    """Replace every convertible ``nn.Conv2d`` in ``module`` in place (``[N, C, H, W]``
+    layout kept); return how many."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if convertible(child):
+            setattr(module, name, MatmulConv2d(child))
+            count += 1
+        else:
+            count += convs_to_matmul(child)
+    return count
+
+
+# Modules whose function does not depend on which of the two leading dims is the
+# batch: elementwise, or treating (N, C) alike (max-pool), or containers whose
+# forward only composes children and adds (torchvision's BasicBlock).
+_LAYOUT_FREE = (nn.ReLU, nn.MaxPool2d, nn.Identity, nn.Sequential)
+_CONTAINERS = ("BasicBlock",)
+
+
+def _channel_major_ok(module: nn.Module) -> bool:
+    for mod in module.modules():
+        if isinstance(mod, nn.Conv2d):
+            if not convertible(mod):
+                return False
+        elif not (isinstance(mod, (*_LAYOUT_FREE, HostStatsBatchNorm2d))
+                  or type(mod).__name__ in _CONTAINERS):
+            return False
+    return True
+
+
+def channel_major_possible(edge: nn.Module, exit_head: nn.Sequential) -> bool:
+    """The edge must be built only from channel-major-able modules; the exit head too, up
+    to and including its ``GlobalAvgPool`` (what follows sees ``[N, C]``)."""
+    if not _channel_major_ok(edge):
+        return False
+    head = list(exit_head.children())
+    pools = [i for i, m in enumerate(head) if isinstance(m, GlobalAvgPool)]
+    if not pools:
+        return False
+    return all(_channel_major_ok(m) for m in head[: pools[0]]) and not any(
+        isinstance(m, GlobalAvgPool) for m in edge.modules())
+
+
+def to_channel_major(module: nn.Module) -> None:
+    """Rewrite in place for ``[C, N, H, W]`` tensors (``channel_major_possible`` first)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Conv2d):
+            setattr(module, name, MatmulConv2d(child, channel_major=True))
+        elif isinstance(child, HostStatsBatchNorm2d):
+            child.channel_major = True
+        elif isinstance(child, GlobalAvgPool):
+            setattr(module, name, ChannelMajorGlobalAvgPool())
+        else:
+            to_channel_major(child)
