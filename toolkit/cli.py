@@ -257,10 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="normalisation in the edge segment (default: the model's)")
     sp.add_argument("--no-verify", action="store_true",
                     help="skip the gradient-parity check of the lowered program")
-    sp.add_argument("--lowering", choices=("matmul", "portable"), default="matmul",
-                    help="convolutions in the training program: im2col + matrix products "
-                         "(default, 10-20x faster) or ExecuTorch's portable conv kernels "
-                         "(docs/export.md, 'Speed')")
+    sp.add_argument("--lowering", choices=("xnnpack", "matmul", "portable"), default="xnnpack",
+                    help="training program: convolutions as matrix products run by XNNPACK "
+                         "(default; falls back to matmul without XNNPACK), the same on "
+                         "ExecuTorch's own kernels (any runtime), or ExecuTorch's portable "
+                         "convolution kernels (slowest); docs/export.md, 'Speed'")
     sp.add_argument("--personalise", action="store_true",
                     help="multi-exit personalisation program: frozen backbone, trainable exits "
                          "(docs/personalise.md)")

@@ -81,7 +81,7 @@ class ExportConfig:
     edge_norm: str | None = None
     force: bool = False
     verify: bool = True
-    lowering: str = "matmul"  # toolkit.lowering.LOWERINGS: convolutions as im2col + mm
+    lowering: str = "xnnpack"  # toolkit.lowering.LOWERINGS (docs/export.md, "Speed")
 
 
 def _versions() -> dict:

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import io
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -31,11 +32,13 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 # decomposition torch itself ships for them.
 BACKWARD_DECOMPOSITIONS = [torch.ops.aten.max_pool2d_with_indices_backward]
 
-# How the training program computes convolutions (``toolkit export --lowering``):
-# "matmul" rewrites them as im2col + mm before lowering (toolkit.fastconv; 10-20x
-# faster on ExecuTorch 1.5.1), "portable" keeps ExecuTorch's convolution kernels.
-LOWERINGS = ("matmul", "portable")
-DEFAULT_LOWERING = "matmul"
+# How the training program computes (``toolkit export --lowering``; docs/export.md,
+# "Speed"): "matmul" rewrites convolutions as im2col + mm before lowering
+# (toolkit.fastconv), runnable by any ExecuTorch runtime; "xnnpack" does the same
+# and hands the matrix products and transposes to XNNPACK (the runtime needs the
+# XNNPACK backend); "portable" keeps ExecuTorch's convolution kernels (slowest).
+LOWERINGS = ("xnnpack", "matmul", "portable")
+DEFAULT_LOWERING = "xnnpack"
 
 
 def _new_empty_strided(self, size, stride, *, dtype=None, layout=None, device=None,
@@ -92,6 +95,39 @@ def fast_train_step(step: EdgeTrainStep) -> tuple[EdgeTrainStep, str]:
     return step, "nchw"
 
 
+# The ops the "xnnpack" lowering hands to XNNPACK, one delegate per op. Operands stay
+# runtime inputs: XNNPACK's elementwise and transpose configs never take a
+# parameter as a constant, and the gemm config is told not to
+# (force_non_static_weights_for_f32_linear), so a trained weight is never packed.
+XNNPACK_OPS = os.environ.get("HT_XNN_OPS", "MMConfig,PermuteConfig").split(",")
+
+
+def xnnpack_available() -> bool:
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (  # noqa: F401
+            XnnpackPartitioner,
+        )
+    except ImportError:
+        return False
+    return True
+
+
+def _delegate_to_xnnpack(edge):
+    """Hand the matrix products and transposes of the joint graph to XNNPACK.
+
+    XNNPACK's gemm is 2-3x faster than ExecuTorch's optimized ``mm`` here and its
+    transpose ~10x faster than the portable ``permute_copy``; convolutions it takes
+    only with static weights, hence ``toolkit.fastconv``.
+    """
+    from executorch.backends.xnnpack.partition import config as xnn_config
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    by_name = {c.__name__: c for c in xnn_config.ALL_PARTITIONER_CONFIGS}
+    configs = [by_name[n] for n in XNNPACK_OPS if n]
+    return edge.to_backend(XnnpackPartitioner(
+        configs=configs, per_op_mode=os.environ.get("HT_XNN_PEROP", "1") == "1", force_non_static_weights_for_f32_linear=True))
+
+
 def lower_train_step(
     step: nn.Module, x: torch.Tensor, y: torch.Tensor, *, decompose: bool = True,
     lowering: str = DEFAULT_LOWERING,
@@ -106,8 +142,10 @@ def lower_train_step(
 
     if lowering not in LOWERINGS:
         raise ExportError(f"unknown lowering {lowering!r}; choose one of: {', '.join(LOWERINGS)}")
+    if lowering == "xnnpack" and not xnnpack_available():
+        lowering = "matmul"  # same program without the delegates: runs on any runtime
     layout = "nchw"
-    if lowering == "matmul":
+    if lowering in ("xnnpack", "matmul"):
         step, layout = fast_train_step(step)
     step.train()
     try:
@@ -128,9 +166,13 @@ def lower_train_step(
         )
     try:
         with _quiet():
-            prog = to_edge(
-                ep, compile_config=EdgeCompileConfig(_check_ir_validity=False)
-            ).to_executorch()
+            edge = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+            if lowering == "xnnpack":
+                try:
+                    edge = _delegate_to_xnnpack(edge)
+                except Exception:  # noqa: BLE001 - the matmul program is the fallback
+                    lowering = "matmul"
+            prog = edge.to_executorch()
     except Exception as exc:  # noqa: BLE001
         raise _explain(exc, "edge training program") from exc
     sizes = prog.executorch_program.execution_plan[0].non_const_buffer_sizes
