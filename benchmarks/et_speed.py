@@ -46,9 +46,9 @@ from toolkit.models import get_spec  # noqa: E402
 BATCH = 32
 # program -> timed steps per lowering (the portable convolution kernels take seconds
 # per VGG-16 step, so fewer of those)
-STEPS = {"smallcnn": {"matmul": 30, "portable": 8},
-         "vgg16": {"matmul": 8, "portable": 3},
-         "resnet18": {"matmul": 8, "portable": 3}}
+STEPS = {"smallcnn": {"xnnpack": 30, "matmul": 30, "portable": 8},
+         "vgg16": {"xnnpack": 8, "matmul": 8, "portable": 3},
+         "resnet18": {"xnnpack": 6, "matmul": 6, "portable": 2}}
 
 
 def set_threads(n: int) -> None:

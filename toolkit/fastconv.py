@@ -56,6 +56,81 @@ def _zero_pad(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     return x
 
 
+def _im2col_mm(xc: torch.Tensor, w2d: torch.Tensor, kh: int, kw: int, ph: int, pw: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stride-1 convolution of channel-major ``xc`` by ``w2d`` ([Cout, C*kh*kw]):
+    returns the output ``[Cout, N, Ho, Wo]`` and the im2col matrix."""
+    c, n, h, w = xc.shape
+    ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    if ph or pw:
+        xc = _zero_pad(xc, ph, pw)
+    if kh == kw == 1:
+        cols = xc
+    else:
+        cols = torch.stack([xc[:, :, i : i + ho, j : j + wo]
+                            for i in range(kh) for j in range(kw)], dim=1)
+    cols = cols.reshape(c * kh * kw, n * ho * wo)
+    return torch.mm(w2d, cols).view(w2d.shape[0], n, ho, wo), cols
+
+
+# A stride-1 channel-major convolution as an operator with its own backward.
+#
+# Autograd's backward of the im2col is a col2im: one ``slice_scatter`` per kernel
+# tap over the whole padded input. Written as what it is, a transposed
+# convolution, the input gradient is the same im2col + ``mm`` applied to the
+# output gradient with the flipped, transposed kernel (half the memory traffic,
+# all in ops XNNPACK takes); the weight gradient is one ``mm`` with the saved
+# im2col matrix. ``torch.export`` keeps a custom op whole in the joint graph with
+# the backward registered here; ``DECOMPOSITIONS`` then replaces the forward
+# node by its im2col + mm before ExecuTorch sees it.
+@torch.library.custom_op("hiertrain::conv2d_cm", mutates_args=())
+def conv2d_cm(xc: torch.Tensor, weight: torch.Tensor, ph: int, pw: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output [Cout, N, Ho, Wo], im2col matrix)`` of a stride-1 convolution."""
+    cout, c, kh, kw = weight.shape
+    out, cols = _im2col_mm(xc, weight.reshape(cout, c * kh * kw), kh, kw, ph, pw)
+    return out, cols.clone()
+
+
+@conv2d_cm.register_fake
+def _conv2d_cm_fake(xc, weight, ph, pw):
+    cout, c, kh, kw = weight.shape
+    _, n, h, w = xc.shape
+    ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    return xc.new_empty(cout, n, ho, wo), xc.new_empty(c * kh * kw, n * ho * wo)
+
+
+def _conv2d_cm_setup(ctx, inputs, output):
+    _, weight, ph, pw = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.padding = (ph, pw)
+
+
+def _conv2d_cm_backward(ctx, grad, _grad_cols):
+    cols, weight = ctx.saved_tensors
+    cout, c, kh, kw = weight.shape
+    ph, pw = ctx.padding
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        flipped = weight.flip([2, 3]).transpose(0, 1).reshape(c, cout * kh * kw)
+        grad_x, _ = _im2col_mm(grad, flipped, kh, kw, kh - 1 - ph, kw - 1 - pw)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.mm(grad.reshape(cout, -1), cols.t()).view(cout, c, kh, kw)
+    return grad_x, grad_w, None, None
+
+
+conv2d_cm.register_autograd(_conv2d_cm_backward, setup_context=_conv2d_cm_setup)
+
+
+def _conv2d_cm_decomposed(xc, weight, ph, pw):
+    cout, c, kh, kw = weight.shape
+    return _im2col_mm(xc, weight.reshape(cout, c * kh * kw), kh, kw, ph, pw)
+
+
+# For ``ExportedProgram.run_decompositions`` on the joint graph (toolkit.lowering).
+DECOMPOSITIONS = {torch.ops.hiertrain.conv2d_cm.default: _conv2d_cm_decomposed}
+
+
 class MatmulConv2d(nn.Module):
     """``nn.Conv2d`` as im2col + ``mm``, same parameters under the same names.
 
@@ -82,6 +157,12 @@ class MatmulConv2d(nn.Module):
         c, n, h, w = xc.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
             self.kernel_size, self.stride, self.padding, self.dilation)
+        if (self.channel_major and (sh, sw, dh, dw) == (1, 1, 1, 1)
+                and ph < kh and pw < kw):
+            out = conv2d_cm(xc, self.weight, ph, pw)[0]
+            if self.bias is not None:
+                out = out + self.bias.view(-1, 1, 1, 1)
+            return out
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if ph or pw:

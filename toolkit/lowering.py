@@ -25,6 +25,8 @@ from torch._decomp import get_decompositions
 from toolkit.edge_program import ChannelMajorTrainStep, EdgeTrainStep
 from toolkit.errors import ExportError
 from toolkit.et_program import stderr_silenced
+from toolkit.fastconv import DECOMPOSITIONS
+from toolkit.joint_passes import sink_expands
 
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
@@ -125,7 +127,8 @@ def _delegate_to_xnnpack(edge):
     by_name = {c.__name__: c for c in xnn_config.ALL_PARTITIONER_CONFIGS}
     configs = [by_name[n] for n in XNNPACK_OPS if n]
     return edge.to_backend(XnnpackPartitioner(
-        configs=configs, per_op_mode=os.environ.get("HT_XNN_PEROP", "1") == "1", force_non_static_weights_for_f32_linear=True))
+        configs=configs, per_op_mode=os.environ.get("HT_XNN_PEROP", "1") == "1",
+        force_non_static_weights_for_f32_linear=True))
 
 
 def lower_train_step(
@@ -152,10 +155,13 @@ def lower_train_step(
         with _quiet():
             ep = export(step, (x, y), strict=False)
             ep = _export_forward_backward(ep)
-            decomps = {torch.ops.aten.new_empty_strided.default: _new_empty_strided}
+            decomps = {torch.ops.aten.new_empty_strided.default: _new_empty_strided,
+                       **DECOMPOSITIONS}
             if decompose:
                 decomps.update(get_decompositions(BACKWARD_DECOMPOSITIONS))
             ep = ep.run_decompositions(decomps)
+            if lowering != "portable":
+                sink_expands(ep.graph_module)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise ExportError(f"torch.export failed on the edge training step: {exc}") from exc
     kinds = [spec.kind.name for spec in ep.graph_signature.output_specs]
