@@ -14,7 +14,6 @@ import contextlib
 import copy
 import io
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -97,11 +96,17 @@ def fast_train_step(step: EdgeTrainStep) -> tuple[EdgeTrainStep, str]:
     return step, "nchw"
 
 
-# The ops the "xnnpack" lowering hands to XNNPACK, one delegate per op. Operands stay
-# runtime inputs: XNNPACK's elementwise and transpose configs never take a
-# parameter as a constant, and the gemm config is told not to
-# (force_non_static_weights_for_f32_linear), so a trained weight is never packed.
-XNNPACK_OPS = os.environ.get("HT_XNN_OPS", "MMConfig,PermuteConfig").split(",")
+# The ops the "xnnpack" lowering hands to XNNPACK (names of its partitioner configs):
+# the matrix products, and the memory-bound ops around them whose portable kernels
+# are slow (transposes, the im2col slices and concatenations, elementwise math,
+# the ReLU mask). Operands stay runtime inputs: the elementwise and data-movement
+# configs never take a parameter as a constant, and the gemm config is told not
+# to (force_non_static_weights_for_f32_linear), so a trained weight is never
+# packed. Left to ExecuTorch: reductions (sum, mean: the parity of BatchNorm
+# gradients depends on their order), max-pool, the loss.
+XNNPACK_OPS = ("MMConfig", "PermuteConfig", "SliceCopyConfig", "CatConfig", "CloneConfig",
+               "AddConfig", "SubConfig", "MulConfig", "NegConfig",
+               "ReciprocalSquareRootConfig", "ReLUConfig", "ClampConfig", "CeilConfig")
 
 
 def xnnpack_available() -> bool:
@@ -125,9 +130,8 @@ def _delegate_to_xnnpack(edge):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     by_name = {c.__name__: c for c in xnn_config.ALL_PARTITIONER_CONFIGS}
-    configs = [by_name[n] for n in XNNPACK_OPS if n]
     return edge.to_backend(XnnpackPartitioner(
-        configs=configs, per_op_mode=os.environ.get("HT_XNN_PEROP", "1") == "1",
+        configs=[by_name[n] for n in XNNPACK_OPS],
         force_non_static_weights_for_f32_linear=True))
 
 
