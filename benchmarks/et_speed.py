@@ -60,6 +60,9 @@ def set_threads(n: int) -> None:
     _unsafe_reset_threadpool(n)
 
 
+_AGGREGATE_EVENTS = {"Method::execute", "OPERATOR_CALL", "DELEGATE_CALL"}
+
+
 def profile(art: Path, x: torch.Tensor, y: torch.Tensor, top: int = 12) -> list[dict]:
     """Operator time of one step of the training program, from an ETDump."""
     with warnings.catch_warnings():
@@ -85,15 +88,19 @@ def profile(art: Path, x: torch.Tensor, y: torch.Tensor, top: int = 12) -> list[
         if block.name != "Execute":
             continue
         for ev in block.events:
-            if ev.perf_data is not None and ev.name.startswith("native_call_"):
-                # two runs were recorded; the events' avg is already per run
-                total[ev.name[len("native_call_"):]] += sum(ev.perf_data.raw) / 2
-                calls[ev.name] += 1
+            if ev.perf_data is None or ev.name in _AGGREGATE_EVENTS:
+                continue
+            # portable/optimized kernels are "native_call_<op>", XNNPACK operators
+            # "<operator> #<n>" (inside a DELEGATE_CALL)
+            name = ev.name.removeprefix("native_call_").split(" #")[0]
+            name = name if ev.name.startswith("native_call_") else f"xnnpack: {name}"
+            total[name] += sum(ev.perf_data.raw) / 2  # two runs were recorded
+            calls[name] += 1
     step_ms = sum(total.values())
     rows = [{"op": op, "ms": ms, "share": ms / step_ms}
             for op, ms in sorted(total.items(), key=lambda kv: -kv[1])[:top]]
     for r in rows:
-        print(f"      {r['op']:<36} {r['ms']:8.1f} ms  {100 * r['share']:5.1f} %")
+        print(f"      {r['op']:<48} {r['ms']:8.1f} ms  {100 * r['share']:5.1f} %")
     return rows
 
 

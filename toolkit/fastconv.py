@@ -159,6 +159,93 @@ def _relu_mask_decomposed(x):
     return torch.relu(x), torch.ceil(torch.clamp(x, 0.0, 1.0))
 
 
+# 2x2 / stride-2 max-pool on channel-major input, without indices. ExecuTorch's
+# portable max_pool2d_with_indices forward took ~40 % of a small-CNN step, and its
+# backward is a scatter_add. Here the four taps of every window are made
+# contiguous by one transpose and compared with ``maximum``; the backward routes
+# each gradient to the *first* tap (row-major) that equals the maximum, which is
+# PyTorch's own rule for ties, with 0/1 indicators ``1 - ceil(clamp(max - tap, 0,
+# 1))`` (exactly 1 on equality: max - tap >= 0 and is 0 only when equal). All of
+# it runs in XNNPACK.
+def _taps(x: torch.Tensor) -> torch.Tensor:
+    c, n, h, w = x.shape
+    ho, wo = h // 2, w // 2
+    x = x[:, :, : 2 * ho, : 2 * wo]
+    return x.reshape(c, n, ho, 2, wo, 2).permute(3, 5, 0, 1, 2, 4).reshape(4, c, n, ho, wo)
+
+
+@torch.library.custom_op("hiertrain::maxpool2_cm", mutates_args=())
+def maxpool2_cm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pooled [C, N, H//2, W//2], the four taps [4, C, N, H//2, W//2])``."""
+    taps = _taps(x).contiguous()
+    return torch.maximum(torch.maximum(taps[0], taps[1]),
+                         torch.maximum(taps[2], taps[3])), taps.clone()
+
+
+@maxpool2_cm.register_fake
+def _maxpool2_cm_fake(x):
+    c, n, h, w = x.shape
+    return x.new_empty(c, n, h // 2, w // 2), x.new_empty(4, c, n, h // 2, w // 2)
+
+
+def _maxpool2_cm_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[0], output[1])
+    ctx.in_shape = tuple(inputs[0].shape)
+
+
+def _maxpool2_cm_backward(ctx, grad, _grad_taps):
+    pooled, taps = ctx.saved_tensors
+    c, n, h, w = ctx.in_shape
+    ho, wo = h // 2, w // 2
+
+    def equal(i):
+        return 1.0 - torch.ceil(torch.clamp(pooled - taps[i], 0.0, 1.0))
+
+    first = equal(0)
+    rest = 1.0 - first
+    second = equal(1) * rest
+    rest = rest - second
+    third = equal(2) * rest
+    fourth = rest - third
+    routed = torch.stack([grad * first, grad * second, grad * third, grad * fourth])
+    grad_x = routed.reshape(2, 2, c, n, ho, wo).permute(2, 3, 4, 0, 5, 1).reshape(
+        c, n, 2 * ho, 2 * wo)
+    if (2 * ho, 2 * wo) != (h, w):  # odd sizes: the last row / column never wins
+        grad_x = _zero_pad_end(grad_x, h - 2 * ho, w - 2 * wo)
+    return grad_x
+
+
+def _zero_pad_end(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    c, n, h, w = x.shape
+    if ph:
+        x = torch.cat([x, x.new_zeros(c, n, ph, w)], dim=2)
+    if pw:
+        x = torch.cat([x, x.new_zeros(c, n, h + ph, pw)], dim=3)
+    return x
+
+
+maxpool2_cm.register_autograd(_maxpool2_cm_backward, setup_context=_maxpool2_cm_setup)
+
+
+def _maxpool2_cm_decomposed(x):
+    taps = _taps(x)
+    return torch.maximum(torch.maximum(taps[0], taps[1]),
+                         torch.maximum(taps[2], taps[3])), taps
+
+
+class ChannelMajorMaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2)`` on ``[C, N, H, W]`` with the index-free backward above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return maxpool2_cm(x)[0]
+
+
+def _is_maxpool2x2(mod: nn.Module) -> bool:
+    return (isinstance(mod, nn.MaxPool2d) and _pair(mod.kernel_size) == (2, 2)
+            and _pair(mod.stride or mod.kernel_size) == (2, 2) and _pair(mod.padding) == (0, 0)
+            and _pair(mod.dilation) == (1, 1) and not mod.ceil_mode and not mod.return_indices)
+
+
 class MaskReLU(nn.Module):
     """``nn.ReLU`` with the mask-product backward (same values, same gradients)."""
 
@@ -168,7 +255,8 @@ class MaskReLU(nn.Module):
 
 # For ``ExportedProgram.run_decompositions`` on the joint graph (toolkit.lowering).
 DECOMPOSITIONS = {torch.ops.hiertrain.conv2d_cm.default: _conv2d_cm_decomposed,
-                  torch.ops.hiertrain.relu_mask.default: _relu_mask_decomposed}
+                  torch.ops.hiertrain.relu_mask.default: _relu_mask_decomposed,
+                  torch.ops.hiertrain.maxpool2_cm.default: _maxpool2_cm_decomposed}
 
 
 class MatmulConv2d(nn.Module):
@@ -298,5 +386,7 @@ def to_channel_major(module: nn.Module) -> None:
             setattr(module, name, ChannelMajorGlobalAvgPool())
         elif isinstance(child, nn.ReLU):
             setattr(module, name, MaskReLU())
+        elif _is_maxpool2x2(child):
+            setattr(module, name, ChannelMajorMaxPool2x2())
         else:
             to_channel_major(child)

@@ -106,7 +106,8 @@ def fast_train_step(step: EdgeTrainStep) -> tuple[EdgeTrainStep, str]:
 # gradients depends on their order), max-pool, the loss.
 XNNPACK_OPS = ("MMConfig", "PermuteConfig", "SliceCopyConfig", "CatConfig", "CloneConfig",
                "AddConfig", "SubConfig", "MulConfig", "NegConfig",
-               "ReciprocalSquareRootConfig", "ReLUConfig", "ClampConfig", "CeilConfig")
+               "ReciprocalSquareRootConfig", "ReLUConfig", "ClampConfig", "CeilConfig",
+               "MaximumConfig")
 
 
 def xnnpack_available() -> bool:
