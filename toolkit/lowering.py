@@ -25,7 +25,7 @@ from toolkit.edge_program import ChannelMajorTrainStep, EdgeTrainStep
 from toolkit.errors import ExportError
 from toolkit.et_program import stderr_silenced
 from toolkit.fastconv import DECOMPOSITIONS
-from toolkit.joint_passes import sink_expands
+from toolkit.joint_passes import drop_aliases, sink_expands
 
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
@@ -167,6 +167,7 @@ def lower_train_step(
             ep = ep.run_decompositions(decomps)
             if lowering != "portable":
                 sink_expands(ep.graph_module)
+                drop_aliases(ep.graph_module)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise ExportError(f"torch.export failed on the edge training step: {exc}") from exc
     kinds = [spec.kind.name for spec in ep.graph_signature.output_specs]
