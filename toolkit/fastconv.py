@@ -159,7 +159,7 @@ def _relu_mask_decomposed(x):
     return torch.relu(x), torch.ceil(torch.clamp(x, 0.0, 1.0))
 
 
-# 2x2 / stride-2 max-pool on channel-major input, without indices. ExecuTorch's
+# 2x2 / stride-2 max-pool without indices (any layout: it pools the last two dims). ExecuTorch's
 # portable max_pool2d_with_indices forward took ~40 % of a small-CNN step, and its
 # backward is a scatter_add. Here the four taps of every window are made
 # contiguous by one transpose and compared with ``maximum``; the backward routes
@@ -233,8 +233,9 @@ def _maxpool2_cm_decomposed(x):
                          torch.maximum(taps[2], taps[3])), taps
 
 
-class ChannelMajorMaxPool2x2(nn.Module):
-    """``nn.MaxPool2d(2)`` on ``[C, N, H, W]`` with the index-free backward above."""
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2)`` with the index-free backward above; it pools the last two
+    dimensions, so ``[C, N, H, W]`` and ``[N, C, H, W]`` alike."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return maxpool2_cm(x)[0]
@@ -285,12 +286,11 @@ class MatmulConv2d(nn.Module):
         c, n, h, w = xc.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
             self.kernel_size, self.stride, self.padding, self.dilation)
-        if (self.channel_major and (sh, sw, dh, dw) == (1, 1, 1, 1)
-                and ph < kh and pw < kw):
-            out = conv2d_cm(xc, self.weight, ph, pw)[0]
+        if (sh, sw, dh, dw) == (1, 1, 1, 1) and ph < kh and pw < kw:
+            out = conv2d_cm(xc.contiguous(), self.weight, ph, pw)[0]
             if self.bias is not None:
                 out = out + self.bias.view(-1, 1, 1, 1)
-            return out
+            return out if self.channel_major else out.permute(1, 0, 2, 3).contiguous()
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if ph or pw:
@@ -332,13 +332,18 @@ def convertible(conv: nn.Module) -> bool:
 
 
 def convs_to_matmul(module: nn.Module) -> int:
-    """Replace every convertible ``nn.Conv2d`` in ``module`` in place (``[N, C, H, W]``
-    layout kept); return how many."""
+    """Rewrite ``module`` in place keeping the ``[N, C, H, W]`` layout (each convolution
+    transposes its input and output): convertible ``nn.Conv2d``, ``nn.ReLU`` and 2x2
+    max-pools. Returns how many convolutions."""
     count = 0
     for name, child in list(module.named_children()):
         if convertible(child):
             setattr(module, name, MatmulConv2d(child))
             count += 1
+        elif isinstance(child, nn.ReLU):
+            setattr(module, name, MaskReLU())
+        elif _is_maxpool2x2(child):
+            setattr(module, name, MaxPool2x2())
         else:
             count += convs_to_matmul(child)
     return count
@@ -387,6 +392,6 @@ def to_channel_major(module: nn.Module) -> None:
         elif isinstance(child, nn.ReLU):
             setattr(module, name, MaskReLU())
         elif _is_maxpool2x2(child):
-            setattr(module, name, ChannelMajorMaxPool2x2())
+            setattr(module, name, MaxPool2x2())
         else:
             to_channel_major(child)
