@@ -1,5 +1,11 @@
 """ExecuTorch lowering of the edge programs (the only module that imports ``executorch.exir``).
 
+Training program speed (docs/export.md, "Speed"): by default a copy of the step
+is rewritten so that convolutions are matrix products (``toolkit.fastconv``),
+copies are removed from the joint graph (``toolkit.joint_passes``), and the
+matrix products and memory-bound ops are delegated to XNNPACK with every
+operand dynamic; ``lowering="portable"`` keeps ExecuTorch's convolution kernels.
+
 Training program: ``torch.export`` -> joint forward/backward graph -> torch's
 own decomposition of ``max_pool2d_with_indices_backward`` (the portable kernel
 is wrong) -> edge dialect -> ``.pte``. Inference program: forward only, with
