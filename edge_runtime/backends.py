@@ -140,8 +140,16 @@ class ExecuTorchBackend(EdgeBackend):
 
     def __init__(self, manifest: Manifest) -> None:
         super().__init__(manifest)
-        from toolkit.et_program import TrainingProgram
+        from toolkit.et_program import TrainingProgram, registered_backends
 
+        lowering = manifest.data["programs"]["edge_train"].get("lowering", {})
+        if (lowering.get("convolutions") == "xnnpack"
+                and "XnnpackBackend" not in registered_backends()):
+            raise HiertrainError(
+                f"{manifest.path(EDGE_TRAIN)} delegates to XNNPACK, which this ExecuTorch "
+                "runtime lacks; re-export with `toolkit export --lowering matmul` (same "
+                "math on ExecuTorch's own kernels) or use --backend torch"
+            )
         self.program = TrainingProgram.from_file(manifest.path(EDGE_TRAIN))
         self.host: EdgeTrainStep = load_segments(manifest).step.eval()  # stats holder only
         self._optimizer = None  # ExecuTorch's SGD needs named_parameters: after the 1st run

@@ -178,6 +178,17 @@ def test_wrong_batch_shape_names_both_shapes(manifest, backend):
         make_backend("tflite", manifest)
 
 
+def test_xnnpack_program_on_a_runtime_without_xnnpack_names_the_fix(manifest, monkeypatch):
+    """The default export delegates to XNNPACK; a board runtime built without it must say
+    how to re-export, not fail deep inside the loader."""
+    import toolkit.et_program
+
+    assert manifest.data["programs"]["edge_train"]["lowering"]["convolutions"] == "xnnpack"
+    monkeypatch.setattr(toolkit.et_program, "registered_backends", lambda: [])
+    with pytest.raises(HiertrainError, match="--lowering matmul"):
+        ExecuTorchBackend(manifest)
+
+
 # --------------------------------------------------------------------------- over MQTT
 
 

@@ -38,6 +38,9 @@ def test_export_writes_every_artifact_and_a_valid_manifest(exported):
         assert (out / name).stat().st_size == entry["bytes"]
     assert data["parity"]["checked"] and data["parity"]["global_rel_grad_error"] < 1e-4
     assert data["programs"]["edge_train"]["outputs"][0]["name"] == "loss"
+    # the default lowering: convolutions as matrix products run by XNNPACK (docs/export.md)
+    assert data["programs"]["edge_train"]["lowering"] == {"convolutions": "xnnpack",
+                                                          "layout": "channel_major"}
     assert data["cut"]["shape"] == [16, 8, 8]
     assert data["cut"]["int8_bytes_per_sample"] * 4 == data["cut"]["float32_bytes_per_sample"]
     assert {r["from"] for r in data["rewrites"]} >= {"BatchNorm2d", "MaxPool2d"}

@@ -91,7 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         optimizer=OptimizerConfig(lr=args.lr, momentum=args.momentum,
                                   weight_decay=args.weight_decay),
         seed=args.seed, edge_norm=args.edge_norm, force=args.force, verify=not args.no_verify,
-        codec=args.codec,
+        codec=args.codec, lowering=args.lowering,
     )
     manifest = export_artifacts(cfg, progress=lambda m: print(f"[export] {m}", file=sys.stderr))
     d = manifest.data
@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="normalisation in the edge segment (default: the model's)")
     sp.add_argument("--no-verify", action="store_true",
                     help="skip the gradient-parity check of the lowered program")
+    sp.add_argument("--lowering", choices=("xnnpack", "matmul", "portable"), default="xnnpack",
+                    help="training program: convolutions as matrix products run by XNNPACK "
+                         "(default; falls back to matmul without XNNPACK), the same on "
+                         "ExecuTorch's own kernels (any runtime), or ExecuTorch's portable "
+                         "convolution kernels (slowest); docs/export.md, 'Speed'")
     sp.add_argument("--personalise", action="store_true",
                     help="multi-exit personalisation program: frozen backbone, trainable exits "
                          "(docs/personalise.md)")

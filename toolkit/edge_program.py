@@ -49,6 +49,26 @@ class EdgeTrainStep(nn.Module):
             layer.update_running_stats(extra_outputs[i], extra_outputs[n + i])
 
 
+class ChannelMajorTrainStep(EdgeTrainStep):
+    """``EdgeTrainStep`` whose segment runs on ``[C, N, H, W]`` tensors (same outputs).
+
+    What ``toolkit.lowering`` lowers with ``--lowering matmul`` when every module
+    has a channel-major form (``toolkit.fastconv.to_channel_major``): the input is
+    transposed once and the cut once, instead of around every convolution and
+    BatchNorm. Same parameters under the same names as the step it was made from.
+    """
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        cut = self.edge(x.permute(1, 0, 2, 3).contiguous())
+        logits = self.exit(cut)
+        loss = F.cross_entropy(logits, y)
+        layers = self.stat_layers()
+        means = [m.last_stats[0] for _, m in layers]
+        variances = [m.last_stats[1] for _, m in layers]
+        return (loss, cut.detach().permute(1, 0, 2, 3).contiguous(), logits.detach(),
+                *means, *variances)
+
+
 class EdgeInfer(nn.Module):
     """``forward(x) -> (cut, exit_logits)`` in eval mode (running statistics)."""
 

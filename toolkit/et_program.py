@@ -40,6 +40,17 @@ def stderr_silenced():
         os.close(fd)
 
 
+def registered_backends() -> list[str]:
+    """Delegate backends this ExecuTorch runtime can run (e.g. ``XnnpackBackend``)."""
+    with warnings.catch_warnings(), stderr_silenced():
+        warnings.simplefilter("ignore")
+        from executorch.extension.pybindings.portable_lib import (
+            _get_registered_backend_names,
+        )
+
+        return list(_get_registered_backend_names())
+
+
 class TrainingProgram:
     """An ExecuTorch training program: ``forward_backward``, gradients, parameters."""
 

@@ -81,6 +81,7 @@ class ExportConfig:
     edge_norm: str | None = None
     force: bool = False
     verify: bool = True
+    lowering: str = "xnnpack"  # toolkit.lowering.LOWERINGS (docs/export.md, "Speed")
 
 
 def _versions() -> dict:
@@ -209,7 +210,7 @@ def _write(cfg: ExportConfig, plan: _Plan, built: BuiltSegments, tmp: Path,
     # Lowering traces (and may touch) the modules: it gets copies, so built.step keeps the
     # initial weights and statistics that edge_init.pt and the parity check need.
     progress(f"lowering the training program ({cfg.model}, split {plan.split}, batch {batch})")
-    train = lower_train_step(copy.deepcopy(built.step), x, y)
+    train = lower_train_step(copy.deepcopy(built.step), x, y, lowering=cfg.lowering)
     progress("lowering the inference program")
     infer = lower_infer(copy.deepcopy(built.infer_module()), x[:1])
 
@@ -275,6 +276,7 @@ def _write(cfg: ExportConfig, plan: _Plan, built: BuiltSegments, tmp: Path,
                 "outputs": outputs,
                 "parameters": train.parameters,
                 "planned_arena_bytes": train.planned_arena_bytes,
+                "lowering": {"convolutions": train.lowering, "layout": train.layout},
             },
             "edge_infer": {
                 "file": EDGE_INFER,

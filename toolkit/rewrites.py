@@ -72,9 +72,14 @@ class HostStatsBatchNorm2d(nn.Module):
         self.register_buffer("running_var", bn.running_var.detach().clone())
         self.register_buffer("num_batches_tracked", bn.num_batches_tracked.detach().clone())
         self.last_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Set by toolkit.fastconv.to_channel_major on the lowered copy only: the
+        # input is then [C, N, H, W] and the two transposes below disappear.
+        self.channel_major = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
+            if self.channel_major:
+                raise RuntimeError("channel-major BatchNorm exists for training programs only")
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias,
                 False, 0.0, self.eps,
@@ -85,9 +90,13 @@ class HostStatsBatchNorm2d(nn.Module):
         # Batch-statistics BN gradients are ill-conditioned in float32; with
         # reductions over (N, H, W) the two runtimes order the sums differently
         # and early-layer gradients drift apart by up to ~1e-2 (docs/export.md).
-        n, c, h, w = x.shape
+        if self.channel_major:
+            c, n, h, w = x.shape
+            flat = x.reshape(c, n * h * w)
+        else:
+            n, c, h, w = x.shape
+            flat = x.permute(1, 0, 2, 3).contiguous().view(c, n * h * w)
         m = n * h * w
-        flat = x.permute(1, 0, 2, 3).contiguous().view(c, m)
         mean = flat.mean(dim=1, keepdim=True)
         centred = flat - mean
         var = (centred * centred).mean(dim=1, keepdim=True)
@@ -96,8 +105,8 @@ class HostStatsBatchNorm2d(nn.Module):
             var.detach().flatten() * (m / max(m - 1, 1)),
         )
         scale = torch.rsqrt(var + self.eps) * self.weight.view(c, 1)
-        out = centred * scale + self.bias.view(c, 1)
-        return out.view(c, n, h, w).permute(1, 0, 2, 3).contiguous()
+        out = (centred * scale + self.bias.view(c, 1)).view(c, n, h, w)
+        return out if self.channel_major else out.permute(1, 0, 2, 3).contiguous()
 
     @torch.no_grad()
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
