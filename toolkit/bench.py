@@ -18,10 +18,10 @@ to a useful accuracy on a 2-core machine:
   unshaped link, ``accuracy_samples`` x ``accuracy_epochs``: the accuracy
   comparison on the same schedule.
 
-The edge runs the torch backend in all modes: the ExecuTorch portable kernels
-are ~60x slower than eager on this CPU (a known gap with its own benchmark),
-and the comparison is about the link and the pipeline, so every mode gets the
-same edge compute. Each process gets one thread: the edge stands for the
+The edge runs the torch backend in all modes: the comparison is about the link
+and the pipeline, so every mode gets the same edge compute (the committed runs
+predate the XNNPACK training lowering; ExecuTorch on the portable kernels was
+~60x slower than eager, see benchmarks/et_speed.py for today's ratio). Each process gets one thread: the edge stands for the
 board, the cloud for the server, and the machine has two cores.
 """
 
