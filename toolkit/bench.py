@@ -21,8 +21,9 @@ to a useful accuracy on a 2-core machine:
 The edge runs the torch backend in all modes: the comparison is about the link
 and the pipeline, so every mode gets the same edge compute (the committed runs
 predate the XNNPACK training lowering; ExecuTorch on the portable kernels was
-~60x slower than eager, see benchmarks/et_speed.py for today's ratio). Each process gets one thread: the edge stands for the
-board, the cloud for the server, and the machine has two cores.
+~60x slower than eager, see benchmarks/et_speed.py for today's ratio). Each
+process gets one thread: the edge stands for the board, the cloud for the
+server, and the machine has two cores.
 """
 
 from __future__ import annotations
