@@ -309,12 +309,23 @@ def find_mosquitto() -> str | None:
     return None
 
 
-def _mosquitto_config(host: str, port: int, quiet: bool) -> str:
+def _persistence(directory: Path | None) -> str:
+    """Persistence lines: off, or on in ``directory`` so retained messages, persistent
+    sessions and their queued QoS 1 messages survive a restart (saved at shutdown and
+    every ``autosave_interval`` s; a SIGKILL loses what came after the last save)."""
+    if directory is None:
+        return "persistence false\n"
+    return ("persistence true\n"
+            f"persistence_location {directory}/\n"
+            "autosave_interval 5\n")
+
+
+def _mosquitto_config(host: str, port: int, quiet: bool, persistence: Path | None = None) -> str:
     log_types = "log_type error\nlog_type warning\n" if quiet else "log_type all\n"
     return (
         f"listener {port} {host}\n"
         "allow_anonymous true\n"
-        "persistence false\n"
+        f"{_persistence(persistence)}"
         # Activation batches are 10+ MB: no size cap below the protocol limit.
         f"max_packet_size {MAX_PACKET_SIZE}\n"
         "max_inflight_messages 64\n"
@@ -339,13 +350,20 @@ class MosquittoBroker(_BrokerBase):
         *,
         executable: str | None = None,
         quiet: bool = True,
+        persistence: str | os.PathLike[str] | None = None,
     ) -> None:
-        """``port=0`` picks a free port at start; ``executable`` defaults to find_mosquitto()."""
+        """``port=0`` picks a free port at start; ``executable`` defaults to find_mosquitto().
+
+        ``persistence``: a directory for mosquitto's database (kept after ``stop``), so a
+        broker started again on the same port and directory restores retained messages
+        and persistent sessions with their queued messages: a broker restart.
+        """
         self.host = host
         self._requested_port = port
         self.port = port
         self.quiet = quiet
         self.executable = executable
+        self.persistence = Path(persistence).resolve() if persistence is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._log_file: Any = None
@@ -376,7 +394,10 @@ class MosquittoBroker(_BrokerBase):
                 continue
             self._tmp = tempfile.TemporaryDirectory(prefix="hiertrain-mosquitto-")
             conf = Path(self._tmp.name) / "mosquitto.conf"
-            conf.write_text(_mosquitto_config(self.host, self.port, self.quiet))
+            if self.persistence is not None:
+                self.persistence.mkdir(parents=True, exist_ok=True)
+            conf.write_text(_mosquitto_config(self.host, self.port, self.quiet,
+                                              self.persistence))
             self._log_file = open(Path(self._tmp.name) / "mosquitto.log", "wb")
             self._proc = subprocess.Popen(
                 [exe, "-c", str(conf)],
@@ -407,11 +428,20 @@ class MosquittoBroker(_BrokerBase):
         code = proc.returncode if proc is not None else "?"
         return f"exited with code {code}: {tail or 'no output'}"
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` s; removes the temp dir."""
+    @property
+    def pid(self) -> int | None:
+        """The mosquitto process id while it runs (for fault-injection tests)."""
+        return self._proc.pid if self._proc is not None else None
+
+    def stop(self, timeout: float = 5.0, *, kill: bool = False) -> None:
+        """SIGTERM (``kill``: SIGKILL, a crash), then SIGKILL after ``timeout`` s; removes
+        the temp dir (not the ``persistence`` directory)."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            proc.terminate()
+            if kill:
+                proc.kill()
+            else:
+                proc.terminate()
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
