@@ -315,7 +315,10 @@ def _persistence(directory: Path | None) -> str:
     every ``autosave_interval`` s; a SIGKILL loses what came after the last save)."""
     if directory is None:
         return "persistence false\n"
-    return ("persistence true\n"
+    # Started as root, mosquitto switches to user "mosquitto", which cannot write a
+    # directory of ours (pytest's tmp dirs are 0700): stay the user that started it.
+    user = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+    return (f"{user}persistence true\n"
             f"persistence_location {directory}/\n"
             "autosave_interval 5\n")
 
