@@ -112,7 +112,7 @@ class Spool:
                                        check_same_thread=False, isolation_level=None)
             if self.path is not None:
                 self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("PRAGMA synchronous=FULL")  # a power cut keeps commits
             self._db.executescript(_SCHEMA)
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('version', ?)", (SPOOL_VERSION,))
             version = self._meta("version")
