@@ -28,7 +28,14 @@ and ``full_accuracy`` (None on the edge: the cloud trainer measures it).
 
 The final edge weights are also saved locally, ``<state_dir>/edge_weights-<device>.pt``
 (``torch.save`` of the state dict; ``state_dir`` defaults to the current
-directory), for ``edge-runtime infer --weights PATH`` and for resuming.
+directory), for ``edge-runtime infer --weights PATH``.
+
+Delivery and resume (``ht``; docs/delivery.md): the publisher's outbox is an on-disk
+:class:`~edge_runtime.spool.Spool` that keeps each batch until the cloud trainer's ack on
+``hiertrain/<run>/cloud/ack`` says it is trained and checkpointed; the loop checkpoints
+itself (``edge_runtime.resume``) every ``checkpoint_every`` batches, and ``--resume``
+continues from there. After "done", the edge waits up to ``confirm_timeout`` s for the
+acks of its last batches (only when it has heard from a trainer at all).
 """
 
 from __future__ import annotations
