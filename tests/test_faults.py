@@ -24,10 +24,12 @@ from pathlib import Path
 import pytest
 from faultkit import Broker, Run, wait_until
 
+from edge_runtime.publisher import Publisher
 from edge_runtime.spool import Spool
-from toolkit.broker import MosquittoBroker, find_mosquitto, free_port
+from toolkit.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto, free_port
 from toolkit.errors import HiertrainError
 from toolkit.export import ExportConfig, export_artifacts
+from toolkit.messages import Ack
 from toolkit.transport import open_link
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None,
@@ -87,6 +89,52 @@ def test_spool_survives_reopen_and_blocks_when_full(tmp_path: Path) -> None:
         sp.append("t/act", bytes(250), seq=4, timeout=0.3)
     assert sp.clear() == 3 and sp.next_seq == 0
     sp.close()
+
+
+@pytest.mark.faults
+@pytest.mark.mqtt
+def test_publisher_keeps_batches_until_acked_and_resends_when_the_cloud_restarts(
+        tmp_path: Path) -> None:
+    """A PUBACK does not free a batch, the cloud's ack does; an ack from a new trainer
+    instance sends what is left again; a seq already spooled is not spooled twice."""
+    got: queue.Queue[int] = queue.Queue()
+    with EmbeddedBroker() as broker:
+        sub = open_link(broker.url, f"sub-{os.getpid()}")
+        sub.subscribe("hiertrain/r/e0/act", lambda t, p, props: got.put(int(p)))
+        sub.connect(timeout=10)
+        link = open_link(broker.url, f"edge-{os.getpid()}")
+        link.connect(timeout=10)
+        spool = Spool(tmp_path / "spool.sqlite", 1 << 20)
+        pub = Publisher(link, spool=spool, device="e0")
+        try:
+            for seq in range(5):
+                assert pub.submit("hiertrain/r/e0/act", b"%d" % seq, seq=seq)
+            pub.flush(10)
+
+            def received(n: int) -> list[int]:
+                return sorted(got.get(timeout=10) for _ in range(n))
+
+            assert received(5) == [0, 1, 2, 3, 4]
+            assert spool.pending_seqs() == [0, 1, 2, 3, 4]  # acknowledged by the broker only
+            pub.on_ack(Ack(run="r", instance="A", connects=1,
+                           trained={"e0": {"low": 2, "above": [4]}}))
+            assert spool.pending_seqs() == [2, 3]
+            assert received(2) == [2, 3]  # a first ack after sending: resend what is left
+            pub.on_ack(Ack(run="r", instance="A", connects=1, trained={"e0": {"low": 3,
+                                                                              "above": []}}))
+            time.sleep(0.5)
+            assert got.empty()  # same trainer, same session: no resend
+            pub.on_ack(Ack(run="r", instance="B", connects=1, trained={"e0": {"low": 3,
+                                                                              "above": []}}))
+            assert received(1) == [3]  # the trainer restarted: seq 3 again
+            assert not pub.submit("hiertrain/r/e0/act", b"3", seq=3)  # spooled before
+            assert pub.stats.resent == 3 and pub.stats.rewinds == 2 and pub.stats.skipped == 1
+            assert pub.stats.confirmed == 4
+        finally:
+            pub.close()
+            spool.close()
+            link.close()
+            sub.close()
 
 
 # ---------------------------------------------------------- persistent session
