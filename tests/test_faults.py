@@ -26,6 +26,7 @@ from faultkit import Broker, Run, wait_until
 
 from edge_runtime.publisher import Publisher
 from edge_runtime.spool import Spool
+from toolkit.boards import DEFAULT_SPOOL_MB, load_board
 from toolkit.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto, free_port
 from toolkit.errors import HiertrainError
 from toolkit.export import ExportConfig, export_artifacts
@@ -89,6 +90,18 @@ def test_spool_survives_reopen_and_blocks_when_full(tmp_path: Path) -> None:
         sp.append("t/act", bytes(250), seq=4, timeout=0.3)
     assert sp.clear() == 3 and sp.next_seq == 0
     sp.close()
+
+
+@pytest.mark.faults
+def test_spool_budget_comes_from_the_board_profile(tmp_path: Path) -> None:
+    good = Path(__file__).resolve().parents[1] / "firmware_configs" / "small-512mb.yaml"
+    assert load_board("small-512mb").spool_mb == 64 and load_board("rpi4").spool_mb == 512
+    p = tmp_path / "mine.yaml"
+    p.write_text(good.read_text().replace("spool_mb: 64", "spool_mb: -5"))
+    with pytest.raises(HiertrainError, match="'mqtt.spool_mb' must be a positive int"):
+        load_board(str(p))
+    p.write_text(good.read_text().replace("  spool_mb: 64\n", ""))
+    assert load_board(str(p)).spool_mb == DEFAULT_SPOOL_MB
 
 
 @pytest.mark.faults
