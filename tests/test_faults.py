@@ -207,7 +207,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 @pytest.mark.slow
 def test_kills_and_link_drop_train_every_batch_exactly_once(artifacts: Path, broker: Broker,
                                                            tmp_path: Path) -> None:
-    """SIGKILL + restart the broker, then the cloud trainer, then the edge (``--resume``),
+    """SIGKILL + restart the edge (``--resume``), then the broker, then the cloud trainer,
     then cut the edge's link for 4 s; one epoch of 89 batches paced at ~7 batches/s.
     Every seq 0..88 must be in the cloud's trained ledger once (``batches_trained`` counts
     the surviving model's steps, so a batch trained twice would make it larger), the edge
@@ -221,13 +221,15 @@ def test_kills_and_link_drop_train_every_batch_exactly_once(artifacts: Path, bro
         ref.start_edge()
         run.start_edge()
         procs = run.procs
+        # The edge first: its restart sends its whole spool, which would also repair what
+        # the later faults lose; after it, only the resends they trigger can.
         wait_until(lambda: run.edge_seq() >= 20, 120, "edge at seq 20", procs())
-        run.crash_broker(2.0)
-        wait_until(lambda: run.cloud_trained() >= 30, 90, "cloud checkpoint at 30", procs())
-        run.crash_cloud(1.0)
-        wait_until(lambda: run.edge_seq() >= 50, 120, "edge at seq 50", procs())
         run.crash_edge(1.0)
-        wait_until(lambda: run.edge_seq() >= 70, 120, "resumed edge at seq 70", procs())
+        wait_until(lambda: run.edge_seq() >= 35, 120, "resumed edge at seq 35", procs())
+        run.crash_broker(2.0)
+        wait_until(lambda: run.cloud_trained() >= 50, 90, "cloud checkpoint at 50", procs())
+        run.crash_cloud(1.0)
+        wait_until(lambda: run.edge_seq() >= 70, 120, "edge at seq 70", procs())
         run.drop_link(4.0)
         res = run.finish(180)
         base = ref.finish(60)
@@ -244,6 +246,7 @@ def test_kills_and_link_drop_train_every_batch_exactly_once(artifacts: Path, bro
     assert cloud["per_device"]["e0"]["trained"] == total
     assert edge["batches_published"] == total and edge["delivery"]["resumed"] is not None
     assert edge["delivery"]["confirmed"] and edge["delivery"]["spool_pending"] == 0
+    assert edge["delivery"]["rewinds"] >= 1  # the broker, cloud and link faults made it resend
     assert base["ledger"]["trained"] == {"low": total, "above": []}
     faulted_acc, base_acc = cloud["full_accuracy"], base["cloud"]["full_accuracy"]
     assert min(faulted_acc, base_acc) >= ACCURACY_FLOOR, (faulted_acc, base_acc)
