@@ -13,8 +13,9 @@ Delivery is at-least-once, end to end (``docs/delivery.md``): a batch stays in
 the spool after its PUBACK until the cloud trainer's :class:`~toolkit.messages.Ack`
 says it is trained and checkpointed. The thread sends everything still in the
 spool again (a *rewind*) whenever that may be needed: after this link
-reconnects, and when the cloud trainer reports a new process or a reconnect of
-its own. The cloud's ledger drops the duplicates.
+reconnects, when the cloud trainer reports a new process or a reconnect of its
+own, and when its ack shows a gap (a batch lost on the way). The cloud's ledger
+drops the duplicates; a run without faults resends nothing.
 
 One sending thread keeps messages in submission order, so a retained
 "training" status or weights message never overtakes the activations of its
@@ -110,6 +111,7 @@ class Publisher:
         self._last_id = 0  # highest spool row id submitted by this process
         self._high = 0  # highest row id acknowledged by the broker at least once
         self._peer: tuple[str, int] | None = None  # (instance, connects) of the last ack
+        self._gap: int | None = None  # the lost seq the last gap-triggered resend was for
         self.acks_seen = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -215,16 +217,24 @@ class Publisher:
         low, above = ack.confirmed(self.device)
         n = self.spool.confirm(low, above)
         peer = (ack.instance, ack.connects)
+        pending = self.spool.pending_seqs()
+        # MQTT keeps one topic in order and the trainer trains in arrival order, so a
+        # batch still pending below one it has checkpointed was lost on the way (e.g.
+        # sent before the trainer's session existed). Once per gap: a resend is then
+        # under way, and the end of the run has its own last resort (wait_confirmed).
+        top = max(above) if above else low - 1
+        gap = pending[0] if pending and pending[0] < top else None
         with self._cond:
             self.acks_seen += 1
             self._stats.confirmed += n
             changed = self._peer is not None and peer != self._peer
-            first = self._peer is None
             self._peer = peer
+            new_gap = gap is not None and gap != self._gap
+            if new_gap:
+                self._gap = gap
         # A new trainer process, or a reconnect of the trainer: what the broker held for
-        # it may be gone. A first ack after batches were sent: they may have been
-        # published before the trainer's session existed.
-        if changed or (first and self._high > 0 and self.spool.pending_seqs()):
+        # it, and what the trainer had not checkpointed, may be gone.
+        if changed or new_gap:
             self.rewind()
 
     def close(self, timeout: float = 5.0) -> None:

@@ -108,8 +108,9 @@ def test_spool_budget_comes_from_the_board_profile(tmp_path: Path) -> None:
 @pytest.mark.mqtt
 def test_publisher_keeps_batches_until_acked_and_resends_when_the_cloud_restarts(
         tmp_path: Path) -> None:
-    """A PUBACK does not free a batch, the cloud's ack does; an ack from a new trainer
-    instance sends what is left again; a seq already spooled is not spooled twice."""
+    """A PUBACK does not free a batch, the cloud's ack does; a gap below an acked seq, or
+    an ack from a new trainer instance, sends what is left again; a seq already spooled
+    is not spooled twice."""
     got: queue.Queue[int] = queue.Queue()
     with EmbeddedBroker() as broker:
         sub = open_link(broker.url, f"sub-{os.getpid()}")
@@ -132,7 +133,7 @@ def test_publisher_keeps_batches_until_acked_and_resends_when_the_cloud_restarts
             pub.on_ack(Ack(run="r", instance="A", connects=1,
                            trained={"e0": {"low": 2, "above": [4]}}))
             assert spool.pending_seqs() == [2, 3]
-            assert received(2) == [2, 3]  # a first ack after sending: resend what is left
+            assert received(2) == [2, 3]  # 2 and 3 pending below acked 4: lost, resend
             pub.on_ack(Ack(run="r", instance="A", connects=1, trained={"e0": {"low": 3,
                                                                               "above": []}}))
             time.sleep(0.5)
