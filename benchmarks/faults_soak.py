@@ -120,10 +120,10 @@ def _row(res: dict[str, Any], run: Run, epochs: int, wall: float) -> dict[str, A
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=3, help="epochs of 89 batches per round")
-    ap.add_argument("--gap", type=float, nargs=2, default=(5.0, 12.0), metavar=("MIN", "MAX"),
-                    help="seconds between faults, uniform (default 5 12)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=4, help="epochs of 89 batches per round")
+    ap.add_argument("--gap", type=float, nargs=2, default=(4.0, 10.0), metavar=("MIN", "MAX"),
+                    help="seconds between faults, uniform (default 4 10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/faults_soak.json"))
     args = ap.parse_args()

@@ -149,7 +149,7 @@ class Publisher:
                     self.spool.wait_for_rows(_POLL_S)
             row = self.spool.append(topic, bytes(payload), retain=retain, kind=kind,
                                     properties=properties, seq=seq,
-                                    timeout=self.block_timeout, failed=self._raise_if_failed)
+                                    timeout=self.block_timeout, failed=self._on_full)
         finally:
             with self._cond:
                 self._stats.publish_wait_s += time.monotonic() - start
@@ -158,6 +158,19 @@ class Publisher:
             self._stats.bytes_submitted += len(payload)
             self._last_id = max(self._last_id, row)
         return True
+
+    def _on_full(self) -> None:
+        """Polled while the spool is full. With no ack ever seen (a cloud trainer that
+        does not ack, or an ACL that hides the acks) waiting for one is futile: free
+        batches at the broker's PUBACK from now on, as a plain MQTT outbox would."""
+        self._raise_if_failed()
+        if self.device is not None and self.acks_seen == 0:
+            log.warning("the spool is full and no cloud trainer has acked a batch: batches "
+                        "now leave the spool at the broker's PUBACK (docs/delivery.md)")
+            self.device = None
+            with self._cond:
+                high = self._high
+            self.spool.delete_through(high)
 
     def _full_error(self) -> HiertrainError:
         return HiertrainError(

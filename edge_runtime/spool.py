@@ -225,6 +225,10 @@ class Spool:
     def delete(self, row_id: int) -> None:
         self._delete("id = ?", (row_id,))
 
+    def delete_through(self, row_id: int) -> int:
+        """Delete every row up to ``row_id`` (those the broker has acknowledged)."""
+        return self._delete("id <= ?", (row_id,))
+
     def confirm(self, low: int, above: Iterable[int] = ()) -> int:
         """Delete the batches with ``seq < low`` or in ``above``; returns how many."""
         n = self._delete("seq IS NOT NULL AND seq < ?", (low,))

@@ -335,7 +335,12 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
         if ack.run == run:
             publisher.on_ack(ack)
 
-    link.subscribe(ack_topic(run), on_ack)
+    try:
+        link.subscribe(ack_topic(run), on_ack)
+    except HiertrainError as exc:  # e.g. an ACL without read access to the acks
+        log.warning("no acks from the cloud trainer (%s); batches leave the spool at the "
+                    "broker's PUBACK", exc)
+        publisher.device = None
     start = time.monotonic()
     confirm_wait_s = 0.0
     confirmed = None

@@ -151,6 +151,28 @@ def test_publisher_keeps_batches_until_acked_and_resends_when_the_cloud_restarts
             sub.close()
 
 
+@pytest.mark.faults
+@pytest.mark.mqtt
+def test_a_full_spool_without_any_ack_falls_back_to_puback(tmp_path: Path) -> None:
+    """No trainer that acks (an older one, or an ACL hiding the acks): a full spool must
+    not block training for good; it frees batches at the broker's PUBACK instead."""
+    with EmbeddedBroker() as broker:
+        link = open_link(broker.url, f"edge-{os.getpid()}")
+        link.connect(timeout=10)
+        spool = Spool(tmp_path / "spool.sqlite", 350)
+        pub = Publisher(link, spool=spool, device="e0", block_timeout=20)
+        try:
+            for seq in range(10):  # 1000 bytes through a 350-byte spool
+                assert pub.submit("hiertrain/r/e0/act", bytes(100), seq=seq)
+            pub.flush(10)
+            assert pub.device is None and spool.full_waits >= 1
+            assert len(spool.pending_seqs()) <= 3 and pub.stats.acked == 10
+        finally:
+            pub.close()
+            spool.close()
+            link.close()
+
+
 # ---------------------------------------------------------- persistent session
 
 
