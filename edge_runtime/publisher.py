@@ -89,10 +89,13 @@ class Publisher:
         name: str = "edge-publisher",
         spool: Spool | None = None,
         device: str | None = None,
+        ack_grace_s: float = 300.0,
     ) -> None:
         """``spool``: where messages wait (None: an in-memory one); ``device``: whose
         batches the cloud's acks confirm (None: batches are forgotten at their PUBACK).
-        ``block_timeout`` bounds one ``submit`` blocked on a full spool."""
+        ``block_timeout`` bounds one ``submit`` blocked on a full spool; ``ack_grace_s``:
+        after that long without any ack (this run never had one), a full spool frees
+        batches at the PUBACK instead of waiting for acks that will not come."""
         if maxsize < 1:
             raise ValueError("outbox size must be >= 1")
         self.link = link
@@ -113,6 +116,9 @@ class Publisher:
         self._peer: tuple[str, int] | None = None  # (instance, connects) of the last ack
         self._gap: int | None = None  # the lost seq the last gap-triggered resend was for
         self.acks_seen = 0
+        self.ack_grace_s = ack_grace_s
+        self._started = time.monotonic()
+        self._ever_acked = self.spool.ever_acked
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -140,6 +146,7 @@ class Publisher:
                 self._stats.skipped += 1
             return False
         start = time.monotonic()
+        spool_wait = self.spool.wait_s
         try:
             if self._maxsize is not None:  # in-memory outbox bounded by count as well
                 while len(self.spool) >= self._maxsize:
@@ -150,9 +157,12 @@ class Publisher:
             row = self.spool.append(topic, bytes(payload), retain=retain, kind=kind,
                                     properties=properties, seq=seq,
                                     timeout=self.block_timeout, failed=self._on_full)
-        finally:
+        finally:  # time blocked on a full outbox, not the time to write the row
+            blocked = self.spool.wait_s - spool_wait
+            if self._maxsize is not None:
+                blocked = time.monotonic() - start
             with self._cond:
-                self._stats.publish_wait_s += time.monotonic() - start
+                self._stats.publish_wait_s += blocked
         with self._cond:
             self._stats.submitted += 1
             self._stats.bytes_submitted += len(payload)
@@ -164,9 +174,11 @@ class Publisher:
         does not ack, or an ACL that hides the acks) waiting for one is futile: free
         batches at the broker's PUBACK from now on, as a plain MQTT outbox would."""
         self._raise_if_failed()
-        if self.device is not None and self.acks_seen == 0:
-            log.warning("the spool is full and no cloud trainer has acked a batch: batches "
-                        "now leave the spool at the broker's PUBACK (docs/delivery.md)")
+        if (self.device is not None and self.acks_seen == 0 and not self._ever_acked
+                and time.monotonic() - self._started > self.ack_grace_s):
+            log.warning("the spool is full and no cloud trainer has acked a batch in %.0f s: "
+                        "batches now leave the spool at the broker's PUBACK "
+                        "(docs/delivery.md)", self.ack_grace_s)
             self.device = None
             with self._cond:
                 high = self._high
@@ -237,6 +249,9 @@ class Publisher:
         # under way, and the end of the run has its own last resort (wait_confirmed).
         top = max(above) if above else low - 1
         gap = pending[0] if pending and pending[0] < top else None
+        if not self._ever_acked:
+            self._ever_acked = True
+            self.spool.mark_acked()
         with self._cond:
             self.acks_seen += 1
             self._stats.confirmed += n

@@ -128,6 +128,7 @@ class Spool:
                                  "delete it or use another --spool-dir")
         self.peak_bytes = self._bytes
         self.full_waits = 0
+        self.wait_s = 0.0  # time appends spent waiting for room
 
     def _meta(self, key: str, default: str | None = None) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -148,6 +149,17 @@ class Spool:
         """One more than the largest ``seq`` ever appended (0 for a new spool)."""
         with self._cond:
             return int(self._meta("next_seq", "0") or 0)
+
+    @property
+    def ever_acked(self) -> bool:
+        """Whether a cloud trainer has ever acked a batch of this spool (kept on disk, so a
+        restarted edge knows its trainer acks even before the next ack arrives)."""
+        with self._cond:
+            return self._meta("acked") == "1"
+
+    def mark_acked(self) -> None:
+        with self._cond:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('acked', '1')")
 
     def pending_seqs(self) -> list[int]:
         """Sequence numbers still waiting for the cloud's ack, in order."""
@@ -183,6 +195,8 @@ class Spool:
                         "broker, or give a bigger --spool-mb"
                     )
                 self._cond.wait(0.1)
+            if waited:
+                self.wait_s += time.monotonic() - start
             try:
                 self._db.execute("BEGIN")
                 cur = self._db.execute(

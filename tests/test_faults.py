@@ -160,7 +160,7 @@ def test_a_full_spool_without_any_ack_falls_back_to_puback(tmp_path: Path) -> No
         link = open_link(broker.url, f"edge-{os.getpid()}")
         link.connect(timeout=10)
         spool = Spool(tmp_path / "spool.sqlite", 350)
-        pub = Publisher(link, spool=spool, device="e0", block_timeout=20)
+        pub = Publisher(link, spool=spool, device="e0", block_timeout=20, ack_grace_s=1.0)
         try:
             for seq in range(10):  # 1000 bytes through a 350-byte spool
                 assert pub.submit("hiertrain/r/e0/act", bytes(100), seq=seq)
