@@ -561,7 +561,10 @@ class CloudRun:
             if not outbox.flush(10.0):
                 log.warning("the final cloud status was not acknowledged within 10 s")
             # A complete run needs no session any more: nothing it could still queue matters.
-            getattr(link, "inner", link).end_session = not missing
+            inner = link
+            while hasattr(inner, "inner"):  # through shaping (and other) wrappers
+                inner = inner.inner
+            inner.end_session = not missing
         except BaseException as exc:
             ingest.close()
             if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: keep what was trained
