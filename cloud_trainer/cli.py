@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         queue_size=args.queue_size, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
         connect_timeout=args.connect_timeout, threads=args.threads,
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms, mode=args.mode,
-        grad_bits=args.grad_bits, security=security,
+        grad_bits=args.grad_bits, security=security, session_expiry=args.session_expiry,
     )
     with _stop_on_sigterm() as stop:
         s = run_cloud(cfg, stop)
@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "The edges must run the same --mode")
     t.add_argument("--grad-bits", type=int, choices=(32, 8), default=32,
                    help="split: gradients sent back as float32 (32, default) or int8 (8)")
+    t.add_argument("--session-expiry", type=int, default=3600, metavar="S",
+                   help="seconds the broker keeps this trainer's MQTT session and the batches "
+                        "queued for it while it is down (default 3600; 0: clean sessions; "
+                        "docs/delivery.md)")
     t.set_defaults(func=cmd_train)
     s = sub.add_parser("serve", help="answer inference requests with run-dir/cloud_final.pt")
     _common(s)

@@ -20,11 +20,20 @@ the ledger holds all of its seqs ``0..batches_published-1``; or when no
 message arrived for ``idle_timeout`` seconds, which is an error
 (:class:`HiertrainError`, exit 2) if some device is missing or incomplete.
 Either way the final model, metrics, plot and summary are written first.
+
+Delivery (``docs/delivery.md``): the trainer subscribes with a persistent MQTT
+session (stable client id per run and run directory, ``session_expiry``) so
+the broker queues what edges publish while it is down, and after every
+checkpoint it publishes an :class:`~toolkit.messages.Ack` of what is trained
+*and checkpointed*; edges keep each batch in their spool until it is acked
+and resend what is left when this trainer restarts or reconnects. The ledger
+drops the duplicates, so at-least-once delivery trains every batch once.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -64,7 +73,7 @@ from cloud_trainer.outbox import Outbox
 from toolkit import topics
 from toolkit.errors import HiertrainError
 from toolkit.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
-from toolkit.messages import CLOUD_DEVICE, Status
+from toolkit.messages import CLOUD_DEVICE, Ack, Status
 from toolkit.modes import DEFAULT_MODE, check_mode
 from toolkit.security import LinkSecurity
 from toolkit.segments import FullModel, load_segments
@@ -121,6 +130,9 @@ class CloudConfig:
     security: LinkSecurity | None = None
     """Broker credentials, TLS files, and the run's HMAC key (``toolkit.security``): with a
     key, unsigned and badly signed messages are dropped (``unsigned``, ``bad_signature``)."""
+    session_expiry: int = 3600
+    """Seconds the broker keeps this trainer's MQTT session (and the batches queued for
+    it) after it disconnects or dies; 0: clean sessions (``docs/delivery.md``)."""
 
     def check(self) -> None:
         check_mode(self.mode)
@@ -147,6 +159,9 @@ class CloudConfig:
             raise HiertrainError("--eval-every must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise HiertrainError(f"--threads must be >= 1, got {self.threads}")
+        if self.session_expiry < 0:
+            raise HiertrainError(f"--session-expiry must be >= 0 seconds, got "
+                                 f"{self.session_expiry}")
         if not self.idle_timeout > 0:
             raise HiertrainError(f"--idle-timeout must be > 0 seconds, got {self.idle_timeout}")
 
@@ -168,6 +183,26 @@ def make_optimizer(params: Any, manifest: Manifest) -> torch.optim.Optimizer:
 def client_id(role: str, run_id: str) -> str:
     """Unique MQTT client id: two processes with one id would keep kicking each other off."""
     return f"hiertrain-{role}-{run_id}-{os.getpid()}-{random.getrandbits(24):06x}"
+
+
+def session_client_id(run_id: str, run_dir: Path) -> str:
+    """The stable client id of a persistent session: one per run and run directory, so a
+    restarted trainer finds the session (and the queued batches) its predecessor left."""
+    where = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:10]
+    return f"hiertrain-cloud-{run_id}-{where}"
+
+
+def open_cloud_link(cfg: CloudConfig, run_dir: Path, on_reject: Any = None) -> Any:
+    """The trainer's link: a persistent session on MQTT when ``session_expiry`` > 0;
+    credentials, TLS and signature checks from ``cfg.security``."""
+    if cfg.session_expiry > 0 and cfg.broker.strip().lower().startswith(("mqtt:", "mqtts:")):
+        link = open_link(cfg.broker, session_client_id(cfg.run_id, run_dir),
+                         security=cfg.security, on_reject=on_reject,
+                         session_expiry=cfg.session_expiry)
+    else:
+        link = open_link(cfg.broker, client_id("cloud", cfg.run_id),
+                         security=cfg.security, on_reject=on_reject)
+    return shape_link(link, LinkShape.from_options(cfg.link_kbps, cfg.link_latency_ms))
 
 
 class _Window:
@@ -238,6 +273,11 @@ class CloudRun:
         self.last_eval: dict[str, Any] = {}
         self.since_checkpoint = 0
         self.bytes_down: dict[str, int] = {}  # payload bytes published to each edge
+        self.instance = f"{random.getrandbits(32):08x}"  # tells edges this process restarted
+        self._outbox: Outbox | None = None
+        self._link: Any = None
+        self._acked_connects = 0
+        self._checkpointed: dict[str, Any] = {}  # the ledger's trained sets at the last checkpoint
         self._resume()
 
     # ------------------------------------------------------------------ resume
@@ -254,6 +294,7 @@ class CloudRun:
             self.cloud.load_state_dict(ckpt["cloud"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.ledger.load_state_dict(ckpt["ledger"])
+            self._checkpointed = dict(ckpt["ledger"]["trained"])
             self._load_extra_state(ckpt)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise HiertrainError(
@@ -291,7 +332,24 @@ class CloudRun:
                 **self._extra_state(),
             }
             save_checkpoint(self.run_dir, state)
+            trained = state["ledger"]["trained"]
         self.since_checkpoint = 0
+        self.post_ack(trained)
+
+    def post_ack(self, trained: dict[str, Any] | None = None) -> None:
+        """Tell the edges what is trained and checkpointed (``toolkit.messages.Ack``).
+
+        Only checkpointed seqs: an edge deletes acked batches from its spool, and
+        a batch trained after the last checkpoint dies with a killed trainer.
+        """
+        if trained is not None:
+            self._checkpointed = trained
+        if self._outbox is None or self._link is None:
+            return
+        self._acked_connects = self._link.connects
+        ack = Ack(run=self.run_id, instance=self.instance, connects=self._acked_connects,
+                  trained=self._checkpointed)
+        self._outbox.post(topics.ack_topic(self.run_id), ack.encode(), retain=False)
 
     def _extra_state(self) -> dict[str, Any]:
         """What a mode adds to the checkpoint (called under ``model_lock``)."""
@@ -472,9 +530,7 @@ class CloudRun:
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
         cfg = self.cfg
         start = time.monotonic()
-        link = shape_link(open_link(cfg.broker, client_id("cloud", self.run_id),
-                                    security=cfg.security, on_reject=self.drops.drop),
-                          LinkShape.from_options(cfg.link_kbps, cfg.link_latency_ms))
+        link = self._link = open_cloud_link(cfg, self.run_dir, on_reject=self.drops.drop)
         link.set_will(topics.status_topic(self.run_id, CLOUD_DEVICE),
                       Status(role="cloud", device=CLOUD_DEVICE, run=self.run_id,
                              state="offline").encode(), retain=True)
@@ -491,8 +547,9 @@ class CloudRun:
         status_topic = topics.status_topic(self.run_id, CLOUD_DEVICE)
         try:
             link.connect(timeout=cfg.connect_timeout)
-            outbox = Outbox(link)
+            outbox = self._outbox = Outbox(link)
             outbox.post(status_topic, self.status("online").encode(), retain=True)
+            self.post_ack()
             log.info("cloud trainer online: run %r, broker %s, run dir %s",
                      self.run_id, link.address.url, self.run_dir)
             end = self._loop(ingest, outbox, stop)
@@ -510,6 +567,11 @@ class CloudRun:
             ).encode(), retain=True)
             if not outbox.flush(10.0):
                 log.warning("the final cloud status was not acknowledged within 10 s")
+            # A complete run needs no session any more: nothing it could still queue matters.
+            inner = link
+            while hasattr(inner, "inner"):  # through shaping (and other) wrappers
+                inner = inner.inner
+            inner.end_session = not missing
         except BaseException as exc:
             ingest.close()
             if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: keep what was trained
@@ -564,6 +626,8 @@ class CloudRun:
                     counts = " ".join(f"{d}={v['trained']}" for d, v in self.per_device().items())
                     bar.set_postfix_str(f"{counts} q={ingest.queue.qsize()}", refresh=False)
                     last_postfix = now
+                if self._link.connects != self._acked_connects:
+                    self.post_ack()  # reconnected: the broker may have lost what it held
                 if now - last_status >= cfg.status_every:
                     outbox.post(status_topic, self.status(
                         "training", queue_depth=ingest.queue.qsize()).encode(), retain=True)

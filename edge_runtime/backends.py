@@ -84,6 +84,14 @@ class EdgeBackend(ABC):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace the edge weights (to resume). Optimizer momentum restarts from zero."""
 
+    def optimizer_state(self) -> dict | None:
+        """The optimizer's state (momentum buffers) for a checkpoint; None if unreachable."""
+        return None
+
+    def load_optimizer_state(self, state: dict | None) -> None:
+        """Restore :meth:`optimizer_state` (None: momentum restarts from zero)."""
+        return None
+
 
 def _load_checked(module: EdgeTrainStep, state: Mapping[str, torch.Tensor], what: str) -> None:
     try:
@@ -125,6 +133,13 @@ class TorchBackend(EdgeBackend):
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         _load_checked(self.module, state, "the given edge state")
+
+    def optimizer_state(self) -> dict | None:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict | None) -> None:
+        if state is not None:
+            self.optimizer.load_state_dict(state)
 
 
 class ExecuTorchBackend(EdgeBackend):

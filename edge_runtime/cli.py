@@ -78,7 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout, report=args.report, state_dir=args.state_dir,
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
         mode=args.mode, grad_timeout=args.grad_timeout, float_act=args.float_act,
-        codec=args.codec, security=args.security,
+        security=args.security,
+        codec=args.codec, resume=args.resume, spool_dir=args.spool_dir, spool_mb=args.spool_mb,
+        checkpoint_every=args.checkpoint_every, confirm_timeout=args.confirm_timeout,
     ))
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -199,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--float-act", action="store_true",
                     help="split: send the cut activation as raw float32 instead of the "
                          "manifest's quantization")
+    sp.add_argument("--resume", action="store_true",
+                    help="continue from the checkpoint and spool in --state-dir/--spool-dir "
+                         "(after a crash or power loss); without it the run starts afresh")
+    sp.add_argument("--spool-dir", default=None,
+                    help="where the on-disk outbox lives (default: --state-dir)")
+    sp.add_argument("--spool-mb", type=float, default=None, metavar="MB",
+                    help="spool budget; when full, training waits (default: the board "
+                         "profile's mqtt.spool_mb)")
+    sp.add_argument("--checkpoint-every", type=_positive_int, default=20, metavar="N",
+                    help="checkpoint the edge every N batches (default 20)")
+    sp.add_argument("--confirm-timeout", type=float, default=300.0, metavar="S",
+                    help="at the end, wait up to S seconds until the cloud trainer acked every "
+                         "batch (default 300; 0: do not wait; docs/delivery.md)")
     # --backend: executorch for ht, torch for split, none for cloud (resolve_backend)
     sp.set_defaults(func=cmd_train, backend=None)
 

@@ -49,6 +49,12 @@ class TrainConfig:
     float_act: bool = False  # split only: send the cut activation as raw float32
     codec: str | None = None  # toolkit.codec name; None: the manifest's (int8 if it has none)
     security: LinkSecurity | None = None  # credentials, TLS, signing (toolkit.security)
+    # Delivery and resume (docs/delivery.md; ht mode):
+    resume: bool = False  # continue from <state_dir>'s checkpoint and spool; else start afresh
+    spool_dir: str | Path | None = None  # where the spool lives; None: state_dir
+    spool_mb: float | None = None  # spool budget; None: the board profile's mqtt.spool_mb
+    checkpoint_every: int = 20  # batches between edge checkpoints
+    confirm_timeout: float = 300.0  # at the end, wait this long for the cloud's acks
 
 
 @dataclass

@@ -145,7 +145,8 @@ def make_acl(path: Path, runs: list[str]) -> Path:
     lines += ["", "# every other user is a device whose user name is its device id"]
     for run in runs:
         lines += [f"pattern readwrite hiertrain/{run}/%u/#",
-                  f"pattern read hiertrain/{run}/cloud/status"]
+                  f"pattern read hiertrain/{run}/cloud/status",
+                  f"pattern read hiertrain/{run}/cloud/ack"]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -17,6 +17,8 @@ import yaml
 from toolkit.errors import HiertrainError
 
 SCHEMA_VERSION = 1
+DEFAULT_SPOOL_MB = 256
+"""Spool budget of a profile without ``mqtt.spool_mb``."""
 _REPO_CONFIGS = Path(__file__).resolve().parent.parent / "firmware_configs"
 
 
@@ -43,6 +45,9 @@ class BoardProfile:
     # Training speed relative to the machine that profiles for ``toolkit plan``; None:
     # the planner derives it from ``gflops`` and the speed it measures (docs/plan.md).
     relative_speed: float | None = None
+    # Bytes the edge may keep in its on-disk spool while the broker, link or cloud is
+    # down (``mqtt.spool_mb``; docs/delivery.md). Optional in a profile: DEFAULT_SPOOL_MB.
+    spool_mb: int = DEFAULT_SPOOL_MB
 
     def to_dict(self) -> dict:
         return {
@@ -51,6 +56,7 @@ class BoardProfile:
             "budget_mb": self.budget_mb, "default_batch": self.default_batch,
             "threads": self.threads, "link_kbps": self.link_kbps,
             "link_latency_ms": self.link_latency_ms, "relative_speed": self.relative_speed,
+            "spool_mb": self.spool_mb,
         }
 
 
@@ -109,6 +115,8 @@ def parse_profile(data: object, source: str) -> BoardProfile:
         relative_speed=(_require(data, "cpu.relative_speed", float, source)
                         if "relative_speed" in (data.get("cpu") or {}) else None),
         mqtt=dict(data.get("mqtt") or {}),
+        spool_mb=(_require(data, "mqtt.spool_mb", int, source)
+                  if "spool_mb" in (data.get("mqtt") or {}) else DEFAULT_SPOOL_MB),
         serial=dict(data.get("serial") or {}),
     )
 

@@ -355,15 +355,32 @@ class MosquittoSecurity:
         return "\n".join(lines) + "\n"
 
 
+def _persistence(directory: Path | None, has_user: bool = False) -> str:
+    """Persistence lines: off, or on in ``directory`` so retained messages, persistent
+    sessions and their queued QoS 1 messages survive a restart (saved at shutdown and
+    every ``autosave_interval`` s; a SIGKILL loses what came after the last save)."""
+    if directory is None:
+        return "persistence false\n"
+    # Started as root, mosquitto switches to user "mosquitto", which cannot write a
+    # directory of ours (pytest's tmp dirs are 0700): stay the user that started it.
+    # (With a MosquittoSecurity, its own ``user`` line already does this.)
+    user = ("user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 and not has_user
+            else "")
+    return (f"{user}persistence true\n"
+            f"persistence_location {directory}/\n"
+            "autosave_interval 5\n")
+
+
 def _mosquitto_config(
-    host: str, port: int, quiet: bool, security: MosquittoSecurity | None = None
+    host: str, port: int, quiet: bool, security: MosquittoSecurity | None = None,
+    persistence: Path | None = None,
 ) -> str:
     log_types = "log_type error\nlog_type warning\n" if quiet else "log_type all\n"
     access = security.listener_lines() if security is not None else "allow_anonymous true\n"
     return (
         f"listener {port} {host}\n"
         f"{access}"
-        "persistence false\n"
+        f"{_persistence(persistence, has_user=security is not None)}"
         # Activation batches are 10+ MB: no size cap below the protocol limit.
         f"max_packet_size {MAX_PACKET_SIZE}\n"
         "max_inflight_messages 64\n"
@@ -389,11 +406,15 @@ class MosquittoBroker(_BrokerBase):
         executable: str | None = None,
         quiet: bool = True,
         security: MosquittoSecurity | None = None,
+        persistence: str | os.PathLike[str] | None = None,
     ) -> None:
         """``port=0`` picks a free port at start; ``executable`` defaults to find_mosquitto().
 
         ``security`` adds passwords, an ACL and TLS; without it the listener is
         open to anonymous clients (the tests' and the demo's default).
+        ``persistence``: a directory for mosquitto's database (kept after ``stop``), so a
+        broker started again on the same port and directory restores retained messages
+        and persistent sessions with their queued messages: a broker restart.
         """
         self.host = host
         self.security = security
@@ -401,6 +422,7 @@ class MosquittoBroker(_BrokerBase):
         self.port = port
         self.quiet = quiet
         self.executable = executable
+        self.persistence = Path(persistence).resolve() if persistence is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._log_file: Any = None
@@ -438,7 +460,10 @@ class MosquittoBroker(_BrokerBase):
                 continue
             self._tmp = tempfile.TemporaryDirectory(prefix="hiertrain-mosquitto-")
             conf = Path(self._tmp.name) / "mosquitto.conf"
-            conf.write_text(_mosquitto_config(self.host, self.port, self.quiet, self.security))
+            if self.persistence is not None:
+                self.persistence.mkdir(parents=True, exist_ok=True)
+            conf.write_text(_mosquitto_config(self.host, self.port, self.quiet, self.security,
+                                              self.persistence))
             self._log_file = open(Path(self._tmp.name) / "mosquitto.log", "wb")
             self._proc = subprocess.Popen(
                 [exe, "-c", str(conf)],
@@ -469,11 +494,20 @@ class MosquittoBroker(_BrokerBase):
         code = proc.returncode if proc is not None else "?"
         return f"exited with code {code}: {tail or 'no output'}"
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` s; removes the temp dir."""
+    @property
+    def pid(self) -> int | None:
+        """The mosquitto process id while it runs (for fault-injection tests)."""
+        return self._proc.pid if self._proc is not None else None
+
+    def stop(self, timeout: float = 5.0, *, kill: bool = False) -> None:
+        """SIGTERM (``kill``: SIGKILL, a crash), then SIGKILL after ``timeout`` s; removes
+        the temp dir (not the ``persistence`` directory)."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            proc.terminate()
+            if kill:
+                proc.kill()
+            else:
+                proc.terminate()
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:

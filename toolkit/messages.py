@@ -16,6 +16,18 @@ trainer uses the device id ``cloud``)::
 An edge's ``done`` status carries ``batches_published``: the cloud knows it has
 everything from that device when it has trained that many distinct sequence
 numbers. The edge's MQTT last will is the same topic with ``state: offline``.
+
+Ack (JSON, *not* retained, on ``hiertrain/<run>/cloud/ack``; published by the cloud
+trainer when it comes online, after each checkpoint and after each reconnect)::
+
+    {"schema": "hiertrain.ack", "v": 1, "run": "r1", "instance": "9f2c01ab",
+     "connects": 1, "trained": {"robot-7": {"low": 120, "above": [122]}}, "time": ...}
+
+``trained`` holds, per device, the sequence numbers the cloud has trained *and
+checkpointed*: seqs ``< low`` plus ``above``. Those survive any crash of the
+cloud, so the edge deletes them from its spool. A new ``instance`` (the trainer
+restarted) or ``connects`` (it reconnected, maybe to a restarted broker) tells
+the edge to send everything still in its spool again (``docs/delivery.md``).
 """
 
 from __future__ import annotations
@@ -99,6 +111,49 @@ def decode_status(data: bytes) -> Status:
                       extra={k: v for k, v in d.items() if k not in known | {"schema", "v"}})
     except TypeError as exc:
         raise WireError(f"status message is incomplete: {exc}", reason="status") from None
+
+
+# --- delivery acknowledgements ---------------------------------------------------
+
+ACK_SCHEMA = "hiertrain.ack"
+ACK_VERSION = 1
+
+
+@dataclass
+class Ack:
+    run: str
+    instance: str
+    connects: int = 0
+    trained: dict[str, dict[str, Any]] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def encode(self) -> bytes:
+        return json.dumps({"schema": ACK_SCHEMA, "v": ACK_VERSION, **asdict(self)}).encode()
+
+    def confirmed(self, device: str) -> tuple[int, frozenset[int]]:
+        """``(low, above)`` of ``device``: seqs ``< low`` and those in ``above`` are safe."""
+        d = self.trained.get(device) or {}
+        return int(d.get("low", 0)), frozenset(int(v) for v in d.get("above", ()))
+
+
+def decode_ack(data: bytes) -> Ack:
+    try:
+        d = json.loads(bytes(data).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"ack message is not JSON: {exc}", reason="ack") from None
+    if not isinstance(d, dict) or d.get("schema") != ACK_SCHEMA:
+        raise WireError("ack message lacks schema 'hiertrain.ack'", reason="ack")
+    if d.get("v") != ACK_VERSION:
+        raise WireError(f"ack message version {d.get('v')!r} is not {ACK_VERSION}",
+                        reason="version")
+    try:
+        trained = {str(k): {"low": int(v["low"]), "above": [int(x) for x in v["above"]]}
+                   for k, v in dict(d["trained"]).items()}
+        return Ack(run=str(d["run"]), instance=str(d["instance"]),
+                   connects=int(d.get("connects", 0)), trained=trained,
+                   time=float(d.get("time", 0.0)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"ack message is malformed: {exc}", reason="ack") from None
 
 
 # --- edge weights ---------------------------------------------------------------

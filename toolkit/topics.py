@@ -38,6 +38,7 @@ STATUS = "status"
 INFER = "infer"
 INFER_REPLY = "infer_reply"
 GRAD = "grad"
+ACK = "ack"
 
 _SUFFIX: dict[str, str] = {
     ACT: "act",
@@ -46,6 +47,7 @@ _SUFFIX: dict[str, str] = {
     INFER: "infer",
     INFER_REPLY: "infer/reply",
     GRAD: "grad",
+    ACK: "ack",
 }
 _KIND_BY_SUFFIX = {suffix: kind for kind, suffix in _SUFFIX.items()}
 KINDS: tuple[str, ...] = tuple(_SUFFIX)
@@ -107,6 +109,12 @@ def infer_reply_topic(run: str, device: str) -> str:
 def grad_topic(run: str, device: str) -> str:
     """``hiertrain/<run>/<device>/grad``: cut-activation gradients, cloud to edge (split mode)."""
     return topic(run, device, GRAD)
+
+
+def ack_topic(run: str) -> str:
+    """``hiertrain/<run>/cloud/ack``: what the cloud trainer has trained *and checkpointed*,
+    per device (``toolkit.messages.Ack``), cloud to edges; edges free their spool with it."""
+    return topic(run, "cloud", ACK)
 
 
 def act_wildcard(run: str) -> str:

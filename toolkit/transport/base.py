@@ -123,6 +123,7 @@ class Link(ABC):
         self._bytes_received = 0
         self._messages_sent = 0
         self._messages_received = 0
+        self._connects = 0
 
     @abstractmethod
     def connect(self, timeout: float = 30.0) -> None:
@@ -198,6 +199,21 @@ class Link(ABC):
     def messages_received(self) -> int:
         """Messages delivered to this link."""
         return self._messages_received
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called: nothing will be sent any more."""
+        return False
+
+    @property
+    def connects(self) -> int:
+        """Successful (re)connections so far: a change means the session was down in
+        between, and whatever the broker held for it may be gone (``docs/delivery.md``)."""
+        return self._connects
+
+    def _count_connect(self) -> None:
+        with self._counter_lock:
+            self._connects += 1
 
     def _count_sent(self, nbytes: int) -> None:
         with self._counter_lock:

@@ -14,9 +14,12 @@ Design notes (the why):
   payloads are not copied and foreign clients see the same bytes.
 * The first connect retries with exponential backoff (0.5 s doubling to 8 s)
   within a deadline, so starting edge and cloud before the broker works. After
-  that paho reconnects by itself, and we re-subscribe in ``on_connect``
-  because the link uses clean sessions (no stale queued activations after a
-  restart).
+  that paho reconnects by itself, and we re-subscribe in ``on_connect``.
+  Links use clean sessions unless ``session_expiry`` is given: then the
+  session (subscriptions and the QoS 1 messages queued for them) outlives a
+  disconnect or a crash of this process by that many seconds, for a
+  subscriber with a stable client id that must not miss what was published
+  while it was down (the cloud trainer, ``docs/delivery.md``).
 * ``publish`` blocks until the PUBACK for QoS 1: a caller that returned from
   publish knows the broker holds the message, and the blocking gives natural
   back-pressure on big activation batches.
@@ -222,6 +225,7 @@ class MqttLink(Link):
         tls_context: ssl.SSLContext | None = None,
         username: str | None = None,
         password: str | None = None,
+        session_expiry: int | None = None,
     ) -> None:
         """Create an unconnected link.
 
@@ -232,7 +236,12 @@ class MqttLink(Link):
         ``username``/``password`` override credentials in the URL (the CLIs
         read them from a file or the environment, :mod:`toolkit.security`);
         ``tls_context`` replaces the system-CA default for ``mqtts://``.
+        ``session_expiry`` (seconds > 0): a persistent session (MQTT 5 clean start
+        off + Session Expiry Interval; 3.1.1 clean session off, kept until the
+        broker's own limit); None: clean sessions.
         """
+        if session_expiry is not None and session_expiry <= 0:
+            raise ValueError("session_expiry must be > 0 seconds (None: clean sessions)")
         if isinstance(address, str):
             address = parse_url(address)
         if username is not None:
@@ -247,6 +256,8 @@ class MqttLink(Link):
         self._max_queued = max_queued
         self.publish_timeout = publish_timeout
         self._tls_context = tls_context
+        self.session_expiry = session_expiry
+        self.end_session = False
         self._will: tuple[str, bytes, int, bool] | None = None
         self._subs: dict[str, tuple[int, MessageHandler]] = {}
         self._subs_lock = threading.Lock()
@@ -272,6 +283,10 @@ class MqttLink(Link):
     @property
     def is_connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing.is_set()
 
     @property
     def protocol_version(self) -> str:
@@ -313,11 +328,13 @@ class MqttLink(Link):
 
     def _new_client(self, probe: bool = False) -> mqtt.Client:
         v5 = self._protocol == mqtt.MQTTv5
+        persistent = self.session_expiry is not None and not probe
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
+            # The probe must not take over (and so end) a persistent session of ours.
+            client_id=f"{self.client_id}-probe" if probe else self.client_id,
             protocol=self._protocol,
-            clean_session=None if v5 else True,
+            clean_session=None if v5 else not persistent,
         )
         client.enable_logger(_paho_log)
         client.max_inflight_messages_set(self._max_inflight)
@@ -367,7 +384,12 @@ class MqttLink(Link):
         remaining = max(0.1, deadline - time.monotonic())
         client.connect_timeout = min(remaining, 5.0)
         try:
-            if self._protocol == mqtt.MQTTv5:
+            if self._protocol == mqtt.MQTTv5 and self.session_expiry is not None and not probe:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = int(self.session_expiry)
+                client.connect(self.address.host, self.address.port, self._keepalive,
+                               clean_start=False, properties=props)
+            elif self._protocol == mqtt.MQTTv5:
                 client.connect(
                     self.address.host, self.address.port, self._keepalive, clean_start=True
                 )
@@ -518,6 +540,7 @@ class MqttLink(Link):
             for old in self._resub_mids:  # nobody waits for a reconnect's SUBACKs
                 self._suback.pop(old, None)
             self._resub_mids = mids
+        self._count_connect()
         if self._ever_connected:
             log.info("reconnected to %s, re-subscribed %d topic(s)", self.address.url, len(subs))
         self._ever_connected = True
@@ -695,12 +718,25 @@ class MqttLink(Link):
         self._count_sent(len(data))
 
     def close(self) -> None:
-        """Send DISCONNECT (so the broker drops the will) and stop paho's thread."""
+        """Send DISCONNECT (so the broker drops the will) and stop paho's thread.
+
+        With ``end_session`` set, a persistent MQTT 5 session is discarded instead
+        of kept (Session Expiry Interval 0 in the DISCONNECT): once a run is complete.
+        """
+        end_session = self.end_session
         self._closing.set()
         client, self._client = self._client, None
         self._connected.clear()
-        if client is not None:
-            self._stop_client(client)
+        if client is None:
+            return
+        if end_session and self.session_expiry is not None and self._protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+            try:
+                client.disconnect(properties=props)
+            except Exception:  # noqa: BLE001 -- best effort, as in _stop_client
+                log.debug("disconnect ending the session failed", exc_info=True)
+        self._stop_client(client)
 
 
 def open_mqtt_link(address: BrokerAddress, client_id: str, **kw: Any) -> MqttLink:

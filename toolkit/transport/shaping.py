@@ -264,6 +264,14 @@ class ShapedLink(Link):
         return self.inner.messages_sent
 
     @property
+    def connects(self) -> int:
+        return self.inner.connects
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self.inner.closed
+
+    @property
     def messages_received(self) -> int:
         return self.inner.messages_received
 

@@ -193,3 +193,11 @@ class SignedLink(Link):
     @property
     def messages_received(self) -> int:
         return self.inner.messages_received
+
+    @property
+    def connects(self) -> int:
+        return self.inner.connects
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
