@@ -239,3 +239,56 @@ class Link(ABC):
     def __repr__(self) -> str:
         state = "connected" if self.is_connected else "not connected"
         return f"<{type(self).__name__} {self.client_id!r} {self.address.url} {state}>"
+
+
+class LinkWrapper(Link):
+    """A link that adds one behaviour around another (shaping, signing) and passes the
+    rest through: the counters and the session state are the wrapped link's, because
+    the wrapper sends nothing of its own."""
+
+    def __init__(self, inner: Link) -> None:
+        super().__init__(inner.address, inner.client_id)
+        self.inner = inner
+
+    def connect(self, timeout: float = 30.0) -> None:
+        self.inner.connect(timeout)
+
+    def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1) -> None:
+        self.inner.subscribe(topic, handler, qos)
+
+    def set_will(self, topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> None:
+        self.inner.set_will(topic, payload, retain=retain, qos=qos)
+
+    def flush(self, timeout: float) -> None:
+        self.inner.flush(timeout)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def is_connected(self) -> bool:
+        return self.inner.is_connected
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.inner.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.inner.bytes_received
+
+    @property
+    def messages_sent(self) -> int:
+        return self.inner.messages_sent
+
+    @property
+    def messages_received(self) -> int:
+        return self.inner.messages_received
+
+    @property
+    def connects(self) -> int:
+        return self.inner.connects
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed

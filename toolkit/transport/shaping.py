@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolkit.errors import HiertrainError
-from toolkit.transport.base import Link, MessageHandler
+from toolkit.transport.base import Link, LinkWrapper
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class _Pending:
     deliver_at: float
 
 
-class ShapedLink(Link):
+class ShapedLink(LinkWrapper):
     """A :class:`Link` whose publishes go through a modelled uplink; see the module docstring."""
 
     def __init__(
@@ -207,8 +207,7 @@ class ShapedLink(Link):
     ) -> None:
         if buffer_bytes < 1:
             raise ValueError("buffer_bytes must be >= 1")
-        super().__init__(inner.address, inner.client_id)
-        self.inner = inner
+        super().__init__(inner)
         self.shape = shape
         self.buffer_bytes = buffer_bytes
         self.close_grace_s = close_grace_s
@@ -230,16 +229,6 @@ class ShapedLink(Link):
         self.inner.connect(timeout)
         self._connected_once = True
 
-    def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1) -> None:
-        self.inner.subscribe(topic, handler, qos)
-
-    def set_will(self, topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> None:
-        self.inner.set_will(topic, payload, retain=retain, qos=qos)
-
-    @property
-    def is_connected(self) -> bool:
-        return self.inner.is_connected
-
     @property
     def protocol_version(self) -> str:
         """The inner link's MQTT version ("5" when it does not say)."""
@@ -252,28 +241,8 @@ class ShapedLink(Link):
         return base + self.shape.transmit_s(self.buffer_bytes)
 
     @property
-    def bytes_sent(self) -> int:
-        return self.inner.bytes_sent
-
-    @property
-    def bytes_received(self) -> int:
-        return self.inner.bytes_received
-
-    @property
-    def messages_sent(self) -> int:
-        return self.inner.messages_sent
-
-    @property
-    def connects(self) -> int:
-        return self.inner.connects
-
-    @property
     def closed(self) -> bool:
         return self._closed or self.inner.closed
-
-    @property
-    def messages_received(self) -> int:
-        return self.inner.messages_received
 
     # ----------------------------------------------------------------- shaping
     def packet_size(

@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from toolkit.errors import WireError
-from toolkit.transport.base import Link, MessageHandler
+from toolkit.transport.base import Link, LinkWrapper, MessageHandler
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class _WarnOnce:
                         topic, reason, detail, reason)
 
 
-class SignedLink(Link):
+class SignedLink(LinkWrapper):
     """A :class:`Link` that signs everything it publishes and verifies everything it receives.
 
     Incoming messages that fail :func:`verify` never reach the handlers; they go
@@ -127,8 +127,7 @@ class SignedLink(Link):
     def __init__(self, inner: Link, key: bytes, on_reject: RejectHandler | None = None) -> None:
         if not key:
             raise ValueError("a signing key must not be empty")
-        super().__init__(inner.address, inner.client_id)
-        self.inner = inner
+        super().__init__(inner)
         self._key = bytes(key)
         self.on_reject: RejectHandler = on_reject or _WarnOnce()
 
@@ -137,9 +136,6 @@ class SignedLink(Link):
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
-
-    def connect(self, timeout: float = 30.0) -> None:
-        self.inner.connect(timeout)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 properties: Mapping[str, Any] | None = None,
@@ -167,37 +163,3 @@ class SignedLink(Link):
 
     def set_will(self, topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> None:
         self.inner.set_will(topic, sign(self._key, topic, payload), retain=retain, qos=qos)
-
-    def flush(self, timeout: float) -> None:
-        self.inner.flush(timeout)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def is_connected(self) -> bool:
-        return self.inner.is_connected
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.inner.bytes_sent
-
-    @property
-    def bytes_received(self) -> int:
-        return self.inner.bytes_received
-
-    @property
-    def messages_sent(self) -> int:
-        return self.inner.messages_sent
-
-    @property
-    def messages_received(self) -> int:
-        return self.inner.messages_received
-
-    @property
-    def connects(self) -> int:
-        return self.inner.connects
-
-    @property
-    def closed(self) -> bool:
-        return self.inner.closed
