@@ -1,22 +1,22 @@
 """The run directory: writability up front, atomic files, and the resumable checkpoint.
 
-Every file the trainer writes goes through :func:`atomic_write`: write a
-temporary file next to the target, then ``os.replace`` it. A crash or a
-``SIGKILL`` mid-write leaves the previous complete file, never half of one --
-the checkpoint in particular, which a restart trusts to know what has been
-trained already.
+Every file the trainer writes goes through :mod:`toolkit.atomic` (re-exported
+here for the trainer's modules): a crash or a ``SIGKILL`` mid-write leaves the
+previous complete file, never half of one.
 """
 
 from __future__ import annotations
 
-import io
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from toolkit.atomic import atomic_torch_save, atomic_write, atomic_write_bytes
 from toolkit.errors import HiertrainError
 from toolkit.safeload import describe_load_error
+
+__all__ = ["atomic_torch_save", "atomic_write", "atomic_write_bytes", "ensure_run_dir",
+           "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -36,38 +36,6 @@ def ensure_run_dir(path: str | os.PathLike[str]) -> Path:
             "pass a --run-dir that is a writable directory"
         ) from None
     return run_dir
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` via a temporary file and ``os.replace``; HiertrainError on disk errors."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise HiertrainError(
-            f"cannot write {path} ({exc.strerror or exc}); check free space and permissions "
-            "of the run directory"
-        ) from None
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    import torch  # lazily: ensure_run_dir runs before the CLI pays for torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:

@@ -20,15 +20,15 @@ from zero (the torch backend restores it). ``docs/delivery.md`` lists this.
 
 from __future__ import annotations
 
-import io
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from toolkit.atomic import atomic_torch_save
 from toolkit.errors import HiertrainError
+from toolkit.safeload import describe_load_error
 
 EDGE_CHECKPOINT_VERSION = 1
 
@@ -65,19 +65,8 @@ def save_checkpoint(path: Path, *, run: str, device: str, manifest_sha: str, bac
         "weights": backend.state_dict(), "optimizer": backend.optimizer_state(),
         "progress": asdict(progress),
     }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise HiertrainError(f"cannot write the edge checkpoint {path} ({exc.strerror or exc}); "
-                             "check free space in --state-dir") from None
+    atomic_torch_save(path, state, what="the edge checkpoint",
+                      hint="check free space in --state-dir")
 
 
 def load_checkpoint(path: Path, *, run: str, device: str, manifest_sha: str,
@@ -88,7 +77,8 @@ def load_checkpoint(path: Path, *, run: str, device: str, manifest_sha: str,
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- any unpickling failure means a bad file
-        raise HiertrainError(f"cannot read the edge checkpoint {path} ({exc}); delete it "
+        raise HiertrainError(f"cannot read the edge checkpoint {path} "
+                             f"({describe_load_error(exc)}); delete it "
                              "or drop --resume to start afresh") from None
     if not isinstance(state, dict) or state.get("version") != EDGE_CHECKPOINT_VERSION:
         raise HiertrainError(f"{path} is not an edge checkpoint; delete it or drop --resume")

@@ -130,6 +130,22 @@ def test_cloud_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path: Pat
         load_checkpoint(tmp_path, run_id="r", manifest_sha="x")
 
 
+def test_edge_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path: Path) -> None:
+    from edge_runtime.resume import load_checkpoint
+
+    path, marker = _evil(tmp_path, "edge_checkpoint")
+    with pytest.raises(HiertrainError) as err:
+        load_checkpoint(path, run="r", device="d", manifest_sha="x", backend=None)
+    text = _one_line(err.value, path)
+    assert "refused" in text and "--resume" in text and "weights_only=False" not in text
+    assert not marker.exists(), "unpickling ran code from the file"
+
+    path.write_bytes(b"\x00 not a checkpoint " * 20)
+    with pytest.raises(HiertrainError) as err:
+        load_checkpoint(path, run="r", device="d", manifest_sha="x", backend=None)
+    _one_line(err.value, path)
+
+
 def test_edge_weight_files_with_pickled_code_are_refused_and_not_run(tmp_path: Path) -> None:
     from edge_runtime.infer import _load_weights_file
     from toolkit.safeload import load_weights
