@@ -84,16 +84,23 @@ _STATUS_FIELDS: tuple[tuple[str, tuple[type, ...], float | None], ...] = (
 )
 
 
-def decode_status(data: bytes) -> Status:
+def _json_message(data: bytes, kind: str, schema: str, version: int) -> dict[str, Any]:
+    """The JSON object of a ``kind`` message, checked for its schema name and version;
+    WireError with reason ``kind`` (or ``version``) otherwise."""
     try:
         d = json.loads(bytes(data).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"status message is not JSON: {exc}", reason="status") from None
-    if not isinstance(d, dict) or d.get("schema") != STATUS_SCHEMA:
-        raise WireError("status message lacks schema 'hiertrain.status'", reason="status")
-    if d.get("v") != STATUS_VERSION:
-        raise WireError(f"status message version {d.get('v')!r} is not {STATUS_VERSION}",
+        raise WireError(f"{kind} message is not JSON: {exc}", reason=kind) from None
+    if not isinstance(d, dict) or d.get("schema") != schema:
+        raise WireError(f"{kind} message lacks schema {schema!r}", reason=kind)
+    if d.get("v") != version:
+        raise WireError(f"{kind} message version {d.get('v')!r} is not {version}",
                         reason="version")
+    return d
+
+
+def decode_status(data: bytes) -> Status:
+    d = _json_message(data, "status", STATUS_SCHEMA, STATUS_VERSION)
     if d.get("state") not in STATES or d.get("role") not in ("edge", "cloud"):
         raise WireError(f"status message has bad state/role {d.get('state')!r}/{d.get('role')!r}",
                         reason="status")
@@ -137,15 +144,7 @@ class Ack:
 
 
 def decode_ack(data: bytes) -> Ack:
-    try:
-        d = json.loads(bytes(data).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"ack message is not JSON: {exc}", reason="ack") from None
-    if not isinstance(d, dict) or d.get("schema") != ACK_SCHEMA:
-        raise WireError("ack message lacks schema 'hiertrain.ack'", reason="ack")
-    if d.get("v") != ACK_VERSION:
-        raise WireError(f"ack message version {d.get('v')!r} is not {ACK_VERSION}",
-                        reason="version")
+    d = _json_message(data, "ack", ACK_SCHEMA, ACK_VERSION)
     try:
         trained = {str(k): {"low": int(v["low"]), "above": [int(x) for x in v["above"]]}
                    for k, v in dict(d["trained"]).items()}
