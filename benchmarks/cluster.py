@@ -40,8 +40,7 @@ from pathlib import Path
 import torch
 
 from edge_runtime.cluster import SyntheticJob, job_module, job_plan, spawn_local, synthetic_worker
-from toolkit.broker import free_port
-from toolkit.tiling import (
+from toolkit.core.models.tiling import (
     CostModel,
     choose_groups,
     default_grid,
@@ -49,6 +48,7 @@ from toolkit.tiling import (
     plan_cluster,
     units_of,
 )
+from toolkit.lab.broker import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {

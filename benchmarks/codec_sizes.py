@@ -3,7 +3,8 @@
 What it measures
 ----------------
 For each case (a model's edge segment at a split point, fed real images) and each codec of
-``toolkit.codec`` (int8, int4, int2, each with and without deflate, and float32), on the cut
+``toolkit.core.protocol.codec`` (int8, int4, int2, each with and without deflate, and float32), on
+the cut
 activations of ``--batches`` training batches of ``--batch`` images:
 
 * **bytes/sample**: the whole wire message (header, scales, labels, payload, CRC; run id
@@ -11,7 +12,7 @@ activations of ``--batches`` training batches of ``--batch`` images:
   **payload/sample**: the payload alone;
 * **ratio**: float32 message bytes / this codec's message bytes (how many times smaller);
 * **rel. error**: ``||x' - x|| / ||x||`` over all batches (Frobenius), ``x'`` being what the cloud
-  gets after ``toolkit.wire.decode(...).dequantized()``;
+  gets after ``toolkit.core.protocol.wire.decode(...).dequantized()``;
 * **enc ms / dec ms**: median wall time per batch of ``encode_activation`` (quantize, pack,
   deflate, frame) and of ``decode`` + ``dequantized`` on one thread.
 
@@ -21,7 +22,8 @@ statistics in its norm layers) under ``torch.no_grad``, at the exporter's initia
 give other (usually sparser) activations, so read the deflate figures as indicative.
 
 Cases: ``smallcnn`` split ``block1`` on scikit-learn digits (1x8x8, the demo's setting; its cut
-follows a max-pool, so few exact zeros), and on CIFAR-10 (``toolkit.data.shared_cifar10()``, the
+follows a max-pool, so few exact zeros), and on CIFAR-10
+(``toolkit.core.data.datasets.shared_cifar10()``, the
 shared JPEG copy: "CIFAR-10 (JPEG copy)") ``resnet18`` at ``layer1`` / ``layer2`` and ``vgg16`` at
 ``stage2`` / ``stage3`` (3x32x32). Without the CIFAR-10 copy those four fall back to digits
 resized to 3x32x32, say so on stderr and record it in the JSON (``data_fallback``).
@@ -46,13 +48,13 @@ from pathlib import Path
 
 import torch
 
-from toolkit.codec import CODECS, encode_activation
-from toolkit.data import digits_stats, load_dataset, normalize, shared_cifar10
-from toolkit.exits import ExitHeadConfig
-from toolkit.models import CIFAR_MEAN, CIFAR_STD, get_spec
-from toolkit.quant import DEFAULT_SCHEME
-from toolkit.segments import build_segments
-from toolkit.wire import DEFLATE_LEVEL, decode, header_overhead
+from toolkit.core.data.datasets import digits_stats, load_dataset, normalize, shared_cifar10
+from toolkit.core.models import CIFAR_MEAN, CIFAR_STD, get_spec
+from toolkit.core.models.exits import ExitHeadConfig
+from toolkit.core.models.segments import build_segments
+from toolkit.core.protocol.codec import CODECS, encode_activation
+from toolkit.core.protocol.quant import DEFAULT_SCHEME
+from toolkit.core.protocol.wire import DEFLATE_LEVEL, decode, header_overhead
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RUN_ID, DEVICE_ID = "bench", "edge-0"
@@ -80,7 +82,7 @@ def cifar_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str, bo
     if path is not None:
         ds = load_dataset(path, "train", input_shape=(3, 32, 32), limit=n, seed=seed)
         return normalize(ds.x, CIFAR_MEAN, CIFAR_STD), ds.y, "CIFAR-10 (JPEG copy)", False
-    print("\n" + "!" * 78 + "\n!! WARNING: no CIFAR-10 copy found (toolkit.data.shared_cifar10()"
+    print("\n" + "!" * 78 + "\n!! WARNING: no CIFAR-10 copy found (datasets.shared_cifar10()"
           " is None).\n!! FALLING BACK TO sklearn DIGITS resized to 3x32x32 for the resnet18 /"
           " vgg16\n!! cases: these are NOT CIFAR-10 figures.\n" + "!" * 78 + "\n",
           file=sys.stderr, flush=True)

@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_runtime.backends import EDGE_TRAIN, make_backend  # noqa: E402
-from toolkit.export import ExportConfig, export_artifacts  # noqa: E402
-from toolkit.lowering import LOWERINGS  # noqa: E402
-from toolkit.manifest import load_manifest  # noqa: E402
-from toolkit.models import get_spec  # noqa: E402
+from toolkit.build.export import ExportConfig, export_artifacts  # noqa: E402
+from toolkit.build.lowering import LOWERINGS  # noqa: E402
+from toolkit.core.artifacts.manifest import load_manifest  # noqa: E402
+from toolkit.core.models import get_spec  # noqa: E402
 
 BATCH = 32
 # program -> timed steps per lowering (the portable convolution kernels take seconds

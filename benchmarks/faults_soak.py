@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from faultkit import Broker, FaultError, Run, wait_until  # noqa: E402
 
-from toolkit.export import ExportConfig, export_artifacts  # noqa: E402
+from toolkit.build.export import ExportConfig, export_artifacts  # noqa: E402
 
 FAULTS = ("broker", "cloud", "edge", "link")
 RATE = 30_000  # proxy bytes/s: ~7 batches/s of 16 digits (int8 cut, ~4.3 kB per batch)

@@ -26,9 +26,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto  # noqa: E402
-from toolkit.transport import LinkShape, ShapedLink, open_link  # noqa: E402
-from toolkit.transport.shaping import mqtt_publish_size  # noqa: E402
+from toolkit.core.transport import LinkShape, ShapedLink, open_link  # noqa: E402
+from toolkit.core.transport.shaping import mqtt_publish_size  # noqa: E402
+from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto  # noqa: E402
 
 
 def stream(url: str, kbps: float, seconds: float, size: int, latency_ms: float) -> dict[str, Any]:
@@ -62,9 +62,9 @@ def stream(url: str, kbps: float, seconds: float, size: int, latency_ms: float) 
 
 
 def edge_runs(url: str, kbps: float) -> list[dict[str, Any]]:
-    from toolkit.data import digits_stats
-    from toolkit.exits import ExitHeadConfig
-    from toolkit.export import ExportConfig, export_artifacts
+    from toolkit.build.export import ExportConfig, export_artifacts
+    from toolkit.core.data.datasets import digits_stats
+    from toolkit.core.models.exits import ExitHeadConfig
 
     out: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """HT vs split learning vs cloud training on low bit-rate links: the paper's runtime comparison.
 
-Thin wrapper over ``toolkit bench`` (see ``toolkit/bench.py`` for what each run
+Thin wrapper over ``toolkit bench`` (see ``toolkit/lab/bench.py`` for what each run
 does and why the schedule looks like this) with the configuration whose results
 are committed under ``benchmarks/results/lowbitrate*``. Every row is a real run
 of a broker, a cloud trainer and an edge runtime as processes on this machine.

@@ -39,7 +39,8 @@ measure the cloud's instability rather than the edge norm. Incomplete last batch
 Evaluation after every epoch, in eval mode, on the test subset: exit accuracy (edge + exit head)
 and full-model accuracy (``FullModel(step.edge, cloud)``: float cut, no quantization).
 
-Data: CIFAR-10 from ``toolkit.data.shared_cifar10()`` (the shared JPEG copy: figures are for
+Data: CIFAR-10 from ``toolkit.core.data.datasets.shared_cifar10()`` (the shared JPEG copy: figures
+are for
 "CIFAR-10 (JPEG copy)"). Without it the benchmark falls back to scikit-learn's digits resized to
 3x32x32, says so on stderr and records it in the results; those figures say nothing about
 CIFAR-10.
@@ -69,11 +70,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from toolkit.data import Dataset, load_dataset, normalize, shared_cifar10
-from toolkit.exits import ExitHeadConfig
-from toolkit.models import CIFAR_MEAN, CIFAR_STD
-from toolkit.quant import DEFAULT_SCHEME, dequantize, quantize
-from toolkit.segments import FullModel, build_segments
+from toolkit.core.data.datasets import Dataset, load_dataset, normalize, shared_cifar10
+from toolkit.core.models import CIFAR_MEAN, CIFAR_STD
+from toolkit.core.models.exits import ExitHeadConfig
+from toolkit.core.models.segments import FullModel, build_segments
+from toolkit.core.protocol.quant import DEFAULT_SCHEME, dequantize, quantize
 
 MODEL = "vgg16"
 SPLIT = "stage2"
@@ -156,7 +157,7 @@ def load_data(train_limit: int, test_limit: int, seed: int) -> Data:
     else:
         print(
             "\n" + "!" * 78 + "\n"
-            "!! WARNING: no CIFAR-10 copy found (toolkit.data.shared_cifar10() is None).\n"
+            "!! WARNING: no CIFAR-10 copy found (datasets.shared_cifar10() is None).\n"
             "!! FALLING BACK TO sklearn DIGITS resized to 3x32x32. These figures say NOTHING\n"
             "!! about CIFAR-10; set $HIERTRAIN_CIFAR10 to a cifar10.npz for real results.\n"
             + "!" * 78 + "\n",

@@ -6,7 +6,7 @@ smallcnn, vgg16 or resnet18) is pretrained on it eagerly (SGD, one-cycle, flips 
 ``--backbone-cache`` (a file outside the repository; pretrained there when missing).
 
 Personal distribution: four classes (``--classes``, default cat, deer, dog, horse) seen through a
-fixed warm, low-contrast camera tint (``toolkit.personal_data``). The robot's local stream is
+fixed warm, low-contrast camera tint (``toolkit.core.data.personal``). The robot's local stream is
 ``--stream`` training images of those classes, ``--labelled`` of them labelled; 20 % of the
 local data is held out for calibration; figures are measured on the CIFAR-10 *test* images of
 those classes under the same tint.
@@ -54,12 +54,12 @@ from edge_runtime.personalise import (
     load_state_dir,
     run_personalise,
 )
-from toolkit.data import load_dataset, normalize, shared_cifar10
-from toolkit.export import OptimizerConfig
-from toolkit.models import CIFAR_MEAN, CIFAR_STD
-from toolkit.personal import PersonalTrainStep
-from toolkit.personal_data import pretrain
-from toolkit.personal_export import PersonalExportConfig, export_personal, train_flops
+from toolkit.build.export import OptimizerConfig
+from toolkit.build.personal_export import PersonalExportConfig, export_personal, train_flops
+from toolkit.core.data.datasets import load_dataset, normalize, shared_cifar10
+from toolkit.core.data.personal import pretrain
+from toolkit.core.models import CIFAR_MEAN, CIFAR_STD
+from toolkit.core.models.personal import PersonalTrainStep
 
 PAPER = {"accuracy_gain_points": 15.9, "train_cost_ratio": 2.2, "latency_ratio": [2.2, 3.2]}
 
@@ -164,7 +164,7 @@ def main() -> int:
     art = Path(args.artifacts) if args.artifacts else work / "art"
     t0 = time.monotonic()
     if args.artifacts:
-        from toolkit.personal_export import load_personal_manifest
+        from toolkit.build.personal_export import load_personal_manifest
 
         m = load_personal_manifest(art)
         export_s = None
@@ -200,7 +200,7 @@ def main() -> int:
     # 4. accuracy before/after on the personal test set
     test = load_personal_split(m, data, "test", classes, args.shift, None, 0)
     trained = PersonalBackend(m, "torch")
-    from toolkit.personal_export import load_exit_state
+    from toolkit.build.personal_export import load_exit_state
 
     load_exit_state(trained.net, exits, "exits")
     logits = trained.forward(test.x)
@@ -213,7 +213,7 @@ def main() -> int:
 
     # 5. equal accuracy: thresholds calibrated for the original network's held-out accuracy
     local = load_personal_split(m, data, "train", classes, args.shift, args.stream, 0)
-    from toolkit.personal_data import split_holdout
+    from toolkit.core.data.personal import split_holdout
 
     _, held = split_holdout(local, 0.2, 0)
     held_logits = trained.forward(held.x)
@@ -423,7 +423,7 @@ def _whole_network(net):
     what fine-tuning everything on the device would cost per step."""
     from torch import nn
 
-    from toolkit.personal import HEAD_STAGE
+    from toolkit.core.models.personal import HEAD_STAGE
 
     class Whole(nn.Module):
         def __init__(self):

@@ -31,15 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_runtime.backends import make_backend  # noqa: E402
-from toolkit import topics  # noqa: E402
-from toolkit.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto  # noqa: E402
-from toolkit.exits import ExitHeadConfig  # noqa: E402
-from toolkit.export import ExportConfig, export_artifacts  # noqa: E402
-from toolkit.manifest import load_manifest  # noqa: E402
-from toolkit.messages import CLOUD_DEVICE, Status, decode_status  # noqa: E402
-from toolkit.quant import QuantScheme, quantize  # noqa: E402
-from toolkit.transport import open_link  # noqa: E402
-from toolkit.wire import ActivationBatch, decode, encode  # noqa: E402
+from toolkit.build.export import ExportConfig, export_artifacts  # noqa: E402
+from toolkit.core.artifacts.manifest import load_manifest  # noqa: E402
+from toolkit.core.models.exits import ExitHeadConfig  # noqa: E402
+from toolkit.core.protocol import topics  # noqa: E402
+from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_status  # noqa: E402
+from toolkit.core.protocol.quant import QuantScheme, quantize  # noqa: E402
+from toolkit.core.protocol.wire import ActivationBatch, decode, encode  # noqa: E402
+from toolkit.core.transport import open_link  # noqa: E402
+from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto  # noqa: E402
 
 EDGE_CONFIGS = [
     # name, model, split, input shape, batch, steps

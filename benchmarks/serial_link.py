@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serial  # noqa: E402
 
-from toolkit.transport.arq import ReliableChannel  # noqa: E402
-from toolkit.transport.pty_relay import PtyRelay  # noqa: E402
+from toolkit.core.transport.arq import ReliableChannel  # noqa: E402
+from toolkit.lab.pty_relay import PtyRelay  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serial_link.json"
 

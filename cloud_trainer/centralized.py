@@ -1,6 +1,6 @@
 """The ``cloud`` baseline (``--mode cloud``): the edges upload raw images, the cloud trains it all.
 
-The edges send their training images losslessly (``toolkit.images``) on the
+The edges send their training images losslessly (``toolkit.core.protocol.images``) on the
 ``act`` topic, so ingest, de-duplication, checkpoints and the done rule are
 ht's, only with the model's input shape in place of the cut shape. The cloud
 normalises each batch with the manifest's mean and std (the edge would have
@@ -22,12 +22,12 @@ import torch.nn.functional as F
 
 from cloud_trainer.ingest import StatusItem, WeightsItem
 from cloud_trainer.trainer import CloudConfig, CloudRun, make_optimizer
-from toolkit.data import normalize
-from toolkit.errors import WireError
-from toolkit.images import decode_images
-from toolkit.rewrites import host_stat_layers
-from toolkit.segments import FullModel
-from toolkit.wire import ActivationBatch
+from toolkit.core.data.datasets import normalize
+from toolkit.core.errors import WireError
+from toolkit.core.models.rewrites import host_stat_layers
+from toolkit.core.models.segments import FullModel
+from toolkit.core.protocol.images import decode_images
+from toolkit.core.protocol.wire import ActivationBatch
 
 SOURCE = "cloud"
 """``eval_edge_device`` of this mode's evaluations: the edge segment trained here."""

@@ -1,6 +1,6 @@
 """The run directory: writability up front, atomic files, and the resumable checkpoint.
 
-Every file the trainer writes goes through :mod:`toolkit.atomic` (re-exported
+Every file the trainer writes goes through :mod:`toolkit.core.artifacts.atomic` (re-exported
 here for the trainer's modules): a crash or a ``SIGKILL`` mid-write leaves the
 previous complete file, never half of one.
 """
@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from toolkit.atomic import atomic_torch_save, atomic_write, atomic_write_bytes
-from toolkit.errors import HiertrainError
-from toolkit.safeload import describe_load_error
+from toolkit.core.artifacts.atomic import atomic_torch_save, atomic_write, atomic_write_bytes
+from toolkit.core.artifacts.safeload import describe_load_error
+from toolkit.core.errors import HiertrainError
 
 __all__ = ["atomic_torch_save", "atomic_write", "atomic_write_bytes", "ensure_run_dir",
            "load_checkpoint", "save_checkpoint"]

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from toolkit.cli import run
-from toolkit.modes import DEFAULT_MODE, MODES
-from toolkit.security import add_security_args, security_from_args
+from toolkit.core.protocol.modes import DEFAULT_MODE, MODES
+from toolkit.core.security import add_security_args, security_from_args
 
 COMMANDS = ("train", "serve")
 
@@ -51,7 +51,7 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
 
 def _check_link(args: argparse.Namespace) -> None:
     """Bad --link-* values fail in a second, before torch is imported."""
-    from toolkit.transport import LinkShape
+    from toolkit.core.transport import LinkShape
 
     LinkShape.from_options(args.link_kbps, args.link_latency_ms)
 

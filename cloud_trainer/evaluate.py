@@ -6,7 +6,7 @@ the whole network, ``FullModel(edge, cloud)``, and measure what the
 hierarchy has learned, next to what the edge's exit head achieves alone.
 
 The held-out set goes through the same loader and the manifest's
-normalisation as the edge's training data (``toolkit.data``), so an accuracy
+normalisation as the edge's training data (``toolkit.core.data.datasets``), so an accuracy
 here means the same thing as the edge's.
 """
 
@@ -17,10 +17,10 @@ import os
 import torch
 from torch import nn
 
-from toolkit.data import load_dataset, normalize
-from toolkit.edge_program import EdgeTrainStep
-from toolkit.errors import HiertrainError
-from toolkit.manifest import Manifest
+from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.data.datasets import load_dataset, normalize
+from toolkit.core.errors import HiertrainError
+from toolkit.core.models.edge_program import EdgeTrainStep
 
 EVAL_BATCH = 256
 

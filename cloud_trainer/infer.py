@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from cloud_trainer.ingest import InferItem
-from toolkit.messages import encode_infer_reply
-from toolkit.transport import Link
+from toolkit.core.protocol.messages import encode_infer_reply
+from toolkit.core.transport import Link
 
 log = logging.getLogger(__name__)
 

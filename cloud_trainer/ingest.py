@@ -17,7 +17,7 @@ Every malformed or foreign message is dropped and counted by a short reason
 ``1 <= N <= max_batch``), ``labels`` (missing or outside ``[0, num_classes)``),
 ``device`` (payload and topic disagree), ``unknown_device`` (not one of the
 run's devices), ``mode`` (the device announced another ``--mode`` than this
-trainer's, ``toolkit.modes``: it is refused, all its messages dropped),
+trainer's, ``toolkit.core.protocol.modes``: it is refused, all its messages dropped),
 ``unknown_run``, ``reply_topic``, ``infer_busy`` and ``shutdown``), and logged
 once per reason at WARNING. A broken or hostile
 sender costs a counter, never the run. Duplicates are not drops: the ledger
@@ -37,12 +37,12 @@ from typing import Any
 import torch
 
 from cloud_trainer.ledger import Ledger, SeqSet
-from toolkit import topics
-from toolkit.errors import WireError
-from toolkit.messages import CLOUD_DEVICE, Status, decode_status, decode_weights
-from toolkit.modes import DEFAULT_MODE, announced_mode, mismatch
-from toolkit.transport import Link
-from toolkit.wire import ActivationBatch, decode
+from toolkit.core.errors import WireError
+from toolkit.core.protocol import topics
+from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_status, decode_weights
+from toolkit.core.protocol.modes import DEFAULT_MODE, announced_mode, mismatch
+from toolkit.core.protocol.wire import ActivationBatch, decode
+from toolkit.core.transport import Link
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_trainer.checkpoint import atomic_write
-from toolkit.errors import HiertrainError
+from toolkit.core.errors import HiertrainError
 
 log = logging.getLogger(__name__)
 

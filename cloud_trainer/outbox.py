@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Any
 
-from toolkit.errors import HiertrainError
-from toolkit.transport import Link
+from toolkit.core.errors import HiertrainError
+from toolkit.core.transport import Link
 
 log = logging.getLogger(__name__)
 

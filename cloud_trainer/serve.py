@@ -20,14 +20,14 @@ from cloud_trainer.infer import InferenceServer
 from cloud_trainer.ingest import DeviceRegistry, DropCounter, Ingest
 from cloud_trainer.ledger import Ledger
 from cloud_trainer.trainer import CLOUD_FINAL, MAX_BATCH_FACTOR, client_id
-from toolkit import topics
-from toolkit.errors import HiertrainError
-from toolkit.manifest import load_manifest
-from toolkit.messages import CLOUD_DEVICE, Status
-from toolkit.safeload import load_weights
-from toolkit.security import LinkSecurity
-from toolkit.segments import load_segments
-from toolkit.transport import LinkShape, link_summary, open_link, shape_link
+from toolkit.core.artifacts.manifest import load_manifest
+from toolkit.core.artifacts.safeload import load_weights
+from toolkit.core.errors import HiertrainError
+from toolkit.core.models.segments import load_segments
+from toolkit.core.protocol import topics
+from toolkit.core.protocol.messages import CLOUD_DEVICE, Status
+from toolkit.core.security import LinkSecurity
+from toolkit.core.transport import LinkShape, link_summary, open_link, shape_link
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,10 @@ class ServeConfig:
     connect_timeout: float = 30.0
     quiet: bool = False
     link_kbps: float | None = None
-    """Model a slow downlink for the replies (toolkit.transport.shaping)."""
+    """Model a slow downlink for the replies (toolkit.core.transport.shaping)."""
     link_latency_ms: float = 0.0
     security: LinkSecurity | None = None
-    """Broker credentials, TLS files and the run's HMAC key (``toolkit.security``)."""
+    """Broker credentials, TLS files and the run's HMAC key (``toolkit.core.security``)."""
 
 
 def load_cloud(artifacts: str | Path, run_dir: str | Path) -> tuple[Any, torch.nn.Module]:

@@ -4,7 +4,7 @@ Per activation batch: the (dequantized) activation becomes a leaf that
 requires a gradient, the cloud segment runs forward and backward, SGD steps
 with the manifest's settings, and the gradient of the loss with respect to
 the activation goes back to that edge on ``hiertrain/<run>/<device>/grad`` as
-a ``toolkit.wire`` message with the activation's ``seq`` (raw float32 by
+a ``toolkit.core.protocol.wire`` message with the activation's ``seq`` (raw float32 by
 default, as classic split learning sends it; ``--grad-bits 8``: int8,
 per channel, symmetric, since gradients are signed). The edge waits for it
 before its own backward pass and next batch.
@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from cloud_trainer.ingest import Ingest
 from cloud_trainer.outbox import Outbox
 from cloud_trainer.trainer import CloudRun
-from toolkit import topics
-from toolkit.quant import QuantScheme, quantize
-from toolkit.wire import ActivationBatch, encode
+from toolkit.core.protocol import topics
+from toolkit.core.protocol.quant import QuantScheme, quantize
+from toolkit.core.protocol.wire import ActivationBatch, encode
 
 GRAD_SCHEME = QuantScheme(bits=8, granularity="per_channel", symmetric=True, channel_axis=1)
 

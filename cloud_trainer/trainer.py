@@ -24,7 +24,7 @@ Either way the final model, metrics, plot and summary are written first.
 Delivery (``docs/delivery.md``): the trainer subscribes with a persistent MQTT
 session (stable client id per run and run directory, ``session_expiry``) so
 the broker queues what edges publish while it is down, and after every
-checkpoint it publishes an :class:`~toolkit.messages.Ack` of what is trained
+checkpoint it publishes an :class:`~toolkit.core.protocol.messages.Ack` of what is trained
 *and checkpointed*; edges keep each batch in their spool until it is acked
 and resend what is left when this trainer restarts or reconnects. The ledger
 drops the duplicates, so at-least-once delivery trains every batch once.
@@ -70,15 +70,15 @@ from cloud_trainer.ingest import (
 from cloud_trainer.ledger import Ledger
 from cloud_trainer.metrics import CURVES, MetricsLog, plot_curves
 from cloud_trainer.outbox import Outbox
-from toolkit import topics
-from toolkit.errors import HiertrainError
-from toolkit.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
-from toolkit.messages import CLOUD_DEVICE, Ack, Status
-from toolkit.modes import DEFAULT_MODE, check_mode
-from toolkit.security import LinkSecurity
-from toolkit.segments import FullModel, load_segments
-from toolkit.transport import LinkShape, link_summary, open_link, shape_link
-from toolkit.wire import ActivationBatch
+from toolkit.core.artifacts.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
+from toolkit.core.errors import HiertrainError
+from toolkit.core.models.segments import FullModel, load_segments
+from toolkit.core.protocol import topics
+from toolkit.core.protocol.messages import CLOUD_DEVICE, Ack, Status
+from toolkit.core.protocol.modes import DEFAULT_MODE, check_mode
+from toolkit.core.protocol.wire import ActivationBatch
+from toolkit.core.security import LinkSecurity
+from toolkit.core.transport import LinkShape, link_summary, open_link, shape_link
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ class CloudConfig:
     device_ids: list[str] | None = None
     """Or exactly these edge ids (takes precedence over ``devices``)."""
     eval_data: str | None = None
-    """Held-out data source for ``toolkit.data.load_dataset`` (split "test"); None = digits."""
+    """Held-out data source for ``toolkit.core.data.datasets.load_dataset`` (split "test"); None =
+    digits."""
     eval_every: int | None = None
     """Also evaluate every N batches trained (edge weights arriving always trigger one)."""
     eval_limit: int | None = None
@@ -121,14 +122,14 @@ class CloudConfig:
     with edge processes: small steps on an oversubscribed CPU run ~40x slower threaded."""
     extra_status: dict[str, Any] = field(default_factory=dict)
     link_kbps: float | None = None
-    """Model a slow downlink for what the cloud publishes (toolkit.transport.shaping)."""
+    """Model a slow downlink for what the cloud publishes (toolkit.core.transport.shaping)."""
     link_latency_ms: float = 0.0
     mode: str = DEFAULT_MODE
-    """ht (this method) or a baseline, split or cloud (``toolkit.modes``)."""
+    """ht (this method) or a baseline, split or cloud (``toolkit.core.protocol.modes``)."""
     grad_bits: int = 32
     """Split mode: gradients sent back as raw float32 (32) or int8 codes (8)."""
     security: LinkSecurity | None = None
-    """Broker credentials, TLS files, and the run's HMAC key (``toolkit.security``): with a
+    """Broker credentials, TLS files, and the run's HMAC key (``toolkit.core.security``): with a
     key, unsigned and badly signed messages are dropped (``unsigned``, ``bad_signature``)."""
     session_expiry: int = 3600
     """Seconds the broker keeps this trainer's MQTT session (and the batches queued for
@@ -337,7 +338,7 @@ class CloudRun:
         self.post_ack(trained)
 
     def post_ack(self, trained: dict[str, Any] | None = None) -> None:
-        """Tell the edges what is trained and checkpointed (``toolkit.messages.Ack``).
+        """Tell the edges what is trained and checkpointed (``toolkit.core.protocol.messages.Ack``).
 
         Only checkpointed seqs: an edge deletes acked batches from its spool, and
         a batch trained after the last checkpoint dies with a killed trainer.

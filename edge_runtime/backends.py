@@ -1,6 +1,6 @@
 """The edge training step behind one small interface, on ExecuTorch or eager PyTorch.
 
-Both backends compute the very same function (``toolkit.edge_program.EdgeTrainStep``
+Both backends compute the very same function (``toolkit.core.models.edge_program.EdgeTrainStep``
 is what ``edge_train.pte`` was lowered from) and apply the same SGD update with the
 manifest's hyper-parameters, so a run on a laptop with ``--backend torch`` is the
 same experiment as a run of the exported program on a board, up to float32
@@ -8,7 +8,7 @@ summation order (tests/test_edge_runtime.py measures how close).
 
 BatchNorm running statistics live on the host in both cases: the training program
 normalises with batch statistics and returns them as extra outputs (see
-``toolkit.rewrites.HostStatsBatchNorm2d``), and ``EdgeTrainStep.apply_stats`` folds
+``toolkit.core.models.rewrites.HostStatsBatchNorm2d``), and ``EdgeTrainStep.apply_stats`` folds
 them into the running statistics after every step.
 """
 
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from edge_runtime.config import BACKENDS
-from toolkit.edge_program import EdgeTrainStep
-from toolkit.errors import HiertrainError
-from toolkit.manifest import Manifest
-from toolkit.segments import load_segments
+from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.errors import HiertrainError
+from toolkit.core.models.edge_program import EdgeTrainStep
+from toolkit.core.models.segments import load_segments
 
 EDGE_TRAIN = "edge_train.pte"
 
@@ -155,7 +155,7 @@ class ExecuTorchBackend(EdgeBackend):
 
     def __init__(self, manifest: Manifest) -> None:
         super().__init__(manifest)
-        from toolkit.et_program import TrainingProgram, registered_backends
+        from toolkit.core.et_program import TrainingProgram, registered_backends
 
         lowering = manifest.data["programs"]["edge_train"].get("lowering", {})
         if (lowering.get("convolutions") == "xnnpack"

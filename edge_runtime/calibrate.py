@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from toolkit.errors import HiertrainError
+from toolkit.core.errors import HiertrainError
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from edge_runtime import personal_cli
 from edge_runtime.config import BACKENDS, DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES
-from toolkit.security import add_security_args
+from toolkit.core.security import add_security_args
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -29,7 +29,7 @@ def _setup(args: argparse.Namespace) -> None:
 
 def _check_link(args: argparse.Namespace) -> None:
     """Bad --link-* values fail in a second, before torch is imported."""
-    from toolkit.transport import LinkShape
+    from toolkit.core.transport import LinkShape
 
     LinkShape.from_options(args.link_kbps, args.link_latency_ms)
 
@@ -37,7 +37,7 @@ def _check_link(args: argparse.Namespace) -> None:
 def _security(args: argparse.Namespace) -> None:
     """--username/--password-file/--ca-file/.../--hmac-key-file (and the environment) checked
     once and kept in ``args.security``; a password inside --broker is refused here."""
-    from toolkit.security import security_from_args
+    from toolkit.core.security import security_from_args
 
     args.security = security_from_args(args, args.broker)
 
@@ -45,11 +45,11 @@ def _security(args: argparse.Namespace) -> None:
 def _broker(args: argparse.Namespace) -> str:
     """--broker, or the serial:// URL that --serial/--baud stand for."""
     if args.serial:
-        from toolkit.transport.serial_link import serial_url
+        from toolkit.core.transport.serial_link import serial_url
 
         return serial_url(args.serial, args.baud)
     if not args.broker:
-        from toolkit.errors import HiertrainError
+        from toolkit.core.errors import HiertrainError
 
         raise HiertrainError("give --broker mqtt://host[:port] or --serial PORT [--baud N]")
     return args.broker
@@ -109,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     _check_link(args)
     _setup(args)
-    from toolkit.personal_export import is_personal
+    from toolkit.build.personal_export import is_personal
 
     if is_personal(args.artifacts):  # multi-exit artifacts of 'toolkit export --personalise'
         return personal_cli.cmd_infer_personal(args)

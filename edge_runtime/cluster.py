@@ -1,7 +1,8 @@
 """Tiled training of the edge segment on a cluster of boards (``torch.distributed``, gloo).
 
 One process per board. Every board holds a replica of the edge weights and, per layer group of
-the plan (``toolkit.tiling``), computes its tile of the feature maps plus the halo the group
+the plan (``toolkit.core.models.tiling``), computes its tile of the feature maps plus the halo the
+group
 needs. Per step:
 
 1. rank 0 (which has the camera batch) sends each board the input region of group 0;
@@ -43,11 +44,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from edge_runtime.backends import EdgeBackend, StepResult
-from toolkit.edge_program import EdgeTrainStep
-from toolkit.errors import HiertrainError
-from toolkit.manifest import Manifest
-from toolkit.rewrites import host_stat_layers
-from toolkit.tiling import ClusterPlan, Interval, Node, Rect, TilePlan, rect_intersect
+from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.errors import HiertrainError
+from toolkit.core.models.edge_program import EdgeTrainStep
+from toolkit.core.models.rewrites import host_stat_layers
+from toolkit.core.models.tiling import ClusterPlan, Interval, Node, Rect, TilePlan, rect_intersect
 
 log = logging.getLogger("edge_runtime")
 
@@ -486,7 +487,7 @@ def spawn_local(fn, args: tuple, world: int, timeout_s: float) -> None:
     except mp.ProcessRaisedException as exc:
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         last = lines[-1] if lines else "unknown error"
-        if last.startswith("toolkit.errors.") and ": " in last:
+        if last.startswith("toolkit.core.errors.") and ": " in last:
             last = last.split(": ", 1)[1]  # a HiertrainError: its one-sentence message
         raise HiertrainError(f"cluster rank {exc.error_index} failed: {last}") from None
     except mp.ProcessExitedException as exc:
@@ -522,8 +523,8 @@ class SyntheticJob:
 
 def job_module(job: SyntheticJob) -> EdgeTrainStep:
     """The job's edge step, identical on every process (same seed)."""
-    from toolkit.exits import ExitHeadConfig
-    from toolkit.segments import build_segments
+    from toolkit.core.models.exits import ExitHeadConfig
+    from toolkit.core.models.segments import build_segments
 
     return build_segments(job.model, job.split, num_classes=job.num_classes,
                           input_shape=job.input_shape,
@@ -539,7 +540,7 @@ def job_batches(job: SyntheticJob) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def job_plan(job: SyntheticJob, module: EdgeTrainStep) -> ClusterPlan:
-    from toolkit.tiling import parse_grouping, plan_cluster, units_of
+    from toolkit.core.models.tiling import parse_grouping, plan_cluster, units_of
 
     units = units_of(module.edge)
     grouping = (parse_grouping(job.grouping, len(units)) if isinstance(job.grouping, str)

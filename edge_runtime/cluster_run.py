@@ -1,7 +1,7 @@
 """``edge-runtime cluster``: several boards train one edge segment, tiled; rank 0 publishes.
 
 Every rank loads the same artifacts (so the weight replicas start equal) and plans the same
-tiling (``toolkit.tiling``: grid from ``--grid`` or the world size, layer groups from
+tiling (``toolkit.core.models.tiling``: grid from ``--grid`` or the world size, layer groups from
 ``--groups`` or the cost model with the board profile's GFLOP/s and ``--board-link-mbps``/
 ``--board-link-latency-ms`` for the links *between* boards). Rank 0 owns the camera data and the
 broker connection: it runs the ordinary training loop (``edge_runtime.train``) with a backend
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.config import TrainConfig
-from toolkit.errors import HiertrainError
+from toolkit.core.errors import HiertrainError
 
 # torch, torch.distributed and the executor are imported inside the functions: building the
 # CLI parser must stay light (``edge-runtime --help`` should not wait for torch).
@@ -52,8 +52,8 @@ class ClusterConfig:
 
 def plan_for(manifest, module, cfg: ClusterConfig):
     """The tile plan every rank computes identically; returns (plan, candidates table)."""
-    from toolkit.boards import load_board
-    from toolkit.tiling import (
+    from toolkit.core.artifacts.boards import load_board
+    from toolkit.core.models.tiling import (
         CostModel,
         choose_groups,
         default_grid,
@@ -105,8 +105,8 @@ def _rank_main(rank: int, cfg: ClusterConfig, summary_path: str | None) -> dict 
         set_threads,
     )
     from edge_runtime.train import run_training
-    from toolkit.manifest import load_manifest
-    from toolkit.segments import load_segments
+    from toolkit.core.artifacts.manifest import load_manifest
+    from toolkit.core.models.segments import load_segments
 
     set_threads(cfg.threads)
     logging.basicConfig(level=logging.WARNING if cfg.train.quiet else logging.INFO,
@@ -166,9 +166,9 @@ def run_cluster(cfg: ClusterConfig) -> dict | None:
             raise HiertrainError("--rank needs --master-port (the same on every board)")
         return _rank_main(cfg.rank, cfg, None)
     from edge_runtime.cluster import spawn_local
-    from toolkit.broker import free_port
-    from toolkit.manifest import load_manifest
-    from toolkit.segments import load_segments
+    from toolkit.core.artifacts.manifest import load_manifest
+    from toolkit.core.models.segments import load_segments
+    from toolkit.lab.broker import free_port
 
     # plan once here first, so that a user error is one line before any process starts
     manifest = load_manifest(cfg.train.artifacts)
@@ -215,8 +215,8 @@ def add_parser(sub, common) -> None:
 
 def plan_only(cfg: ClusterConfig) -> dict:
     """The plan ``cfg`` would run, without starting anything (``--plan-only``)."""
-    from toolkit.manifest import load_manifest
-    from toolkit.segments import load_segments
+    from toolkit.core.artifacts.manifest import load_manifest
+    from toolkit.core.models.segments import load_segments
 
     manifest = load_manifest(cfg.train.artifacts)
     plan, table = plan_for(manifest, load_segments(manifest).step, cfg)
@@ -227,7 +227,7 @@ def plan_only(cfg: ClusterConfig) -> dict:
 
 
 def cmd_cluster(args) -> int:
-    from toolkit.security import security_from_args
+    from toolkit.core.security import security_from_args
 
     train = TrainConfig(
         artifacts=args.artifacts, broker=args.broker, device_id=args.device_id, data=args.data,

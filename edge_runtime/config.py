@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.modes import DEFAULT_MODE, MODES
-from toolkit.security import LinkSecurity
+from toolkit.core.protocol.modes import DEFAULT_MODE, MODES
+from toolkit.core.security import LinkSecurity
 
 __all__ = ["BACKENDS", "DEFAULT_GRAD_TIMEOUT", "DEFAULT_MODE", "DEFAULT_OUTBOX", "MODES",
            "InferConfig", "TrainConfig"]
@@ -42,13 +42,16 @@ class TrainConfig:
     report: str | Path | None = None  # optional path for a JSON report
     state_dir: str | Path = "."  # where edge_weights-<device>.pt is written
     outbox: int = DEFAULT_OUTBOX
-    link_kbps: float | None = None  # model a slow uplink (toolkit.transport.shaping); None: as is
+    # model a slow uplink (toolkit.core.transport.shaping); None: as is
+    link_kbps: float | None = None
     link_latency_ms: float = 0.0
-    mode: str = DEFAULT_MODE  # ht (this method), split or cloud (baselines), see toolkit.modes
+    # ht (this method), split or cloud (baselines), see toolkit.core.protocol.modes
+    mode: str = DEFAULT_MODE
     grad_timeout: float = DEFAULT_GRAD_TIMEOUT  # split only
     float_act: bool = False  # split only: send the cut activation as raw float32
-    codec: str | None = None  # toolkit.codec name; None: the manifest's (int8 if it has none)
-    security: LinkSecurity | None = None  # credentials, TLS, signing (toolkit.security)
+    # toolkit.core.protocol.codec name; None: the manifest's (int8 if it has none)
+    codec: str | None = None
+    security: LinkSecurity | None = None  # credentials, TLS, signing (toolkit.core.security)
     # Delivery and resume (docs/delivery.md; ht mode):
     resume: bool = False  # continue from <state_dir>'s checkpoint and spool; else start afresh
     spool_dir: str | Path | None = None  # where the spool lives; None: state_dir
@@ -73,6 +76,7 @@ class InferConfig:
     quiet: bool = False
     connect_timeout: float = 30.0
     report: str | Path | None = None
-    link_kbps: float | None = None  # model a slow uplink (toolkit.transport.shaping); None: as is
+    # model a slow uplink (toolkit.core.transport.shaping); None: as is
+    link_kbps: float | None = None
     link_latency_ms: float = 0.0
-    security: LinkSecurity | None = None  # credentials, TLS, signing (toolkit.security)
+    security: LinkSecurity | None = None  # credentials, TLS, signing (toolkit.core.security)

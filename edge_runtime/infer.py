@@ -3,7 +3,7 @@
 Each test sample (batch 1) runs through the edge segment and exit head. If the
 exit's softmax confidence reaches ``threshold`` the edge answers on its own;
 otherwise it sends the quantized cut activation as an inference request
-(``toolkit.wire``, no labels) with an MQTT 5 response topic and correlation data,
+(``toolkit.core.protocol.wire``, no labels) with an MQTT 5 response topic and correlation data,
 and waits, bounded by ``timeout``, for the cloud's reply. A request the cloud
 does not answer in time (or answers with an error) is answered by the exit head
 after all, counted as a "fallback" and in ``cloud_timeouts`` (``cloud_errors``);
@@ -33,17 +33,22 @@ from tqdm import tqdm
 
 from edge_runtime.config import BACKENDS, InferConfig
 from edge_runtime.link import connect_edge
-from toolkit.data import load_dataset, normalize
-from toolkit.errors import HiertrainError, WireError
-from toolkit.manifest import Manifest, load_manifest
-from toolkit.messages import decode_infer_reply, decode_weights
-from toolkit.quant import QuantScheme, quantize
-from toolkit.safeload import load_weights
-from toolkit.security import redact
-from toolkit.segments import load_segments
-from toolkit.topics import infer_reply_topic, infer_request_topic, validate_id, weights_topic
-from toolkit.transport import Link, LinkShape, link_summary
-from toolkit.wire import ActivationBatch, encode
+from toolkit.core.artifacts.manifest import Manifest, load_manifest
+from toolkit.core.artifacts.safeload import load_weights
+from toolkit.core.data.datasets import load_dataset, normalize
+from toolkit.core.errors import HiertrainError, WireError
+from toolkit.core.models.segments import load_segments
+from toolkit.core.protocol.messages import decode_infer_reply, decode_weights
+from toolkit.core.protocol.quant import QuantScheme, quantize
+from toolkit.core.protocol.topics import (
+    infer_reply_topic,
+    infer_request_topic,
+    validate_id,
+    weights_topic,
+)
+from toolkit.core.protocol.wire import ActivationBatch, encode
+from toolkit.core.security import redact
+from toolkit.core.transport import Link, LinkShape, link_summary
 
 log = logging.getLogger("edge_runtime")
 
@@ -74,7 +79,7 @@ class InferEngine:
         self.backend = backend
         self.module = built.infer_module().eval()
         if backend == "executorch":
-            from toolkit.et_program import InferenceProgram
+            from toolkit.core.et_program import InferenceProgram
 
             self.program = InferenceProgram.from_file(manifest.path(EDGE_INFER))
             names = manifest.data["programs"]["edge_infer"]["weights"]

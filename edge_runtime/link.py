@@ -9,10 +9,10 @@ import logging
 import os
 import secrets
 
-from toolkit.messages import Status
-from toolkit.security import LinkSecurity
-from toolkit.topics import status_topic
-from toolkit.transport import Link, LinkShape, open_link, shape_link
+from toolkit.core.protocol.messages import Status
+from toolkit.core.protocol.topics import status_topic
+from toolkit.core.security import LinkSecurity
+from toolkit.core.transport import Link, LinkShape, open_link, shape_link
 
 log = logging.getLogger("edge_runtime")
 
@@ -30,8 +30,8 @@ def connect_edge(
     """Connected link; with ``will`` the broker marks the device "offline" if it dies.
 
     With ``shape`` the link's publishes go through a modelled slow uplink
-    (:class:`~toolkit.transport.shaping.ShapedLink`), so wall-clock time reflects it.
-    ``security`` adds credentials, TLS files and message signing (:mod:`toolkit.security`).
+    (:class:`~toolkit.core.transport.shaping.ShapedLink`), so wall-clock time reflects it.
+    ``security`` adds credentials, TLS files and message signing (:mod:`toolkit.core.security`).
 
     ``Link.connect`` retries with backoff, logging each retry, and raises
     HiertrainError naming the URL once ``timeout`` has passed.

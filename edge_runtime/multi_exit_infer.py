@@ -27,9 +27,7 @@ from tqdm import tqdm
 from edge_runtime.calibrate import ExitPolicy
 from edge_runtime.config import BACKENDS
 from edge_runtime.personalise import load_personal_split, load_state_dir
-from toolkit.errors import HiertrainError
-from toolkit.manifest import Manifest
-from toolkit.personal_export import (
+from toolkit.build.personal_export import (
     FULL_PTE,
     exit_state,
     load_exit_state,
@@ -37,6 +35,8 @@ from toolkit.personal_export import (
     load_personal_net,
     lower_baked_segments,
 )
+from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.errors import HiertrainError
 
 
 @dataclass
@@ -63,7 +63,7 @@ class MultiExitEngine:
     ``bake=False`` runs the shipped segment programs (exit weights as inputs, every
     exit up to the terminal evaluated). ``bake=True`` first lowers the policy's own
     segments with the personalised exit weights as constants
-    (:func:`toolkit.personal_export.lower_baked_segments`): exits whose threshold is
+    (:func:`toolkit.build.personal_export.lower_baked_segments`): exits whose threshold is
     ``None`` are skipped, their stages merged into the next segment, and XNNPACK takes
     conv exit heads too. The ``torch`` backend always runs the policy's segments (the
     skipped exits are never computed), which is what the baked programs compute.
@@ -91,7 +91,7 @@ class MultiExitEngine:
         self.segments = [s.eval() for s in self.net.policy_segments(self.keep)]
         self.chain = chain
         if backend == "executorch":
-            from toolkit.et_program import InferenceProgram
+            from toolkit.core.et_program import InferenceProgram
 
             if bake:
                 shape = tuple(manifest.data["spec"]["input_shape"])

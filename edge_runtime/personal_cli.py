@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from toolkit.errors import HiertrainError
+from toolkit.core.errors import HiertrainError
 
-SHIFTS = ("none", "tint", "invert")  # toolkit.personal_data.SHIFTS, without importing torch
+SHIFTS = ("none", "tint", "invert")  # toolkit.core.data.personal.SHIFTS, without importing torch
 
 
 def _classes(text: str) -> tuple[int, ...]:

@@ -37,18 +37,18 @@ from tqdm import tqdm
 
 from edge_runtime.calibrate import ExitPolicy, calibrate, summarize
 from edge_runtime.config import BACKENDS
-from toolkit.data import Dataset, load_dataset, normalize
-from toolkit.errors import HiertrainError
-from toolkit.manifest import Manifest
-from toolkit.personal import PersonalForward, PersonalTrainStep
-from toolkit.personal_data import SHIFTS, personal_view, split_holdout
-from toolkit.personal_export import (
+from toolkit.build.personal_export import (
     FORWARD_PTE,
     TRAIN_PTE,
     load_personal_manifest,
     load_personal_net,
 )
-from toolkit.safeload import load_weights
+from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.artifacts.safeload import load_weights
+from toolkit.core.data.datasets import Dataset, load_dataset, normalize
+from toolkit.core.data.personal import SHIFTS, personal_view, split_holdout
+from toolkit.core.errors import HiertrainError
+from toolkit.core.models.personal import PersonalForward, PersonalTrainStep
 
 EXITS_FILE = "exits.pt"
 POLICY_FILE = "policy.json"
@@ -93,7 +93,7 @@ class PersonalBackend:
                 self.step_module.parameters(), lr=self.lr, momentum=self.momentum,
                 weight_decay=self.weight_decay, nesterov=self.nesterov)
         else:
-            from toolkit.et_program import InferenceProgram, TrainingProgram
+            from toolkit.core.et_program import InferenceProgram, TrainingProgram
 
             self.program = TrainingProgram.from_file(manifest.path(TRAIN_PTE))
             self.forward_program = InferenceProgram.from_file(manifest.path(FORWARD_PTE))

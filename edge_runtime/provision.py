@@ -5,7 +5,7 @@ makes a flash resumable). When the sender says DONE every file is checked
 against the sha256 it was offered with, and the artifacts also against
 manifest.json; only then is the partial directory renamed into place (an
 existing ``dest`` is first moved to ``<dest>.previous``), so a board never runs
-a half-written or tampered artifact set. See :mod:`toolkit.provisioning`.
+a half-written or tampered artifact set. See :mod:`toolkit.core.protocol.provisioning`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit import provisioning as pv
-from toolkit.errors import HiertrainError, WireError
-from toolkit.manifest import load_manifest
-from toolkit.transport.serial_link import channel_for, parse_serial_url, serial_url
+from toolkit.core.artifacts.manifest import load_manifest
+from toolkit.core.errors import HiertrainError, WireError
+from toolkit.core.protocol import provisioning as pv
+from toolkit.core.transport.serial_link import channel_for, parse_serial_url, serial_url
 
 log = logging.getLogger("edge_runtime")
 

@@ -10,7 +10,7 @@ spool grows. Only a full spool blocks ``submit``: back-pressure, measured as
 ``publish_wait_s``.
 
 Delivery is at-least-once, end to end (``docs/delivery.md``): a batch stays in
-the spool after its PUBACK until the cloud trainer's :class:`~toolkit.messages.Ack`
+the spool after its PUBACK until the cloud trainer's :class:`~toolkit.core.protocol.messages.Ack`
 says it is trained and checkpointed. The thread sends everything still in the
 spool again (a *rewind*) whenever that may be needed: after this link
 reconnects, when the cloud trainer reports a new process or a reconnect of its
@@ -33,9 +33,9 @@ from typing import Any
 
 from edge_runtime.config import DEFAULT_OUTBOX
 from edge_runtime.spool import Spool
-from toolkit.errors import HiertrainError
-from toolkit.messages import Ack
-from toolkit.transport import Link
+from toolkit.core.errors import HiertrainError
+from toolkit.core.protocol.messages import Ack
+from toolkit.core.transport import Link
 
 log = logging.getLogger("edge_runtime")
 

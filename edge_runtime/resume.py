@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from toolkit.atomic import atomic_torch_save
-from toolkit.errors import HiertrainError
-from toolkit.safeload import describe_load_error
+from toolkit.core.artifacts.atomic import atomic_torch_save
+from toolkit.core.artifacts.safeload import describe_load_error
+from toolkit.core.errors import HiertrainError
 
 EDGE_CHECKPOINT_VERSION = 1
 

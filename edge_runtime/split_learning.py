@@ -2,7 +2,8 @@
 
 Per batch, strictly one after the other: forward the edge segment (no exit
 head) with autograd; publish the cut activation and labels exactly as ht does
-(the manifest's codec, ``toolkit.quant`` + ``toolkit.wire``; raw float32 with
+(the manifest's codec, ``toolkit.core.protocol.quant`` + ``toolkit.core.protocol.wire``; raw
+float32 with
 ``float_act``); wait for the cloud trainer's gradient of that activation on
 ``hiertrain/<run>/<device>/grad`` (same ``seq``); backpropagate it through the
 edge segment and take an SGD step with the manifest's settings (the ht torch
@@ -35,17 +36,17 @@ from tqdm import tqdm
 from edge_runtime.backends import TorchBackend
 from edge_runtime.config import TrainConfig
 from edge_runtime.publisher import Publisher
-from toolkit.codec import Codec, encode_activation, parse_codec
-from toolkit.data import Dataset, batches
-from toolkit.errors import HiertrainError, WireError
-from toolkit.manifest import Manifest
-from toolkit.messages import CLOUD_DEVICE, Status, decode_status
-from toolkit.modes import mismatch
-from toolkit.quant import QuantScheme
-from toolkit.rewrites import host_stat_layers
-from toolkit.topics import act_topic, grad_topic, status_topic
-from toolkit.transport import Link
-from toolkit.wire import ActivationBatch, decode
+from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.data.datasets import Dataset, batches
+from toolkit.core.errors import HiertrainError, WireError
+from toolkit.core.models.rewrites import host_stat_layers
+from toolkit.core.protocol.codec import Codec, encode_activation, parse_codec
+from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_status
+from toolkit.core.protocol.modes import mismatch
+from toolkit.core.protocol.quant import QuantScheme
+from toolkit.core.protocol.topics import act_topic, grad_topic, status_topic
+from toolkit.core.protocol.wire import ActivationBatch, decode
+from toolkit.core.transport import Link
 
 log = logging.getLogger("edge_runtime")
 

@@ -9,7 +9,7 @@ the publisher thread sends it.
 When a row may go:
 
 * an activation batch (a row with a ``seq``): only when the cloud trainer acks
-  it as trained *and checkpointed* (:class:`toolkit.messages.Ack`). A broker's
+  it as trained *and checkpointed* (:class:`toolkit.core.protocol.messages.Ack`). A broker's
   PUBACK is not enough: a broker or a cloud trainer that crashes after it can
   still lose the batch, and then it is sent again from here;
 * anything else (retained weights and status): after the broker's PUBACK.
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import HiertrainError
+from toolkit.core.errors import HiertrainError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS msgs (

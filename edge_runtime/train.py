@@ -1,9 +1,9 @@
 """Edge training: local SGD on the edge segment + exit head, cut activations to the cloud.
 
 Per batch: one backend step (ExecuTorch program or eager torch), the cut
-activation coded with the manifest's codec, or ``--codec`` (``toolkit.codec``:
+activation coded with the manifest's codec, or ``--codec`` (``toolkit.core.protocol.codec``:
 quantized with the manifest's scheme at the codec's bits, packed, maybe
-deflated), encoded with its labels (``toolkit.wire``) and handed to the
+deflated), encoded with its labels (``toolkit.core.protocol.wire``) and handed to the
 :class:`~edge_runtime.publisher.Publisher`,
 whose outbox decouples training from the network. The edge trains its own
 layers from its exit head's loss only; it never waits for, nor receives anything
@@ -20,7 +20,7 @@ excluded, they are in ``setup_s``); ``train_s`` is the time spent in the
 backend's steps; ``publish_wait_s`` is the time the loop was blocked on a full
 outbox (link back-pressure).
 
-``--mode split`` and ``--mode cloud`` (the baselines, ``toolkit.modes``) share
+``--mode split`` and ``--mode cloud`` (the baselines, ``toolkit.core.protocol.modes``) share
 the setup, the status protocol and the report here and run their own loops:
 ``edge_runtime.split_learning`` and ``edge_runtime.upload``. Every report has
 ``mode``, ``samples``, ``bytes_up``, ``bytes_down``, ``wall_s``, ``exit_accuracy``
@@ -63,17 +63,23 @@ from edge_runtime.resume import (
     spool_path,
 )
 from edge_runtime.spool import Spool
-from toolkit.boards import DEFAULT_SPOOL_MB, load_board
-from toolkit.codec import Codec, encode_activation, parse_codec
-from toolkit.data import Dataset, batches, load_dataset, normalize, shard
-from toolkit.errors import HiertrainError, WireError
-from toolkit.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
-from toolkit.messages import Status, decode_ack, encode_weights
-from toolkit.modes import check_mode
-from toolkit.quant import QuantScheme
-from toolkit.security import redact
-from toolkit.topics import ack_topic, act_topic, status_topic, validate_id, weights_topic
-from toolkit.transport import Link, LinkShape, drain_s, link_summary
+from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
+from toolkit.core.artifacts.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
+from toolkit.core.data.datasets import Dataset, batches, load_dataset, normalize, shard
+from toolkit.core.errors import HiertrainError, WireError
+from toolkit.core.protocol.codec import Codec, encode_activation, parse_codec
+from toolkit.core.protocol.messages import Status, decode_ack, encode_weights
+from toolkit.core.protocol.modes import check_mode
+from toolkit.core.protocol.quant import QuantScheme
+from toolkit.core.protocol.topics import (
+    ack_topic,
+    act_topic,
+    status_topic,
+    validate_id,
+    weights_topic,
+)
+from toolkit.core.security import redact
+from toolkit.core.transport import Link, LinkShape, drain_s, link_summary
 
 log = logging.getLogger("edge_runtime")
 

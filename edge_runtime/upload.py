@@ -2,7 +2,7 @@
 
 Each batch of the same shard, in the same order an ht edge would train on,
 is published on the ``act`` topic with its labels: the loader's ``[0, 1]``
-images, losslessly (``toolkit.images``: one byte a pixel when the images are
+images, losslessly (``toolkit.core.protocol.images``: one byte a pixel when the images are
 on a ``u / L`` grid, as uint8 sources and digits are, float32 otherwise). The
 cloud trainer normalises them with the manifest and trains the whole network.
 Like ht, the edge never waits for the cloud; only the link can hold it back
@@ -20,15 +20,15 @@ from tqdm import tqdm
 
 from edge_runtime.config import TrainConfig
 from edge_runtime.publisher import Publisher
-from toolkit.codec import Codec
-from toolkit.data import Dataset, batches
-from toolkit.images import encode_images
-from toolkit.manifest import Manifest
-from toolkit.messages import Status
-from toolkit.quant import QuantScheme
-from toolkit.topics import act_topic, status_topic
-from toolkit.transport import Link
-from toolkit.wire import ActivationBatch, encode
+from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.data.datasets import Dataset, batches
+from toolkit.core.protocol.codec import Codec
+from toolkit.core.protocol.images import encode_images
+from toolkit.core.protocol.messages import Status
+from toolkit.core.protocol.quant import QuantScheme
+from toolkit.core.protocol.topics import act_topic, status_topic
+from toolkit.core.protocol.wire import ActivationBatch, encode
+from toolkit.core.transport import Link
 
 log = logging.getLogger("edge_runtime")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from toolkit.broker import MosquittoBroker, free_port
+from toolkit.lab.broker import MosquittoBroker, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from toolkit.boards import load_board
-from toolkit.errors import HiertrainError, ManifestError, WireError
-from toolkit.manifest import load_manifest
-from toolkit.messages import Status, decode_status, decode_weights, encode_weights
+from toolkit.core.artifacts.boards import load_board
+from toolkit.core.artifacts.manifest import load_manifest
+from toolkit.core.errors import HiertrainError, ManifestError, WireError
+from toolkit.core.protocol.messages import Status, decode_status, decode_weights, encode_weights
 
 pytestmark = pytest.mark.security
 
@@ -148,7 +148,7 @@ def test_edge_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path: Path
 
 def test_edge_weight_files_with_pickled_code_are_refused_and_not_run(tmp_path: Path) -> None:
     from edge_runtime.infer import _load_weights_file
-    from toolkit.safeload import load_weights
+    from toolkit.core.artifacts.safeload import load_weights
 
     path, marker = _evil(tmp_path, "edge_weights")
     with pytest.raises(HiertrainError) as err:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.bench import BenchConfig, markdown_table, plan_runs, reductions, runtime_samples
-from toolkit.errors import HiertrainError
+from toolkit.core.errors import HiertrainError
+from toolkit.lab.bench import BenchConfig, markdown_table, plan_runs, reductions, runtime_samples
 
 
 def test_runtime_samples_bound_the_slowest_modes_link_time() -> None:

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from toolkit import broker as broker_mod
-from toolkit.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto, free_port
-from toolkit.errors import HiertrainError
-from toolkit.transport import BrokerAddress, open_link, parse_url
-from toolkit.transport.mqtt import MqttLink
+from toolkit.core.errors import HiertrainError
+from toolkit.core.transport import BrokerAddress, open_link, parse_url
+from toolkit.core.transport.mqtt import MqttLink
+from toolkit.lab import broker as broker_mod
+from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto, free_port
 
 pytestmark = pytest.mark.mqtt
 
@@ -143,7 +143,7 @@ def test_request_response_with_correlation(broker: Broker) -> None:
 
 _DYING_CLIENT = """
 import sys, time
-from toolkit.transport.mqtt import MqttLink
+from toolkit.core.transport.mqtt import MqttLink
 link = MqttLink(sys.argv[1], sys.argv[2])
 link.set_will(sys.argv[3], b"offline", retain=True)
 link.connect(timeout=5)
@@ -200,7 +200,7 @@ def test_last_will_on_crash_but_not_on_close(broker: Broker) -> None:
 def test_connect_to_closed_port_fails_within_timeout(caplog: pytest.LogCaptureFixture) -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
     link = MqttLink(url, "nobody-home")
-    caplog.set_level(logging.WARNING, logger="toolkit.transport.mqtt")
+    caplog.set_level(logging.WARNING, logger="toolkit.core.transport.mqtt")
     start = time.monotonic()
     with pytest.raises(HiertrainError, match="cannot reach MQTT broker at") as err:
         link.connect(timeout=1.6)

@@ -1,7 +1,7 @@
 """A subscriber that falls behind must not lose QoS 1 messages on the brokers we start.
 
 mosquitto's default (1000 queued messages per client) silently dropped batches for a cloud
-trainer that trained slower than edges published; toolkit.broker configures it not to.
+trainer that trained slower than edges published; toolkit.lab.broker configures it not to.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from toolkit.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
-from toolkit.transport import open_link
+from toolkit.core.transport import open_link
+from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
 
 N = 2500
 

@@ -13,10 +13,10 @@ import pytest
 
 from edge_runtime.cli import build_parser
 from tests.conftest import run_cli
-from toolkit.data import digits_stats
-from toolkit.exits import ExitHeadConfig
-from toolkit.export import ExportConfig, export_artifacts
-from toolkit.manifest import load_manifest
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.core.artifacts.manifest import load_manifest
+from toolkit.core.data.datasets import digits_stats
+from toolkit.core.models.exits import ExitHeadConfig
 
 
 @pytest.fixture(scope="module")

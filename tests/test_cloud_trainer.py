@@ -27,16 +27,16 @@ import pytest
 import torch
 
 from cloud_trainer.ledger import Ledger, SeqSet
-from toolkit import topics
-from toolkit.broker import EmbeddedBroker
-from toolkit.data import batches, load_dataset, normalize, shard
-from toolkit.export import ExportConfig, export_artifacts
-from toolkit.manifest import Manifest, load_manifest
-from toolkit.messages import Status, decode_infer_reply, decode_status, encode_weights
-from toolkit.quant import QuantScheme, quantize
-from toolkit.segments import load_segments
-from toolkit.transport import Link, open_link
-from toolkit.wire import ActivationBatch, encode
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.core.artifacts.manifest import Manifest, load_manifest
+from toolkit.core.data.datasets import batches, load_dataset, normalize, shard
+from toolkit.core.models.segments import load_segments
+from toolkit.core.protocol import topics
+from toolkit.core.protocol.messages import Status, decode_infer_reply, decode_status, encode_weights
+from toolkit.core.protocol.quant import QuantScheme, quantize
+from toolkit.core.protocol.wire import ActivationBatch, encode
+from toolkit.core.transport import Link, open_link
+from toolkit.lab.broker import EmbeddedBroker
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -531,7 +531,7 @@ def test_resume_after_sigkill_trains_each_seq_once(artifacts: Path, manifest: Ma
 def test_idle_timeout_names_missing_and_incomplete_devices(
     artifacts: Path, manifest: Manifest, broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    from toolkit.errors import HiertrainError
+    from toolkit.core.errors import HiertrainError
 
     run, run_dir = _run_id(), tmp_path / "run"
     watch = StatusWatch(broker, run)
@@ -596,7 +596,7 @@ def test_serve_answers_inference_with_correlation(artifacts: Path, manifest: Man
         for _ in range(2):
             payload, props = replies.get(timeout=15)
             got[props["correlation_data"]] = decode_infer_reply(payload)
-        from toolkit.quant import dequantize
+        from toolkit.core.protocol.quant import dequantize
 
         want, _ = cloud_predict(cloud_model, dequantize(q))
         assert got[b"\x00\x01first"]["pred"] == want and got[b"\x00\x01first"]["error"] == ""

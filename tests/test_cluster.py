@@ -1,4 +1,5 @@
-"""Tiled multi-board training of the edge segment (toolkit/tiling.py, edge_runtime/cluster.py).
+"""Tiled multi-board training of the edge segment (toolkit/core/models/tiling.py,
+edge_runtime/cluster.py).
 
 Planner tests run in-process (pure shape arithmetic, checked against autograd's receptive
 fields). The ``cluster`` tests start 2 and 4 real processes (gloo on 127.0.0.1) and hold tiled
@@ -27,9 +28,8 @@ from edge_runtime.cluster import (
     spawn_local,
     synthetic_worker,
 )
-from toolkit.broker import free_port
-from toolkit.errors import HiertrainError
-from toolkit.tiling import (
+from toolkit.core.errors import HiertrainError
+from toolkit.core.models.tiling import (
     CostModel,
     Interval,
     choose_groups,
@@ -37,6 +37,7 @@ from toolkit.tiling import (
     rect_area,
     units_of,
 )
+from toolkit.lab.broker import free_port
 
 VGG = dict(model="vgg16", split="stage2", input_shape=(3, 32, 32))  # 4 units, 2 pools
 RESNET = dict(model="resnet18", split="layer2", input_shape=(3, 16, 16))  # stem + 4 blocks,
@@ -219,8 +220,8 @@ def test_cluster_cli_feeds_the_unchanged_cloud_trainer_over_mqtt(tmp_path, cli):
     import sys
 
     from tests.conftest import REPO
-    from toolkit.broker import EmbeddedBroker
-    from toolkit.export import ExportConfig, export_artifacts
+    from toolkit.build.export import ExportConfig, export_artifacts
+    from toolkit.lab.broker import EmbeddedBroker
 
     art = tmp_path / "art"
     export_artifacts(ExportConfig(model="smallcnn", split="block2", out=art, input_shape=(1, 8, 8),
@@ -269,7 +270,7 @@ def test_cluster_cli_feeds_the_unchanged_cloud_trainer_over_mqtt(tmp_path, cli):
 
 
 def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(tmp_path, cli):
-    from toolkit.export import ExportConfig, export_artifacts
+    from toolkit.build.export import ExportConfig, export_artifacts
 
     art = tmp_path / "art"
     export_artifacts(ExportConfig(model="smallcnn", split="block2", out=art, input_shape=(1, 8, 8),
@@ -303,7 +304,7 @@ def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(tmp_path
 def test_a_failing_rank_0_stops_the_whole_cluster_with_its_one_line_error(tmp_path, cli):
     """Rank 0 cannot reach the broker: it tells the other rank to stop, every process exits,
     and the command prints rank 0's error (no hang, no traceback)."""
-    from toolkit.export import ExportConfig, export_artifacts
+    from toolkit.build.export import ExportConfig, export_artifacts
 
     art = tmp_path / "art"
     export_artifacts(ExportConfig(model="smallcnn", split="block2", out=art, input_shape=(1, 8, 8),

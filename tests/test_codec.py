@@ -1,4 +1,5 @@
-"""toolkit.codec end to end: every codec round-trips, sizes are exact, deflate pays off on real
+"""toolkit.core.protocol.codec end to end: every codec round-trips, sizes are exact, deflate pays
+off on real
 post-ReLU activations, the manifest records the codec, and an edge trained with
 ``--codec int4+deflate`` feeds a real cloud trainer through a real broker.
 """
@@ -16,7 +17,12 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_cli
-from toolkit.codec import (
+from toolkit.core.artifacts.manifest import load_manifest, schema, validate
+from toolkit.core.data.datasets import digits_stats, load_dataset
+from toolkit.core.errors import HiertrainError, ManifestError
+from toolkit.core.models.exits import ExitHeadConfig
+from toolkit.core.models.segments import build_segments
+from toolkit.core.protocol.codec import (
     CODECS,
     DEFAULT_CODEC,
     Codec,
@@ -24,13 +30,8 @@ from toolkit.codec import (
     parse_codec,
     size_estimate,
 )
-from toolkit.data import digits_stats, load_dataset
-from toolkit.errors import HiertrainError, ManifestError
-from toolkit.exits import ExitHeadConfig
-from toolkit.manifest import load_manifest, schema, validate
-from toolkit.quant import DEFAULT_SCHEME, QuantScheme, max_abs_error, quantize
-from toolkit.segments import build_segments
-from toolkit.wire import FLAG_DEFLATE, FLAG_PACKED, decode
+from toolkit.core.protocol.quant import DEFAULT_SCHEME, QuantScheme, max_abs_error, quantize
+from toolkit.core.protocol.wire import FLAG_DEFLATE, FLAG_PACKED, decode
 
 NAMES = ["int8", "int4", "int2", "int8+deflate", "int4+deflate", "int2+deflate", "float32"]
 RUN, DEVICE = "r-codec", "dev-1"
@@ -191,7 +192,7 @@ def test_manifest_without_codec_means_int8_and_bad_codecs_are_rejected(int4_expo
     old = {k: v for k, v in data.items() if k != "codec"}
     old["cut"] = {k: v for k, v in data["cut"].items() if k != "codec"}
     validate(old)  # manifests written before codecs existed stay valid
-    from toolkit.manifest import Manifest
+    from toolkit.core.artifacts.manifest import Manifest
 
     assert Manifest(data=old, root=Path(".")).codec_name == "int8"
     for bad in ({"name": "int4", "bits": 8, "entropy": "none"},
@@ -232,9 +233,9 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen:
 def test_int4_deflate_edge_feeds_a_real_cloud_trainer(int4_export, tmp_path) -> None:
     """The manifest says int4; the edge overrides it with --codec int4+deflate; the cloud needs
     no configuration (every message says how it is coded) and trains every batch."""
-    from toolkit.broker import EmbeddedBroker
-    from toolkit.topics import act_topic
-    from toolkit.transport import open_link
+    from toolkit.core.protocol.topics import act_topic
+    from toolkit.core.transport import open_link
+    from toolkit.lab.broker import EmbeddedBroker
 
     out, _ = int4_export
     run = "codec-it"

@@ -1,4 +1,5 @@
-"""Tests for toolkit.data: every source, the splits, shards, batches and the pickle guard."""
+"""Tests for toolkit.core.data.datasets: every source, the splits, shards, batches and the pickle
+guard."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from toolkit import data
-from toolkit.data import (
+from toolkit.core.data import datasets as data
+from toolkit.core.data.datasets import (
     CIFAR10_CLASSES,
     Dataset,
     batches,
@@ -24,7 +25,7 @@ from toolkit.data import (
     shard,
     shared_cifar10,
 )
-from toolkit.errors import HiertrainError
+from toolkit.core.errors import HiertrainError
 
 SHARED_CIFAR10 = data._SHARED_CIFAR10
 

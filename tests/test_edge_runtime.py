@@ -25,23 +25,23 @@ from edge_runtime.cli import main
 from edge_runtime.infer import InferConfig, InferEngine, run_inference
 from edge_runtime.publisher import Publisher
 from edge_runtime.train import TrainConfig, load_training_data, run_training
-from toolkit.broker import EmbeddedBroker, free_port
-from toolkit.data import batches, load_dataset, normalize
-from toolkit.errors import HiertrainError
-from toolkit.export import ExportConfig, export_artifacts
-from toolkit.manifest import load_manifest
-from toolkit.messages import decode_status, decode_weights, encode_infer_reply
-from toolkit.parity import relative_errors
-from toolkit.quant import QuantScheme
-from toolkit.topics import (
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.build.parity import relative_errors
+from toolkit.core.artifacts.manifest import load_manifest
+from toolkit.core.data.datasets import batches, load_dataset, normalize
+from toolkit.core.errors import HiertrainError
+from toolkit.core.protocol.messages import decode_status, decode_weights, encode_infer_reply
+from toolkit.core.protocol.quant import QuantScheme
+from toolkit.core.protocol.topics import (
     act_topic,
     infer_request_wildcard,
     parse_topic,
     status_topic,
     weights_topic,
 )
-from toolkit.transport import open_link
-from toolkit.wire import decode, message_size
+from toolkit.core.protocol.wire import decode, message_size
+from toolkit.core.transport import open_link
+from toolkit.lab.broker import EmbeddedBroker, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,10 +181,10 @@ def test_wrong_batch_shape_names_both_shapes(manifest, backend):
 def test_xnnpack_program_on_a_runtime_without_xnnpack_names_the_fix(manifest, monkeypatch):
     """The default export delegates to XNNPACK; a board runtime built without it must say
     how to re-export, not fail deep inside the loader."""
-    import toolkit.et_program
+    import toolkit.core.et_program
 
     assert manifest.data["programs"]["edge_train"]["lowering"]["convolutions"] == "xnnpack"
-    monkeypatch.setattr(toolkit.et_program, "registered_backends", lambda: [])
+    monkeypatch.setattr(toolkit.core.et_program, "registered_backends", lambda: [])
     with pytest.raises(HiertrainError, match="--lowering matmul"):
         ExecuTorchBackend(manifest)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.errors import ManifestError
-from toolkit.manifest import load_manifest, schema, sha256_file, validate
+from toolkit.core.artifacts.manifest import load_manifest, schema, sha256_file, validate
+from toolkit.core.errors import ManifestError
 
 SMALL = ["--model", "smallcnn", "--batch", "4", "--input-shape", "3,16,16"]
 
@@ -53,8 +53,8 @@ def test_exported_program_trains_in_a_fresh_process(exported):
     out, _ = exported
     script = f"""
 import torch
-from toolkit.manifest import load_manifest
-from toolkit.et_program import TrainingProgram
+from toolkit.core.artifacts.manifest import load_manifest
+from toolkit.core.et_program import TrainingProgram
 m = load_manifest({str(out)!r})
 prog = TrainingProgram.from_file(m.path("edge_train.pte"))
 g = torch.Generator().manual_seed(0)
@@ -79,8 +79,8 @@ print(losses[0], losses[-1])
 def test_inference_program_runs_with_given_weights(exported):
     import torch
 
-    from toolkit.et_program import InferenceProgram
-    from toolkit.segments import load_segments
+    from toolkit.core.et_program import InferenceProgram
+    from toolkit.core.models.segments import load_segments
 
     out, _ = exported
     m = load_manifest(out)
@@ -206,8 +206,8 @@ def test_boards_are_listed_and_valid(cli):
 
 
 def test_board_profile_from_a_path_and_its_errors(tmp_path):
-    from toolkit.boards import load_board
-    from toolkit.errors import HiertrainError
+    from toolkit.core.artifacts.boards import load_board
+    from toolkit.core.errors import HiertrainError
 
     good = Path(__file__).resolve().parents[1] / "firmware_configs" / "rpi4.yaml"
     p = tmp_path / "mine.yaml"

@@ -2,7 +2,7 @@
 
 The exported program is run in the ExecuTorch runtime and compared with the
 very same module in eager PyTorch (same weights, same batch): loss and every
-parameter gradient to a relative error < 1e-4 (metric in toolkit/parity.py),
+parameter gradient to a relative error < 1e-4 (metric in toolkit/build/parity.py),
 then 20 SGD steps with momentum and weight decay on both sides, comparing the
 loss trajectory, the final weights and the BatchNorm running statistics.
 Small batches and inputs keep the portable kernels quick.
@@ -15,11 +15,11 @@ import copy
 import pytest
 import torch
 
-from toolkit.et_program import TrainingProgram
-from toolkit.exits import ExitHeadConfig
-from toolkit.lowering import DEFAULT_LOWERING, lower_train_step
-from toolkit.parity import check_program, global_relative_error
-from toolkit.segments import build_segments
+from toolkit.build.lowering import DEFAULT_LOWERING, lower_train_step
+from toolkit.build.parity import check_program, global_relative_error
+from toolkit.core.et_program import TrainingProgram
+from toolkit.core.models.exits import ExitHeadConfig
+from toolkit.core.models.segments import build_segments
 
 # Global relative error over all gradients (and of the loss): the bar.
 TOL = 1e-4

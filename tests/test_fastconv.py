@@ -1,8 +1,8 @@
 """The fast lowering's module rewrites compute what the modules they replace compute.
 
-``toolkit.fastconv`` swaps convolutions, ReLUs and 2x2 max-pools for forms
+``toolkit.build.fastconv`` swaps convolutions, ReLUs and 2x2 max-pools for forms
 whose joint graph ExecuTorch runs quickly (docs/export.md, "Speed"); the
-graph passes of ``toolkit.joint_passes`` then remove copies. Here, in float64
+graph passes of ``toolkit.build.joint_passes`` then remove copies. Here, in float64
 eager PyTorch, every rewrite must give the same outputs and the same input and
 weight gradients as the original, ties in the max-pool included, and the passes
 must leave a joint graph's results unchanged. (The lowered programs themselves
@@ -17,14 +17,14 @@ import pytest
 import torch
 from torch import nn
 
-from toolkit.fastconv import (
+from toolkit.build.fastconv import (
     MaskReLU,
     MatmulConv2d,
     MaxPool2x2,
     channel_major_possible,
     convs_to_matmul,
 )
-from toolkit.joint_passes import drop_aliases, sink_expands
+from toolkit.build.joint_passes import drop_aliases, sink_expands
 
 CONVS = [
     dict(in_channels=3, out_channels=8, kernel_size=3, padding=1, bias=False),
@@ -80,8 +80,8 @@ def test_mask_relu_gradient_is_zero_at_zero():
 
 
 def test_channel_major_needs_every_module_to_allow_it():
-    from toolkit.exits import ExitHeadConfig, build_exit_head
-    from toolkit.rewrites import make_exact
+    from toolkit.core.models.exits import ExitHeadConfig, build_exit_head
+    from toolkit.core.models.rewrites import make_exact
 
     edge = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
     head = build_exit_head(4, 10, ExitHeadConfig(channels=4))

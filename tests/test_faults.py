@@ -26,12 +26,12 @@ from faultkit import Broker, Run, wait_until
 
 from edge_runtime.publisher import Publisher
 from edge_runtime.spool import Spool
-from toolkit.boards import DEFAULT_SPOOL_MB, load_board
-from toolkit.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto, free_port
-from toolkit.errors import HiertrainError
-from toolkit.export import ExportConfig, export_artifacts
-from toolkit.messages import Ack
-from toolkit.transport import open_link
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
+from toolkit.core.errors import HiertrainError
+from toolkit.core.protocol.messages import Ack
+from toolkit.core.transport import open_link
+from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto, free_port
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None,
                                      reason="mosquitto not installed (apt-get install mosquitto)")

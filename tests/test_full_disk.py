@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from cloud_trainer.checkpoint import atomic_write_bytes
-from toolkit.errors import HiertrainError
+from toolkit.core.errors import HiertrainError
 
 
 @pytest.fixture

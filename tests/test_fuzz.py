@@ -3,7 +3,7 @@ no exception escapes, every one is counted as dropped.
 
 Messages go through exactly what a broker delivery goes through in the cloud trainer --
 :class:`cloud_trainer.ingest.Ingest`'s ``on_act`` (topic, decode, manifest checks, device,
-ledger), behind a :class:`~toolkit.transport.signing.SignedLink` when signing is on -- fed
+ledger), behind a :class:`~toolkit.core.transport.signing.SignedLink` when signing is on -- fed
 from a loopback link in this process, so no broker is needed for the bulk.
 
 Honest accounting: each example must raise a drop counter by exactly one and put nothing on
@@ -30,11 +30,11 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cloud_trainer.ingest import DeviceRegistry, DropCounter, Ingest, Ledger  # noqa: E402
-from toolkit import topics  # noqa: E402
-from toolkit.quant import QuantScheme, quantize  # noqa: E402
-from toolkit.transport.base import BrokerAddress, Link, MessageHandler  # noqa: E402
-from toolkit.transport.signing import SignedLink, sign  # noqa: E402
-from toolkit.wire import MAGIC, ActivationBatch, encode  # noqa: E402
+from toolkit.core.protocol import topics  # noqa: E402
+from toolkit.core.protocol.quant import QuantScheme, quantize  # noqa: E402
+from toolkit.core.protocol.wire import MAGIC, ActivationBatch, encode  # noqa: E402
+from toolkit.core.transport.base import BrokerAddress, Link, MessageHandler  # noqa: E402
+from toolkit.core.transport.signing import SignedLink, sign  # noqa: E402
 
 pytestmark = pytest.mark.security
 
@@ -372,7 +372,7 @@ def test_fuzzed_status_and_weights_messages_never_escape() -> None:
     """Status JSON and weights messages with random fields: each is dropped (counted) or queued
     well-typed; nothing raises out of the handlers."""
     from cloud_trainer.ingest import StatusItem
-    from toolkit.messages import Status, encode_weights
+    from toolkit.core.protocol.messages import Status, encode_weights
 
     h = Harness()
     statuses = topics.status_wildcard(RUN)

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from toolkit.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
-from toolkit.data import digits_stats
-from toolkit.exits import ExitHeadConfig
-from toolkit.export import ExportConfig, export_artifacts
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.core.data.datasets import digits_stats
+from toolkit.core.models.exits import ExitHeadConfig
+from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
 
 EPOCHS = 4
 EDGES = 2

@@ -27,19 +27,19 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import REPO
-from toolkit.broker import EmbeddedBroker
-from toolkit.data import batches, digits_stats, load_dataset, normalize
-from toolkit.errors import HiertrainError
-from toolkit.exits import ExitHeadConfig
-from toolkit.export import ExportConfig, export_artifacts
-from toolkit.images import IMAGE_SCHEME, decode_images, encode_images
-from toolkit.manifest import Manifest, load_manifest
-from toolkit.messages import CLOUD_DEVICE, decode_status
-from toolkit.rewrites import host_stat_layers
-from toolkit.segments import FullModel, load_segments
-from toolkit.topics import status_topic
-from toolkit.transport import Link, open_link
-from toolkit.wire import ActivationBatch, decode, encode, message_size
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.core.artifacts.manifest import Manifest, load_manifest
+from toolkit.core.data.datasets import batches, digits_stats, load_dataset, normalize
+from toolkit.core.errors import HiertrainError
+from toolkit.core.models.exits import ExitHeadConfig
+from toolkit.core.models.rewrites import host_stat_layers
+from toolkit.core.models.segments import FullModel, load_segments
+from toolkit.core.protocol.images import IMAGE_SCHEME, decode_images, encode_images
+from toolkit.core.protocol.messages import CLOUD_DEVICE, decode_status
+from toolkit.core.protocol.topics import status_topic
+from toolkit.core.protocol.wire import ActivationBatch, decode, encode, message_size
+from toolkit.core.transport import Link, open_link
+from toolkit.lab.broker import EmbeddedBroker
 
 BATCH = 32
 EPOCHS = 2
@@ -365,7 +365,7 @@ def test_a_mode_mismatch_is_refused_on_both_sides(
 
 def test_only_a_live_status_of_another_mode_refuses_a_device() -> None:
     from cloud_trainer.ingest import DeviceRegistry, DropCounter, Ingest, Ledger
-    from toolkit.messages import Status
+    from toolkit.core.protocol.messages import Status
 
     ingest = Ingest("r", cut_shape=(4, 2, 2), num_classes=10, max_batch=64, ledger=Ledger(),
                     registry=DeviceRegistry(), drops=DropCounter(), mode="ht")

@@ -3,7 +3,7 @@ calibration, multi-exit inference and the CLIs.
 
 Real data throughout: a smallcnn backbone is pretrained eagerly on the "general" scikit-learn
 digits (all classes, clean; a few seconds), and the personal distribution is four digit classes
-seen through a fixed colour tint (toolkit.personal_data). One module-scoped export (real
+seen through a fixed colour tint (toolkit.core.data.personal). One module-scoped export (real
 ``toolkit export --personalise`` process) serves every test.
 """
 
@@ -23,10 +23,10 @@ from edge_runtime.personalise import (
     pseudo_targets,
     run_personalise,
 )
-from toolkit.data import digits_stats, load_dataset
-from toolkit.personal import PersonalTrainStep
-from toolkit.personal_data import pretrain
-from toolkit.personal_export import load_personal_manifest
+from toolkit.build.personal_export import load_personal_manifest
+from toolkit.core.data.datasets import digits_stats, load_dataset
+from toolkit.core.data.personal import pretrain
+from toolkit.core.models.personal import PersonalTrainStep
 
 CLASSES = (1, 3, 5, 7)
 SHAPE = (3, 8, 8)
@@ -82,7 +82,7 @@ def test_export_manifest_and_gate(artifacts):
 def test_personalisation_through_executorch_matches_eager(artifacts):
     """Same batches, same (pseudo-)labels and weights: ExecuTorch and eager SGD trajectories of
     the exit weights agree to 1e-4 (global relative error) after every step."""
-    from toolkit.parity import global_relative_error
+    from toolkit.build.parity import global_relative_error
 
     m = load_personal_manifest(artifacts)
     et, eager = PersonalBackend(m, "executorch"), PersonalBackend(m, "torch")
@@ -140,7 +140,7 @@ def test_personalise_report_counts_confident_pseudo_labels(artifacts, personalis
     m = load_personal_manifest(artifacts)
     be = PersonalBackend(m, "torch")
     local = load_personal_split(m, "digits", "train", CLASSES, "tint", None, 0)
-    from toolkit.personal_data import split_holdout
+    from toolkit.core.data.personal import split_holdout
 
     stream, _ = split_holdout(local, 0.2, 0)
     conf = torch.softmax(be.forward(stream.x)[-1], 1).max(1).values
@@ -173,7 +173,7 @@ def test_thresholds_meet_the_target_on_new_held_out_data(artifacts, personalised
     (never seen): each early exit's share is target-accurate within 3 binomial standard errors."""
     state_dir, r = personalised
     from edge_runtime.calibrate import ExitPolicy
-    from toolkit.personal_export import load_exit_state
+    from toolkit.build.personal_export import load_exit_state
 
     policy = ExitPolicy.from_dict(r["policy"])
     target = policy.target_accuracy
@@ -242,10 +242,10 @@ def test_export_personalise_needs_a_checkpoint(tmp_path, cli):
 def test_backbone_from_a_hiertrain_full_model_checkpoint(tmp_path):
     """``full_model.pt`` of a hiertrain run (edge./cloud. prefixes, host-stats BN keys) loads
     as the backbone; a checkpoint of another shape is refused with a readable error."""
-    from toolkit.errors import HiertrainError
-    from toolkit.exits import ExitHeadConfig
-    from toolkit.personal import load_backbone
-    from toolkit.segments import FullModel, build_segments
+    from toolkit.core.errors import HiertrainError
+    from toolkit.core.models.exits import ExitHeadConfig
+    from toolkit.core.models.personal import load_backbone
+    from toolkit.core.models.segments import FullModel, build_segments
 
     built = build_segments("smallcnn", "block1", num_classes=10, input_shape=SHAPE,
                            exit_cfg=ExitHeadConfig(channels=16), seed=5)

@@ -17,18 +17,19 @@ import torch
 import yaml
 
 from tests.conftest import run_cli
-from toolkit import traffic
 from toolkit.cli import main as cli_main
-from toolkit.errors import HiertrainError
-from toolkit.profiling import (
+from toolkit.core.errors import HiertrainError
+from toolkit.core.protocol.quant import QuantizedTensor, QuantScheme, quantize
+from toolkit.core.protocol.wire import ActivationBatch, decode, encode
+from toolkit.plan import traffic
+from toolkit.plan.profiling import (
     BlockTiming,
     ExitTiming,
     ModelProfile,
     load_or_profile,
     profile_model,
 )
-from toolkit.quant import QuantizedTensor, QuantScheme, quantize
-from toolkit.runtime_model import (
+from toolkit.plan.runtime_model import (
     Link,
     cloud_epoch,
     ht_epoch,
@@ -37,7 +38,6 @@ from toolkit.runtime_model import (
     predict,
     split_epoch,
 )
-from toolkit.wire import ActivationBatch, decode, encode
 
 # --------------------------------------------------------------------------- runtime model
 
@@ -319,7 +319,7 @@ def test_plan_says_when_cloud_training_is_faster(plan_cache, capsys):
 
 def test_plan_marks_splits_over_the_board_budget(plan_cache, tmp_path, capsys):
     from tests.conftest import REPO
-    from toolkit.stats import split_stats
+    from toolkit.plan.stats import split_stats
 
     batch = 32  # at 8 both splits need between 1 and 2 MB, and budgets are whole MB
     mem = {s: split_stats("smallcnn", s, input_shape=(3, 16, 16)).train_memory_mb(batch)
@@ -414,6 +414,6 @@ def test_runtime_model_and_profile_types_import_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, toolkit.runtime_model, toolkit.profiling; "
+    code = ("import sys, toolkit.plan.runtime_model, toolkit.plan.profiling; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -16,12 +16,12 @@ import pytest
 
 from edge_runtime.provision import install, partial_dir
 from tests.conftest import REPO
-from toolkit.data import digits_stats
-from toolkit.errors import HiertrainError
-from toolkit.exits import ExitHeadConfig
-from toolkit.export import ExportConfig, export_artifacts
-from toolkit.manifest import load_manifest, sha256_file
-from toolkit.transport.pty_relay import PtyRelay
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.core.artifacts.manifest import load_manifest, sha256_file
+from toolkit.core.data.datasets import digits_stats
+from toolkit.core.errors import HiertrainError
+from toolkit.core.models.exits import ExitHeadConfig
+from toolkit.lab.pty_relay import PtyRelay
 
 pytestmark = pytest.mark.serial
 

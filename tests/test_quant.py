@@ -1,12 +1,13 @@
-"""Tests for toolkit.quant: round-trip error bound, exact zeros, constant channels, NaN."""
+"""Tests for toolkit.core.protocol.quant: round-trip error bound, exact zeros, constant channels,
+NaN."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from toolkit.errors import WireError
-from toolkit.quant import (
+from toolkit.core.errors import WireError
+from toolkit.core.protocol.quant import (
     DEFAULT_SCHEME,
     QuantScheme,
     dequantize,

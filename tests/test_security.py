@@ -28,12 +28,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
-from toolkit import topics
-from toolkit.broker import MosquittoBroker, MosquittoSecurity, find_mosquitto
-from toolkit.errors import HiertrainError
-from toolkit.security import LinkSecurity, load_security, redact
-from toolkit.transport import Link, open_link
-from toolkit.transport.signing import sign
+from toolkit.core.errors import HiertrainError
+from toolkit.core.protocol import topics
+from toolkit.core.security import LinkSecurity, load_security, redact
+from toolkit.core.transport import Link, open_link
+from toolkit.core.transport.signing import sign
+from toolkit.lab.broker import MosquittoBroker, MosquittoSecurity, find_mosquitto
 
 pytestmark = [pytest.mark.security, pytest.mark.mqtt, pytest.mark.mosquitto]
 
@@ -324,7 +324,7 @@ def test_signed_request_and_reply_with_properties(secure_broker: MosquittoBroker
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from toolkit.export import ExportConfig, export_artifacts
+    from toolkit.build.export import ExportConfig, export_artifacts
 
     out = tmp_path_factory.mktemp("secart") / "art"
     export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8),

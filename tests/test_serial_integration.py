@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from toolkit.broker import EmbeddedBroker
-from toolkit.data import digits_stats
-from toolkit.exits import ExitHeadConfig
-from toolkit.export import ExportConfig, export_artifacts
-from toolkit.transport.pty_relay import PtyRelay
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.core.data.datasets import digits_stats
+from toolkit.core.models.exits import ExitHeadConfig
+from toolkit.lab.broker import EmbeddedBroker
+from toolkit.lab.pty_relay import PtyRelay
 
 pytestmark = [pytest.mark.serial, pytest.mark.mqtt]
 

@@ -1,6 +1,6 @@
 """The serial transport through real pseudo-terminal pairs opened with pyserial.
 
-Two ptys are joined by :class:`toolkit.transport.pty_relay.PtyRelay`, which can
+Two ptys are joined by :class:`toolkit.lab.pty_relay.PtyRelay`, which can
 flip and drop bytes; each side opens its pty by name exactly as it would open a
 UART. Checks: frames with damage are rejected, every message arrives intact and
 exactly once through a noisy line, a corrupted frame is detected and resent,
@@ -20,19 +20,19 @@ import time
 import pytest
 import serial
 
-from toolkit.broker import EmbeddedBroker
-from toolkit.errors import HiertrainError
-from toolkit.gateway import Gateway, GatewayConfig
-from toolkit.transport import open_link
-from toolkit.transport.arq import ReliableChannel
-from toolkit.transport.framing import (
+from toolkit.core.errors import HiertrainError
+from toolkit.core.transport import open_link
+from toolkit.core.transport.arq import ReliableChannel
+from toolkit.core.transport.framing import (
     DataFrame,
     FrameSplitter,
     decode,
     encode_data,
 )
-from toolkit.transport.pty_relay import PtyRelay
-from toolkit.transport.serial_link import SerialLink, parse_serial_url
+from toolkit.core.transport.serial_link import SerialLink, parse_serial_url
+from toolkit.deploy.gateway import Gateway, GatewayConfig
+from toolkit.lab.broker import EmbeddedBroker
+from toolkit.lab.pty_relay import PtyRelay
 
 pytestmark = pytest.mark.serial
 

@@ -1,4 +1,5 @@
-"""Link shaping (toolkit/transport/shaping.py) against real brokers and real sockets on 127.0.0.1.
+"""Link shaping (toolkit/core/transport/shaping.py) against real brokers and real sockets on
+127.0.0.1.
 
 * the bytes charged per publish are the bytes paho really writes (a raw socket server reads them);
 * a stream through mosquitto (or the embedded broker) holds the configured rate within 10 %;
@@ -27,11 +28,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_cli
-from toolkit.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
-from toolkit.errors import HiertrainError
-from toolkit.transport import LinkShape, ShapedLink, open_link
-from toolkit.transport.mqtt import MqttLink
-from toolkit.transport.shaping import mqtt_publish_size
+from toolkit.core.errors import HiertrainError
+from toolkit.core.transport import LinkShape, ShapedLink, open_link
+from toolkit.core.transport.mqtt import MqttLink
+from toolkit.core.transport.shaping import mqtt_publish_size
+from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
 
 pytestmark = pytest.mark.mqtt
 
@@ -376,9 +377,9 @@ def test_cloud_cli_refuses_bad_link_values(tmp_path, command):
 # ------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Path:
-    from toolkit.data import digits_stats
-    from toolkit.exits import ExitHeadConfig
-    from toolkit.export import ExportConfig, export_artifacts
+    from toolkit.build.export import ExportConfig, export_artifacts
+    from toolkit.core.data.datasets import digits_stats
+    from toolkit.core.models.exits import ExitHeadConfig
 
     out = tmp_path_factory.mktemp("shape") / "art"
     mean, std = digits_stats()
@@ -427,10 +428,10 @@ def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path):
     import torch
 
     from tests.conftest import REPO
-    from toolkit.manifest import load_manifest
-    from toolkit.messages import CLOUD_DEVICE
-    from toolkit.segments import load_segments
-    from toolkit.topics import status_topic
+    from toolkit.core.artifacts.manifest import load_manifest
+    from toolkit.core.models.segments import load_segments
+    from toolkit.core.protocol.messages import CLOUD_DEVICE
+    from toolkit.core.protocol.topics import status_topic
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -1,11 +1,11 @@
-"""Tests for toolkit.topics: the topic table, id validation and parse_topic."""
+"""Tests for toolkit.core.protocol.topics: the topic table, id validation and parse_topic."""
 
 from __future__ import annotations
 
 import pytest
 
-from toolkit import topics
-from toolkit.errors import HiertrainError, WireError
+from toolkit.core.errors import HiertrainError, WireError
+from toolkit.core.protocol import topics
 
 
 def test_topic_table() -> None:

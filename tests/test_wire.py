@@ -1,4 +1,5 @@
-"""Tests for toolkit.wire: round trip, every rejection reason, fuzzing, size accounting."""
+"""Tests for toolkit.core.protocol.wire: round trip, every rejection reason, fuzzing, size
+accounting."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from toolkit.errors import HiertrainError, WireError
-from toolkit.quant import DEFAULT_SCHEME, QuantScheme, quantize
-from toolkit.wire import (
+from toolkit.core.errors import HiertrainError, WireError
+from toolkit.core.protocol.quant import DEFAULT_SCHEME, QuantScheme, quantize
+from toolkit.core.protocol.wire import (
     FLAG_DEFLATE,
     FLAG_PACKED,
     FORMAT_VERSION,

@@ -1,0 +1,406 @@
+"""``toolkit export --personalise``: a frozen backbone with trainable exits, as ExecuTorch programs.
+
+Written atomically like ``toolkit export`` (hidden temporary directory, renamed
+into place when complete). The directory holds:
+
+=======================  =====================================================
+``personal_train.pte``   ``forward(x[B], y[B], w[B]) -> (loss, *exit_logits,
+                         final_logits)``; gradients for the exit heads only
+                         (the backbone's weights are constants in the program)
+``personal_forward.pte`` ``forward(x[B], *exit_weights) -> (*exit_logits,
+                         final_logits)``: pseudo-labels, calibration, evaluation
+``personal_seg<k>.pte``  ``forward(a[1], *exit_weights_k) -> (a_next,
+                         logits_k)``: early-exit inference one segment at a time;
+                         the last segment ends at the backbone's classifier
+``personal_full.pte``    ``forward(x[1]) -> final_logits``: the original network,
+                         the baseline early exits are measured against
+``backbone.pt``          the frozen backbone (state dict of the full model)
+``exits_init.pt``        initial exit weights, keyed like the training program
+``personal.json``        schema ``hiertrain.personal`` v1
+=======================  =====================================================
+
+Exit weights are *inputs* of the forward programs so that the board runs them
+with the weights it personalised; the backbone is baked in as constants.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import torch
+from torch import nn
+
+from toolkit.build.export import (
+    PARITY_GATE,
+    PARITY_GATE_TENSOR,
+    OptimizerConfig,
+    _prepare_out,
+    _publish,
+    _versions,
+)
+from toolkit.core.artifacts.manifest import Manifest, sha256_file, verify_artifacts
+from toolkit.core.artifacts.safeload import load_weights
+from toolkit.core.errors import ExportError, HiertrainError, ManifestError
+from toolkit.core.models import get_spec
+from toolkit.core.models.personal import (
+    MultiExitNet,
+    PersonalForward,
+    PersonalSpec,
+    PersonalTrainStep,
+    build_multi_exit,
+    default_exit_points,
+    exit_state,
+    load_backbone,
+)
+
+PERSONAL_MANIFEST = "personal.json"
+PERSONAL_SCHEMA = "hiertrain.personal"
+PERSONAL_SCHEMA_VERSION = 1
+TRAIN_PTE = "personal_train.pte"
+FORWARD_PTE = "personal_forward.pte"
+FULL_PTE = "personal_full.pte"
+BACKBONE = "backbone.pt"
+EXITS_INIT = "exits_init.pt"
+_SCHEMA_PATH = (Path(__file__).resolve().parents[1] / "core" / "artifacts" / "schemas"
+                / f"personal.v{PERSONAL_SCHEMA_VERSION}.json")
+
+
+def segment_file(k: int) -> str:
+    return f"personal_seg{k}.pte"
+
+
+@dataclass(frozen=True)
+class PersonalExportConfig:
+    model: str
+    out: Path
+    checkpoint: str | Path | None = None  # None: random backbone (tests of the pipeline only)
+    exit_points: tuple[str, ...] | None = None
+    exit_channels: int = 32
+    batch: int = 32
+    num_classes: int = 10
+    input_shape: tuple[int, int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
+        lr=0.05, momentum=0.9, weight_decay=5e-4))
+    seed: int = 0
+    force: bool = False
+    verify: bool = True
+
+
+class _ExitWeightsAsInputs(nn.Module):
+    """``forward(x, *weights)``: ``module`` run with the given (exit) weights."""
+
+    def __init__(self, module: nn.Module, names: list[str]):
+        super().__init__()
+        self.module = module
+        self.names = names
+
+    def forward(self, x, *weights):
+        return torch.func.functional_call(
+            self.module, dict(zip(self.names, weights, strict=True)), (x,)
+        )
+
+
+def lower_personal_train(step: PersonalTrainStep, x, y, w) -> bytes:
+    """Joint forward/backward graph -> ``.pte``; refuses buffer mutations (see lowering.py)."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from torch.export import export
+    from torch.export.experimental import _export_forward_backward
+
+    from toolkit.build.lowering import _explain, _quiet
+
+    step.train()
+    try:
+        with _quiet():
+            ep = _export_forward_backward(export(step, (x, y, w), strict=False))
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise ExportError(f"torch.export failed on the personalisation step: {exc}") from exc
+    if "BUFFER_MUTATION" in [s.kind.name for s in ep.graph_signature.output_specs]:
+        raise ExportError("the personalisation step mutates buffers (a backbone module in "
+                          "training mode); the frozen backbone must run in eval mode")
+    try:
+        with _quiet():
+            prog = to_edge(ep, compile_config=EdgeCompileConfig(
+                _check_ir_validity=False)).to_executorch()
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(exc, "personalisation training program") from exc
+    return prog.buffer
+
+
+def lower_with_exit_weights(module: nn.Module, names: list[str], x: torch.Tensor
+                            ) -> tuple[bytes, str]:
+    """Forward program with ``names`` as inputs after ``x``; XNNPACK if it takes it."""
+    from torch.export import export
+
+    from toolkit.build.lowering import _quiet, lower_forward
+
+    module.eval()
+    params = dict(module.named_parameters())
+    weights = tuple(params[n].detach() for n in names)
+    try:
+        with _quiet():
+            ep = export(_ExitWeightsAsInputs(module, names), (x, *weights), strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"torch.export failed on a personalised forward program: {exc}") from exc
+    return lower_forward(ep, "personalised forward program")
+
+
+def _resolve_spec(cfg: PersonalExportConfig) -> tuple[PersonalSpec, tuple, tuple]:
+    spec = get_spec(cfg.model)
+    shape = tuple(cfg.input_shape or spec.input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise HiertrainError(f"input shape must be C,H,W with positive sizes, got {shape}")
+    mean = tuple(cfg.mean) if cfg.mean else (spec.mean if shape[0] == len(spec.mean) else None)
+    std = tuple(cfg.std) if cfg.std else (spec.std if shape[0] == len(spec.std) else None)
+    if mean is None or std is None or len(mean) != shape[0] or len(std) != shape[0]:
+        raise HiertrainError(f"input has {shape[0]} channels: give --mean and --std with "
+                             f"{shape[0]} values each")
+    if cfg.batch < 1:
+        raise HiertrainError(f"batch size must be at least 1, got {cfg.batch}")
+    points = tuple(cfg.exit_points or default_exit_points(cfg.model))
+    return (PersonalSpec(model=cfg.model, num_classes=cfg.num_classes, input_shape=shape,
+                         exit_points=points, exit_channels=cfg.exit_channels, seed=cfg.seed),
+            mean, std)
+
+
+def export_personal(cfg: PersonalExportConfig,
+                    progress: Callable[[str], None] = lambda _m: None) -> Manifest:
+    spec, mean, std = _resolve_spec(cfg)
+    backbone = load_backbone(cfg.model, cfg.checkpoint, num_classes=cfg.num_classes,
+                             input_shape=spec.input_shape, seed=cfg.seed)
+    backbone_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    net = build_multi_exit(spec, backbone)
+    out = Path(cfg.out)
+    tmp = _prepare_out(out, cfg.force)
+    try:
+        data = _write(cfg, spec, mean, std, net, backbone_state, tmp, progress)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Manifest(data=data, root=out)
+
+
+def exit_weight_names(module: nn.Module) -> list[str]:
+    return [n for n, _ in module.named_parameters()]
+
+
+def _write(cfg: PersonalExportConfig, spec: PersonalSpec, mean, std, net: MultiExitNet,
+           backbone_state: dict, tmp: Path, progress: Callable[[str], None]) -> dict:
+    b, shape = cfg.batch, spec.input_shape
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    x = torch.randn(b, *shape, generator=gen)
+    y = torch.randint(0, spec.num_classes, (b,), generator=gen)
+    w = (torch.rand(b, generator=gen) > 0.3).to(torch.float32)
+    step = PersonalTrainStep(net)
+
+    progress(f"lowering the personalisation program ({cfg.model}, exits after "
+             f"{', '.join(spec.exit_points)}, batch {b})")
+    (tmp / TRAIN_PTE).write_bytes(lower_personal_train(copy.deepcopy(step), x, y, w))
+    progress("lowering the batch forward program")
+    fwd = PersonalForward(copy.deepcopy(net))
+    fwd_names = exit_weight_names(fwd)
+    buf, fwd_backend = lower_with_exit_weights(fwd, fwd_names, x)
+    (tmp / FORWARD_PTE).write_bytes(buf)
+    segments = []
+    a = x[:1]
+    for k, seg in enumerate(copy.deepcopy(net).segments()):
+        progress(f"lowering early-exit segment {k}")
+        names = exit_weight_names(seg)
+        buf, backend = lower_with_exit_weights(seg, names, a)
+        (tmp / segment_file(k)).write_bytes(buf)
+        with torch.no_grad():
+            a_next, _ = seg.eval()(a)
+        segments.append({"file": segment_file(k), "backend": backend, "weights": names,
+                         "input_shape": list(a.shape), "output_shape": list(a_next.shape),
+                         "exit": spec.exit_points[k] if k < len(spec.exit_points) else None})
+        a = a_next
+    progress("lowering the full-network baseline")
+    buf, full_backend = lower_with_exit_weights(copy.deepcopy(net.backbone), [], x[:1])
+    (tmp / FULL_PTE).write_bytes(buf)
+    torch.save(backbone_state, tmp / BACKBONE)
+    torch.save(exit_state(net), tmp / EXITS_INIT)
+
+    parity: dict = {"checked": False, "global_rel_grad_error": None, "max_rel_grad_error": None,
+                    "loss_abs_error": None}
+    if cfg.verify:
+        progress("checking gradient parity against eager PyTorch")
+        report = check_personal_program((tmp / TRAIN_PTE).read_bytes(), step, x, y, w)
+        if (report["global_rel_grad_error"] > PARITY_GATE
+                or report["max_rel_grad_error"] > PARITY_GATE_TENSOR
+                or report["loss_abs_error"] > 1e-4 * max(1.0, abs(report["loss_eager"]))):
+            raise ExportError(
+                f"the personalisation program's gradients differ from eager PyTorch (global "
+                f"relative error {report['global_rel_grad_error']:.2e}); an ExecuTorch lowering "
+                "bug in an exit head: try --exit-channels 0"
+            )
+        parity = {"checked": True, **{k: report[k] for k in (
+            "global_rel_grad_error", "max_rel_grad_error", "loss_abs_error")}}
+
+    flops = train_flops(step, x, y, w)
+    files = [TRAIN_PTE, FORWARD_PTE, FULL_PTE, BACKBONE, EXITS_INIT]
+    files += [s["file"] for s in segments]
+    data = {
+        "schema": PERSONAL_SCHEMA,
+        "schema_version": PERSONAL_SCHEMA_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "backbone": {"model": cfg.model, "checkpoint": None if cfg.checkpoint is None
+                     else str(cfg.checkpoint), "frozen": True},
+        "spec": spec.to_dict(),
+        "normalization": {"mean": list(mean), "std": list(std)},
+        "batch_size": b,
+        "optimizer": cfg.optimizer.to_dict(),
+        "programs": {
+            "train": {"file": TRAIN_PTE, "inputs": ["x", "y", "w"],
+                      "outputs": ["loss", *[f"exit_logits:{p}" for p in spec.exit_points],
+                                  "final_logits"],
+                      "parameters": [n for n, _ in step.named_parameters()]},
+            "forward": {"file": FORWARD_PTE, "backend": fwd_backend, "weights": fwd_names},
+            "segments": segments,
+            "full": {"file": FULL_PTE, "backend": full_backend},
+        },
+        "cost": {"train_step_flops": flops, "trainable_parameters": sum(
+            p.numel() for p in step.parameters())},
+        "parity": parity,
+        "artifacts": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
+                      for n in files},
+        "versions": _versions(),
+    }
+    validate_personal(data, "generated personal manifest")
+    (tmp / PERSONAL_MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def lower_baked_segments(net: MultiExitNet, keep: Sequence[int],
+                         input_shape: Sequence[int]) -> list[tuple[bytes, str]]:
+    """The early-exit segments of one exit policy lowered with the exit weights *baked in*.
+
+    The shipped ``personal_seg<k>.pte`` take the exit weights as inputs, because the
+    board personalises them; XNNPACK does not take convolutions with dynamic weights, so
+    a conv exit head runs on the portable kernels, and every exit is evaluated even where
+    the policy never lets a sample leave. Once personalisation is over the weights are
+    fixed: lowered again as constants (``net.policy_segments(keep)``: skipped exits
+    merged into the next segment, nothing after the terminal), the whole segment goes to
+    XNNPACK, which packs the weights once. Returns ``(buffer, backend)`` per segment.
+    """
+    from toolkit.build.lowering import lower_forward
+
+    out = []
+    a = torch.zeros(1, *input_shape)
+    for k, seg in enumerate(copy.deepcopy(net).eval().policy_segments(keep)):
+        seg = seg.eval()
+        with torch.no_grad():
+            try:
+                ep = torch.export.export(seg, (a,))
+            except Exception as exc:  # noqa: BLE001
+                raise ExportError(f"torch.export failed on baked early-exit segment {k}: "
+                                  f"{exc}") from exc
+            out.append(lower_forward(ep, f"baked early-exit segment {k}"))
+            if seg.emit_activation:
+                a = seg(a)[0]
+    return out
+
+
+def check_personal_program(buffer: bytes, step: PersonalTrainStep, x, y, w) -> dict:
+    """One ``forward_backward`` in ExecuTorch against eager autograd on the same module."""
+    from toolkit.build.parity import global_relative_error, relative_errors
+    from toolkit.core.et_program import TrainingProgram
+
+    program = TrainingProgram(buffer)
+    et = program.module.forward_backward("forward", (x, y, w))
+    et_grads = program.named_gradients()
+    ref = copy.deepcopy(step).train()
+    outs = ref(x, y, w)
+    outs[0].backward()
+    ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
+    errs = relative_errors(et_grads, ref_grads)
+    return {"global_rel_grad_error": global_relative_error(et_grads, ref_grads),
+            "max_rel_grad_error": max(errs.values(), default=0.0),
+            "loss_abs_error": abs(float(et[0]) - float(outs[0].detach())),
+            "loss_eager": float(outs[0].detach())}
+
+
+def train_flops(step: nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs of one forward + backward of ``step`` (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref = copy.deepcopy(step).train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = ref(*inputs)[0]
+        if loss.requires_grad:
+            loss.backward()
+    return int(counter.get_total_flops())
+
+
+@cache
+def _schema() -> dict:
+    return json.loads(_SCHEMA_PATH.read_text())
+
+
+def validate_personal(data: object, source: str) -> None:
+    try:
+        jsonschema.validate(data, _schema())
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise ManifestError(f"{source} is invalid at {where}: {exc.message}") from None
+
+
+def is_personal(root: str | Path) -> bool:
+    return (Path(root) / PERSONAL_MANIFEST).is_file()
+
+
+def load_personal_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
+    root = Path(root)
+    path = root / PERSONAL_MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{root} has no {PERSONAL_MANIFEST}: is it the --out directory of "
+                            "'toolkit export --personalise'?")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from None
+    validate_personal(data, str(path))
+    manifest = Manifest(data=data, root=root)
+    if verify:
+        verify_artifacts(manifest)
+    return manifest
+
+
+def load_personal_net(manifest: Manifest) -> MultiExitNet:
+    """Rebuild the multi-exit network from the manifest, backbone and initial exit weights."""
+    s = manifest.data["spec"]
+    spec = PersonalSpec(model=s["model"], num_classes=s["num_classes"],
+                        input_shape=tuple(s["input_shape"]), exit_points=tuple(s["exit_points"]),
+                        exit_channels=s["exit_channels"], seed=s["seed"])
+    backbone = load_backbone(spec.model, manifest.path(BACKBONE), num_classes=spec.num_classes,
+                             input_shape=spec.input_shape)
+    net = build_multi_exit(spec, backbone)
+    load_exit_state(net, load_weights(manifest.path(EXITS_INIT), "artifact",
+                                      error=ManifestError),
+                    str(manifest.path(EXITS_INIT)))
+    return net
+
+
+def load_exit_state(net: MultiExitNet, state: dict, what: str) -> None:
+    """Copy exit weights (keys ``net.exits....``) into ``net``."""
+    params = dict(net.named_parameters())
+    want = {f"net.{k}" for k in params}
+    if not isinstance(state, dict) or set(state) != want:
+        raise HiertrainError(f"{what} does not hold this network's exit weights "
+                             f"(expected {len(want)} tensors named net.exits...)")
+    with torch.no_grad():
+        for k, p in params.items():
+            if tuple(state[f"net.{k}"].shape) != tuple(p.shape):
+                raise HiertrainError(f"{what}: {k} has shape {list(state[f'net.{k}'].shape)}, "
+                                     f"expected {list(p.shape)}")
+            p.copy_(state[f"net.{k}"])

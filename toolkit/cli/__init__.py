@@ -1,0 +1,398 @@
+"""``toolkit`` command line: the only place that parses arguments.
+
+User errors (``HiertrainError``) print one line and exit 2; bugs keep their
+tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from toolkit.core.errors import HiertrainError
+from toolkit.core.security import add_security_args
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from toolkit.plan.stats import model_table
+
+    table = model_table(num_classes=args.num_classes, input_shape=args.input_shape)
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    for m in table:
+        shape = "x".join(str(s) for s in m["input_shape"])
+        print(f"{m['name']}: {m['description']}")
+        print(f"  input {shape}, {m['params']:,} parameters, default split {m['default_split']}")
+        print(f"  {'split':<8} {'edge params':>12} {'exit params':>12} {'edge MFLOP':>11} "
+              f"{'cut shape':>12} {'fp32 B/smp':>11} {'int8 B/smp':>11}")
+        for s in m["splits"]:
+            cut = "x".join(str(d) for d in s["cut_shape"])
+            print(f"  {s['split']:<8} {s['edge_params']:>12,} {s['exit_params']:>12,} "
+                  f"{s['edge_flops'] / 1e6:>11.1f} {cut:>12} {s['cut_float32_bytes']:>11,} "
+                  f"{s['cut_int8_bytes']:>11,}")
+        print()
+    return 0
+
+
+def cmd_boards(args: argparse.Namespace) -> int:
+    from toolkit.core.artifacts.boards import list_boards, load_board
+
+    boards = [load_board(n) for n in list_boards()]
+    if args.json:
+        print(json.dumps([b.to_dict() for b in boards], indent=2))
+        return 0
+    for b in boards:
+        print(f"{b.name:<18} {b.budget_mb:>6} MB budget  batch {b.default_batch:<3} "
+              f"link {b.link_kbps / 1000:g} Mbit/s  {b.description}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.personalise:
+        from toolkit.cli.personal import cmd_export_personal
+
+        return cmd_export_personal(args)
+    from toolkit.build.export import ExportConfig, OptimizerConfig, export_artifacts
+    from toolkit.core.models import get_spec
+    from toolkit.core.models.exits import ExitHeadConfig
+
+    spec = get_spec(args.model)
+    cfg = ExportConfig(
+        model=args.model, out=Path(args.out), split=args.split, board=args.board,
+        batch=args.batch, num_classes=args.num_classes, input_shape=args.input_shape,
+        mean=args.mean, std=args.std,
+        exit=ExitHeadConfig(
+            channels=spec.exit_channels if args.exit_channels is None else args.exit_channels,
+            kernel=args.exit_kernel, stride=args.exit_stride,
+        ),
+        optimizer=OptimizerConfig(lr=args.lr, momentum=args.momentum,
+                                  weight_decay=args.weight_decay),
+        seed=args.seed, edge_norm=args.edge_norm, force=args.force, verify=not args.no_verify,
+        codec=args.codec, lowering=args.lowering,
+    )
+    manifest = export_artifacts(cfg, progress=lambda m: print(f"[export] {m}", file=sys.stderr))
+    d = manifest.data
+    parity = d["parity"]
+    check = (f"gradient parity with eager PyTorch: {parity['global_rel_grad_error']:.1e} "
+             f"(worst tensor {parity['max_rel_grad_error']:.1e})"
+             if parity["checked"] else "parity not checked (--no-verify)")
+    print(f"wrote {args.out}: {d['model']['name']} split at {d['split']['point']}, "
+          f"batch {d['batch_size']}, cut {d['cut']['shape']}, "
+          f"~{d['board']['estimated_train_mb']:.0f} MB of {d['board']['budget_mb']} MB "
+          f"({d['board']['name']}); {check}")
+    size = d["cut"]["codec"]
+    bound = "exact" if size["size"] == "exact" else "at most; deflate is data-dependent"
+    print(f"codec {size['name']}: {size['message_bytes_per_sample']:.1f} bytes per sample on the "
+          f"wire ({bound}; float32 payload {d['cut']['float32_bytes_per_sample']})")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from toolkit.core.models import MODELS, get_spec
+    from toolkit.plan.planner import PlanConfig, make_plan, render
+
+    models = args.model.split(",") if args.model else list(MODELS)
+    for m in models:
+        get_spec(m)  # refuse a bad name before profiling the others
+    plans = []
+    for m in models:
+        cfg = PlanConfig(
+            model=m, board=args.board, link_kbps=args.link_kbps,
+            link_latency_ms=args.link_latency_ms, batch=args.batch, samples=args.samples,
+            bits=args.bits, input_shape=args.input_shape, num_classes=args.num_classes,
+            threads=args.threads, repeats=args.repeats, max_seconds=args.max_profile_s,
+            profile_cache=Path(args.profile_cache) if args.profile_cache else None,
+            edge_speed=args.edge_speed, cloud_speedup=args.cloud_speedup,
+        )
+        plans.append(make_plan(cfg, show_progress=True,
+                               log=lambda msg: print(f"[plan] {msg}", file=sys.stderr)))
+    if args.json:
+        print(json.dumps(plans[0] if len(plans) == 1 else plans, indent=2))
+    else:
+        print("\n\n".join(render(p) for p in plans))
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from toolkit.lab.broker import run_broker
+
+    run_broker(args.host, args.port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from toolkit.lab.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(
+        run_dir=Path(args.run_dir) if args.run_dir else None, data=args.data,
+        broker=args.broker, epochs=args.epochs, edges=args.edges, backend=args.backend,
+    ))
+    return 0
+
+
+def _split_map(text: str) -> dict[str, str]:
+    try:
+        return dict(item.split("=", 1) for item in text.split(",") if item)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected model=split[,model=split], got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from toolkit.lab.bench import BenchConfig, reductions, run_bench
+
+    rows = run_bench(BenchConfig(
+        out=Path(args.out), work_dir=Path(args.work_dir) if args.work_dir else None,
+        models=tuple(args.models.split(",")), splits=args.splits,
+        modes=tuple(args.modes.split(",")), rates_mbps=args.rates, latency_ms=args.latency_ms,
+        codec=args.codec, extra_codecs=tuple(c for c in args.extra_codecs.split(",") if c),
+        batch=args.batch, samples=args.samples, max_link_s=args.max_link_s,
+        accuracy_samples=args.accuracy_samples, accuracy_epochs=args.accuracy_epochs,
+        eval_limit=args.eval_limit, lr=args.lr, data=args.data, broker=args.broker,
+        schedules=tuple(args.schedules.split(",")),
+        split_grad_bits=tuple(int(b) for b in args.split_grad_bits), resume=args.resume,
+        report_only=args.report_only,
+    ))
+    for e in reductions(rows):
+        vs = ", ".join(f"{e[k] * 100:.0f} % vs {k.removeprefix('reduction_vs_')}"
+                       for k in ("reduction_vs_split", "reduction_vs_split_g8",
+                                 "reduction_vs_cloud") if e[k] is not None)
+        print(f"{e['model']} at {e['link_mbps']:g} Mbit/s: HT {e['ht_s']:.1f} s ({vs})")
+    print(f"written to {Path(args.out) / 'lowbitrate.json'}")
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import logging
+
+    from toolkit.deploy.gateway import GatewayConfig, run_gateway
+
+    logging.basicConfig(level=logging.INFO, format="gateway: %(message)s", stream=sys.stderr)
+    from toolkit.core.security import security_from_args
+
+    stats = run_gateway(GatewayConfig(serial=args.serial, baud=args.baud, broker=args.broker,
+                                      once=args.once, idle_timeout=args.idle_timeout,
+                                      security=security_from_args(args)))
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    from toolkit.deploy.flash import FlashConfig, flash
+
+    result = flash(FlashConfig(port=args.port, baud=args.baud, artifacts=Path(args.artifacts),
+                               board=args.board, timeout=args.timeout))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from toolkit.deploy.bundle import build_bundle
+
+    out = build_bundle(board=args.board, artifacts=Path(args.artifacts), out=Path(args.out))
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="toolkit", description="hiertrain build-time toolkit: models, export, demo"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common_model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--num-classes", type=int, default=10)
+        sp.add_argument("--input-shape", type=_shape, default=None,
+                        help="C,H,W (default: the model's, 3,32,32)")
+
+    sp = sub.add_parser("models", help="list models, split points and their costs")
+    common_model_args(sp)
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_models)
+
+    sp = sub.add_parser("boards", help="list board profiles")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_boards)
+
+    sp = sub.add_parser("export", help="export the edge training program and artifacts")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--split", default=None, help="split point (default: the model's)")
+    sp.add_argument("--board", default="rpi4", help="board profile name or .yaml path")
+    sp.add_argument("--batch", type=int, default=None, help="default: the board's")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--force", action="store_true", help="replace an existing --out")
+    common_model_args(sp)
+    sp.add_argument("--mean", type=_floats, default=None, help="per-channel input mean")
+    sp.add_argument("--std", type=_floats, default=None, help="per-channel input std")
+    sp.add_argument("--exit-channels", type=int, default=None)
+    sp.add_argument("--exit-kernel", type=int, default=3)
+    sp.add_argument("--exit-stride", type=int, default=1)
+    sp.add_argument("--lr", type=float, default=0.05)
+    sp.add_argument("--momentum", type=float, default=0.9)
+    sp.add_argument("--weight-decay", type=float, default=5e-4)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--codec", default="int8",
+                    help="activation codec on the wire: int8 (default), int4, int2, "
+                         "int8+deflate, int4+deflate, int2+deflate or float32")
+    sp.add_argument("--edge-norm", choices=("batch", "group"), default=None,
+                    help="normalisation in the edge segment (default: the model's)")
+    sp.add_argument("--no-verify", action="store_true",
+                    help="skip the gradient-parity check of the lowered program")
+    sp.add_argument("--lowering", choices=("xnnpack", "matmul", "portable"), default="xnnpack",
+                    help="training program: convolutions as matrix products run by XNNPACK "
+                         "(default; falls back to matmul without XNNPACK), the same on "
+                         "ExecuTorch's own kernels (any runtime), or ExecuTorch's portable "
+                         "convolution kernels (slowest); docs/export.md, 'Speed'")
+    sp.add_argument("--personalise", action="store_true",
+                    help="multi-exit personalisation program: frozen backbone, trainable exits "
+                         "(docs/personalise.md)")
+    sp.add_argument("--checkpoint", default=None,
+                    help="with --personalise: pretrained backbone state dict (full_model.pt of a "
+                         "hiertrain run, or the model's own state dict)")
+    sp.add_argument("--exits", default=None,
+                    help="with --personalise: comma-separated stages to attach exits after "
+                         "(default: every stage but the classifier)")
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("plan", help="predict epoch time per split point and mode; pick a split")
+    sp.add_argument("--model", default=None,
+                    help="model name, or several comma-separated (default: every model)")
+    sp.add_argument("--board", default="rpi4", help="board profile name or .yaml path")
+    sp.add_argument("--link-kbps", type=float, default=None,
+                    help="link rate in kbit/s (default: the board's)")
+    sp.add_argument("--link-latency-ms", type=float, default=None,
+                    help="one-way latency (default: the board's)")
+    sp.add_argument("--batch", type=int, default=None, help="default: the board's")
+    sp.add_argument("--samples", type=int, default=50_000,
+                    help="training samples per epoch (default 50000, CIFAR-10)")
+    sp.add_argument("--bits", type=int, choices=(2, 4, 8, 32), default=8,
+                    help="activation code width; 32 = raw float32")
+    sp.add_argument("--num-classes", type=int, default=10)
+    sp.add_argument("--input-shape", "--input-size", type=_shape, default=None,
+                    help="C,H,W (default: the model's, 3,32,32)")
+    sp.add_argument("--threads", type=int, default=1, help="torch threads while profiling")
+    sp.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
+    sp.add_argument("--max-profile-s", type=float, default=120.0,
+                    help="stop repeating measurements after this long")
+    sp.add_argument("--profile-cache", default=None, help="JSON file to reuse profiles from")
+    sp.add_argument("--edge-speed", type=float, default=None,
+                    help="board speed relative to this machine (default: from the profile)")
+    sp.add_argument("--cloud-speedup", type=float, default=1.0,
+                    help="cloud speed relative to this machine")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt) in the foreground")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=1883)
+    sp.set_defaults(func=cmd_broker)
+
+    sp = sub.add_parser("demo", help="hierarchical training end to end on bundled data")
+    sp.add_argument("--run-dir", default=None, help="keep the run here (default: temporary)")
+    sp.add_argument("--data", default=None,
+                    help="cifar-10-batches-py folder or ImageFolder tree (default: sklearn digits)")
+    sp.add_argument("--broker", default=None, help="external broker URL (default: embedded)")
+    sp.add_argument("--epochs", type=int, default=3)
+    sp.add_argument("--edges", type=int, default=2)
+    sp.add_argument("--backend", choices=("executorch", "torch"), default="executorch")
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("bench", help="HT vs split learning vs cloud training on shaped links")
+    sp.add_argument("--out", default="benchmarks/results", help="where results and plots go")
+    sp.add_argument("--work-dir", default=None, help="run dirs (default: OUT/lowbitrate-runs)")
+    sp.add_argument("--models", default="vgg16,resnet18")
+    sp.add_argument("--splits", type=_split_map, default={},
+                    help="model=split,... (default: vgg16=stage2, resnet18=layer3)")
+    sp.add_argument("--modes", default="ht,split,cloud")
+    sp.add_argument("--rates", type=_floats, default=(0.5, 2.0, 10.0, 50.0),
+                    help="link bit rates in Mbit/s, comma-separated")
+    sp.add_argument("--latency-ms", type=float, default=20.0, help="one-way link latency")
+    sp.add_argument("--codec", default="int8", help="activation codec for ht and split")
+    sp.add_argument("--extra-codecs", default="", help="more codecs for ht accuracy runs")
+    sp.add_argument("--batch", type=int, default=32)
+    sp.add_argument("--samples", type=int, default=512, help="runtime runs: samples (at most)")
+    sp.add_argument("--max-link-s", type=float, default=150.0,
+                    help="runtime runs: fewer samples at slow rates so split's link time <= S")
+    sp.add_argument("--accuracy-samples", type=int, default=4096)
+    sp.add_argument("--accuracy-epochs", type=int, default=2)
+    sp.add_argument("--eval-limit", type=int, default=1000, help="held-out samples evaluated")
+    sp.add_argument("--lr", type=float, default=0.01)
+    sp.add_argument("--data", default=None, help="dataset (default: CIFAR-10 copy, else digits)")
+    sp.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
+    sp.add_argument("--schedules", default="runtime,accuracy")
+    sp.add_argument("--report-only", action="store_true",
+                    help="run nothing: redo predictions, tables and plots from OUT/lowbitrate.json")
+    sp.add_argument("--resume", action="store_true",
+                    help="keep the runs already in OUT/lowbitrate.json, run only the others")
+    sp.add_argument("--split-grad-bits", type=_floats, default=(32,),
+                    help="split learning's gradients: 32 (float32, classic) and/or 8, e.g. 32,8")
+    sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("gateway", help="bridge a device's serial line to an MQTT broker")
+    sp.add_argument("--serial", required=True, help="/dev/ttyUSB0 or serial:///dev/...?baud=N")
+    sp.add_argument("--baud", type=int, default=115200)
+    sp.add_argument("--broker", required=True, help="mqtt://host[:port]")
+    sp.add_argument("--once", action="store_true", help="exit when the device says goodbye")
+    sp.add_argument("--idle-timeout", type=float, default=None,
+                    help="give up if no device greets within this many seconds")
+    add_security_args(sp, signing=False)
+    sp.set_defaults(func=cmd_gateway)
+
+    sp = sub.add_parser("flash", help="push artifacts to a board in provisioning mode (serial)")
+    sp.add_argument("--port", required=True, help="serial port, e.g. /dev/ttyACM0")
+    sp.add_argument("--baud", type=int, default=115200)
+    sp.add_argument("--artifacts", required=True, help="'toolkit export' output directory")
+    sp.add_argument("--board", default=None, help="board profile to send along (name or .yaml)")
+    sp.add_argument("--timeout", type=float, default=600.0, help="give up after this many s")
+    sp.set_defaults(func=cmd_flash)
+
+    sp = sub.add_parser("bundle", help="tarball for a Linux board: artifacts, config, systemd")
+    sp.add_argument("--board", required=True, help="board profile name or .yaml path")
+    sp.add_argument("--artifacts", required=True, help="'toolkit export' output directory")
+    sp.add_argument("--out", required=True, help="e.g. edge-bundle.tar.gz")
+    sp.set_defaults(func=cmd_bundle)
+    return p
+
+
+def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.ArgumentParser]) -> int:
+    """Shared entry for the three CLIs: one-line errors for user mistakes."""
+    args = parser_factory().parse_args(argv)
+    try:
+        return args.func(args)
+    except HiertrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(argv, build_parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
