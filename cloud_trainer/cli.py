@@ -2,7 +2,7 @@
 
 Training is the default command, so ``cloud-trainer --artifacts A --broker B
 --run-dir R`` trains; ``cloud-trainer serve ...`` only answers inference.
-User errors print one line and exit 2 (``toolkit.cli.run``).
+User errors print one line and exit with a distinct code (``toolkit.core.entry``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from toolkit.cli import run
+from toolkit.core.entry import new_parser, run
 from toolkit.core.protocol.modes import DEFAULT_MODE, MODES
 from toolkit.core.security import add_security_args, security_from_args
 
@@ -118,7 +118,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = new_parser(
         prog="cloud-trainer",
         description="Train the cloud segment on int8 activations from edge devices over MQTT "
                     "(default command), or serve hierarchical inference with a trained one.",
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _with_default_command(argv: Sequence[str]) -> list[str]:
     args = list(argv)
-    if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help")):
+    if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help", "--version")):
         args.insert(0, "train")
     return args
 

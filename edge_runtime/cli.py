@@ -1,7 +1,7 @@
 """``edge-runtime`` command line: ``train``, ``infer``, ``cluster``, ``personalise`` and
 ``provision``.
 
-User errors print ``error: ...`` and exit 2 (``toolkit.cli.run``).
+User errors print ``error: ...`` and exit with a distinct code (``toolkit.core.entry``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from edge_runtime import personal_cli
 from edge_runtime.config import BACKENDS, DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES
+from toolkit.core.entry import new_parser, run
 from toolkit.core.security import add_security_args
 
 
@@ -143,7 +144,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = new_parser(
         prog="edge-runtime",
         description="hiertrain edge device: train the edge segment and stream int8 cut "
                     "activations over MQTT; hierarchical inference",
@@ -264,8 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from toolkit.cli import run
-
     return run(argv, build_parser)
 
 

@@ -1,6 +1,7 @@
 """``toolkit`` command line: the only place that parses arguments.
 
-User errors (``HiertrainError``) print one line and exit 2; bugs keep their
+User errors (``HiertrainError``) print one line and exit with their code
+(``toolkit.core.entry.ExitCode``); bugs keep their
 tracebacks.
 """
 
@@ -9,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from toolkit.core.errors import HiertrainError
+from toolkit.core.entry import new_parser, run
 from toolkit.core.security import add_security_args
 
 
@@ -218,7 +219,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = new_parser(
         prog="toolkit", description="hiertrain build-time toolkit: models, export, demo"
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -375,19 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="e.g. edge-bundle.tar.gz")
     sp.set_defaults(func=cmd_bundle)
     return p
-
-
-def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.ArgumentParser]) -> int:
-    """Shared entry for the three CLIs: one-line errors for user mistakes."""
-    args = parser_factory().parse_args(argv)
-    try:
-        return args.func(args)
-    except HiertrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

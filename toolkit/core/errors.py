@@ -6,7 +6,14 @@ and keeps its traceback.
 
 
 class HiertrainError(Exception):
-    """A problem with the user's input or environment, stated with its fix."""
+    """A problem with the user's input or environment, stated with its fix.
+
+    ``exit_code`` is what the CLIs exit with (``toolkit.core.entry.ExitCode``):
+    scripts and fleet supervisors tell a bad configuration (3) from a broker that
+    is down (4) or a run that stopped short (5) without parsing the message.
+    """
+
+    exit_code = 3
 
 
 class ExportError(HiertrainError):
@@ -28,3 +35,15 @@ class WireError(HiertrainError):
         """
         super().__init__(message)
         self.reason = reason
+
+
+class BrokerUnreachableError(HiertrainError):
+    """The MQTT broker (or serial gateway) did not answer within the connect timeout."""
+
+    exit_code = 4
+
+
+class RunIncompleteError(HiertrainError):
+    """The run stopped before its work was done (timed out, batches missing, peer gone)."""
+
+    exit_code = 5

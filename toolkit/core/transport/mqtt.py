@@ -45,7 +45,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from toolkit.core.errors import HiertrainError
+from toolkit.core.errors import BrokerUnreachableError, HiertrainError
 from toolkit.core.transport.base import (
     PROPERTY_KEYS,
     BrokerAddress,
@@ -486,7 +486,8 @@ class MqttLink(Link):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closing.is_set():
                 self._client = None
-                raise HiertrainError(f"cannot reach MQTT broker at {self.address.url}: {reason}")
+                raise BrokerUnreachableError(
+                    f"cannot reach MQTT broker at {self.address.url}: {reason}")
             pause = min(delay, remaining)
             log.warning("broker at %s %s, retrying in %.1f s", where, reason, pause)
             if self._closing.wait(pause):
