@@ -67,7 +67,8 @@ def test_malformed_manifest_is_one_line_naming_the_file(tmp_path: Path, text: st
 
 
 def test_manifest_with_a_wrongly_typed_field_names_the_field(tmp_path: Path) -> None:
-    src = Path(__file__).resolve().parents[1] / "toolkit" / "schemas" / "manifest.v1.json"
+    src = (Path(__file__).resolve().parents[1] / "toolkit" / "core" / "artifacts" / "schemas"
+           / "manifest.v1.json")
     assert src.is_file()
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1,
                                                          "batch_size": "x" * 5000}))

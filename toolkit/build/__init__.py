@@ -1,1 +1,1 @@
-"""toolkit/build"""
+"""Build side: the ExecuTorch export of the edge training program, lowering, parity checks."""

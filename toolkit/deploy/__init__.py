@@ -1,1 +1,1 @@
-"""toolkit/deploy"""
+"""Deployment: board bundles, provisioning over serial (flash), the serial-to-MQTT gateway."""

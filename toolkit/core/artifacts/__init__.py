@@ -1,1 +1,1 @@
-"""toolkit/core/artifacts"""
+"""Files that cross from build time to run time: manifest, board profiles, checkpoints."""

@@ -1,1 +1,1 @@
-"""toolkit/core/protocol"""
+"""Wire format, activation codecs, messages, topics and modes: what travels between roles."""
