@@ -360,7 +360,7 @@ def test_int4_deflate_edge_feeds_a_real_cloud_trainer(int4_export, tmp_path) -> 
     # Every message on the wire is packed int4, and deflated when that was shorter.
     assert len(seen) == n
     batches = [decode(m, expected_run_id=run) for m in seen]
-    assert all(b.quantized is not None and b.quantized.scheme.bits == 4 for b in batches)
+    assert all(b.scheme is not None and b.scheme.bits == 4 for b in batches)
     assert all(m[5] & FLAG_PACKED for m in seen)
     assert sum(bool(m[5] & FLAG_DEFLATE) for m in seen) > n // 2  # the cloud inflated them
     est = size_estimate(CODECS["int4"], load_manifest(out).cut_shape, 16, run_id=run,
