@@ -67,7 +67,7 @@ from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
 from toolkit.core.artifacts.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 from toolkit.core.data.datasets import Dataset, batches, load_dataset, normalize, shard
 from toolkit.core.errors import HiertrainError, WireError
-from toolkit.core.protocol.codec import Codec, encode_activation, parse_codec
+from toolkit.core.protocol.codec import BatchMeta, Codec, parse_codec
 from toolkit.core.protocol.messages import Status, decode_ack, encode_weights
 from toolkit.core.protocol.modes import check_mode
 from toolkit.core.protocol.quant import QuantScheme
@@ -369,8 +369,8 @@ def _train_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
                     t = time.monotonic()
                     res = backend.step(x, y)
                     p.train_s += time.monotonic() - t
-                    msg = encode_activation(run, device, p.seq, epoch, i, res.cut, y, codec,
-                                            scheme)
+                    msg = codec.encode(res.cut, y, BatchMeta(run, device, p.seq, epoch, i),
+                                       base=scheme)
                     publisher.submit(topic, msg, kind="act", seq=p.seq)
                     p.seq += 1
                     p.batch = i + 1
