@@ -203,10 +203,10 @@ def test_manifest_without_codec_means_int8_and_bad_codecs_are_rejected(int4_expo
             validate({**data, "codec": bad})
 
 
-def test_export_with_a_bad_codec_exits_2_with_one_line() -> None:
+def test_export_with_a_bad_codec_exits_3_with_one_line() -> None:
     r = run_cli("toolkit", "export", "--model", "smallcnn", "--codec", "int3",
                 "--out", "/nonexistent/never-written", timeout=120)
-    assert r.returncode == 2
+    assert r.returncode == 3
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown codec 'int3'"), r.stderr
     assert "int4+deflate" in lines[0]
