@@ -170,8 +170,19 @@ def test_edge_runtime_with_the_broker_down_exits_4(small_export: Path, tmp_path:
 # -------------------------------------------------------------------- progress bars
 
 
-def _plan_under_a_terminal(cache: Path) -> tuple[int, str]:
-    """``toolkit plan`` with stdout on a pseudo-terminal; returns (exit code, stderr)."""
+def _plan(cache: Path, stdout: int) -> subprocess.CompletedProcess:
+    """``toolkit plan`` with stdout on ``stdout``; output kept as raw bytes.
+
+    Bytes, not text: text mode would turn tqdm's carriage returns into newlines.
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit", *PLAN, "--profile-cache", str(cache)],
+        stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, timeout=900, cwd=REPO,
+    )
+
+
+def _plan_under_a_terminal(cache: Path) -> subprocess.CompletedProcess:
+    """``toolkit plan`` with stdout on a pseudo-terminal, as in an interactive shell."""
     master, slave = os.openpty()
     drained = bytearray()
 
@@ -188,26 +199,23 @@ def _plan_under_a_terminal(cache: Path) -> tuple[int, str]:
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "toolkit", *PLAN, "--profile-cache", str(cache)],
-            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, text=True,
-            timeout=900, cwd=REPO,
-        )
+        result = _plan(cache, slave)
     finally:
         os.close(slave)
         reader.join(timeout=10)
         os.close(master)
     assert b"recommendation" in drained, drained[-2000:]
-    return proc.returncode, proc.stderr
+    return result
 
 
 def test_progress_bars_only_when_stdout_is_a_terminal(tmp_path: Path) -> None:
     """Profiling shows a tqdm bar on a terminal and none in captured output (logs, CI)."""
-    piped = run_cli("toolkit", *PLAN, "--profile-cache", str(tmp_path / "a.json"), timeout=900)
-    assert piped.returncode == 0, piped.stderr
-    assert "profiling smallcnn" not in piped.stderr and "\r" not in piped.stderr
-    assert "\r" not in piped.stdout and "recommendation" in piped.stdout
+    piped = _plan(tmp_path / "a.json", subprocess.PIPE)
+    assert piped.returncode == 0, piped.stderr.decode(errors="replace")
+    assert b"recommendation" in piped.stdout
+    for out in (piped.stdout, piped.stderr):
+        assert b"profiling smallcnn" not in out and b"\r" not in out, out[-2000:]
 
-    code, stderr = _plan_under_a_terminal(tmp_path / "b.json")
-    assert code == 0, stderr
-    assert "profiling smallcnn" in stderr and "\r" in stderr  # the bar is there: not vacuous
+    tty = _plan_under_a_terminal(tmp_path / "b.json")
+    assert tty.returncode == 0, tty.stderr.decode(errors="replace")
+    assert b"profiling smallcnn" in tty.stderr and b"\r" in tty.stderr  # the bar: not vacuous
