@@ -235,7 +235,7 @@ def test_old_infer_still_needs_a_broker(tmp_path, cli):
 def test_export_personalise_needs_a_checkpoint(tmp_path, cli):
     r = cli("toolkit", "export", "--personalise", "--model", "smallcnn", "--out",
             str(tmp_path / "x"))
-    assert r.returncode == 2 and "--checkpoint" in r.stderr
+    assert r.returncode == 3 and "--checkpoint" in r.stderr
     assert not (tmp_path / "x").exists()
 
 
