@@ -369,7 +369,7 @@ def test_cloud_cli_refuses_bad_link_values(tmp_path, command):
     r = run_cli("cloud-trainer", command, "--artifacts", str(tmp_path / "none"), "--broker",
                 "mqtt://127.0.0.1:1", "--run-dir", str(tmp_path / "run"), "--link-kbps", "0",
                 timeout=120)
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 3, r.stderr  # bad input (HiertrainError), not argparse usage
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--link-kbps" in lines[0]
 
