@@ -20,6 +20,10 @@ __all__ = ["atomic_torch_save", "atomic_write", "atomic_write_bytes", "ensure_ru
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
+SUMMARY = "cloud_summary.json"
+CLOUD_FINAL = "cloud_final.pt"
+"""The trained cloud segment: what ``cloud-trainer serve`` loads."""
+FULL_MODEL = "full_model.pt"
 
 
 def ensure_run_dir(path: str | os.PathLike[str]) -> Path:

@@ -2,7 +2,10 @@
 
 Training is the default command, so ``cloud-trainer --artifacts A --broker B
 --run-dir R`` trains; ``cloud-trainer serve ...`` only answers inference.
-User errors print one line and exit with a distinct code (``toolkit.core.entry``).
+User errors print one line and exit with a distinct code (``toolkit.core.entry``): 3 for
+bad input, 4 when the broker is unreachable, 5 when the run ends with devices missing
+or incomplete. ``--json`` prints the run's summary (``serve``: its result) as one JSON
+object on stdout, also on exit 5; logs stay on stderr.
 """
 
 from __future__ import annotations
@@ -56,13 +59,19 @@ def _check_link(args: argparse.Namespace) -> None:
     LinkShape.from_options(args.link_kbps, args.link_latency_ms)
 
 
+def _print_json(result: dict[str, Any]) -> None:
+    """One JSON object, one line, on stdout; logs and the progress bar are on stderr."""
+    print(json.dumps(result, sort_keys=True))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     _check_link(args)
     security = security_from_args(args)
-    from cloud_trainer.checkpoint import ensure_run_dir
+    from cloud_trainer.checkpoint import SUMMARY, ensure_run_dir
 
     ensure_run_dir(args.run_dir)  # seconds before torch is imported
     from cloud_trainer.trainer import CloudConfig, run_cloud
+    from toolkit.core.errors import RunIncompleteError
 
     _setup_logging(args.quiet)
     cfg = CloudConfig(
@@ -74,14 +83,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms, mode=args.mode,
         grad_bits=args.grad_bits, security=security, session_expiry=args.session_expiry,
     )
-    with _stop_on_sigterm() as stop:
-        s = run_cloud(cfg, stop)
+    try:
+        with _stop_on_sigterm() as stop:
+            s = run_cloud(cfg, stop)
+    except RunIncompleteError as exc:  # exit 5; the summary of what was trained still counts
+        summary = getattr(exc, "summary", None)
+        if args.json and summary is not None:
+            _print_json(summary)
+        raise
+    if args.json:
+        _print_json(s)
+        return 0
     per = ", ".join(f"{d}: {v['trained']}/{v['published']}" for d, v in s["per_device"].items())
     dropped = sum(s["dropped"].values())
     exit_acc = "-" if s["exit_accuracy"] is None else f"{s['exit_accuracy']:.3f}"
     print(f"--mode {s['mode']}: trained {s['batches_trained']} batches ({per}); full accuracy "
           f"{s['full_accuracy']:.3f}, exit accuracy {exit_acc}; "
-          f"{dropped} message(s) dropped; summary in {cfg.run_dir}/cloud_summary.json")
+          f"{dropped} message(s) dropped; summary in {cfg.run_dir}/{SUMMARY}")
     return 0
 
 
@@ -98,20 +116,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       security=security)
     with _stop_on_sigterm() as stop:
         result = serve_cloud(cfg, stop)
-    print(json.dumps(result))
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"answered {result['answered']} inference request(s), refused "
+              f"{result['refused']}; {sum(result['dropped'].values())} message(s) dropped")
     return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--artifacts", required=True, help="artifacts directory of 'toolkit export'")
-    p.add_argument("--broker", required=True, help="broker URL, e.g. mqtt://127.0.0.1:1883")
-    p.add_argument("--run-dir", required=True, help="where checkpoints, metrics and models go")
-    p.add_argument("--run-id", default="default", help="run id shared with the edges")
-    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="S")
+    """The flags ``train`` and ``serve`` share. Required flags show no default."""
+    p.add_argument("--artifacts", required=True, default=argparse.SUPPRESS, metavar="DIR",
+                   help="artifacts directory of 'toolkit export'")
+    p.add_argument("--broker", required=True, default=argparse.SUPPRESS, metavar="URL",
+                   help="broker URL, e.g. mqtt://127.0.0.1:1883 (mqtts:// for TLS)")
+    p.add_argument("--run-dir", required=True, default=argparse.SUPPRESS, metavar="DIR",
+                   help="where checkpoints, metrics and models go")
+    p.add_argument("--run-id", default="default", metavar="ID",
+                   help="run id shared with the edges")
+    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds to keep trying the broker before giving up (exit 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object on stdout (logs stay on stderr)")
     p.add_argument("--link-kbps", type=float, metavar="KBPS",
                    help="model a slow downlink: publish at most KBPS kbit/s, counting whole MQTT "
-                        "packets (default: unlimited; docs/runtime.md 'Link shaping')")
+                        "packets (None: unlimited; docs/runtime.md 'Link shaping')")
     p.add_argument("--link-latency-ms", type=float, default=0.0, metavar="MS",
                    help="one-way latency added to every message the cloud publishes")
     add_security_args(p)
@@ -122,42 +152,56 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cloud-trainer",
         description="Train the cloud segment on int8 activations from edge devices over MQTT "
                     "(default command), or serve hierarchical inference with a trained one.",
+        epilog="exit codes: 0 done, 1 bug, 2 usage, 3 bad input or configuration, "
+               "4 broker unreachable, 5 run incomplete (devices missing at the idle timeout), "
+               "130 interrupted",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,serve}")
-    t = sub.add_parser("train", help="train (the default when no command is given)")
+    t = sub.add_parser("train", help="train (the default when no command is given)",
+                       description="Train the cloud segment until every expected edge is done "
+                                   "(or --idle-timeout passes); --json prints the summary.")
     _common(t)
     who = t.add_mutually_exclusive_group()
     who.add_argument("--devices", type=int, metavar="N",
-                     help="expect N edge devices (the first N that come online)")
+                     help="expect N edge devices, the first N that come online (None, without "
+                          "--device-ids: train every device that comes online)")
     who.add_argument("--device-ids", type=_ids, metavar="A,B",
-                     help="expect exactly these edge device ids")
-    t.add_argument("--eval-data", help="held-out data (default: digits test split)")
+                     help="expect exactly these edge device ids (None: see --devices)")
+    t.add_argument("--eval-data", metavar="SOURCE",
+                   help="held-out data: digits, .npz, cifar-10-batches-py or ImageFolder; its "
+                        "test split (None: the digits test split)")
     t.add_argument("--eval-every", type=int, metavar="N",
-                   help="also evaluate every N batches (always when edge weights arrive)")
-    t.add_argument("--eval-limit", type=int, metavar="N", help="evaluate on N test samples")
+                   help="also evaluate every N batches trained (None: only when edge weights "
+                        "arrive, and at the end)")
+    t.add_argument("--eval-limit", type=int, metavar="N",
+                   help="evaluate on the first N held-out samples (None: all of them)")
     t.add_argument("--idle-timeout", type=float, default=120.0, metavar="S",
-                   help="finish after S seconds without any message (default 120)")
+                   help="finish after S seconds without any message (exit 5 if devices are "
+                        "missing or incomplete then)")
     t.add_argument("--queue-size", type=int, default=64, metavar="N",
-                   help="activation batches buffered before back-pressure (default 64)")
+                   help="activation batches buffered before back-pressure")
     t.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
-                   help="checkpoint every N batches trained (default 50)")
+                   help="checkpoint (and ack to the edges) every N batches trained")
     t.add_argument("--threads", type=int, metavar="N",
-                   help="torch threads (default: torch's choice; 1 on a machine shared with edges)")
+                   help="torch threads (None: torch's choice; use 1 on a machine shared with "
+                        "edges)")
     t.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
-                   help="ht: train the cloud segment on the edges' activations (default); "
+                   help="ht: train the cloud segment on the edges' activations; "
                         "split: classic split learning, send each activation's gradient back; "
                         "cloud: train the whole network on the images the edges upload. "
                         "The edges must run the same --mode")
     t.add_argument("--grad-bits", type=int, choices=(32, 8), default=32,
-                   help="split: gradients sent back as float32 (32, default) or int8 (8)")
+                   help="split: gradients sent back as float32 (32) or int8 (8)")
     t.add_argument("--session-expiry", type=int, default=3600, metavar="S",
                    help="seconds the broker keeps this trainer's MQTT session and the batches "
-                        "queued for it while it is down (default 3600; 0: clean sessions; "
-                        "docs/delivery.md)")
+                        "queued for it while it is down (0: clean sessions; docs/delivery.md)")
     t.set_defaults(func=cmd_train)
-    s = sub.add_parser("serve", help="answer inference requests with run-dir/cloud_final.pt")
+    s = sub.add_parser("serve", help="answer inference requests with run-dir/cloud_final.pt",
+                       description="Answer hierarchical inference requests with a finished "
+                                   "run's cloud segment until SIGTERM, Ctrl-C or --duration.")
     _common(s)
-    s.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    s.add_argument("--duration", type=float, metavar="S",
+                   help="stop after S seconds (None: until SIGTERM or Ctrl-C)")
     s.set_defaults(func=cmd_serve)
     return parser
 

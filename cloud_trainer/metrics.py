@@ -72,6 +72,30 @@ class MetricsLog:
         return rec
 
 
+class TrainWindow:
+    """Loss/accuracy since the last "train" metrics line."""
+
+    def __init__(self) -> None:
+        self.loss = 0.0
+        self.correct = 0
+        self.samples = 0
+        self.batches = 0
+
+    def add(self, loss: float, correct: int, samples: int) -> None:
+        self.loss += loss
+        self.correct += correct
+        self.samples += samples
+        self.batches += 1
+
+    def take(self) -> tuple[float, float] | None:
+        """(mean loss, accuracy) since the last take, and start afresh; None if empty."""
+        if not self.batches:
+            return None
+        out = (self.loss / self.batches, self.correct / max(1, self.samples))
+        self.__init__()  # type: ignore[misc]
+        return out
+
+
 def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Loss and accuracies against batches trained, as a PNG (matplotlib, Agg)."""
     import matplotlib

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from cloud_trainer.checkpoint import CLOUD_FINAL
+from cloud_trainer.cloud_link import client_id
+from cloud_trainer.config import MAX_BATCH_FACTOR
 from cloud_trainer.infer import InferenceServer
 from cloud_trainer.ingest import DeviceRegistry, DropCounter, Ingest
 from cloud_trainer.ledger import Ledger
-from cloud_trainer.trainer import CLOUD_FINAL, MAX_BATCH_FACTOR, client_id
 from toolkit.core.artifacts.manifest import load_manifest
 from toolkit.core.artifacts.safeload import load_weights
 from toolkit.core.errors import HiertrainError

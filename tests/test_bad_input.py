@@ -208,6 +208,6 @@ def test_cli_prints_one_line_for_a_malformed_manifest(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text('{"schema_version": 1, "model": 3}')
     r = run_cli("cloud-trainer", "--artifacts", str(tmp_path), "--broker", "mqtt://127.0.0.1:1",
                 "--run-dir", str(tmp_path / "run"), timeout=120)
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 3, r.stderr  # bad input (HiertrainError)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "manifest.json" in lines[0] and "Traceback" not in r.stderr

@@ -531,7 +531,7 @@ def test_resume_after_sigkill_trains_each_seq_once(artifacts: Path, manifest: Ma
 def test_idle_timeout_names_missing_and_incomplete_devices(
     artifacts: Path, manifest: Manifest, broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    from toolkit.core.errors import HiertrainError
+    from toolkit.core.errors import RunIncompleteError
 
     run, run_dir = _run_id(), tmp_path / "run"
     watch = StatusWatch(broker, run)
@@ -548,7 +548,7 @@ def test_idle_timeout_names_missing_and_incomplete_devices(
             edge.publish_new(c, y)
         edge.seq += 1  # says it published 4, but seq 3 never arrives
         edge.status("done")
-        with pytest.raises(HiertrainError) as info:
+        with pytest.raises(RunIncompleteError) as info:
             cloud.join(30)
         final = watch.wait_for("error", 10)
     finally:
@@ -559,6 +559,8 @@ def test_idle_timeout_names_missing_and_incomplete_devices(
     msg = str(info.value)
     assert "no message for 1.5 s" in msg and "e0 is done but 3 of its 4 batches arrived" in msg
     assert "1 more device(s) never came online" in msg
+    assert info.value.exit_code == 5
+    assert info.value.summary == _summary(run_dir)  # what --json prints on exit 5
     s = _summary(run_dir)
     assert not s["complete"] and s["per_device"]["e0"]["trained"] == 3
     assert final.extra["per_device"] == {"e0": 3}
@@ -576,7 +578,8 @@ def test_serve_answers_inference_with_correlation(artifacts: Path, manifest: Man
     torch.save(cloud_model.state_dict(), run_dir / "cloud_final.pt")
     watch = StatusWatch(broker, run)
     cloud = Cloud(tmp_path, "serve", "--artifacts", str(artifacts), "--broker", broker.url,
-                  "--run-dir", str(run_dir), "--run-id", run, "--quiet", "--duration", "60")
+                  "--run-dir", str(run_dir), "--run-id", run, "--quiet", "--duration", "60",
+                  "--json")
     link = None
     try:
         st = watch.wait_for("online", 40, cloud=cloud)
@@ -620,7 +623,109 @@ def test_unwritable_run_dir_is_one_line_error(artifacts: Path, tmp_path: Path) -
          "--broker", "mqtt://127.0.0.1:1", "--run-dir", str(blocker / "run"), "--quiet"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 3  # bad input or configuration (toolkit.core.entry.ExitCode)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(blocker / "run") in lines[0]
 
+
+
+# --------------------------------------------------------------------------- front door
+
+SUMMARY_KEYS = {"run_id", "mode", "end", "complete", "missing", "batches_trained",
+                "samples_trained", "per_device", "dropped", "full_accuracy", "exit_accuracy",
+                "wall_s", "samples", "bytes_up", "bytes_down", "link"}
+
+
+def test_version_and_help_defaults() -> None:
+    from toolkit import __version__
+
+    r = subprocess.run([sys.executable, "-m", "cloud_trainer", "--version"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.strip() == f"cloud-trainer {__version__}", r
+    helps = {}
+    for command in ("train", "serve"):
+        r = subprocess.run([sys.executable, "-m", "cloud_trainer", command, "--help"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert r.returncode == 0 and "--json" in r.stdout, r.stderr
+        helps[command] = " ".join(r.stdout.split())
+        # The formatter prints each default once; required flags print none.
+        assert "(default: 30.0)" in helps[command] and "(default 30" not in helps[command]
+        assert "--artifacts DIR artifacts directory of 'toolkit export' --broker" in helps[
+            command]
+    assert "(default: 120.0)" in helps["train"] and "(default 120)" not in helps["train"]
+
+
+@pytest.mark.mqtt
+def test_json_prints_the_summary_of_a_complete_run(artifacts: Path, manifest: Manifest,
+                                                   broker: EmbeddedBroker,
+                                                   tmp_path: Path) -> None:
+    run, run_dir = _run_id(), tmp_path / "run"
+    watch = StatusWatch(broker, run)
+    cloud = start_cloud(tmp_path, artifacts, broker, run_dir, run, "--device-ids", "e0",
+                        "--idle-timeout", "30", "--json")
+    edge = None
+    try:
+        watch.wait_for("online", 40, cloud=cloud)
+        edge = FakeEdge(broker, manifest, run, "e0")
+        edge.status("online")
+        for c, y in edge.sample(3):
+            edge.publish_new(c, y)
+        edge.status("done")
+        assert cloud.wait(60) == 0, cloud.stderr()
+    finally:
+        cloud.kill()
+        if edge:
+            edge.close()
+        watch.close()
+    out = cloud.out.read_text()
+    assert len(out.strip().splitlines()) == 1  # one JSON object; logs went to stderr
+    printed = json.loads(out)
+    assert SUMMARY_KEYS <= set(printed) and printed == _summary(run_dir)
+    assert printed["complete"] and printed["batches_trained"] == 3
+
+
+@pytest.mark.mqtt
+def test_idle_timeout_with_a_missing_device_exits_5(artifacts: Path, manifest: Manifest,
+                                                    broker: EmbeddedBroker,
+                                                    tmp_path: Path) -> None:
+    run, run_dir = _run_id(), tmp_path / "run"
+    watch = StatusWatch(broker, run)
+    edge = FakeEdge(broker, manifest, run, "e0")  # ready first: the idle clock is short
+    batches = edge.sample(2)
+    cloud = start_cloud(tmp_path, artifacts, broker, run_dir, run, "--device-ids", "e0,e1",
+                        "--idle-timeout", "3", "--json")
+    try:
+        watch.wait_for("online", 40, cloud=cloud)
+        edge.status("online")
+        for c, y in batches:
+            edge.publish_new(c, y)
+        edge.status("done")
+        assert cloud.wait(60) == 5, cloud.stderr()
+    finally:
+        cloud.kill()
+        edge.close()
+        watch.close()
+    errors = [x for x in cloud.err.read_text().splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "no message for 3 s" in errors[0]
+    assert "e1 never appeared" in errors[0]
+    printed = json.loads(cloud.out.read_text())  # --json: the summary, on exit 5 too
+    assert SUMMARY_KEYS <= set(printed) and not printed["complete"]
+    assert printed["end"] == "idle" and printed["per_device"]["e0"]["trained"] == 2
+
+
+def test_unreachable_broker_exits_4(artifacts: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cloud_trainer", "--artifacts", str(artifacts),
+         "--broker", f"mqtt://127.0.0.1:{port}", "--run-dir", str(tmp_path / "run"),
+         "--connect-timeout", "2", "--threads", "1", "--quiet", "--json"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]  # + retry warnings
+    assert len(errors) == 1 and "cannot reach MQTT broker" in errors[0], proc.stderr[-3000:]
+    assert proc.stdout == ""  # no summary: nothing ran

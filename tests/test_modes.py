@@ -270,7 +270,7 @@ def _edge_cfg(artifacts: Path, url: str, run: str, tmp: Path, **kw: Any):
 def test_one_split_step_is_one_step_of_the_whole_network(
         artifacts: Path, manifest: Manifest, broker: EmbeddedBroker, tmp_path: Path) -> None:
     """float32 up, float32 down: the split step must be exactly the chain rule."""
-    from cloud_trainer.trainer import make_optimizer
+    from cloud_trainer.optim import make_optimizer
     from edge_runtime.train import load_training_data, run_training
 
     run = _run_id()
@@ -313,7 +313,7 @@ def test_one_split_step_is_one_step_of_the_whole_network(
 @pytest.mark.mqtt
 def test_split_with_int8_gradients(artifacts: Path, manifest: Manifest, broker: EmbeddedBroker,
                                    tmp_path: Path) -> None:
-    from cloud_trainer.split_learning import GRAD_SCHEME
+    from cloud_trainer.modes.split import GRAD_SCHEME
     from edge_runtime.train import run_training
 
     run = _run_id()
@@ -421,7 +421,7 @@ def test_cloud_mode_resumes_with_its_trained_edge_segment(
     assert again.summary["full_accuracy"] == first["full_accuracy"]  # same trained edge + cloud
 
     with pytest.raises(HiertrainError, match="--mode cloud"):
-        from cloud_trainer.trainer import CloudConfig, CloudRun
+        from cloud_trainer.trainer import CloudConfig, build_run
 
-        CloudRun(CloudConfig(artifacts=artifacts, broker=broker.url, run_dir=run_dir,
-                             run_id=run, mode="ht"))
+        build_run(CloudConfig(artifacts=artifacts, broker=broker.url, run_dir=run_dir,
+                              run_id=run, mode="ht"))

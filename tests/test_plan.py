@@ -140,7 +140,7 @@ def test_activation_bytes_equal_encoded_messages():
         grad = encode(ActivationBatch("run", "dev", 1, 0, 0, raw=x))
         assert traffic.gradient_bytes(shape[0], shape[1:], run_id="run",
                                       device_id="dev") == len(grad)
-        from cloud_trainer.split_learning import GRAD_SCHEME  # what the cloud really sends
+        from cloud_trainer.modes.split import GRAD_SCHEME  # what the cloud really sends
 
         g8 = encode(ActivationBatch("run", "dev", 1, 0, 0, quantized=quantize(x, GRAD_SCHEME)))
         assert traffic.gradient_bytes(shape[0], shape[1:], 8, run_id="run",

@@ -442,7 +442,7 @@ def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path):
     serve = subprocess.Popen(
         [sys.executable, "-m", "cloud_trainer", "serve", "--artifacts", str(artifacts),
          "--broker", broker.url, "--run-dir", str(run_dir), "--run-id", run, "--duration", "240",
-         "--link-latency-ms", "250", "--link-kbps", "1000", "--quiet"],
+         "--link-latency-ms", "250", "--link-kbps", "1000", "--quiet", "--json"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

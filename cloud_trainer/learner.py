@@ -1,0 +1,247 @@
+"""What the cloud trains and knows, without the network: models, optimizer, ledger, evaluation.
+
+The training loop (``cloud_trainer.loop``) feeds a :class:`CloudLearner` what the
+ingest queued and sends out what it returns; everything here is the same in every
+mode except what the :class:`~cloud_trainer.modes.base.ModeStrategy` answers (how a
+batch becomes the model's input, which module trains, what goes back to the edge,
+what the checkpoint adds, which edge weights an evaluation uses).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cloud_trainer.checkpoint import ensure_run_dir, load_checkpoint, save_checkpoint
+from cloud_trainer.config import CloudConfig
+from cloud_trainer.evaluate import Evaluator
+from cloud_trainer.fleet import Fleet
+from cloud_trainer.ingest import ActItem, DeviceRegistry, DropCounter, StatusItem, WeightsItem
+from cloud_trainer.ledger import Ledger
+from cloud_trainer.metrics import MetricsLog, TrainWindow
+from cloud_trainer.modes.base import EdgeState, ModeContext, ModeStrategy, Reply
+from cloud_trainer.optim import make_optimizer
+from toolkit.core.artifacts.manifest import MANIFEST_NAME, load_manifest, sha256_file
+from toolkit.core.errors import HiertrainError
+from toolkit.core.models.segments import load_segments
+from toolkit.core.protocol import topics
+from toolkit.core.protocol.codec import DecodedBatch
+
+log = logging.getLogger(__name__)
+
+
+class CloudLearner:
+    """One run's training state; built from a config and a mode strategy, resumed from the
+    run directory's checkpoint if there is one."""
+
+    def __init__(self, cfg: CloudConfig, strategy: ModeStrategy) -> None:
+        cfg.check()
+        if strategy.name != cfg.mode:
+            raise ValueError(f"a --mode {strategy.name} strategy for a --mode {cfg.mode} run")
+        self.cfg = cfg
+        self.strategy = strategy
+        self.mode = strategy.name
+        self.run_id = cfg.run_id
+        self.run_dir = ensure_run_dir(cfg.run_dir)  # first: a bad path fails before any work
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.manifest = load_manifest(cfg.artifacts)
+        self.manifest_sha = sha256_file(self.manifest.path(MANIFEST_NAME))
+        built = load_segments(self.manifest)
+        self.cloud = built.cloud.train()
+        self.step = built.step  # host copy of the edge, only ever loaded with received weights
+        self.init_edge_state = copy.deepcopy(self.step.state_dict())
+        # What trains: the cloud segment, or (--mode cloud) the whole network.
+        self.model = strategy.bind(ModeContext(self.run_id, self.manifest, self.cloud, self.step))
+        self.optimizer = make_optimizer(self.model.parameters(), self.manifest)
+        self.model_lock = threading.Lock()
+        self.evaluator = Evaluator(self.manifest, cfg.eval_data, limit=cfg.eval_limit)
+        self.metrics = MetricsLog(self.run_dir)
+
+        self.ledger = Ledger()
+        self.registry = DeviceRegistry(cfg.device_ids, cfg.devices)
+        self.fleet = Fleet(self.registry, self.ledger)
+        self.drops = DropCounter()
+        self.weights: dict[str, WeightsItem] = {}
+        self.batches_trained = 0
+        self.last_batch_unix: float | None = None  # wall clock of the last trained batch
+        self.samples_trained = 0
+        self.resumed_batches = 0
+        self.window = TrainWindow()
+        self.last_eval: dict[str, Any] = {}
+        self.since_checkpoint = 0
+        self.checkpointed: dict[str, Any] = {}  # the ledger's trained sets at the last checkpoint
+        self._resume()
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        ckpt = load_checkpoint(self.run_dir, run_id=self.run_id, manifest_sha=self.manifest_sha)
+        if ckpt is None:
+            return
+        if ckpt.get("mode", "ht") != self.mode:
+            raise HiertrainError(
+                f"checkpoint {self.run_dir / 'checkpoint.pt'} was trained with --mode "
+                f"{ckpt.get('mode', 'ht')}, this run is --mode {self.mode}; use another --run-dir"
+            )
+        try:
+            self.cloud.load_state_dict(ckpt["cloud"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.ledger.load_state_dict(ckpt["ledger"])
+            self.checkpointed = dict(ckpt["ledger"]["trained"])
+            self.strategy.load_extra_state(ckpt)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise HiertrainError(
+                f"checkpoint {self.run_dir / 'checkpoint.pt'} does not fit these artifacts "
+                f"({str(exc).splitlines()[0]}); use another --run-dir"
+            ) from None
+        self.registry.restore(list(ckpt.get("devices", [])))
+        self.drops = DropCounter(ckpt.get("dropped", {}))
+        self.fleet.failed = dict(ckpt.get("failed", {}))
+        self.batches_trained = self.resumed_batches = int(ckpt["batches_trained"])
+        self.samples_trained = int(ckpt["samples_trained"])
+        self.last_eval = dict(ckpt.get("last_eval", {}))
+        self.metrics.truncate_after(self.batches_trained)
+        log.info("resumed from %s: %d batches already trained (%s)", self.run_dir,
+                 self.batches_trained,
+                 ", ".join(f"{d}: {self.ledger.trained_count(d)}" for d in self.ledger.devices()))
+
+    def checkpoint(self) -> None:
+        """Save everything trained (atomically); ``checkpointed`` is then what may be acked."""
+        with self.model_lock:
+            state = {
+                "run_id": self.run_id,
+                "manifest_sha": self.manifest_sha,
+                "cloud": self.cloud.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "ledger": self.ledger.state_dict(),
+                "devices": self.registry.admitted(),
+                "dropped": self.drops.snapshot(),
+                "failed": dict(self.fleet.failed),
+                "batches_trained": self.batches_trained,
+                "samples_trained": self.samples_trained,
+                "last_eval": {k: v for k, v in self.last_eval.items()
+                              if isinstance(v, (int, float, str)) or v is None},
+                "time": time.time(),
+                "mode": self.mode,
+                **self.strategy.extra_state_locked(),
+            }
+            save_checkpoint(self.run_dir, state)
+            self.checkpointed = state["ledger"]["trained"]
+        self.since_checkpoint = 0
+
+    # ---------------------------------------------------------------- training
+    def _train_step(self, b: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor, list[Reply]]:
+        """One SGD step on one batch; (loss, logits, what goes back to the edge)."""
+        x = self.strategy.inputs(b)
+        with self.model_lock:
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, b.labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.strategy.after_step_locked()
+        return loss, logits, self.strategy.replies(b, x)
+
+    def train_batch(self, item: ActItem) -> list[Reply]:
+        """Train one queued batch (once: the ledger marks it); the mode's replies to its edge."""
+        b = item.batch
+        y = b.labels
+        assert y is not None  # the ingest refuses unlabelled training batches
+        try:
+            loss, logits, replies = self._train_step(b)
+        except (RuntimeError, ValueError) as exc:
+            # E.g. a batch of one through a BatchNorm over 1x1 maps. Retrying the
+            # same batch would fail the same way, so it counts as processed.
+            failed = self.fleet.failed
+            failed[b.device_id] = failed.get(b.device_id, 0) + 1
+            self.drops.drop("step", topics.act_topic(self.run_id, b.device_id),
+                            f"training step failed: {str(exc).splitlines()[0]}")
+            self.ledger.mark_trained(b.device_id, b.seq)
+            return []
+        self.ledger.mark_trained(b.device_id, b.seq)
+        self.batches_trained += 1
+        self.samples_trained += len(y)
+        self.since_checkpoint += 1
+        self.window.add(loss.item(), int((logits.argmax(1) == y).sum()), len(y))
+        return replies
+
+    def log_train_line(self) -> None:
+        taken = self.window.take()
+        if taken is not None:
+            self.metrics.append("train", self.batches_trained, loss=taken[0], train_acc=taken[1])
+
+    # -------------------------------------------------------------- evaluation
+    def _edge_state(self, device: str | None) -> EdgeState:
+        own = self.strategy.own_edge_state()
+        if own is not None:
+            return own
+        if device is not None and device in self.weights:
+            w = self.weights[device]
+            return w.state, device, w.meta.get("epoch")
+        return self.init_edge_state, "edge_init", None
+
+    def latest_weights_device(self) -> str | None:
+        if not self.strategy.uses_edge_weights:
+            return None
+        admitted = [d for d in self.weights if self.registry.is_admitted(d)]
+        pool = admitted or list(self.weights)
+        return max(pool, key=lambda d: self.weights[d].received) if pool else None
+
+    def evaluate(self, device: str | None, trigger: str) -> dict[str, Any]:
+        """Score the cloud with ``device``'s latest edge weights (initial ones if none)."""
+        state, source, epoch = self._edge_state(device)
+        self.step.load_state_dict(state)
+        with self.model_lock:
+            cloud = copy.deepcopy(self.cloud)  # evaluate outside the lock
+        full_acc, exit_acc = self.evaluator.evaluate(self.step, cloud)
+        if not self.strategy.trains_exit:
+            exit_acc = None  # the head was never trained: its score would mean nothing
+        taken = self.window.take()
+        if taken is not None:  # keep the train curve aligned with the evaluation
+            self.metrics.append("train", self.batches_trained, loss=taken[0], train_acc=taken[1])
+        rec = self.metrics.append(
+            "eval", self.batches_trained, full_accuracy=full_acc, exit_accuracy=exit_acc,
+            edge_device=source, edge_epoch=epoch, trigger=trigger,
+        )
+        self.last_eval = rec
+        log.info("eval after %d batches (edge weights of %s): full %.3f, exit %s",
+                 self.batches_trained, source, full_acc,
+                 "-" if exit_acc is None else f"{exit_acc:.3f}")
+        return rec
+
+    def final_evaluations(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The final evaluation record (latest edge weights) and full accuracy per edge."""
+        device = self.latest_weights_device()
+        per_device_acc = {}
+        for d in sorted(self.weights):
+            if self.registry.is_admitted(d) and d != device:
+                per_device_acc[d] = self.evaluate(d, "final")["full_accuracy"]
+        final = self.evaluate(device, "final")  # last, so self.step holds these weights
+        if device is not None:
+            per_device_acc[device] = final["full_accuracy"]
+        return final, per_device_acc
+
+    # ------------------------------------------------------ what the edges say
+    def on_weights(self, item: WeightsItem) -> None:
+        if not self.strategy.uses_edge_weights:
+            return  # the mode check refuses such edges; ignore any weights that slip through
+        try:
+            self.step.load_state_dict(item.state)  # validate before keeping them
+        except RuntimeError as exc:
+            self.drops.drop("weights", topics.weights_topic(self.run_id, item.device),
+                            f"weights do not fit the edge model: {str(exc).splitlines()[0]}")
+            return
+        self.weights[item.device] = item
+        if self.registry.is_admitted(item.device):
+            self.evaluate(item.device, "weights")
+
+    def on_status(self, item: StatusItem) -> None:
+        self.fleet.on_status(item)
+        if self.strategy.evaluate_on_status(item):
+            self.evaluate(None, "epoch")

@@ -1,0 +1,282 @@
+"""The cloud trainer's one training loop, for every mode: trains what the edges send.
+
+Threads, and why:
+
+* paho's network thread runs the :class:`~cloud_trainer.ingest.Ingest`
+  handlers, which only check and enqueue (bounded queue, blocking put:
+  back-pressure instead of unbounded memory);
+* the **main thread** runs the training loop: it drains the queue, steps SGD,
+  evaluates when edge weights arrive, checkpoints, and decides when the run is
+  done;
+* an :class:`~cloud_trainer.outbox.Outbox` thread publishes status (and, in
+  split mode, gradients), so the loop never waits for a PUBACK that paho's
+  (possibly blocked) thread would have to read;
+* an :class:`~cloud_trainer.infer.InferenceServer` thread answers
+  hierarchical inference requests with the live cloud segment, under
+  ``model_lock``.
+
+The loop hands each batch to a :class:`~cloud_trainer.learner.CloudLearner` (models,
+optimizer, ledger, checkpoints, evaluation) and publishes what it returns. What
+differs per ``--mode`` is asked of the :class:`~cloud_trainer.modes.base.ModeStrategy`
+the run is given; the loop never imports a mode by name
+(``cloud_trainer.modes.registry`` does).
+
+The run is done (spec, :class:`~cloud_trainer.fleet.Fleet`) when every expected
+device has status ``done`` and the ledger holds all of its seqs
+``0..batches_published-1``; or when no message arrived for ``idle_timeout``
+seconds, which is a :class:`RunIncompleteError` (exit 5) if some device is missing
+or incomplete. Either way the final model, metrics, plot and summary are written
+first.
+
+Delivery (``docs/delivery.md``): the trainer subscribes with a persistent MQTT
+session (stable client id per run and run directory, ``session_expiry``) so
+the broker queues what edges publish while it is down, and after every
+checkpoint it publishes an :class:`~toolkit.core.protocol.messages.Ack` of what is trained
+*and checkpointed*; edges keep each batch in their spool until it is acked
+and resend what is left when this trainer restarts or reconnects. The ledger
+drops the duplicates, so at-least-once delivery trains every batch once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import sys
+import threading
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from cloud_trainer.cloud_link import open_cloud_link
+from cloud_trainer.config import MAX_BATCH_FACTOR, CloudConfig
+from cloud_trainer.infer import InferenceServer
+from cloud_trainer.ingest import ActItem, Ingest, StatusItem, WeightsItem
+from cloud_trainer.learner import CloudLearner
+from cloud_trainer.modes.base import ModeStrategy
+from cloud_trainer.outbox import Outbox
+from cloud_trainer.summary import build_summary, save_curves, save_final_models, write_summary
+from toolkit.core.entry import show_progress
+from toolkit.core.errors import HiertrainError, RunIncompleteError
+from toolkit.core.protocol import topics
+from toolkit.core.protocol.messages import CLOUD_DEVICE, Ack, Status
+
+log = logging.getLogger(__name__)
+
+
+class CloudRun:
+    """One training run: build with a config and a mode strategy (no network yet), then
+    :meth:`run`."""
+
+    def __init__(self, cfg: CloudConfig, strategy: ModeStrategy) -> None:
+        self.learner = CloudLearner(cfg, strategy)  # checks cfg, resumes from the run dir
+        self.cfg = cfg
+        self.mode = strategy.name
+        self.run_id = cfg.run_id
+        self.run_dir = self.learner.run_dir
+        self.bytes_down: dict[str, int] = {}  # payload bytes published to each edge
+        self.instance = f"{random.getrandbits(32):08x}"  # tells edges this process restarted
+        self._outbox: Outbox | None = None
+        self._link: Any = None
+        self._acked_connects = 0
+
+    # ---------------------------------------------------------- what goes out
+    def checkpoint(self) -> None:
+        self.learner.checkpoint()
+        self.post_ack()
+
+    def post_ack(self) -> None:
+        """Tell the edges what is trained and checkpointed (``toolkit.core.protocol.messages.Ack``).
+
+        Only checkpointed seqs: an edge deletes acked batches from its spool, and
+        a batch trained after the last checkpoint dies with a killed trainer.
+        """
+        if self._outbox is None or self._link is None:
+            return
+        self._acked_connects = self._link.connects
+        ack = Ack(run=self.run_id, instance=self.instance, connects=self._acked_connects,
+                  trained=self.learner.checkpointed)
+        self._outbox.post(topics.ack_topic(self.run_id), ack.encode(), retain=False)
+
+    def status(self, state: str, message: str = "", **extra: Any) -> Status:
+        lr = self.learner
+        return Status(
+            role="cloud", device=CLOUD_DEVICE, run=self.run_id, state=state, message=message,
+            exit_accuracy=lr.last_eval.get("exit_accuracy"),
+            extra={"mode": self.mode, "batches_trained": lr.batches_trained,
+                   "per_device": {d: v["trained"] for d, v in lr.fleet.per_device().items()},
+                   **self.cfg.extra_status, **extra},
+        )
+
+    # --------------------------------------------------------------------- run
+    def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
+        cfg, lr = self.cfg, self.learner
+        start = time.monotonic()
+        link = self._link = open_cloud_link(cfg, self.run_dir, on_reject=lr.drops.drop)
+        link.set_will(topics.status_topic(self.run_id, CLOUD_DEVICE),
+                      Status(role="cloud", device=CLOUD_DEVICE, run=self.run_id,
+                             state="offline").encode(), retain=True)
+        server = InferenceServer(lr.cloud, link, model_lock=lr.model_lock)
+        max_batch = MAX_BATCH_FACTOR * lr.manifest.batch_size
+        ingest = Ingest(
+            self.run_id, cut_shape=lr.strategy.wire_shape(lr.manifest),
+            num_classes=lr.manifest.num_classes, max_batch=max_batch, ledger=lr.ledger,
+            registry=lr.registry, drops=lr.drops, queue_size=cfg.queue_size,
+            infer_sink=server.submit, mode=self.mode,
+        )
+        ingest.subscribe(link)
+        outbox: Outbox | None = None
+        status_topic = topics.status_topic(self.run_id, CLOUD_DEVICE)
+        try:
+            link.connect(timeout=cfg.connect_timeout)
+            outbox = self._outbox = Outbox(link)
+            outbox.post(status_topic, self.status("online").encode(), retain=True)
+            self.post_ack()
+            log.info("cloud trainer online: run %r, broker %s, run dir %s",
+                     self.run_id, link.address.url, self.run_dir)
+            end = self._loop(ingest, outbox, stop)
+            ingest.close()  # from here on paho's thread must stay free for PUBACKs
+            summary = self._finish(end, ingest, link, time.monotonic() - start)
+            missing = summary["missing"]
+            state = "done" if not missing else "error"
+            message = "" if not missing else "; ".join(missing)
+            outbox.post(status_topic, self.status(
+                state, message,
+                full_accuracy=summary["full_accuracy"], dropped=summary["dropped"],
+                per_device_detail=summary["per_device"], samples_trained=lr.samples_trained,
+                wall_s=summary["wall_s"], bytes_received=summary["bytes_received"],
+                max_queue_depth=summary["max_queue_depth"],
+            ).encode(), retain=True)
+            if not outbox.flush(10.0):
+                log.warning("the final cloud status was not acknowledged within 10 s")
+            # A complete run needs no session any more: nothing it could still queue matters.
+            inner = link
+            while hasattr(inner, "inner"):  # through shaping (and other) wrappers
+                inner = inner.inner
+            inner.end_session = not missing
+        except BaseException as exc:
+            ingest.close()
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: keep what was trained
+                try:
+                    self.checkpoint()
+                except HiertrainError as disk:
+                    log.warning("no checkpoint on interrupt: %s", disk)
+            if outbox is not None:
+                outbox.post(status_topic, self.status("error", f"{type(exc).__name__}: "
+                                                      f"{exc}").encode(), retain=True)
+                outbox.flush(5.0)
+            raise
+        finally:
+            ingest.close()
+            server.close()
+            if outbox is not None:
+                outbox.close(5.0)
+            link.close()
+        if missing:
+            why = {"idle": f"no message for {cfg.idle_timeout:g} s",
+                   "stopped": "stopped before the run finished"}[end]
+            incomplete = RunIncompleteError(
+                f"{why} and {'; '.join(missing)}; what was trained is saved in "
+                f"{self.run_dir} (rerun with the same --run-dir to resume)"
+            )
+            incomplete.summary = summary  # type: ignore[attr-defined]  # for --json
+            raise incomplete
+        return summary
+
+    def _loop(self, ingest: Ingest, outbox: Outbox, stop: threading.Event | None) -> str:
+        cfg, lr = self.cfg, self.learner
+        status_topic = topics.status_topic(self.run_id, CLOUD_DEVICE)
+        bar = tqdm(desc="cloud", unit="batch", initial=lr.batches_trained, file=sys.stderr,
+                   disable=cfg.quiet or not show_progress(), dynamic_ncols=True,
+                   mininterval=0.5)
+        last_status = last_postfix = time.monotonic()
+        try:
+            while True:
+                if stop is not None and stop.is_set():
+                    return "stopped"
+                try:
+                    item = ingest.queue.get(timeout=0.2)
+                except queue.Empty:
+                    item = None
+                if item is not None:
+                    self._dispatch(item, bar)
+                if lr.fleet.complete():
+                    self._drain(ingest, bar)
+                    return "complete"
+                if item is None and ingest.idle_for() > cfg.idle_timeout:
+                    log.warning("no message for %g s; finishing", cfg.idle_timeout)
+                    return "idle"
+                now = time.monotonic()
+                if now - last_postfix >= 0.5 and not bar.disable:
+                    counts = " ".join(f"{d}={v['trained']}"
+                                      for d, v in lr.fleet.per_device().items())
+                    bar.set_postfix_str(f"{counts} q={ingest.queue.qsize()}", refresh=False)
+                    last_postfix = now
+                if self._link.connects != self._acked_connects:
+                    self.post_ack()  # reconnected: the broker may have lost what it held
+                if now - last_status >= cfg.status_every:
+                    outbox.post(status_topic, self.status(
+                        "training", queue_depth=ingest.queue.qsize()).encode(), retain=True)
+                    last_status = now
+        finally:
+            bar.close()
+
+    def _dispatch(self, item: Any, bar: Any) -> None:
+        lr = self.learner
+        if isinstance(item, ActItem):
+            device = item.batch.device_id
+            for topic, payload in lr.train_batch(item):
+                assert self._outbox is not None  # replies only while running
+                self._outbox.post(topic, payload)  # in order with the status, off this thread
+                self.bytes_down[device] = self.bytes_down.get(device, 0) + len(payload)
+            lr.last_batch_unix = time.time()
+            bar.update(1)
+            self._periodic()
+        elif isinstance(item, StatusItem):
+            lr.on_status(item)
+        elif isinstance(item, WeightsItem):
+            lr.on_weights(item)
+
+    def _drain(self, ingest: Ingest, bar: Any, quiet_s: float = 0.5, max_s: float = 3.0) -> None:
+        """Take what is still arriving after the done rule held (bounded).
+
+        MQTT orders messages per topic only, so an edge's final weights may land
+        just after its "done" status; the final evaluation should use them.
+        """
+        deadline = time.monotonic() + max_s
+        while time.monotonic() < deadline:
+            try:
+                item = ingest.queue.get(timeout=quiet_s)
+            except queue.Empty:
+                return
+            self._dispatch(item, bar)
+
+    def _periodic(self) -> None:
+        cfg, lr = self.cfg, self.learner
+        if lr.batches_trained % cfg.log_every == 0:
+            lr.log_train_line()
+        if cfg.eval_every and lr.batches_trained % cfg.eval_every == 0:
+            lr.evaluate(lr.latest_weights_device(), "eval_every")
+        if lr.since_checkpoint >= cfg.checkpoint_every:
+            self.checkpoint()
+
+    def _finish(self, end: str, ingest: Ingest, link: Any, wall_s: float) -> dict[str, Any]:
+        """Final evaluations, checkpoint, models, curves and ``cloud_summary.json``."""
+        lr = self.learner
+        missing = [] if end == "complete" else lr.fleet.incomplete()
+        final, per_device_acc = lr.final_evaluations()
+        self.checkpoint()
+        save_final_models(self.run_dir, lr.step.edge, lr.cloud, lr.model_lock)
+        save_curves(self.run_dir, lr.metrics.records,
+                    title=f"{lr.manifest.model_name} run {self.run_id}")
+        summary = build_summary(
+            run_id=self.run_id, mode=self.mode, end=end, missing=missing,
+            batches_trained=lr.batches_trained, samples_trained=lr.samples_trained,
+            resumed_batches=lr.resumed_batches, per_device=lr.fleet.per_device(),
+            dropped=lr.drops.snapshot(), final=final, per_device_acc=per_device_acc,
+            evaluator=lr.evaluator, wall_s=wall_s, last_batch_unix=lr.last_batch_unix,
+            ingest=ingest, link=link, bytes_down=self.bytes_down,
+        )
+        write_summary(self.run_dir, summary)
+        return summary
