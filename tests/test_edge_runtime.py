@@ -295,6 +295,20 @@ def test_cli_train_shows_no_progress_bars_when_its_output_is_captured(artifacts,
         assert bar not in res.stderr and bar not in res.stdout, (bar, res.stderr)
 
 
+@pytest.mark.mqtt
+def test_split_run_without_a_cloud_trainer_is_incomplete_exit_5(artifacts, broker, cli,
+                                                                 tmp_path):
+    """A run that could not do its work (split learning, nobody sends gradients) is not a
+    configuration error: RunIncompleteError, exit code 5, one line."""
+    res = cli("edge-runtime", "train", "--artifacts", str(artifacts), "--broker", broker.url,
+              "--device-id", "d0", "--run-id", _uid("run"), "--mode", "split",
+              "--grad-timeout", "2", "--epochs", "1", "--limit", "64", "--quiet",
+              "--threads", "1", "--state-dir", str(tmp_path), timeout=300)
+    assert res.returncode == 5, res.stderr  # ExitCode.INCOMPLETE
+    err = res.stderr.strip().splitlines()
+    assert err[-1].startswith("error: no live cloud trainer") and "Traceback" not in res.stderr
+
+
 def test_every_cli_flag_has_help_without_hand_written_defaults():
     """``edge-runtime <cmd> --help`` explains every flag; defaults come from the shared
     formatter, never typed into the help (they went stale), and an unset default is not
