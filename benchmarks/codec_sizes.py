@@ -12,9 +12,9 @@ activations of ``--batches`` training batches of ``--batch`` images:
   **payload/sample**: the payload alone;
 * **ratio**: float32 message bytes / this codec's message bytes (how many times smaller);
 * **rel. error**: ``||x' - x|| / ||x||`` over all batches (Frobenius), ``x'`` being what the cloud
-  gets after ``toolkit.core.protocol.wire.decode(...).dequantized()``;
-* **enc ms / dec ms**: median wall time per batch of ``encode_activation`` (quantize, pack,
-  deflate, frame) and of ``decode`` + ``dequantized`` on one thread.
+  gets from ``codec.decode(...).tensor``;
+* **enc ms / dec ms**: median wall time per batch of ``codec.encode`` (quantize, pack,
+  deflate, frame) and of ``codec.decode(...).tensor`` (check, unpack, dequantize) on one thread.
 
 The activations are what an edge sends during training: the edge segment in train mode (batch
 statistics in its norm layers) under ``torch.no_grad``, at the exporter's initial weights
@@ -52,9 +52,9 @@ from toolkit.core.data.datasets import digits_stats, load_dataset, normalize, sh
 from toolkit.core.models import CIFAR_MEAN, CIFAR_STD, get_spec
 from toolkit.core.models.exits import ExitHeadConfig
 from toolkit.core.models.segments import build_segments
-from toolkit.core.protocol.codec import CODECS, encode_activation
+from toolkit.core.protocol.codec import CODECS, BatchMeta, decode
 from toolkit.core.protocol.quant import DEFAULT_SCHEME
-from toolkit.core.protocol.wire import DEFLATE_LEVEL, decode, header_overhead
+from toolkit.core.protocol.wire import DEFLATE_LEVEL, header_overhead
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RUN_ID, DEVICE_ID = "bench", "edge-0"
@@ -130,9 +130,9 @@ def measure(cuts: list[torch.Tensor], labels: list[torch.Tensor], repeats: int) 
         enc_ms, dec_ms = [], []
         deflated = 0
         for cut, y in zip(cuts, labels, strict=True):
-            data = encode_activation(RUN_ID, DEVICE_ID, 0, 0, 0, cut, y, codec, DEFAULT_SCHEME)
-            batch = decode(data, expected_run_id=RUN_ID)
-            recon = batch.dequantized()
+            meta = BatchMeta(RUN_ID, DEVICE_ID, 0)
+            data = codec.encode(cut, y, meta, base=DEFAULT_SCHEME)
+            recon = decode(data, expected_run_id=RUN_ID).tensor
             err2 += float((recon.double() - cut.double()).pow(2).sum())
             msg_bytes += len(data)
             scheme = codec.scheme(DEFAULT_SCHEME) if codec.quantized else None
@@ -140,9 +140,9 @@ def measure(cuts: list[torch.Tensor], labels: list[torch.Tensor], repeats: int) 
                                                          device_id=DEVICE_ID)
             deflated += bool(data[5] & 0x02)
             enc_ms.append(_median_ms(
-                lambda cut=cut, y=y, codec=codec: encode_activation(
-                    RUN_ID, DEVICE_ID, 0, 0, 0, cut, y, codec, DEFAULT_SCHEME), repeats))
-            dec_ms.append(_median_ms(lambda data=data: decode(data).dequantized(), repeats))
+                lambda cut=cut, y=y, codec=codec, meta=meta: codec.encode(
+                    cut, y, meta, base=DEFAULT_SCHEME), repeats))
+            dec_ms.append(_median_ms(lambda data=data: decode(data).tensor, repeats))
         out[name] = {
             "bits": codec.bits,
             "entropy": codec.entropy,

@@ -206,7 +206,7 @@ def main() -> int:
     # 4. accuracy before/after on the personal test set
     test = load_personal_split(m, data, "test", classes, args.shift, None, 0)
     trained = PersonalBackend(m, "torch")
-    from toolkit.core.artifacts.personal import load_exit_state
+    from toolkit.core.models.personal import load_exit_state
 
     load_exit_state(trained.net, exits, "exits")
     logits = trained.forward(test.x)

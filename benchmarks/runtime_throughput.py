@@ -35,9 +35,9 @@ from toolkit.build.export import ExportConfig, export_artifacts  # noqa: E402
 from toolkit.core.artifacts.manifest import load_manifest  # noqa: E402
 from toolkit.core.models.exits import ExitHeadConfig  # noqa: E402
 from toolkit.core.protocol import topics  # noqa: E402
+from toolkit.core.protocol.codec import BatchMeta, codec_for, decode  # noqa: E402
 from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_status  # noqa: E402
-from toolkit.core.protocol.quant import QuantScheme, quantize  # noqa: E402
-from toolkit.core.protocol.wire import ActivationBatch, decode, encode  # noqa: E402
+from toolkit.core.protocol.quant import QuantScheme  # noqa: E402
 from toolkit.core.transport import open_link  # noqa: E402
 from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto  # noqa: E402
 
@@ -89,8 +89,8 @@ def _messages(manifest, n: int, run: str, device: str) -> list[bytes]:
     out = []
     for seq in range(n):
         act = torch.relu(torch.randn(b, *cut, generator=g))
-        out.append(encode(ActivationBatch(run, device, seq, 0, seq, quantized=quantize(act, scheme),
-                                          labels=torch.randint(0, 10, (b,), generator=g))))
+        out.append(codec_for(scheme).encode(act, torch.randint(0, 10, (b,), generator=g),
+                                            BatchMeta(run, device, seq, 0, seq), base=scheme))
     return out
 
 
@@ -140,7 +140,7 @@ def cloud_ingest(tmp: Path, broker_kind: str, n: int) -> dict:
     summary = json.loads((run_dir / "cloud_summary.json").read_text()) if ok else {}
     t = time.perf_counter()
     for m in msgs:
-        decode(m, expected_run_id=run).dequantized()
+        _ = decode(m, expected_run_id=run).tensor  # decoding is the work timed
     decode_s = (time.perf_counter() - t) / n
     mb = sum(len(m) for m in msgs) / 1e6
     row = {"broker": broker_kind, "batches": n, "batch": manifest.batch_size,

@@ -26,8 +26,7 @@ from toolkit.core.data.datasets import normalize
 from toolkit.core.errors import WireError
 from toolkit.core.models.rewrites import host_stat_layers
 from toolkit.core.models.segments import FullModel
-from toolkit.core.protocol.images import decode_images
-from toolkit.core.protocol.wire import ActivationBatch
+from toolkit.core.protocol.codec import DecodedBatch
 
 SOURCE = "cloud"
 """``eval_edge_device`` of this mode's evaluations: the edge segment trained here."""
@@ -61,9 +60,9 @@ class CentralizedCloudRun(CloudRun):
     def _wire_shape(self) -> tuple[int, ...]:
         return self.manifest.input_shape
 
-    def _train_step(self, b: ActivationBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_step(self, b: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            x = normalize(decode_images(b), self.mean, self.std)
+            x = normalize(b.images(), self.mean, self.std)
         except WireError as exc:  # counted as a failed step by train_batch
             raise ValueError(f"not an image upload: {exc}") from None
         with self.model_lock:

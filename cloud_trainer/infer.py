@@ -84,7 +84,7 @@ class InferenceServer:
     def _answer(self, item: InferItem) -> bytes:
         if item.batch is None:
             return encode_infer_reply([], [], error=item.error or "bad request")
-        x = item.batch.dequantized()
+        x = item.batch.tensor
         with self.model_lock or nullcontext():
             preds, probs = cloud_predict(self.cloud, x)
         return encode_infer_reply(preds, probs)

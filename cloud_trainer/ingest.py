@@ -39,9 +39,9 @@ import torch
 from cloud_trainer.ledger import Ledger, SeqSet
 from toolkit.core.errors import WireError
 from toolkit.core.protocol import topics
+from toolkit.core.protocol.codec import DecodedBatch, decode
 from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_status, decode_weights
 from toolkit.core.protocol.modes import DEFAULT_MODE, announced_mode, mismatch
-from toolkit.core.protocol.wire import ActivationBatch, decode
 from toolkit.core.transport import Link
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ are what a retained status of a finished or dead edge from an earlier run says."
 class ActItem:
     """One activation batch, checked and claimed, waiting to be trained."""
 
-    batch: ActivationBatch
+    batch: DecodedBatch
     nbytes: int
 
 
@@ -92,7 +92,7 @@ class InferItem:
     device: str
     response_topic: str
     correlation_data: bytes | None
-    batch: ActivationBatch | None = None
+    batch: DecodedBatch | None = None
     error: str = ""
 
 
@@ -292,9 +292,8 @@ class Ingest:
             self.drops.drop("mode", topic, why)
         return why is not None
 
-    def _check_activation(self, batch: ActivationBatch, topic: str, *, labels: bool) -> bool:
-        shape = tuple(batch.quantized.codes.shape if batch.quantized is not None
-                      else batch.raw.shape)  # type: ignore[union-attr]
+    def _check_activation(self, batch: DecodedBatch, topic: str, *, labels: bool) -> bool:
+        shape = batch.shape
         if len(shape) != 1 + len(self.cut_shape) or shape[1:] != self.cut_shape:
             self.drops.drop("shape", topic, f"activation shape {list(shape)} does not match the "
                             f"manifest's cut shape [N, {', '.join(map(str, self.cut_shape))}]")

@@ -18,7 +18,6 @@ epoch ends. No exit head is trained, so exit accuracy is None.
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +26,8 @@ from cloud_trainer.ingest import Ingest
 from cloud_trainer.outbox import Outbox
 from cloud_trainer.trainer import CloudRun
 from toolkit.core.protocol import topics
-from toolkit.core.protocol.quant import QuantScheme, quantize
-from toolkit.core.protocol.wire import ActivationBatch, encode
+from toolkit.core.protocol.codec import BatchMeta, Codec, DecodedBatch, parse_codec
+from toolkit.core.protocol.quant import QuantScheme
 
 GRAD_SCHEME = QuantScheme(bits=8, granularity="per_channel", symmetric=True, channel_axis=1)
 
@@ -41,13 +40,11 @@ class SplitCloudRun(CloudRun):
         self.outbox = outbox  # gradients go out through the status outbox, in order
         return super()._loop(ingest, outbox, stop)
 
-    def _grad_form(self, grad: torch.Tensor) -> dict[str, Any]:
-        if self.cfg.grad_bits == 32:
-            return {"raw": grad}
-        return {"quantized": quantize(grad, GRAD_SCHEME)}
+    def _grad_codec(self) -> Codec:
+        return parse_codec("float32" if self.cfg.grad_bits == 32 else "int8")
 
-    def _train_step(self, b: ActivationBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        x = b.dequantized().requires_grad_(True)
+    def _train_step(self, b: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x = b.tensor.detach().requires_grad_(True)
         with self.model_lock:
             logits = self.cloud(x)
             loss = F.cross_entropy(logits, b.labels)
@@ -55,9 +52,8 @@ class SplitCloudRun(CloudRun):
             loss.backward()
             self.optimizer.step()
         assert x.grad is not None
-        payload = encode(ActivationBatch(
-            run_id=self.run_id, device_id=b.device_id, seq=b.seq, epoch=b.epoch,
-            batch_index=b.batch_index, **self._grad_form(x.grad)))
+        payload = self._grad_codec().encode(x.grad, None, BatchMeta(
+            self.run_id, b.device_id, b.seq, b.epoch, b.batch_index), base=GRAD_SCHEME)
         self.outbox.post(topics.grad_topic(self.run_id, b.device_id), payload)
         self.bytes_down[b.device_id] = self.bytes_down.get(b.device_id, 0) + len(payload)
         return loss, logits

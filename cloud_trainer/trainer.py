@@ -74,9 +74,9 @@ from toolkit.core.artifacts.manifest import MANIFEST_NAME, Manifest, load_manife
 from toolkit.core.errors import HiertrainError
 from toolkit.core.models.segments import FullModel, load_segments
 from toolkit.core.protocol import topics
+from toolkit.core.protocol.codec import DecodedBatch
 from toolkit.core.protocol.messages import CLOUD_DEVICE, Ack, Status
 from toolkit.core.protocol.modes import DEFAULT_MODE, check_mode
-from toolkit.core.protocol.wire import ActivationBatch
 from toolkit.core.security import LinkSecurity
 from toolkit.core.transport import LinkShape, link_summary, open_link, shape_link
 
@@ -364,9 +364,9 @@ class CloudRun:
         return self.manifest.cut_shape
 
     # ---------------------------------------------------------------- training
-    def _train_step(self, b: ActivationBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_step(self, b: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step on one batch; returns (loss, logits)."""
-        x = b.dequantized()
+        x = b.tensor
         with self.model_lock:
             logits = self.cloud(x)
             loss = F.cross_entropy(logits, b.labels)

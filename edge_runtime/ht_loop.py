@@ -35,7 +35,7 @@ from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
 from toolkit.core.artifacts.manifest import MANIFEST_NAME, Manifest, sha256_file
 from toolkit.core.data.datasets import Dataset, batches
 from toolkit.core.errors import HiertrainError, WireError
-from toolkit.core.protocol.codec import Codec, encode_activation
+from toolkit.core.protocol.codec import BatchMeta, Codec
 from toolkit.core.protocol.messages import Status, decode_ack
 from toolkit.core.protocol.quant import QuantScheme
 from toolkit.core.protocol.topics import ack_topic, act_topic, status_topic
@@ -134,8 +134,8 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                     t = time.monotonic()
                     res = backend.step(x, y)
                     p.train_s += time.monotonic() - t
-                    msg = encode_activation(run, device, p.seq, epoch, i, res.cut, y, codec,
-                                            scheme)
+                    msg = codec.encode(res.cut, y, BatchMeta(run, device, p.seq, epoch, i),
+                                       base=scheme)
                     publisher.submit(topic, msg, kind="act", seq=p.seq)
                     p.seq += 1
                     p.batch = i + 1

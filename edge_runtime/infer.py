@@ -37,15 +37,15 @@ from toolkit.core.artifacts.safeload import load_weights
 from toolkit.core.data.datasets import load_dataset, normalize
 from toolkit.core.errors import HiertrainError, RunIncompleteError, WireError
 from toolkit.core.models.segments import load_segments
+from toolkit.core.protocol.codec import BatchMeta, codec_for
 from toolkit.core.protocol.messages import decode_infer_reply, decode_weights
-from toolkit.core.protocol.quant import QuantScheme, quantize
+from toolkit.core.protocol.quant import QuantScheme
 from toolkit.core.protocol.topics import (
     infer_reply_topic,
     infer_request_topic,
     validate_id,
     weights_topic,
 )
-from toolkit.core.protocol.wire import ActivationBatch, encode
 from toolkit.core.security import redact
 from toolkit.core.transport import Link, LinkShape, link_summary
 
@@ -208,9 +208,8 @@ def _serve(cfg: InferConfig, link: Link, engine: InferEngine, scheme: QuantSchem
             local.add(pred == label, time.monotonic() - t)
             continue
         corr = secrets.token_bytes(16)
-        msg = ActivationBatch(run_id=run, device_id=device, seq=i, epoch=0, batch_index=i,
-                              quantized=quantize(cut, scheme), labels=None)
-        link.publish(request_topic, encode(msg), qos=1,
+        msg = codec_for(scheme).encode(cut, None, BatchMeta(run, device, i, 0, i), base=scheme)
+        link.publish(request_topic, msg, qos=1,
                      properties={"response_topic": reply_topic, "correlation_data": corr},
                      timeout=cfg.timeout)
         answer = _await_reply(replies, corr, t + cfg.timeout)

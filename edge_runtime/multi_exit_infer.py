@@ -37,14 +37,12 @@ from toolkit.core.artifacts.personal import (
     bake_hint,
     exit_state_digest,
     find_baked,
-    load_exit_state,
     load_personal_manifest,
-    load_personal_net,
     load_state_dir,
     resolve_policy,
 )
 from toolkit.core.errors import HiertrainError
-from toolkit.core.models.personal import exit_state
+from toolkit.core.models.personal import exit_state, load_exit_state, load_personal_net
 
 log = logging.getLogger("edge_runtime")
 

@@ -44,13 +44,12 @@ from toolkit.core.artifacts.personal import (
     REPORT_FILE,
     TRAIN_PTE,
     load_personal_manifest,
-    load_personal_net,
     load_state_dir,
 )
 from toolkit.core.data.datasets import Dataset, load_dataset, normalize
 from toolkit.core.data.personal import SHIFTS, personal_view, split_holdout
 from toolkit.core.errors import HiertrainError
-from toolkit.core.models.personal import PersonalForward, PersonalTrainStep
+from toolkit.core.models.personal import PersonalForward, PersonalTrainStep, load_personal_net
 
 
 @dataclass

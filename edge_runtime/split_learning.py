@@ -41,12 +41,11 @@ from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.data.datasets import Dataset, batches
 from toolkit.core.errors import HiertrainError, RunIncompleteError, WireError
 from toolkit.core.models.rewrites import host_stat_layers
-from toolkit.core.protocol.codec import Codec, encode_activation, parse_codec
+from toolkit.core.protocol.codec import BatchMeta, Codec, DecodedBatch, decode, parse_codec
 from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_status
 from toolkit.core.protocol.modes import mismatch
 from toolkit.core.protocol.quant import QuantScheme
 from toolkit.core.protocol.topics import act_topic, grad_topic, status_topic
-from toolkit.core.protocol.wire import ActivationBatch, decode
 from toolkit.core.transport import Link
 
 log = logging.getLogger("edge_runtime")
@@ -65,7 +64,7 @@ class GradInbox:
 
     def __init__(self, link: Link, run: str, device: str, grad_shape: tuple[int, ...]) -> None:
         self.run, self.device, self.grad_shape = run, device, tuple(grad_shape)
-        self._grads: queue.Queue[ActivationBatch | WireError] = queue.Queue()
+        self._grads: queue.Queue[DecodedBatch | WireError] = queue.Queue()
         self._cond = threading.Condition()
         self._cloud: Status | None = None
         self.bad = 0  # gradient messages that did not decode
@@ -145,7 +144,7 @@ class GradInbox:
             if item.seq > seq:
                 raise HiertrainError(f"the cloud sent the gradient of batch {item.seq} while "
                                      f"batch {seq} was waiting: the run ids of two edges clash")
-            grad = item.dequantized()
+            grad = item.tensor
             if tuple(grad.shape) != self.grad_shape:
                 raise HiertrainError(f"the gradient of batch {seq} has shape {list(grad.shape)}, "
                                      f"the cut activation {list(self.grad_shape)}")
@@ -193,8 +192,8 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
                     backend.optimizer.zero_grad(set_to_none=True)
                     cut = edge(x)
                     act = cut.detach()
-                    publisher.submit(topic, encode_activation(
-                        run, device, seq, epoch, i, act, y, act_codec, scheme), kind="act")
+                    publisher.submit(topic, act_codec.encode(
+                        act, y, BatchMeta(run, device, seq, epoch, i), base=scheme), kind="act")
                     t_sent = time.monotonic()
                     grad = inbox.wait(seq, cfg.grad_timeout)
                     t_got = time.monotonic()

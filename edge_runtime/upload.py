@@ -21,12 +21,10 @@ from edge_runtime.publisher import Publisher
 from edge_runtime.session import flush_outbox, publish_done
 from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.data.datasets import Dataset, batches
-from toolkit.core.protocol.codec import Codec
-from toolkit.core.protocol.images import encode_images
+from toolkit.core.protocol.codec import IMAGE_CODEC, BatchMeta, Codec
 from toolkit.core.protocol.messages import Status
 from toolkit.core.protocol.quant import QuantScheme
 from toolkit.core.protocol.topics import act_topic, status_topic
-from toolkit.core.protocol.wire import ActivationBatch, encode
 from toolkit.core.transport import Link
 
 log = logging.getLogger("edge_runtime")
@@ -57,11 +55,9 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
                                leave=True)
             with bar:
                 for i, (x, y) in enumerate(batches(ds, bs, epoch=epoch, seed=cfg.seed)):
-                    form = encode_images(x)
-                    raw_batches += "raw" in form
-                    publisher.submit(topic, encode(ActivationBatch(
-                        run_id=run, device_id=device, seq=seq, epoch=epoch, batch_index=i,
-                        labels=y, **form)), kind="act")
+                    raw_batches += not IMAGE_CODEC.on_grid(x)
+                    publisher.submit(topic, IMAGE_CODEC.encode(
+                        x, y, BatchMeta(run, device, seq, epoch, i)), kind="act")
                     seq += 1
                     samples += len(y)
                     last_batch_unix = time.time()  # toolkit bench: end of training

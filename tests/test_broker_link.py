@@ -22,6 +22,13 @@ import pytest
 
 from toolkit.core.errors import HiertrainError
 from toolkit.core.transport import BrokerAddress, open_link, parse_url
+from toolkit.core.transport.base import (
+    ENVELOPE_MAGIC,
+    check_properties,
+    topic_matches,
+    unwrap_properties,
+    wrap_properties,
+)
 from toolkit.core.transport.mqtt import MqttLink
 from toolkit.lab import broker as broker_mod
 from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto, free_port
@@ -253,6 +260,46 @@ def test_parse_url_rejects(url: str) -> None:
     msg = str(err.value)
     assert repr(url) in msg
     assert "mqtt://host[:port]" in msg and "mqtts://host[:port]" in msg
+
+
+_FILTERS = ("#", "+", "+/+", "a", "a/b", "a/+", "a/#", "a/+/c", "+/b/#", "a/b/c/#", "/+",
+            "+/", "a//c", "$SYS/#", "$SYS/+", "+/x", "$share/g/a/+", "$share/g/#", "a/#/c")
+_TOPICS = ("a", "a/b", "a/b/c", "a/b/c/d", "b", "/a", "a/", "a//c", "$SYS/x", "$SYS",
+           "x/x", "", "/")
+
+
+def test_topic_matches_answers_as_paho_does() -> None:
+    """The transports' own matcher (no paho needed) agrees with paho on every pair."""
+    import paho.mqtt.client as mqtt
+
+    def paho(f: str, t: str) -> bool:
+        if f.startswith("$share/"):  # paho has no notion of shared subscriptions
+            f = f.split("/", 2)[2]
+        return mqtt.topic_matches_sub(f, t)
+
+    checked = 0
+    for f in _FILTERS:
+        for t in _TOPICS:
+            assert topic_matches(f, t) == paho(f, t), (f, t)
+            checked += 1
+    assert checked == len(_FILTERS) * len(_TOPICS)
+    assert topic_matches("a/#", "a") and topic_matches("$share/g/a/+", "a/b")
+    assert not topic_matches("#", "$SYS/x") and not topic_matches("a/+", "a/b/c")
+
+
+def test_property_envelope_round_trip_and_foreign_payloads() -> None:
+    props = check_properties({"response_topic": "r/t", "correlation_data": "c\u00e9",
+                              "user_properties": {"k": 1}})
+    assert props == {"response_topic": "r/t", "correlation_data": "c\u00e9".encode(),
+                     "user_properties": [("k", "1")]}
+    data = wrap_properties(b"\x00payload", props)
+    assert data.startswith(ENVELOPE_MAGIC)
+    assert unwrap_properties(data) == (b"\x00payload", props)
+    for foreign in (b"", b"HTAB\x02", ENVELOPE_MAGIC + b"\x00\x00\x00\x02{x",
+                    ENVELOPE_MAGIC + b"\x00\x00\x00\x02[]"):
+        assert unwrap_properties(foreign) == (foreign, {})
+    with pytest.raises(ValueError, match="unsupported publish properties"):
+        check_properties({"qos": 1})
 
 
 def test_open_link_chooses_transport_by_scheme() -> None:

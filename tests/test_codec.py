@@ -19,19 +19,25 @@ import torch
 from tests.conftest import REPO, run_cli
 from toolkit.core.artifacts.manifest import load_manifest, schema, validate
 from toolkit.core.data.datasets import digits_stats, load_dataset
-from toolkit.core.errors import HiertrainError, ManifestError
+from toolkit.core.errors import HiertrainError, ManifestError, WireError
 from toolkit.core.models.exits import ExitHeadConfig
 from toolkit.core.models.segments import build_segments
+from toolkit.core.protocol import wire
 from toolkit.core.protocol.codec import (
     CODECS,
     DEFAULT_CODEC,
+    IMAGE_CODEC,
+    BatchMeta,
     Codec,
-    encode_activation,
+    DecodedBatch,
+    codec_for,
+    decode,
     parse_codec,
     size_estimate,
 )
+from toolkit.core.protocol.images import IMAGE_SCHEME
 from toolkit.core.protocol.quant import DEFAULT_SCHEME, QuantScheme, max_abs_error, quantize
-from toolkit.core.protocol.wire import FLAG_DEFLATE, FLAG_PACKED, decode
+from toolkit.core.protocol.wire import FLAG_DEFLATE, FLAG_PACKED, ActivationBatch
 
 NAMES = ["int8", "int4", "int2", "int8+deflate", "int4+deflate", "int2+deflate", "float32"]
 RUN, DEVICE = "r-codec", "dev-1"
@@ -80,17 +86,21 @@ def test_scheme_keeps_base_and_takes_bits() -> None:
 def test_every_codec_round_trips(name: str, post_relu: torch.Tensor) -> None:
     codec = parse_codec(name)
     labels = torch.arange(post_relu.shape[0]) % 10
-    data = encode_activation(RUN, DEVICE, 7, 1, 3, post_relu, labels, codec, DEFAULT_SCHEME)
-    batch = decode(data, expected_run_id=RUN)
+    data = codec.encode(post_relu, labels, BatchMeta(RUN, DEVICE, 7, 1, 3), base=DEFAULT_SCHEME)
+    batch = codec.decode(data, expected_run_id=RUN)
     assert (batch.seq, batch.epoch, batch.batch_index, batch.device_id) == (7, 1, 3, DEVICE)
+    assert batch.meta == BatchMeta(RUN, DEVICE, 7, 1, 3)
     assert torch.equal(batch.labels, labels)
-    out = batch.dequantized()
+    assert batch.shape == tuple(post_relu.shape)
+    out = batch.tensor
     if not codec.quantized:
-        assert batch.quantized is None and torch.equal(out, post_relu)
+        assert batch.message.quantized is None and torch.equal(out, post_relu)
+        assert batch.scheme is None
         return
     scheme = codec.scheme(DEFAULT_SCHEME)
     ref = quantize(post_relu, scheme)
-    q = batch.quantized
+    q = batch.message.quantized
+    assert batch.scheme == scheme
     assert q is not None and q.scheme == scheme
     assert torch.equal(q.codes, ref.codes)  # codes exact
     assert torch.equal(q.scale, ref.scale) and torch.equal(q.zero_point, ref.zero_point)
@@ -111,7 +121,7 @@ def test_size_estimate_is_exact_without_deflate_and_a_bound_with_it(
     labels = torch.zeros(n, dtype=torch.int64)
     sizes = {}
     for name, codec in CODECS.items():
-        data = encode_activation(RUN, DEVICE, 0, 0, 0, post_relu, labels, codec)
+        data = codec.encode(post_relu, labels, BatchMeta(RUN, DEVICE, 0))
         est = size_estimate(codec, cut, n, run_id=RUN, device_id=DEVICE)
         sizes[name] = len(data)
         assert est.exact == (not codec.deflate)
@@ -128,9 +138,9 @@ def test_size_estimate_is_exact_without_deflate_and_a_bound_with_it(
 def test_deflate_shrinks_a_real_post_relu_activation(post_relu: torch.Tensor) -> None:
     labels = torch.zeros(post_relu.shape[0], dtype=torch.int64)
     for bits in (8, 4, 2):
-        plain = encode_activation(RUN, DEVICE, 0, 0, 0, post_relu, labels, CODECS[f"int{bits}"])
-        packed = encode_activation(RUN, DEVICE, 0, 0, 0, post_relu, labels,
-                                   CODECS[f"int{bits}+deflate"])
+        plain = CODECS[f"int{bits}"].encode(post_relu, labels, BatchMeta(RUN, DEVICE, 0))
+        packed = CODECS[f"int{bits}+deflate"].encode(post_relu, labels,
+                                                     BatchMeta(RUN, DEVICE, 0))
         zeros = float((post_relu == 0).float().mean())
         # Each zero costs far less than its plain code: at least a third of the zeros' share.
         assert len(packed) < len(plain) * (1 - zeros / 3), (bits, len(packed), len(plain), zeros)
@@ -139,11 +149,88 @@ def test_deflate_shrinks_a_real_post_relu_activation(post_relu: torch.Tensor) ->
 def test_reconstruction_error_grows_as_bits_shrink(post_relu: torch.Tensor) -> None:
     errs = []
     for name in ("int8", "int4", "int2"):
-        data = encode_activation(RUN, DEVICE, 0, 0, 0, post_relu, None, CODECS[name])
-        out = decode(data).dequantized()
+        data = CODECS[name].encode(post_relu, None, BatchMeta(RUN, DEVICE, 0))
+        out = decode(data).tensor
         errs.append(float((out - post_relu).norm() / post_relu.norm()))
     assert errs[0] < errs[1] < errs[2] < 1.0
     assert errs[0] < 0.01
+
+
+def test_codec_bytes_are_the_wire_format_unchanged(post_relu: torch.Tensor) -> None:
+    """The codec is a front door, not a new format: its bytes are exactly what quantize + the
+    wire layer make, for every codec, with and without labels and with any base scheme."""
+    labels = torch.arange(post_relu.shape[0]) % 10
+    base = QuantScheme(granularity="per_tensor", symmetric=True)
+    for codec in CODECS.values():
+        for lab, scheme in ((labels, DEFAULT_SCHEME), (None, base)):
+            form = ({"quantized": quantize(post_relu, codec.scheme(scheme))} if codec.quantized
+                    else {"raw": post_relu})
+            by_hand = wire.encode(ActivationBatch(RUN, DEVICE, 5, 2, 1, labels=lab, **form),
+                                  deflate=codec.deflate)
+            assert codec.encode(post_relu, lab, BatchMeta(RUN, DEVICE, 5, 2, 1),
+                                base=scheme) == by_hand, codec.name
+
+
+def test_any_codec_decodes_any_message_and_only_wire_errors_escape(
+    post_relu: torch.Tensor,
+) -> None:
+    """The receiver needs no configuration: decode does not depend on the codec it is called
+    on, and a damaged message is a WireError with a reason, never anything else."""
+    data = CODECS["int2+deflate"].encode(post_relu, None, BatchMeta(RUN, DEVICE, 9))
+    outs = [c.decode(data).tensor for c in (*CODECS.values(), IMAGE_CODEC)]
+    outs.append(Codec.decode(data).tensor)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert isinstance(decode(data), DecodedBatch) and decode(data).labels is None
+    with pytest.raises(WireError) as exc:
+        decode(data, expected_run_id="another-run")
+    assert exc.value.reason == "run_id"
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0x40
+    with pytest.raises(WireError) as exc:
+        decode(bytes(bad))
+    assert exc.value.reason == "crc"
+    with pytest.raises(WireError):
+        CODECS["int8"].encode(torch.full((2, 3), float("nan")), None, BatchMeta(RUN, DEVICE, 0))
+
+
+def test_gradients_and_inference_requests_go_through_a_codec() -> None:
+    """Split learning's signed gradients (int8, per channel, symmetric) and an inference
+    request coded with the manifest's scheme (``codec_for``)."""
+    torch.manual_seed(1)
+    grad = torch.randn(4, 6, 3, 3) * 1e-3
+    grad_scheme = QuantScheme(bits=8, granularity="per_channel", symmetric=True, channel_axis=1)
+    data = parse_codec("int8").encode(grad, None, BatchMeta(RUN, "cloud", 3, 0, 3),
+                                      base=grad_scheme)
+    back = decode(data)
+    assert back.scheme == grad_scheme and back.labels is None and back.seq == 3
+    q = quantize(grad, grad_scheme)
+    assert bool(((back.tensor - grad).abs() <= max_abs_error(grad_scheme, q) * 1.0001).all())
+    assert torch.equal(decode(parse_codec("float32").encode(
+        grad, None, BatchMeta(RUN, "cloud", 3))).tensor, grad)
+    for bits in (8, 4, 2):
+        scheme = QuantScheme(bits=bits, granularity="per_tensor")
+        assert codec_for(scheme) is CODECS[f"int{bits}"]
+        req = codec_for(scheme).encode(grad.abs(), None, BatchMeta(RUN, DEVICE, 0), base=scheme)
+        assert decode(req).scheme == scheme
+
+
+def test_image_codec_is_lossless_both_ways() -> None:
+    """Images on a u/255 grid go as one byte a pixel and come back bit-exact; images off any
+    grid go as float32, just as exact."""
+    torch.manual_seed(2)
+    on = torch.randint(0, 256, (3, 1, 4, 4)).float() / 255
+    off = torch.rand(3, 1, 4, 4)
+    labels = torch.tensor([1, 2, 3])
+    assert IMAGE_CODEC.on_grid(on) and not IMAGE_CODEC.on_grid(off)
+    small = IMAGE_CODEC.encode(on, labels, BatchMeta(RUN, DEVICE, 0))
+    big = IMAGE_CODEC.encode(off, labels, BatchMeta(RUN, DEVICE, 1))
+    assert len(big) - len(small) == 3 * 16 * 3 - 8  # 4 bytes a pixel instead of 1, no scale
+    for data, x in ((small, on), (big, off)):
+        got = IMAGE_CODEC.decode(data)
+        assert torch.equal(got.images(), x) and torch.equal(got.labels, labels)
+    assert decode(small).scheme == IMAGE_SCHEME
+    with pytest.raises(WireError):  # an activation is not an image upload
+        decode(CODECS["int8"].encode(on, None, BatchMeta(RUN, DEVICE, 0))).images()
 
 
 # --------------------------------------------------------------------------- manifest
@@ -203,10 +290,10 @@ def test_manifest_without_codec_means_int8_and_bad_codecs_are_rejected(int4_expo
             validate({**data, "codec": bad})
 
 
-def test_export_with_a_bad_codec_exits_2_with_one_line() -> None:
+def test_export_with_a_bad_codec_exits_3_with_one_line() -> None:
     r = run_cli("toolkit", "export", "--model", "smallcnn", "--codec", "int3",
                 "--out", "/nonexistent/never-written", timeout=120)
-    assert r.returncode == 2
+    assert r.returncode == 3  # a HiertrainError: bad input (toolkit.core.entry)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown codec 'int3'"), r.stderr
     assert "int4+deflate" in lines[0]
@@ -218,7 +305,7 @@ def test_edge_train_rejects_a_bad_codec(int4_export, tmp_path) -> None:
     r = run_cli("edge-runtime", "train", "--artifacts", str(out), "--broker",
                 "mqtt://127.0.0.1:1", "--device-id", "d", "--codec", "int16", "--quiet",
                 "--state-dir", str(tmp_path), timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: unknown codec 'int16'")
+    assert r.returncode == 3 and r.stderr.strip().startswith("error: unknown codec 'int16'")
 
 
 # --------------------------------------------------------------------------- end to end
@@ -273,7 +360,7 @@ def test_int4_deflate_edge_feeds_a_real_cloud_trainer(int4_export, tmp_path) -> 
     # Every message on the wire is packed int4, and deflated when that was shorter.
     assert len(seen) == n
     batches = [decode(m, expected_run_id=run) for m in seen]
-    assert all(b.quantized is not None and b.quantized.scheme.bits == 4 for b in batches)
+    assert all(b.scheme is not None and b.scheme.bits == 4 for b in batches)
     assert all(m[5] & FLAG_PACKED for m in seen)
     assert sum(bool(m[5] & FLAG_DEFLATE) for m in seen) > n // 2  # the cloud inflated them
     est = size_estimate(CODECS["int4"], load_manifest(out).cut_shape, 16, run_id=run,

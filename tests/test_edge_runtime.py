@@ -30,6 +30,7 @@ from toolkit.build.parity import relative_errors
 from toolkit.core.artifacts.manifest import load_manifest
 from toolkit.core.data.datasets import batches, load_dataset, normalize
 from toolkit.core.errors import BrokerUnreachableError, HiertrainError
+from toolkit.core.protocol.codec import decode
 from toolkit.core.protocol.messages import decode_status, decode_weights, encode_infer_reply
 from toolkit.core.protocol.quant import QuantScheme
 from toolkit.core.protocol.topics import (
@@ -39,7 +40,7 @@ from toolkit.core.protocol.topics import (
     status_topic,
     weights_topic,
 )
-from toolkit.core.protocol.wire import decode, message_size
+from toolkit.core.protocol.wire import message_size
 from toolkit.core.transport import open_link
 from toolkit.lab.broker import EmbeddedBroker, free_port
 
@@ -224,8 +225,8 @@ def test_training_publishes_every_batch_once_with_weights_and_status(
         epoch, i, y = expected[a.seq]
         assert (a.epoch, a.batch_index, a.device_id) == (epoch, i, dev)
         assert torch.equal(a.labels, y)
-        assert a.quantized is not None and a.quantized.scheme == scheme
-        assert tuple(a.dequantized().shape) == (BATCH, *manifest.cut_shape)
+        assert a.scheme is not None and a.scheme == scheme
+        assert tuple(a.tensor.shape) == (BATCH, *manifest.cut_shape)
 
     assert [s.state for s in statuses] == ["online", "training", "training", "done"]
     done = statuses[-1]
@@ -448,7 +449,7 @@ class FakeCloud:
                 continue
             batch = decode(payload)
             parse_topic(topic)
-            if batch.labels is not None or tuple(batch.dequantized().shape) != (
+            if batch.labels is not None or tuple(batch.tensor.shape) != (
                     1, *self.cut_shape):
                 self.problems.append(f"bad request {batch.seq}")
             self.asked.append(batch.seq)

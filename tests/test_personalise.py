@@ -178,7 +178,7 @@ def test_thresholds_meet_the_target_on_new_held_out_data(artifacts, personalised
     (never seen): each early exit's share is target-accurate within 3 binomial standard errors."""
     state_dir, r = personalised
     from edge_runtime.calibrate import ExitPolicy
-    from toolkit.core.artifacts.personal import load_exit_state
+    from toolkit.core.models.personal import load_exit_state
 
     policy = ExitPolicy.from_dict(r["policy"])
     target = policy.target_accuracy

@@ -19,8 +19,9 @@ import yaml
 from tests.conftest import run_cli
 from toolkit.cli import main as cli_main
 from toolkit.core.errors import HiertrainError
+from toolkit.core.protocol.codec import Codec
 from toolkit.core.protocol.quant import QuantizedTensor, QuantScheme, quantize
-from toolkit.core.protocol.wire import ActivationBatch, decode, encode
+from toolkit.core.protocol.wire import ActivationBatch, encode
 from toolkit.plan import traffic
 from toolkit.plan.profiling import (
     BlockTiming,
@@ -162,7 +163,7 @@ def test_image_bytes_are_an_exact_uint8_encoding():
     y = torch.randint(0, 10, (4,), generator=g)
     msg = encode(ActivationBatch("", "", 0, 0, 0, quantized=q, labels=y))
     assert traffic.image_bytes(4, (3, 8, 8)) == len(msg)
-    back = decode(msg).dequantized()
+    back = Codec.decode(msg).tensor
     assert torch.equal(torch.round(back * 255).to(torch.uint8), img)
 
 

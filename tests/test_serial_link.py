@@ -6,16 +6,21 @@ UART. Checks: frames with damage are rejected, every message arrives intact and
 exactly once through a noisy line, a corrupted frame is detected and resent,
 flow control holds the sender instead of losing data, and a device talks to a
 real broker through ``toolkit gateway`` with topics, properties, subscriptions
-and its last will intact.
+and its last will intact, also from a process that has no paho installed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import random
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import serial
@@ -37,6 +42,7 @@ from toolkit.lab.pty_relay import PtyRelay
 pytestmark = pytest.mark.serial
 
 BAUD = 921600
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _channels(relay: PtyRelay, **kw):
@@ -245,6 +251,87 @@ def test_one_gateway_serves_device_processes_one_after_another():
                     dev.channel.close()  # died without BYE
                 else:
                     dev.close()
+        finally:
+            gw.stop()
+            gw_thread.join(timeout=10)
+            cloud.close()
+
+
+# A board process without paho: the three module names paho's import goes through are None,
+# so any import of paho (direct or behind our back) raises instead of loading it.
+_NO_PAHO_DEVICE = textwrap.dedent("""
+    import json, queue, sys
+    sys.modules["paho"] = None
+    sys.modules["paho.mqtt"] = None
+    sys.modules["paho.mqtt.client"] = None
+
+    import toolkit.core.transport
+    import toolkit.core.transport.arq
+    import toolkit.core.transport.framing
+    import toolkit.core.transport.serial_link
+    import toolkit.core.transport.serial_proto
+    from toolkit.core.errors import HiertrainError
+    from toolkit.core.transport import open_link
+
+    errors = []
+    for attempt in (lambda: __import__("toolkit.core.transport.mqtt"),
+                    lambda: open_link("mqtt://127.0.0.1:1883", "x")):
+        try:
+            attempt()
+        except Exception as exc:  # noqa: BLE001 - the test checks the type
+            errors.append([type(exc).__name__, str(exc)])
+        else:
+            errors.append(["none", ""])
+
+    port, baud = sys.argv[1], sys.argv[2]
+    got = queue.Queue()
+    dev = open_link(f"serial://{port}?baud={baud}", "no-paho")
+    dev.subscribe("hiertrain/r/+/infer/reply", lambda t, p, pr: got.put((t, p, pr)))
+    dev.connect(timeout=20)
+    dev.publish("hiertrain/r/d/act", b"from a board without paho",
+                properties={"correlation_data": b"q1"})
+    topic, payload, props = got.get(timeout=20)
+    dev.close()
+    print(json.dumps({"errors": errors, "topic": topic, "payload": payload.decode(),
+                      "correlation": props.get("correlation_data", b"").decode(),
+                      "paho_blocked": sys.modules.get("paho", "loaded") is None}))
+""")
+
+
+@pytest.mark.mqtt
+def test_a_device_without_paho_talks_through_the_gateway_and_mqtt_says_what_is_missing():
+    with EmbeddedBroker() as broker, PtyRelay() as relay:
+        gw = Gateway(GatewayConfig(serial=relay.ports[1], baud=BAUD, broker=broker.url,
+                                   once=True, liveness_s=3.0))
+        gw_thread = threading.Thread(target=gw.run, daemon=True)
+        gw_thread.start()
+        cloud = open_link(broker.url, "cloud")
+        up: queue.Queue = queue.Queue()
+
+        def answer(topic: str, payload: bytes, props: dict) -> None:
+            up.put((topic, payload, props))
+            cloud.publish("hiertrain/r/d/infer/reply", b"reply to " + payload, qos=0,
+                          properties={"correlation_data": props.get("correlation_data", b"")})
+
+        cloud.subscribe("hiertrain/r/+/act", answer)
+        cloud.connect(timeout=10)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _NO_PAHO_DEVICE, relay.ports[0], str(BAUD)],
+                capture_output=True, text=True, timeout=120, cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)})
+            assert proc.returncode == 0, proc.stderr
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert up.get(timeout=5) == ("hiertrain/r/d/act", b"from a board without paho",
+                                         {"correlation_data": b"q1"})
+            assert out["topic"] == "hiertrain/r/d/infer/reply"
+            assert out["payload"] == "reply to from a board without paho"
+            assert out["correlation"] == "q1"
+            assert out["paho_blocked"]
+            # Asking for MQTT there is one clear line naming the missing package.
+            for kind, message in out["errors"]:
+                assert kind == "HiertrainError", (kind, message)
+                assert "\n" not in message and "pip install 'paho-mqtt>=2'" in message
         finally:
             gw.stop()
             gw_thread.join(timeout=10)

@@ -359,7 +359,7 @@ def test_a_stalled_broker_runs_into_the_publish_timeout():
 def test_edge_cli_refuses_bad_link_values(tmp_path, command, flags, name):
     r = run_cli("edge-runtime", command, "--artifacts", str(tmp_path / "none"), "--broker",
                 "mqtt://127.0.0.1:1", "--device-id", "d0", *flags, timeout=120)
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 3, r.stderr  # a HiertrainError: bad input (toolkit.core.entry)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], r.stderr
 
@@ -369,7 +369,7 @@ def test_cloud_cli_refuses_bad_link_values(tmp_path, command):
     r = run_cli("cloud-trainer", command, "--artifacts", str(tmp_path / "none"), "--broker",
                 "mqtt://127.0.0.1:1", "--run-dir", str(tmp_path / "run"), "--link-kbps", "0",
                 timeout=120)
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 3, r.stderr  # a HiertrainError: bad input (toolkit.core.entry)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--link-kbps" in lines[0]
 

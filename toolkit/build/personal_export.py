@@ -67,9 +67,7 @@ from toolkit.core.artifacts.personal import (  # noqa: F401 - names the build si
     baked_segment_file,
     exit_state_digest,
     is_personal,
-    load_exit_state,
     load_personal_manifest,
-    load_personal_net,
     load_state_dir,
     resolve_policy,
     segment_file,
@@ -87,6 +85,8 @@ from toolkit.core.models.personal import (
     default_exit_points,
     exit_state,
     load_backbone,
+    load_exit_state,
+    load_personal_net,
 )
 
 

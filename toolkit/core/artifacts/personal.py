@@ -5,7 +5,8 @@ writes the personalised state (``exits.pt``, ``policy.json``) and ``toolkit bake
 may add segments with those exit weights baked in (``baked.json``). Everything the
 board needs to *read* these lives here, in the run-time core, so that the edge
 runtime never imports the build side (``toolkit.build.personal_export`` writes
-them, with the same names from this module).
+them, with the same names from this module). Rebuilding the network from these files is
+``toolkit.core.models.personal.load_personal_net`` (models read artifacts, not the reverse).
 """
 
 from __future__ import annotations
@@ -99,41 +100,6 @@ def load_personal_manifest(root: str | Path, *, verify: bool = True) -> Manifest
     if verify:
         verify_artifacts(manifest)
     return manifest
-
-
-def load_personal_net(manifest: Manifest):
-    """Rebuild the multi-exit network from the manifest, backbone and initial exit weights."""
-    from toolkit.core.artifacts.safeload import load_weights
-    from toolkit.core.models.personal import PersonalSpec, build_multi_exit, load_backbone
-
-    s = manifest.data["spec"]
-    spec = PersonalSpec(model=s["model"], num_classes=s["num_classes"],
-                        input_shape=tuple(s["input_shape"]), exit_points=tuple(s["exit_points"]),
-                        exit_channels=s["exit_channels"], seed=s["seed"])
-    backbone = load_backbone(spec.model, manifest.path(BACKBONE), num_classes=spec.num_classes,
-                             input_shape=spec.input_shape)
-    net = build_multi_exit(spec, backbone)
-    load_exit_state(net, load_weights(manifest.path(EXITS_INIT), "artifact",
-                                      error=ManifestError),
-                    str(manifest.path(EXITS_INIT)))
-    return net
-
-
-def load_exit_state(net, state: dict, what: str) -> None:
-    """Copy exit weights (keys ``net.exits....``) into ``net``."""
-    import torch
-
-    params = dict(net.named_parameters())
-    want = {f"net.{k}" for k in params}
-    if not isinstance(state, dict) or set(state) != want:
-        raise HiertrainError(f"{what} does not hold this network's exit weights "
-                             f"(expected {len(want)} tensors named net.exits...)")
-    with torch.no_grad():
-        for k, p in params.items():
-            if tuple(state[f"net.{k}"].shape) != tuple(p.shape):
-                raise HiertrainError(f"{what}: {k} has shape {list(state[f'net.{k}'].shape)}, "
-                                     f"expected {list(p.shape)}")
-            p.copy_(state[f"net.{k}"])
 
 
 def exit_state_digest(state: dict) -> str:

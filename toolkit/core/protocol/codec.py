@@ -19,6 +19,19 @@ non-negative values, where a symmetric 2-bit code would have only 0 and one
 positive level.
 
 The receiver needs no configuration: every wire message says how it is coded.
+
+A codec object is the one way to build and to read an activation message, in
+both directions, for every sender and receiver (activations, inference
+requests, split-learning gradients, and with :data:`IMAGE_CODEC` the lossless
+image upload)::
+
+    data = codec.encode(activation, labels, BatchMeta(run, device, seq, epoch, i), base=scheme)
+    batch = codec.decode(data)     # DecodedBatch: .tensor (float32), .labels, .meta
+
+Below it, ``toolkit.core.protocol.quant`` does the arithmetic and
+``toolkit.core.protocol.wire`` the bytes; nothing else calls them to make or read
+a message. Decoding does not depend on the codec it is called on (any codec,
+or the module function :func:`decode`, reads every message).
 """
 
 from __future__ import annotations
@@ -26,16 +39,112 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 
 from toolkit.core.errors import HiertrainError
-from toolkit.core.protocol.quant import DEFAULT_SCHEME, QuantScheme, quantize
-from toolkit.core.protocol.wire import ActivationBatch, encode, message_size, plain_payload_size
+from toolkit.core.protocol import images as _images
+from toolkit.core.protocol import wire
+from toolkit.core.protocol.quant import DEFAULT_SCHEME, QuantScheme, dequantize, quantize
+from toolkit.core.protocol.wire import ActivationBatch, message_size, plain_payload_size
 
 RAW_BITS = 32
 ENTROPY_CODERS: tuple[str, ...] = ("none", "deflate")
+
+
+@dataclass(frozen=True)
+class BatchMeta:
+    """Whose batch this is and where it sits in training: the routing fields of a message.
+
+    ``seq`` is the sender's per-device sequence number (a gradient carries the
+    ``seq`` of its activation); ``epoch`` and ``batch_index`` place the batch in
+    the sender's data order.
+    """
+
+    run_id: str
+    device_id: str
+    seq: int
+    epoch: int = 0
+    batch_index: int = 0
+
+
+@dataclass(eq=False)
+class DecodedBatch:
+    """One received message: its meta, its labels, and the tensor as float32.
+
+    ``tensor`` is decoded on first use, so a receiver's network thread only
+    parses and checks (:func:`decode`) and the training thread pays for the
+    arithmetic. ``message`` is the checked wire form (codes, scales, scheme) for
+    the few receivers that need more than the float tensor.
+    """
+
+    meta: BatchMeta
+    labels: torch.Tensor | None
+    message: ActivationBatch
+
+    @property
+    def run_id(self) -> str:
+        return self.meta.run_id
+
+    @property
+    def device_id(self) -> str:
+        return self.meta.device_id
+
+    @property
+    def seq(self) -> int:
+        return self.meta.seq
+
+    @property
+    def epoch(self) -> int:
+        return self.meta.epoch
+
+    @property
+    def batch_index(self) -> int:
+        return self.meta.batch_index
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's shape (batch first), without decoding it."""
+        m = self.message
+        return tuple(m.quantized.codes.shape if m.quantized is not None
+                     else m.raw.shape)  # type: ignore[union-attr]
+
+    @property
+    def scheme(self) -> QuantScheme | None:
+        """How the tensor was quantized; None for raw float32."""
+        return self.message.quantized.scheme if self.message.quantized is not None else None
+
+    @cached_property
+    def tensor(self) -> torch.Tensor:
+        """The activation (or gradient) as float32, whichever form it was sent in."""
+        if self.message.quantized is not None:
+            return dequantize(self.message.quantized)
+        assert self.message.raw is not None  # wire.decode sets exactly one of the two
+        return self.message.raw.to(torch.float32)
+
+    def images(self) -> torch.Tensor:
+        """The exact ``[0, 1]`` images of an :data:`IMAGE_CODEC` upload (``tensor`` may
+        differ by one float32 ulp); WireError if the message is not in that form."""
+        return _images.decode_images(self.message)
+
+
+def decode(payload: bytes, *, expected_run_id: str | None = None) -> DecodedBatch:
+    """Parse and check one activation message, however it was coded.
+
+    Raises :class:`~toolkit.core.errors.WireError` (with a ``reason``) and
+    nothing else on malformed input; ``expected_run_id`` drops messages from
+    another run (reason ``run_id``). See ``toolkit.core.protocol.wire`` for the checks.
+    """
+    m = wire.decode(payload, expected_run_id=expected_run_id)
+    return DecodedBatch(BatchMeta(m.run_id, m.device_id, m.seq, m.epoch, m.batch_index),
+                        m.labels, m)
+
+
+def _message(meta: BatchMeta, labels: torch.Tensor | None, **form: Any) -> ActivationBatch:
+    return ActivationBatch(meta.run_id, meta.device_id, meta.seq, meta.epoch, meta.batch_index,
+                           labels=labels, **form)
 
 
 @dataclass(frozen=True)
@@ -70,9 +179,28 @@ class Codec:
         """The manifest's ``codec`` object."""
         return {"name": self.name, "bits": self.bits, "entropy": self.entropy}
 
-    def encode(self, batch: ActivationBatch) -> bytes:
-        """Wire bytes of an already built batch, deflated if this codec says so."""
-        return encode(batch, deflate=self.deflate)
+    def encode(
+        self,
+        tensor: torch.Tensor,
+        labels: torch.Tensor | None,
+        meta: BatchMeta,
+        *,
+        base: QuantScheme = DEFAULT_SCHEME,
+    ) -> bytes:
+        """The wire bytes of one batch: ``tensor`` quantized with ``base`` at this codec's bits
+        (or raw float32), packed, and deflated if this codec says so.
+
+        ``labels`` is ``[N]`` integers for training batches and None for
+        inference requests and gradients. Raises WireError for anything the
+        wire format cannot carry (NaN or Inf included).
+        """
+        if self.quantized:
+            batch = _message(meta, labels, quantized=quantize(tensor, self.scheme(base)))
+        else:
+            batch = _message(meta, labels, raw=tensor)
+        return wire.encode(batch, deflate=self.deflate)
+
+    decode = staticmethod(decode)
 
 
 CODECS: dict[str, Codec] = {
@@ -101,26 +229,38 @@ def parse_codec(name: str) -> Codec:
     return codec
 
 
-def encode_activation(
-    run_id: str,
-    device_id: str,
-    seq: int,
-    epoch: int,
-    batch_index: int,
-    tensor: torch.Tensor,
-    labels: torch.Tensor | None,
-    codec: Codec,
-    base_scheme: QuantScheme = DEFAULT_SCHEME,
-) -> bytes:
-    """Quantize (unless float32), pack and maybe deflate one activation batch: its wire bytes."""
-    if codec.quantized:
-        batch = ActivationBatch(run_id, device_id, seq, epoch, batch_index,
-                                quantized=quantize(tensor, codec.scheme(base_scheme)),
-                                labels=labels)
-    else:
-        batch = ActivationBatch(run_id, device_id, seq, epoch, batch_index, raw=tensor,
-                                labels=labels)
-    return codec.encode(batch)
+def codec_for(scheme: QuantScheme) -> Codec:
+    """The plain (not deflated) codec with ``scheme``'s bits: what a sender uses whose
+    scheme, not a codec name, says how to quantize (inference requests)."""
+    return CODECS[f"int{scheme.bits}"]
+
+
+@dataclass(frozen=True)
+class ImageCodec:
+    """The lossless image upload of the ``cloud`` baseline (``toolkit.core.protocol.images``):
+    one byte a pixel when the batch is on a ``u / L`` grid, raw float32 otherwise.
+
+    The same interface as :class:`Codec`; not in :data:`CODECS`, because it is not
+    a choice for cut activations.
+    """
+
+    name: str = "uint8-images"
+
+    def encode(self, images: torch.Tensor, labels: torch.Tensor | None,
+               meta: BatchMeta) -> bytes:
+        """The wire bytes of a batch of ``[0, 1]`` images, exactly recoverable by
+        :meth:`DecodedBatch.images`."""
+        return wire.encode(_message(meta, labels, **_images.encode_images(images)))
+
+    @staticmethod
+    def on_grid(images: torch.Tensor) -> bool:
+        """True when :meth:`encode` sends one byte a pixel, False when raw float32."""
+        return _images.image_levels(images.detach().to(torch.float32)) is not None
+
+    decode = staticmethod(decode)
+
+
+IMAGE_CODEC = ImageCodec()
 
 
 @dataclass(frozen=True)

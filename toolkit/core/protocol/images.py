@@ -20,6 +20,9 @@ loader and :func:`encode_images` used. :func:`encode_images` checks
 no such grid (an image resized by the loader) travels as raw float32 instead,
 4 bytes per pixel and just as exact. A generic receiver that simply
 dequantizes (``(code - zp) * scale``) gets the image to within one float32 ulp.
+
+Senders and receivers use this through ``toolkit.core.protocol.codec.IMAGE_CODEC``
+(``encode``) and ``DecodedBatch.images()``, like every other message.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The one versioned binary message format for activation batches (edge <-> cloud).
 
 Every activation batch the edge publishes, and every inference request, is one
-message in this format; the edge runtime and the cloud trainer share this
-module and nothing else about the bytes. The values it carries come from
+message in this format. The values it carries come from
 ``toolkit.core.protocol.quant``; this module only lays them out, checks them and refuses
-anything malformed. Which codes and which entropy coding a sender uses is the
-job of ``toolkit.core.protocol.codec``.
+anything malformed. Senders and receivers do not call it directly: a
+``toolkit.core.protocol.codec`` object encodes (quantize, pack, maybe deflate) and
+decodes (check, unpack, dequantize) every message, both ways.
 
 Layout, version 2 (all integers little-endian)::
 
@@ -104,7 +104,7 @@ import numpy as np
 import torch
 
 from toolkit.core.errors import WireError
-from toolkit.core.protocol.quant import GRANULARITIES, QuantizedTensor, QuantScheme, dequantize
+from toolkit.core.protocol.quant import GRANULARITIES, QuantizedTensor, QuantScheme
 
 MAGIC = b"HTAB"
 FORMAT_VERSION = 2
@@ -152,7 +152,9 @@ MIN_MESSAGE_SIZE = (
 class ActivationBatch:
     """One activation batch (or inference request) as it travels on the wire.
 
-    Exactly one of ``quantized`` (the normal path) and ``raw`` (float32, for
+    The layer below the codec: senders and receivers use
+    ``toolkit.core.protocol.codec`` (``Codec.encode`` / ``decode``), which builds
+    and reads these. Exactly one of ``quantized`` (the normal path) and ``raw`` (float32, for
     debugging and float baselines) is set. ``labels`` is an int64 tensor of
     shape ``[N]`` for training batches and ``None`` for inference requests.
     """
@@ -165,16 +167,6 @@ class ActivationBatch:
     quantized: QuantizedTensor | None = None
     raw: torch.Tensor | None = None
     labels: torch.Tensor | None = None
-
-    def dequantized(self) -> torch.Tensor:
-        """The activation as float32, whichever form it was sent in."""
-        if self.quantized is not None:
-            return dequantize(self.quantized)
-        if self.raw is not None:
-            return self.raw.to(torch.float32)
-        raise WireError(
-            "the batch carries neither quantized nor raw activations.", reason="payload"
-        )
 
 
 # --------------------------------------------------------------------------- sizes

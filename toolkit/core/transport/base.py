@@ -1,14 +1,25 @@
-"""The one link interface every transport implements, and broker URL parsing.
+"""The one link interface every transport implements, broker URL parsing, and the
+helpers every transport shares.
 
 Edge and cloud code talk to "a link" and never to paho directly, so a later
 transport (``serial://`` for boards without a network stack) can be added as a
 new module without touching the runtimes. A link is deliberately small:
 connect, publish bytes, subscribe a handler, a last will, close, and counters
 that the experiments report as communication cost.
+
+The shared helpers (publish properties, their JSON form and envelope, topic
+filter matching) live here rather than in one transport so that the siblings
+(:mod:`~toolkit.core.transport.serial_link`, :mod:`~toolkit.core.transport.shaping`,
+:mod:`~toolkit.core.transport.signing`) never import the MQTT module: this module
+needs nothing outside the standard library, so a serial-only board runs without
+paho installed.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -36,6 +47,127 @@ PROPERTY_KEYS: frozenset[str] = frozenset({"response_topic", "correlation_data",
 #: (str), ``correlation_data`` (bytes) and ``user_properties`` (list of (str, str))
 #: only when the sender set them.
 MessageHandler = Callable[[str, bytes, dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def check_properties(properties: Mapping[str, Any]) -> dict[str, Any]:
+    """Publish ``properties`` checked and normalised, as every transport sends them.
+
+    Only :data:`PROPERTY_KEYS` are allowed (ValueError otherwise: a caller bug);
+    ``correlation_data`` becomes bytes (a str is utf-8 encoded) and
+    ``user_properties`` (a mapping or pairs) a list of ``(str, str)``.
+    """
+    unknown = set(properties) - PROPERTY_KEYS
+    if unknown:
+        raise ValueError(
+            f"unsupported publish properties {sorted(unknown)}; use {sorted(PROPERTY_KEYS)}"
+        )
+    props = dict(properties)
+    if "correlation_data" in props:
+        cd = props["correlation_data"]
+        props["correlation_data"] = cd.encode() if isinstance(cd, str) else bytes(cd)
+    if "user_properties" in props:
+        up = props["user_properties"]
+        props["user_properties"] = [
+            (str(k), str(v)) for k, v in (up.items() if isinstance(up, Mapping) else up)
+        ]
+    return props
+
+
+def properties_to_json(props: Mapping[str, Any]) -> dict[str, Any]:
+    """Publish properties as JSON-safe values (correlation data as base64), for a transport
+    that carries them in a header of its own (the serial packets, the envelope below)."""
+    out: dict[str, Any] = {}
+    if "response_topic" in props:
+        out["response_topic"] = str(props["response_topic"])
+    if "correlation_data" in props:
+        cd = props["correlation_data"]
+        cd = cd.encode() if isinstance(cd, str) else bytes(cd)
+        out["correlation_data"] = base64.b64encode(cd).decode()
+    if "user_properties" in props:
+        items = props["user_properties"]
+        items = items.items() if isinstance(items, Mapping) else items
+        out["user_properties"] = [[str(k), str(v)] for k, v in items]
+    return out
+
+
+def properties_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`properties_to_json`: the dict a link handler receives.
+
+    Raises ValueError or TypeError on values that are not what the encoder writes.
+    """
+    out: dict[str, Any] = {}
+    if "response_topic" in data:
+        out["response_topic"] = str(data["response_topic"])
+    if "correlation_data" in data:
+        out["correlation_data"] = base64.b64decode(data["correlation_data"])
+    if "user_properties" in data:
+        out["user_properties"] = [(str(k), str(v)) for k, v in data["user_properties"]]
+    return out
+
+
+ENVELOPE_MAGIC = b"\x89HTPROP\x01"
+"""First bytes of a property envelope. The first byte is non-ASCII and the project's own
+wire messages start with their own magic, so a collision needs a foreign payload that
+starts with exactly these 8 bytes."""
+_ENVELOPE_HEAD = struct.Struct(">8sI")
+
+
+def wrap_properties(payload: bytes, props: Mapping[str, Any]) -> bytes:
+    """``payload`` behind an envelope holding ``props`` (checked by :func:`check_properties`),
+    for a connection that cannot carry properties itself (MQTT 3.1.1).
+
+    Layout: :data:`ENVELOPE_MAGIC`, u32 big-endian header length, the compact JSON of
+    :func:`properties_to_json`, the payload.
+    """
+    blob = json.dumps(properties_to_json(props), separators=(",", ":")).encode()
+    return _ENVELOPE_HEAD.pack(ENVELOPE_MAGIC, len(blob)) + blob + payload
+
+
+def unwrap_properties(data: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Inverse of :func:`wrap_properties`; data without a valid envelope is returned unchanged
+    with no properties, so a foreign payload is delivered as it was sent."""
+    if len(data) < _ENVELOPE_HEAD.size or not data.startswith(ENVELOPE_MAGIC):
+        return data, {}
+    _, n = _ENVELOPE_HEAD.unpack_from(data)
+    start = _ENVELOPE_HEAD.size
+    try:
+        header = json.loads(data[start : start + n])
+        if not isinstance(header, dict):
+            return data, {}
+        props = properties_from_json(header)
+    except (ValueError, TypeError):
+        return data, {}  # looked like an envelope but is not one: deliver as is
+    return data[start + n :], props
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """True if ``topic`` matches the subscription ``topic_filter`` (MQTT 3.1.1 section 4.7).
+
+    ``+`` matches one level, a final ``#`` any number of levels including none
+    (``a/#`` matches ``a``); neither matches a first level starting with ``$``
+    (``$SYS/...``). A shared subscription ``$share/<group>/<filter>`` matches what
+    ``<filter>`` matches. The same answers as paho's ``topic_matches_sub``, without paho.
+    """
+    if topic_filter.startswith("$share/"):
+        parts = topic_filter.split("/", 2)
+        topic_filter = parts[2] if len(parts) == 3 else ""
+    levels = topic.split("/")
+    wanted = topic_filter.split("/")
+    system = topic.startswith("$")
+    for i, level in enumerate(wanted):
+        if level == "#":
+            return i == len(wanted) - 1 and not (system and i == 0)
+        if i >= len(levels):
+            return False
+        if level == "+":
+            if system and i == 0:
+                return False
+        elif level != levels[i]:
+            return False
+    return len(wanted) == len(levels)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ Design notes (the why):
   CorrelationData. The embedded amqtt broker speaks only MQTT 3.1.1 and answers
   an MQTT 5 CONNECT with "unsupported protocol version"; with ``protocol="auto"``
   (the default) the link then reconnects as 3.1.1 and carries those properties
-  in a small envelope in front of the payload (see ``_wrap``). Messages
+  in a small envelope in front of the payload
+  (``toolkit.core.transport.base.wrap_properties``). Messages
   without properties -- activations, gradients -- are never wrapped, so bulk
   payloads are not copied and foreign clients see the same bytes.
 * The first connect retries with exponential backoff (0.5 s doubling to 8 s)
@@ -27,32 +28,38 @@ Design notes (the why):
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import json
 import logging
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-
 from toolkit.core.errors import BrokerUnreachableError, HiertrainError
 from toolkit.core.transport.base import (
-    PROPERTY_KEYS,
     BrokerAddress,
     Link,
     MessageHandler,
+    check_properties,
     parse_url,
+    topic_matches,
+    unwrap_properties,
+    wrap_properties,
 )
+
+try:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+except ImportError:  # absent, or paho 1.x (no enums); serial:// links do not need it
+    raise HiertrainError(
+        "mqtt:// and mqtts:// links need paho-mqtt 2.x, which is not installed: "
+        "pip install 'paho-mqtt>=2' (serial:// links work without it)"
+    ) from None
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +74,6 @@ _RC_UNSUPPORTED_PROTOCOL = 132
 # banned, bad client id (3.1.1 codes 2, 4, 5 map onto the v5 values here).
 _RC_FATAL = frozenset({133, 134, 135, 138, 140})
 _RC_AUTH = frozenset({134, 135})  # bad user name or password, not authorized
-
-# Property envelope for MQTT 3.1.1 links: MAGIC, u32 header length, JSON
-# header, payload. The first byte is non-ASCII and the project's own wire
-# messages start with their own magic, so a collision needs a foreign payload
-# that starts with exactly these 8 bytes.
-_ENVELOPE_MAGIC = b"\x89HTPROP\x01"
-_ENVELOPE_HEAD = struct.Struct(">8sI")
 
 
 class _PahoNoiseFilter(logging.Filter):
@@ -96,59 +96,6 @@ _paho_log = logging.getLogger(f"{__name__}.paho")
 _paho_log.addFilter(_PahoNoiseFilter())
 
 PROTOCOLS = {"auto": mqtt.MQTTv5, "5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
-
-
-def _wrap(payload: bytes, props: Mapping[str, Any]) -> bytes:
-    """Prefix ``payload`` with the properties an MQTT 3.1.1 broker cannot carry."""
-    header: dict[str, Any] = {}
-    if "response_topic" in props:
-        header["response_topic"] = props["response_topic"]
-    if "correlation_data" in props:
-        header["correlation_data"] = base64.b64encode(props["correlation_data"]).decode()
-    if "user_properties" in props:
-        header["user_properties"] = [list(kv) for kv in props["user_properties"]]
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    return _ENVELOPE_HEAD.pack(_ENVELOPE_MAGIC, len(blob)) + blob + payload
-
-
-def _unwrap(data: bytes) -> tuple[bytes, dict[str, Any]]:
-    """Inverse of ``_wrap``; data without the envelope is returned unchanged."""
-    if len(data) < _ENVELOPE_HEAD.size or not data.startswith(_ENVELOPE_MAGIC):
-        return data, {}
-    _, n = _ENVELOPE_HEAD.unpack_from(data)
-    start = _ENVELOPE_HEAD.size
-    try:
-        header = json.loads(data[start : start + n])
-        props: dict[str, Any] = {}
-        if "response_topic" in header:
-            props["response_topic"] = str(header["response_topic"])
-        if "correlation_data" in header:
-            props["correlation_data"] = base64.b64decode(header["correlation_data"])
-        if "user_properties" in header:
-            props["user_properties"] = [(str(k), str(v)) for k, v in header["user_properties"]]
-    except (ValueError, TypeError):
-        return data, {}  # looked like an envelope but is not one: deliver as is
-    return data[start + n :], props
-
-
-def _user_properties(value: Any) -> list[tuple[str, str]]:
-    items = value.items() if isinstance(value, Mapping) else value
-    return [(str(k), str(v)) for k, v in items]
-
-
-def _check_properties(properties: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(properties) - PROPERTY_KEYS
-    if unknown:
-        raise ValueError(
-            f"unsupported publish properties {sorted(unknown)}; use {sorted(PROPERTY_KEYS)}"
-        )
-    props = dict(properties)
-    if "correlation_data" in props:
-        cd = props["correlation_data"]
-        props["correlation_data"] = cd.encode() if isinstance(cd, str) else bytes(cd)
-    if "user_properties" in props:
-        props["user_properties"] = _user_properties(props["user_properties"])
-    return props
 
 
 def _to_paho_properties(props: Mapping[str, Any]) -> Properties | None:
@@ -175,12 +122,6 @@ def _from_paho_properties(p: Properties | None) -> dict[str, Any]:
     if hasattr(p, "UserProperty"):
         props["user_properties"] = [(str(k), str(v)) for k, v in p.UserProperty]
     return props
-
-
-def _filter_matches(topic_filter: str, topic: str) -> bool:
-    if topic_filter.startswith("$share/"):  # $share/<group>/<filter>
-        topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
-    return mqtt.topic_matches_sub(topic_filter, topic)
 
 
 def _describe_os_error(exc: BaseException, timeout: float) -> str:
@@ -595,13 +536,13 @@ class MqttLink(Link):
                 self._refused_pubs.pop(mid, None)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        payload, props = _unwrap(msg.payload)
+        payload, props = unwrap_properties(msg.payload)
         if msg.properties is not None:
             props = {**props, **_from_paho_properties(msg.properties)}
         topic = msg.topic
         self._count_received(len(payload))
         with self._subs_lock:
-            handlers = [h for f, (_, h) in self._subs.items() if _filter_matches(f, topic)]
+            handlers = [h for f, (_, h) in self._subs.items() if topic_matches(f, topic)]
         if not handlers:
             log.debug("message on %s matches no handler", topic)
         self._in_callback.active = True
@@ -677,9 +618,9 @@ class MqttLink(Link):
         if self._closing.is_set():
             raise RuntimeError("publish() on a closed link")
         data = bytes(payload) if not isinstance(payload, bytes) else payload
-        props = _check_properties(properties) if properties else {}
+        props = check_properties(properties) if properties else {}
         if props and self._protocol != mqtt.MQTTv5:
-            wire: bytes = _wrap(data, props)
+            wire: bytes = wrap_properties(data, props)
             paho_props = None
         else:
             wire = data

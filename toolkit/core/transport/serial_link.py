@@ -31,7 +31,13 @@ from urllib.parse import parse_qs, urlsplit
 from toolkit.core.errors import HiertrainError, WireError
 from toolkit.core.transport import serial_proto as sp
 from toolkit.core.transport.arq import ReliableChannel
-from toolkit.core.transport.base import PROPERTY_KEYS, BrokerAddress, Link, MessageHandler
+from toolkit.core.transport.base import (
+    BrokerAddress,
+    Link,
+    MessageHandler,
+    check_properties,
+    topic_matches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +181,6 @@ class SerialLink(Link):
                 self._inbox.put(packet)
 
     def _dispatch(self) -> None:
-        from toolkit.core.transport.mqtt import _filter_matches
-
         while not self._closing.is_set():
             try:
                 packet = self._inbox.get(timeout=0.2)
@@ -186,7 +190,7 @@ class SerialLink(Link):
             props = sp.props_from_json(packet.header.get("props", {}))
             self._count_received(len(packet.payload))
             with self._lock:
-                handlers = [h for f, (_, h) in self._subs.items() if _filter_matches(f, topic)]
+                handlers = [h for f, (_, h) in self._subs.items() if topic_matches(f, topic)]
             self._in_handler.active = True
             try:
                 for handler in handlers:
@@ -255,11 +259,7 @@ class SerialLink(Link):
         if not self._connected.is_set():
             raise HiertrainError(f"the gateway on {self.address.url} restarted or never "
                                  "answered; reconnect the link")
-        props = dict(properties or {})
-        unknown = set(props) - PROPERTY_KEYS
-        if unknown:
-            raise ValueError(f"unsupported publish properties {sorted(unknown)}; "
-                             f"use {sorted(PROPERTY_KEYS)}")
+        props = check_properties(properties or {})
         data = bytes(payload)
         header = {"topic": topic, "qos": qos, "retain": retain,
                   "props": sp.props_to_json(props)}

@@ -17,13 +17,13 @@ not inflated by base64.
 
 from __future__ import annotations
 
-import base64
 import json
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from toolkit.core.errors import WireError
+from toolkit.core.transport.base import properties_from_json, properties_to_json
 
 HELLO, SUB, PUB, OK, ERR, MSG, BYE = range(1, 8)
 KIND_NAMES = {HELLO: "HELLO", SUB: "SUB", PUB: "PUB", OK: "OK", ERR: "ERR", MSG: "MSG",
@@ -38,32 +38,10 @@ class Packet:
     payload: bytes = b""
 
 
-def props_to_json(props: dict[str, Any]) -> dict[str, Any]:
-    """Publish properties as JSON-safe values (correlation data as base64)."""
-    out: dict[str, Any] = {}
-    if "response_topic" in props:
-        out["response_topic"] = str(props["response_topic"])
-    if "correlation_data" in props:
-        cd = props["correlation_data"]
-        cd = cd.encode() if isinstance(cd, str) else bytes(cd)
-        out["correlation_data"] = base64.b64encode(cd).decode()
-    if "user_properties" in props:
-        items = props["user_properties"]
-        items = items.items() if isinstance(items, dict) else items
-        out["user_properties"] = [[str(k), str(v)] for k, v in items]
-    return out
-
-
-def props_from_json(data: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`props_to_json`: the dict a link handler receives."""
-    out: dict[str, Any] = {}
-    if "response_topic" in data:
-        out["response_topic"] = data["response_topic"]
-    if "correlation_data" in data:
-        out["correlation_data"] = base64.b64decode(data["correlation_data"])
-    if "user_properties" in data:
-        out["user_properties"] = [(str(k), str(v)) for k, v in data["user_properties"]]
-    return out
+props_to_json = properties_to_json
+"""Publish properties as JSON-safe values (the transports' shared helper)."""
+props_from_json = properties_from_json
+"""Inverse of :func:`props_to_json`: the dict a link handler receives."""
 
 
 def encode(packet: Packet) -> bytes:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolkit.core.errors import HiertrainError
-from toolkit.core.transport.base import Link, LinkWrapper
+from toolkit.core.transport.base import Link, LinkWrapper, check_properties, wrap_properties
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,8 @@ def mqtt_publish_size(
 
 
 def _envelope_len(props: Mapping[str, Any]) -> int:
-    """Length of the MQTT 3.1.1 property envelope, from the link's own encoder."""
-    from toolkit.core.transport.mqtt import _check_properties, _wrap  # paho only when needed
-
-    return len(_wrap(b"", _check_properties(props)))
+    """Length of the MQTT 3.1.1 property envelope, from the links' own encoder."""
+    return len(wrap_properties(b"", check_properties(props)))
 
 
 @dataclass
