@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from edge_runtime import cluster_run, personal_cli
-from edge_runtime.cli_args import HelpFormatter, Parser, add_common_args, positive_int, setup
+from edge_runtime.cli_args import add_common_args, positive_int, setup
 from edge_runtime.config import DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES
 from toolkit.core.entry import new_parser, run
 
@@ -127,9 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-runtime",
         description="hiertrain edge device: train the edge segment and stream int8 cut "
                     "activations over MQTT; hierarchical inference",
-        formatter_class=HelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = p.add_subparsers(dest="command", required=True)
 
     sp = sub.add_parser("train", help="train on the local shard and publish cut activations")
     add_common_args(sp, backend_help="executorch: the exported program, as on a board; torch: "

@@ -1,4 +1,5 @@
-"""Arguments the ``edge-runtime`` sub-commands share, and their help format.
+"""Arguments the ``edge-runtime`` sub-commands share (the help format is the core's,
+``toolkit.core.entry``: defaults shown, a ``None`` default left to the help text).
 
 A module of its own so that the sub-command modules (``cluster_run``,
 ``personal_cli``) take their arguments from here and never import ``cli.py``,
@@ -10,35 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
 
 from edge_runtime.config import BACKENDS
-from toolkit.core import entry
 from toolkit.core.security import add_security_args
 
 DATA_HELP = ("dataset: digits, an .npz file, a cifar-10-batches-py directory or an ImageFolder "
              "directory; unset: digits (bundled with scikit-learn)")
 BACKEND_HELP = ("executorch: the exported program, as on a board; torch: eager PyTorch, the "
                 "same math")
-
-
-class HelpFormatter(entry.HelpFormatter):
-    """The shared format, minus "(default: None)" and a switch's "(default: False)": an
-    option that is unset by default says in its own help what unset means, which a bare
-    None would not, and a switch is off unless given."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or (action.default is False and action.nargs == 0):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class Parser(entry.Parser):
-    """``toolkit.core.entry.Parser`` with :class:`HelpFormatter`; sub-commands inherit it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
 
 
 def positive_int(text: str) -> int:

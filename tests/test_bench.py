@@ -56,7 +56,7 @@ def test_bad_config_is_refused() -> None:
 
 def test_bench_cli_refuses_unknown_model(cli, tmp_path: Path) -> None:
     r = cli("toolkit", "bench", "--models", "nope", "--out", str(tmp_path), timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nope" in r.stderr
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "nope" in r.stderr
 
 
 @pytest.mark.mqtt

@@ -71,5 +71,5 @@ def test_bundle_is_reproducible_and_refuses_tampered_artifacts(artifacts, tmp_pa
     (bad / "edge_train.pte").write_bytes(b"not the program")
     r = run_cli("toolkit", "bundle", "--board", "rpi4", "--artifacts", str(bad),
                 "--out", str(tmp_path / "c.tar.gz"), timeout=120)
-    assert r.returncode == 2 and "does not match the manifest" in r.stderr
+    assert r.returncode == 3 and "does not match the manifest" in r.stderr
     assert not (tmp_path / "c.tar.gz").exists()

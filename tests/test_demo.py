@@ -29,6 +29,6 @@ def test_demo_runs_end_to_end_and_writes_its_summary(cli, tmp_path):
 def test_demo_refuses_a_bad_broker_url(cli, tmp_path):
     r = cli("toolkit", "demo", "--run-dir", str(tmp_path / "r"), "--broker", "http://x",
             timeout=300)
-    assert r.returncode == 2
+    assert r.returncode == 3
     assert "Traceback" not in r.stderr and "error:" in r.stderr and "http://x" in r.stderr
     assert not (tmp_path / "r" / "artifacts").exists()  # refused before any work

@@ -145,7 +145,7 @@ def test_manifest_schema_rejects_wrong_fields(exported):
 def test_bad_input_is_one_clear_line_and_leaves_nothing(cli, tmp_path, args, message):
     out = tmp_path / "out"
     r = cli("toolkit", "export", *args, "--out", str(out))
-    assert r.returncode == 2
+    assert r.returncode == 3
     assert message in r.stderr
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0, r.stderr
@@ -155,7 +155,7 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(cli, tmp_path, args, mes
 def test_existing_output_needs_force(cli, exported, tmp_path):
     out, _ = exported
     r = cli("toolkit", "export", *SMALL, "--out", str(out))
-    assert r.returncode == 2 and "already exists; pass --force" in r.stderr
+    assert r.returncode == 3 and "already exists; pass --force" in r.stderr
 
 
 def test_force_replaces_atomically(cli, tmp_path):
@@ -173,7 +173,7 @@ def test_output_under_a_file_is_refused(cli, tmp_path):
     f = tmp_path / "file"
     f.write_text("")
     r = cli("toolkit", "export", *SMALL, "--out", str(f / "out"))
-    assert r.returncode == 2 and "cannot write" in r.stderr
+    assert r.returncode == 3 and "cannot write" in r.stderr
     assert "Traceback" not in r.stderr
 
 

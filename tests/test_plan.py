@@ -337,8 +337,8 @@ def test_plan_marks_splits_over_the_board_budget(plan_cache, tmp_path, capsys):
         assert cli_main([*args, "--json"]) == 0
         out, err = capsys.readouterr()
         plan = json.loads(out)
-        if budget == 1:  # the first call measures batch 32, with a progress bar on stderr
-            assert "profiling smallcnn" in err and plan["profile"]["cached"] is False
+        if budget == 1:  # the first call measures batch 32; captured stdout: no progress bar
+            assert "profiling smallcnn" not in err and plan["profile"]["cached"] is False
         assert {row["split"] for row in plan["splits"] if row["fits"]} == fitting
         for row in plan["splits"]:
             assert row["edge_memory_mb"] == pytest.approx(mem[row["split"]], abs=0.05)
@@ -358,7 +358,7 @@ def test_plan_of_several_models_prints_a_list(plan_cache, capsys):
                      "--json"]) == 0
     plans = json.loads(capsys.readouterr().out)
     assert isinstance(plans, list) and [p["model"] for p in plans] == ["smallcnn", "smallcnn"]
-    assert cli_main([*args, "--model", "smallcnn,nope"]) == 2
+    assert cli_main([*args, "--model", "smallcnn,nope"]) == 3
     assert "unknown model 'nope'" in capsys.readouterr().err
 
 
@@ -384,9 +384,9 @@ def test_plan_board_speed_comes_from_the_profile(plan_cache, tmp_path, capsys):
             a["edge_step_s"] * derived["edge_speed"]["value"] / 0.5)
 
 
-def test_plan_bad_board_exits_2_as_a_process():
+def test_plan_bad_board_exits_3_as_a_process():
     r = run_cli("toolkit", "plan", "--model", "smallcnn", "--board", "nope", timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error: unknown board 'nope'"), r.stderr
+    assert r.returncode == 3 and r.stderr.startswith("error: unknown board 'nope'"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
@@ -399,8 +399,8 @@ def test_plan_bad_board_exits_2_as_a_process():
     (["--model", "smallcnn", "--samples", "0"], "--samples"),
     (["--model", "smallcnn", "--edge-speed", "0"], "--edge-speed"),
 ])
-def test_plan_user_errors_exit_2_with_one_line(args, words, capsys):
-    assert cli_main(["plan", *args]) == 2
+def test_plan_user_errors_exit_3_with_one_line(args, words, capsys):
+    assert cli_main(["plan", *args]) == 3
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
 

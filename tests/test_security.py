@@ -218,7 +218,7 @@ def test_the_clis_refuse_a_password_on_the_command_line(cli) -> None:
                 ["cloud-trainer", "--artifacts", "a", "--run-dir", "r"],
                 ["toolkit", "gateway", "--serial", "/dev/null"]):
         r = cli(*cmd, "--broker", "mqtts://robot-a:hunter2@127.0.0.1:8883", timeout=120)
-        assert r.returncode == 2, (cmd, r.stderr)
+        assert r.returncode == 3, (cmd, r.stderr)
         assert "--password-file" in r.stderr and "hunter2" not in r.stderr + r.stdout, r.stderr
 
 

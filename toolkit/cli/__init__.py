@@ -219,15 +219,17 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag has help; the shared formatter appends each default, so help never repeats
+    it, and a flag whose default is None says what leaving it unset means."""
     p = new_parser(
         prog="toolkit", description="hiertrain build-time toolkit: models, export, demo"
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common_model_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--num-classes", type=int, default=10)
-        sp.add_argument("--input-shape", type=_shape, default=None,
-                        help="C,H,W (default: the model's, 3,32,32)")
+    def common_model_args(sp: argparse.ArgumentParser, *aliases: str) -> None:
+        sp.add_argument("--num-classes", type=int, default=10, help="number of output classes")
+        sp.add_argument("--input-shape", *aliases, type=_shape, default=None,
+                        help="input shape C,H,W; unset: the model's own (3,32,32)")
 
     sp = sub.add_parser("models", help="list models, split points and their costs")
     common_model_args(sp)
@@ -235,115 +237,143 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_models)
 
     sp = sub.add_parser("boards", help="list board profiles")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_boards)
 
     sp = sub.add_parser("export", help="export the edge training program and artifacts")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--split", default=None, help="split point (default: the model's)")
+    sp.add_argument("--model", required=True, help="model name ('toolkit models' lists them)")
+    sp.add_argument("--split", default=None,
+                    help="split point; unset: the model's default split ('toolkit models')")
     sp.add_argument("--board", default="rpi4", help="board profile name or .yaml path")
-    sp.add_argument("--batch", type=int, default=None, help="default: the board's")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--batch", type=int, default=None,
+                    help="training batch size; unset: the board's (32 with --personalise)")
+    sp.add_argument("--out", required=True, help="artifacts directory to write")
     sp.add_argument("--force", action="store_true", help="replace an existing --out")
     common_model_args(sp)
-    sp.add_argument("--mean", type=_floats, default=None, help="per-channel input mean")
-    sp.add_argument("--std", type=_floats, default=None, help="per-channel input std")
-    sp.add_argument("--exit-channels", type=int, default=None)
-    sp.add_argument("--exit-kernel", type=int, default=3)
-    sp.add_argument("--exit-stride", type=int, default=1)
-    sp.add_argument("--lr", type=float, default=0.05)
-    sp.add_argument("--momentum", type=float, default=0.9)
-    sp.add_argument("--weight-decay", type=float, default=5e-4)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--mean", type=_floats, default=None,
+                    help="per-channel input mean, comma-separated; unset: the model's "
+                         "(CIFAR-10's) when the input has 3 channels")
+    sp.add_argument("--std", type=_floats, default=None,
+                    help="per-channel input std, comma-separated; unset: as for --mean")
+    sp.add_argument("--exit-channels", type=int, default=None,
+                    help="channels of the early-exit head's convolution; unset: the model's "
+                         "(32 with --personalise)")
+    sp.add_argument("--exit-kernel", type=int, default=3,
+                    help="kernel size of the early-exit head's convolution")
+    sp.add_argument("--exit-stride", type=int, default=1,
+                    help="stride of the early-exit head's convolution")
+    sp.add_argument("--lr", type=float, default=0.05,
+                    help="edge SGD learning rate, baked into the training program")
+    sp.add_argument("--momentum", type=float, default=0.9, help="edge SGD momentum")
+    sp.add_argument("--weight-decay", type=float, default=5e-4, help="edge SGD weight decay")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     sp.add_argument("--codec", default="int8",
-                    help="activation codec on the wire: int8 (default), int4, int2, "
+                    help="activation codec on the wire: int8, int4, int2, "
                          "int8+deflate, int4+deflate, int2+deflate or float32")
     sp.add_argument("--edge-norm", choices=("batch", "group"), default=None,
-                    help="normalisation in the edge segment (default: the model's)")
+                    help="normalisation in the edge segment; unset: the model's")
     sp.add_argument("--no-verify", action="store_true",
                     help="skip the gradient-parity check of the lowered program")
     sp.add_argument("--lowering", choices=("xnnpack", "matmul", "portable"), default="xnnpack",
                     help="training program: convolutions as matrix products run by XNNPACK "
-                         "(default; falls back to matmul without XNNPACK), the same on "
+                         "(falls back to matmul without XNNPACK), the same on "
                          "ExecuTorch's own kernels (any runtime), or ExecuTorch's portable "
                          "convolution kernels (slowest); docs/export.md, 'Speed'")
     sp.add_argument("--personalise", action="store_true",
                     help="multi-exit personalisation program: frozen backbone, trainable exits "
                          "(docs/personalise.md)")
     sp.add_argument("--checkpoint", default=None,
-                    help="with --personalise: pretrained backbone state dict (full_model.pt of a "
-                         "hiertrain run, or the model's own state dict)")
+                    help="with --personalise (needed there): pretrained backbone state dict "
+                         "(full_model.pt of a hiertrain run, or the model's own state dict)")
     sp.add_argument("--exits", default=None,
-                    help="with --personalise: comma-separated stages to attach exits after "
-                         "(default: every stage but the classifier)")
+                    help="with --personalise: comma-separated stages to attach exits after; "
+                         "unset: every stage but the classifier")
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("plan", help="predict epoch time per split point and mode; pick a split")
     sp.add_argument("--model", default=None,
-                    help="model name, or several comma-separated (default: every model)")
+                    help="model name, or several comma-separated; unset: every model")
     sp.add_argument("--board", default="rpi4", help="board profile name or .yaml path")
     sp.add_argument("--link-kbps", type=float, default=None,
-                    help="link rate in kbit/s (default: the board's)")
+                    help="link rate in kbit/s; unset: the board's")
     sp.add_argument("--link-latency-ms", type=float, default=None,
-                    help="one-way latency (default: the board's)")
-    sp.add_argument("--batch", type=int, default=None, help="default: the board's")
+                    help="one-way link latency in ms; unset: the board's")
+    sp.add_argument("--batch", type=int, default=None,
+                    help="training batch size; unset: the board's")
     sp.add_argument("--samples", type=int, default=50_000,
-                    help="training samples per epoch (default 50000, CIFAR-10)")
+                    help="training samples per epoch (50000: CIFAR-10)")
     sp.add_argument("--bits", type=int, choices=(2, 4, 8, 32), default=8,
                     help="activation code width; 32 = raw float32")
-    sp.add_argument("--num-classes", type=int, default=10)
-    sp.add_argument("--input-shape", "--input-size", type=_shape, default=None,
-                    help="C,H,W (default: the model's, 3,32,32)")
+    common_model_args(sp, "--input-size")
     sp.add_argument("--threads", type=int, default=1, help="torch threads while profiling")
     sp.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
     sp.add_argument("--max-profile-s", type=float, default=120.0,
-                    help="stop repeating measurements after this long")
-    sp.add_argument("--profile-cache", default=None, help="JSON file to reuse profiles from")
+                    help="stop repeating measurements after this many seconds")
+    sp.add_argument("--profile-cache", default=None,
+                    help="JSON file to reuse profiles from and add new ones to; unset: "
+                         "profile afresh and keep nothing")
     sp.add_argument("--edge-speed", type=float, default=None,
-                    help="board speed relative to this machine (default: from the profile)")
+                    help="board speed relative to this machine; unset: the board profile's "
+                         "cpu.relative_speed, else its GFLOP/s over this machine's")
     sp.add_argument("--cloud-speedup", type=float, default=1.0,
                     help="cloud speed relative to this machine")
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt) in the foreground")
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, default=1883)
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sp.add_argument("--port", type=int, default=1883, help="TCP port to listen on")
     sp.set_defaults(func=cmd_broker)
 
     sp = sub.add_parser("demo", help="hierarchical training end to end on bundled data")
-    sp.add_argument("--run-dir", default=None, help="keep the run here (default: temporary)")
+    sp.add_argument("--run-dir", default=None,
+                    help="keep the run here; unset: a temporary directory")
     sp.add_argument("--data", default=None,
-                    help="cifar-10-batches-py folder or ImageFolder tree (default: sklearn digits)")
-    sp.add_argument("--broker", default=None, help="external broker URL (default: embedded)")
-    sp.add_argument("--epochs", type=int, default=3)
-    sp.add_argument("--edges", type=int, default=2)
-    sp.add_argument("--backend", choices=("executorch", "torch"), default="executorch")
+                    help="cifar-10-batches-py folder or ImageFolder tree; unset: scikit-learn's "
+                         "bundled digits")
+    sp.add_argument("--broker", default=None,
+                    help="external broker URL (mqtt://host[:port]); unset: start the embedded "
+                         "broker")
+    sp.add_argument("--epochs", type=int, default=3, help="training epochs")
+    sp.add_argument("--edges", type=int, default=2, help="edge-runtime processes to start")
+    sp.add_argument("--backend", choices=("executorch", "torch"), default="executorch",
+                    help="the edges' training engine: the exported ExecuTorch program, or "
+                         "eager PyTorch")
     sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("bench", help="HT vs split learning vs cloud training on shaped links")
     sp.add_argument("--out", default="benchmarks/results", help="where results and plots go")
-    sp.add_argument("--work-dir", default=None, help="run dirs (default: OUT/lowbitrate-runs)")
-    sp.add_argument("--models", default="vgg16,resnet18")
+    sp.add_argument("--work-dir", default=None, help="run dirs; unset: OUT/lowbitrate-runs")
+    sp.add_argument("--models", default="vgg16,resnet18", help="models, comma-separated")
     sp.add_argument("--splits", type=_split_map, default={},
-                    help="model=split,... (default: vgg16=stage2, resnet18=layer3)")
-    sp.add_argument("--modes", default="ht,split,cloud")
+                    help="split point per model, model=split,...; models not named: "
+                         "vgg16=stage2, resnet18=layer3")
+    sp.add_argument("--modes", default="ht,split,cloud",
+                    help="training modes to compare, comma-separated")
     sp.add_argument("--rates", type=_floats, default=(0.5, 2.0, 10.0, 50.0),
                     help="link bit rates in Mbit/s, comma-separated")
     sp.add_argument("--latency-ms", type=float, default=20.0, help="one-way link latency")
     sp.add_argument("--codec", default="int8", help="activation codec for ht and split")
-    sp.add_argument("--extra-codecs", default="", help="more codecs for ht accuracy runs")
-    sp.add_argument("--batch", type=int, default=32)
+    sp.add_argument("--extra-codecs", default="",
+                    help="more codecs for ht accuracy runs, comma-separated")
+    sp.add_argument("--batch", type=int, default=32, help="training batch size")
     sp.add_argument("--samples", type=int, default=512, help="runtime runs: samples (at most)")
     sp.add_argument("--max-link-s", type=float, default=150.0,
                     help="runtime runs: fewer samples at slow rates so split's link time <= S")
-    sp.add_argument("--accuracy-samples", type=int, default=4096)
-    sp.add_argument("--accuracy-epochs", type=int, default=2)
+    sp.add_argument("--accuracy-samples", type=int, default=4096,
+                    help="accuracy runs: training samples per epoch")
+    sp.add_argument("--accuracy-epochs", type=int, default=2, help="accuracy runs: epochs")
     sp.add_argument("--eval-limit", type=int, default=1000, help="held-out samples evaluated")
-    sp.add_argument("--lr", type=float, default=0.01)
-    sp.add_argument("--data", default=None, help="dataset (default: CIFAR-10 copy, else digits)")
-    sp.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
-    sp.add_argument("--schedules", default="runtime,accuracy")
+    sp.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of every run")
+    sp.add_argument("--data", default=None,
+                    help="dataset; unset: a CIFAR-10 copy ($HIERTRAIN_CIFAR10) if there is one, "
+                         "else scikit-learn's digits")
+    sp.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto",
+                    help="broker to start: auto takes mosquitto when installed, else the "
+                         "embedded one")
+    sp.add_argument("--schedules", default="runtime,accuracy",
+                    help="which runs: runtime (shaped links) and/or accuracy (longer, "
+                         "unshaped), comma-separated")
     sp.add_argument("--report-only", action="store_true",
                     help="run nothing: redo predictions, tables and plots from OUT/lowbitrate.json")
     sp.add_argument("--resume", action="store_true",
@@ -354,20 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("gateway", help="bridge a device's serial line to an MQTT broker")
     sp.add_argument("--serial", required=True, help="/dev/ttyUSB0 or serial:///dev/...?baud=N")
-    sp.add_argument("--baud", type=int, default=115200)
+    sp.add_argument("--baud", type=int, default=115200, help="serial line speed in bit/s")
     sp.add_argument("--broker", required=True, help="mqtt://host[:port]")
     sp.add_argument("--once", action="store_true", help="exit when the device says goodbye")
     sp.add_argument("--idle-timeout", type=float, default=None,
-                    help="give up if no device greets within this many seconds")
+                    help="give up if no device greets within this many seconds; unset: wait "
+                         "forever")
     add_security_args(sp, signing=False)
     sp.set_defaults(func=cmd_gateway)
 
     sp = sub.add_parser("flash", help="push artifacts to a board in provisioning mode (serial)")
     sp.add_argument("--port", required=True, help="serial port, e.g. /dev/ttyACM0")
-    sp.add_argument("--baud", type=int, default=115200)
+    sp.add_argument("--baud", type=int, default=115200, help="serial line speed in bit/s")
     sp.add_argument("--artifacts", required=True, help="'toolkit export' output directory")
-    sp.add_argument("--board", default=None, help="board profile to send along (name or .yaml)")
-    sp.add_argument("--timeout", type=float, default=600.0, help="give up after this many s")
+    sp.add_argument("--board", default=None,
+                    help="board profile (name or .yaml) to send along as board.yaml; unset: "
+                         "send none")
+    sp.add_argument("--timeout", type=float, default=600.0,
+                    help="give up after this many seconds")
     sp.set_defaults(func=cmd_flash)
 
     sp = sub.add_parser("bundle", help="tarball for a Linux board: artifacts, config, systemd")

@@ -30,7 +30,16 @@ class ExitCode(enum.IntEnum):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every flag's default next to its help and keeps descriptions as written."""
+    """Shows every flag's default next to its help and keeps descriptions as written.
+
+    A ``None`` default is left out: it means "unset", and the help text says what
+    unset does, which "(default: None)" would only contradict.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

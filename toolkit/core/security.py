@@ -224,7 +224,7 @@ def add_security_args(parser: argparse.ArgumentParser, *, signing: bool = True) 
     )
     g.add_argument("--username", default=None, help="broker user name (MQTT username)")
     g.add_argument("--password-file", default=None, metavar="PATH",
-                   help=f"file holding the broker password (default: ${PASSWORD_ENV})")
+                   help=f"file holding the broker password (unset: ${PASSWORD_ENV}, if set)")
     g.add_argument("--ca-file", default=None, metavar="PATH",
                    help="with mqtts://: trust this CA (PEM) instead of the system's")
     g.add_argument("--cert-file", default=None, metavar="PATH",
@@ -234,7 +234,7 @@ def add_security_args(parser: argparse.ArgumentParser, *, signing: bool = True) 
     if signing:
         g.add_argument("--hmac-key-file", default=None, metavar="PATH",
                        help="sign every message and check every incoming one with this run "
-                            f"key (default: ${HMAC_KEY_ENV}; no signing if neither)")
+                            f"key (unset: ${HMAC_KEY_ENV}; no signing if neither)")
 
 
 def security_from_args(args: argparse.Namespace, url: str | None = None) -> LinkSecurity:

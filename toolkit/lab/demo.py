@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from toolkit.core.entry import show_progress
 from toolkit.core.errors import HiertrainError
 from toolkit.lab.launch import ProcessGroup, StatusWatcher, start_embedded_broker
 
@@ -126,9 +127,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _follow(watcher: StatusWatcher, group: ProcessGroup, expected: int, n_edges: int,
             live: tuple[str, ...]) -> None:
-    """Progress bars on a terminal; a plain line every 10 s in logs (CI, files)."""
+    """Progress bars when stdout is a terminal (``show_progress``, the rule all three CLIs
+    share); otherwise a plain line every 10 s, so logs and CI output hold no carriage returns."""
     deadline = time.monotonic() + DEMO_TIMEOUT_S
-    tty = sys.stderr.isatty()
+    tty = show_progress()
     per_edge = expected // n_edges
     bars = {}
     if tty:

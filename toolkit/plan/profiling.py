@@ -340,6 +340,7 @@ def profile_model(
     import torch
     from tqdm import tqdm
 
+    from toolkit.core.entry import show_progress as on_terminal
     from toolkit.core.models import build_model, get_spec
     from toolkit.core.models.exits import ExitHeadConfig, build_exit_head
     from toolkit.core.models.rewrites import EDGE_NORMS, make_exact
@@ -377,8 +378,10 @@ def profile_model(
         jobs = ([("edge", i) for i in range(last_cut)]
                 + [("cloud", i) for i in range(first_cut, len(names))])
         clock = _Clock(repeats, max_seconds)
+        # The caller asks for a bar; it appears only when stdout is a terminal.
         bar = tqdm(total=len(jobs) + len(spec.splits) + 1, desc=f"profiling {model}",
-                   unit="step", file=sys.stderr, disable=not show_progress, leave=False)
+                   unit="step", file=sys.stderr, leave=False,
+                   disable=not (show_progress and on_terminal()))
         timings: dict[str, dict[str, BlockTiming]] = {"edge": {}, "cloud": {}}
         try:
             for side, i in jobs:
