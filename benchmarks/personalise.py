@@ -20,11 +20,11 @@ Measured (written to ``--out``, printed beside the paper's figures):
   personalisation (same batch, same loss, eager PyTorch, median step time); FLOPs ratio beside it.
 * ``latency_ratio``: per-sample latency at batch 1 of the original network
   (``personal_full.pte``) / early-exit inference (the policy's segments lowered with the exit
-  weights baked in), both through ExecuTorch with the same XNNPACK thread pool
-  (``--et-threads``), interleaved per sample, with thresholds calibrated for the original
-  network's held-out accuracy (equal accuracy); the shipped segment programs and eager PyTorch
-  beside it, the FLOPs ratio in ``equal_accuracy``, and the personalised policy's latency in
-  ``latency_at_accuracy_after``.
+  weights baked in by ``toolkit bake``, into the artifacts directory), both through ExecuTorch
+  with the same XNNPACK thread pool (``--et-threads``), interleaved per sample, with thresholds
+  calibrated for the original network's held-out accuracy (equal accuracy); the shipped segment
+  programs and eager PyTorch beside it, the FLOPs ratio in ``equal_accuracy``, and the
+  personalised policy's latency in ``latency_at_accuracy_after``.
 
 Personalisation runs on the eager ``torch`` backend by default (``--backend``): the same module
 the ExecuTorch program was lowered from, parity-tested, and ~70x faster on this CPU.
@@ -55,7 +55,13 @@ from edge_runtime.personalise import (
     run_personalise,
 )
 from toolkit.build.export import OptimizerConfig
-from toolkit.build.personal_export import PersonalExportConfig, export_personal, train_flops
+from toolkit.build.personal_export import (
+    BakeConfig,
+    PersonalExportConfig,
+    bake_personal,
+    export_personal,
+    train_flops,
+)
 from toolkit.core.data.datasets import load_dataset, normalize, shared_cifar10
 from toolkit.core.data.personal import pretrain
 from toolkit.core.models import CIFAR_MEAN, CIFAR_STD
@@ -164,7 +170,7 @@ def main() -> int:
     art = Path(args.artifacts) if args.artifacts else work / "art"
     t0 = time.monotonic()
     if args.artifacts:
-        from toolkit.build.personal_export import load_personal_manifest
+        from toolkit.core.artifacts.personal import load_personal_manifest
 
         m = load_personal_manifest(art)
         export_s = None
@@ -200,7 +206,7 @@ def main() -> int:
     # 4. accuracy before/after on the personal test set
     test = load_personal_split(m, data, "test", classes, args.shift, None, 0)
     trained = PersonalBackend(m, "torch")
-    from toolkit.build.personal_export import load_exit_state
+    from toolkit.core.models.personal import load_exit_state
 
     load_exit_state(trained.net, exits, "exits")
     logits = trained.forward(test.x)
@@ -228,8 +234,18 @@ def main() -> int:
 
     lat_idx = torch.from_numpy(np.random.default_rng(1).permutation(len(test)))
 
+    def bake_for(policy, name: str) -> None:
+        """``toolkit bake`` for ``policy``: its segments with the exit weights as constants,
+        written into the artifacts (baked.json) for the engine to find."""
+        d = work / f"bake-{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save(exits, d / "exits.pt")
+        (d / "policy.json").write_text(json.dumps(policy.to_dict()) + "\n")
+        bake_personal(BakeConfig(artifacts=art, weights=d), progress=log)
+
     def latency(policy, n, backend, bake=False):
-        """Early-exit and original network on the same samples, interleaved per sample."""
+        """Early-exit and original network on the same samples, interleaved per sample.
+        ``bake``: the segments ``bake_for`` baked (required); else the shipped ones."""
         eng = MultiExitEngine(m, backend, exits, policy, bake=bake)
         for i in lat_idx[:5].tolist():  # warm-up: first-call costs are not latency
             eng.run(test.x[i:i + 1])
@@ -255,10 +271,13 @@ def main() -> int:
     log(f"timing early-exit vs full-network inference on {n_lat} random test samples")
     lat_eq_eager = latency(policy_eq, min(args.eager_latency_samples or n_lat, n_lat), "torch")
     lat_eq_shipped = latency(policy_eq, n_lat, "executorch")
-    log("lowering the equal-accuracy policy's segments with the exit weights baked in")
+    log("baking the equal-accuracy policy's segments (toolkit bake)")
+    bake_for(policy_eq, "equal-accuracy")
     lat_eq = latency(policy_eq, n_lat, "executorch", bake=True)
-    lat_after = (latency(policy_after, n_lat, "executorch", bake=True)
-                 if args.latency_after else None)
+    lat_after = None
+    if args.latency_after:
+        bake_for(policy_after, "after")
+        lat_after = latency(policy_after, n_lat, "executorch", bake=True)
 
     # 6. training cost: exits only vs the whole network (same batch, same loss)
     log("timing one training step: exits only vs whole-network fine-tuning (eager)")

@@ -19,54 +19,13 @@ standard errors).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 
 import torch
 
+from toolkit.core.artifacts.personal import ExitPolicy
 from toolkit.core.errors import HiertrainError
 
-
-@dataclass
-class ExitPolicy:
-    """Thresholds per exit (``None``: never exit there); ``terminal`` answers the rest."""
-
-    exit_points: list[str]
-    thresholds: list[float | None]
-    terminal: str  # an exit point, or "final" (the backbone's own classifier)
-    target_accuracy: float | None = None
-    calibration: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ExitPolicy:
-        try:
-            return cls(exit_points=list(d["exit_points"]), thresholds=list(d["thresholds"]),
-                       terminal=str(d["terminal"]), target_accuracy=d.get("target_accuracy"),
-                       calibration=dict(d.get("calibration", {})))
-        except (KeyError, TypeError) as exc:
-            raise HiertrainError(f"exit policy is malformed ({exc}); re-run "
-                                 "'edge-runtime personalise'") from None
-
-    @classmethod
-    def fixed(cls, exit_points: Sequence[str], threshold: float) -> ExitPolicy:
-        """One threshold for every exit, the deepest exit terminal (no calibration)."""
-        return cls(list(exit_points), [threshold] * len(exit_points), exit_points[-1])
-
-    def chain(self) -> list[int]:
-        """Indices into ``[*exit_points, "final"]`` a sample may visit, terminal last."""
-        names = [*self.exit_points, "final"]
-        if self.terminal not in names:
-            raise HiertrainError(f"terminal exit {self.terminal!r} is not one of {names}")
-        return list(range(names.index(self.terminal) + 1))
-
-    def decide(self, k: int, confidence: float) -> bool:
-        """Whether a sample leaves at chain position ``k`` with this confidence."""
-        if k == self.chain()[-1]:
-            return True
-        t = self.thresholds[k]
-        return t is not None and confidence >= t
+__all__ = ["ExitPolicy", "calibrate", "lowest_threshold", "route", "summarize"]
 
 
 def route(policy: ExitPolicy, confs: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from edge_runtime.backends import EdgeBackend, StepResult
+from toolkit.core import errors
 from toolkit.core.artifacts.manifest import Manifest
-from toolkit.core.errors import HiertrainError
+from toolkit.core.errors import HiertrainError, RunIncompleteError
 from toolkit.core.models.edge_program import EdgeTrainStep
 from toolkit.core.models.rewrites import host_stat_layers
 from toolkit.core.models.tiling import ClusterPlan, Interval, Node, Rect, TilePlan, rect_intersect
@@ -471,7 +472,8 @@ def set_threads(n: int) -> None:
 def spawn_local(fn, args: tuple, world: int, timeout_s: float) -> None:
     """Run ``fn(rank, *args)`` in ``world`` fresh processes on this machine; bounded wait.
 
-    Raises HiertrainError if a process fails or the cluster does not finish in time (the
+    Raises the failing rank's HiertrainError (same class, so the same exit code) if a
+    process fails, RunIncompleteError if the cluster does not finish in time (the
     survivors are terminated).
     """
     import torch.multiprocessing as mp
@@ -481,15 +483,20 @@ def spawn_local(fn, args: tuple, world: int, timeout_s: float) -> None:
     try:
         while not ctx.join(timeout=0.5):
             if time.monotonic() > deadline:
-                raise HiertrainError(
+                raise RunIncompleteError(
                     f"the local cluster of {world} processes did not finish within "
                     f"{timeout_s:.0f} s")
     except mp.ProcessRaisedException as exc:
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         last = lines[-1] if lines else "unknown error"
+        error: type[HiertrainError] = HiertrainError
         if last.startswith("toolkit.core.errors.") and ": " in last:
-            last = last.split(": ", 1)[1]  # a HiertrainError: its one-sentence message
-        raise HiertrainError(f"cluster rank {exc.error_index} failed: {last}") from None
+            name, last = last.split(": ", 1)  # a HiertrainError: its one-sentence message
+            # the same class, so the command exits with the rank's code (4: broker down...)
+            cls = getattr(errors, name.rsplit(".", 1)[1], None)
+            if isinstance(cls, type) and issubclass(cls, HiertrainError):
+                error = cls
+        raise error(f"cluster rank {exc.error_index} failed: {last}") from None
     except mp.ProcessExitedException as exc:
         raise HiertrainError(f"a cluster process died: {exc}") from None
     finally:

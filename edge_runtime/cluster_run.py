@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.cli_args import add_common_args, positive_int
 from edge_runtime.config import TrainConfig
 from toolkit.core.errors import HiertrainError
 
@@ -168,7 +169,7 @@ def run_cluster(cfg: ClusterConfig) -> dict | None:
     from edge_runtime.cluster import spawn_local
     from toolkit.core.artifacts.manifest import load_manifest
     from toolkit.core.models.segments import load_segments
-    from toolkit.lab.broker import free_port
+    from toolkit.core.transport.ports import free_port
 
     # plan once here first, so that a user error is one line before any process starts
     manifest = load_manifest(cfg.train.artifacts)
@@ -180,34 +181,34 @@ def run_cluster(cfg: ClusterConfig) -> dict | None:
         return json.loads(Path(path).read_text())
 
 
-def add_parser(sub, common) -> None:
+def add_parser(sub) -> None:
     """The ``cluster`` subcommand (called from ``edge_runtime.cli``)."""
-    from edge_runtime.cli import _positive_int
-
     sp = sub.add_parser("cluster", help="train the edge segment tiled across several boards "
                                         "(torch.distributed, gloo); rank 0 publishes")
-    common(sp)
-    sp.add_argument("--world-size", type=_positive_int, required=True,
+    add_common_args(sp)
+    sp.add_argument("--world-size", type=positive_int, required=True,
                     help="number of boards (processes)")
     sp.add_argument("--rank", type=int, default=None,
-                    help="this board's rank; omit to start every rank on this machine")
+                    help="this board's rank; unset: start every rank on this machine")
     sp.add_argument("--master-addr", default="127.0.0.1", help="rank 0's address")
     sp.add_argument("--master-port", type=int, default=None,
-                    help="rank 0's rendezvous port (default with local ranks: a free port)")
-    sp.add_argument("--grid", default=None, help="tile grid ROWSxCOLS (default: most square)")
+                    help="rank 0's rendezvous port; unset (local ranks only): a free port")
+    sp.add_argument("--grid", default=None,
+                    help="tile grid ROWSxCOLS; unset: the most square grid of --world-size")
     sp.add_argument("--groups", default="auto",
                     help="layer groups: auto (cost model), all, each, or unit counts like 2+2")
     sp.add_argument("--board", default=None,
-                    help="board profile for the cost model (default: the manifest's board)")
+                    help="board profile for the cost model; unset: the manifest's board")
     sp.add_argument("--board-link-mbps", type=float, default=100.0,
-                    help="bandwidth between boards in Mbit/s for the cost model (default 100)")
+                    help="bandwidth between boards in Mbit/s, for the cost model")
     sp.add_argument("--board-link-latency-ms", type=float, default=0.5,
-                    help="latency between boards for the cost model (default 0.5)")
+                    help="latency between boards in ms, for the cost model")
     sp.add_argument("--plan-only", action="store_true",
                     help="print the tile plan (and the cost model's candidates) as JSON and exit")
-    sp.add_argument("--epochs", type=_positive_int, default=3)
-    sp.add_argument("--limit", type=_positive_int, default=None,
-                    help="use only this many training samples")
+    sp.add_argument("--epochs", type=positive_int, default=3,
+                    help="passes over the training data")
+    sp.add_argument("--limit", type=positive_int, default=None,
+                    help="use only this many training samples; unset: all")
     sp.add_argument("--state-dir", default=".",
                     help="where rank 0 saves edge_weights-<device>.pt")
     sp.set_defaults(func=cmd_cluster)

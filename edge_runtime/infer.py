@@ -21,7 +21,6 @@ import json
 import logging
 import queue
 import secrets
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -29,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from edge_runtime.config import BACKENDS, InferConfig
 from edge_runtime.link import connect_edge
+from edge_runtime.progress import progress_bar
 from toolkit.core.artifacts.manifest import Manifest, load_manifest
 from toolkit.core.artifacts.safeload import load_weights
 from toolkit.core.data.datasets import load_dataset, normalize
-from toolkit.core.errors import HiertrainError, WireError
+from toolkit.core.errors import HiertrainError, RunIncompleteError, WireError
 from toolkit.core.models.segments import load_segments
 from toolkit.core.protocol.codec import BatchMeta, codec_for
 from toolkit.core.protocol.messages import decode_infer_reply, decode_weights
@@ -198,8 +197,8 @@ def _serve(cfg: InferConfig, link: Link, engine: InferEngine, scheme: QuantSchem
                    lambda _t, payload, props: replies.put((props.get("correlation_data"), payload)))
     local, cloud, fallback = _Tally(), _Tally(), _Tally()
     timeouts = consecutive = cloud_errors = 0
-    for i in tqdm(range(len(y_all)), desc=f"{device} infer", unit="sample", disable=cfg.quiet,
-                  file=sys.stderr):
+    for i in progress_bar(cfg.quiet, range(len(y_all)), desc=f"{device} infer",
+                          unit="sample"):
         t = time.monotonic()
         x, label = x_all[i : i + 1], int(y_all[i])
         cut, logits = engine.run(x)
@@ -218,7 +217,7 @@ def _serve(cfg: InferConfig, link: Link, engine: InferEngine, scheme: QuantSchem
             timeouts += 1
             consecutive += 1
             if consecutive >= MAX_CONSECUTIVE_TIMEOUTS:
-                raise HiertrainError(
+                raise RunIncompleteError(
                     f"the cloud did not answer {consecutive} inference requests in a row on "
                     f"{request_topic} within {cfg.timeout:.0f} s each; is a cloud trainer "
                     f"serving run {run!r} on {link.address.url}?"

@@ -4,7 +4,11 @@ A sample runs one segment at a time (``personal_seg<k>.pte``: the backbone
 stages since the previous exit, then exit ``k``) and leaves at the first exit
 whose softmax confidence reaches its calibrated threshold
 (``edge_runtime.calibrate.ExitPolicy``); the terminal exit answers the rest.
-The work after the exit is never done, which is the latency saving. The
+The work after the exit is never done, which is the latency saving. When the
+artifacts hold segments baked by ``toolkit bake`` for the same exit weights and
+policy (``baked.json``), those run instead: no exit is evaluated that the policy
+never lets a sample leave at, and XNNPACK runs the conv exit heads too. Baking
+(torch.export and lowering) is build-side work and never runs on the board. The
 original network (``personal_full.pte``, backbone only) can be timed on the
 same samples for comparison (``compare_full``).
 
@@ -15,28 +19,32 @@ the artifacts' manifest (``personal.json``) and keeps its hierarchical path.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from edge_runtime.calibrate import ExitPolicy
 from edge_runtime.config import BACKENDS
-from edge_runtime.personalise import load_personal_split, load_state_dir
-from toolkit.build.personal_export import (
-    FULL_PTE,
-    exit_state,
-    load_exit_state,
-    load_personal_manifest,
-    load_personal_net,
-    lower_baked_segments,
-)
+from edge_runtime.personalise import load_personal_split
+from edge_runtime.progress import progress_bar
 from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.artifacts.personal import (
+    FULL_PTE,
+    bake_hint,
+    exit_state_digest,
+    find_baked,
+    load_personal_manifest,
+    load_state_dir,
+    resolve_policy,
+)
 from toolkit.core.errors import HiertrainError
+from toolkit.core.models.personal import exit_state, load_exit_state, load_personal_net
+
+log = logging.getLogger("edge_runtime")
 
 
 @dataclass
@@ -51,7 +59,9 @@ class MultiExitConfig:
     threshold: float | None = None  # overrides the calibrated policy: one threshold for all
     backend: str = "executorch"
     compare_full: bool = False
-    bake: bool = False  # executorch: re-lower the segments with the exit weights as constants
+    # executorch: the segments 'toolkit bake' baked for these weights and this policy;
+    # None: when there are such segments, True: required, False: the shipped segments
+    bake: bool | None = None
     seed: int = 0
     quiet: bool = False
     report: str | Path | None = None
@@ -60,21 +70,24 @@ class MultiExitConfig:
 class MultiExitEngine:
     """``run(x[1]) -> (chain position, logits)`` under an exit policy.
 
-    ``bake=False`` runs the shipped segment programs (exit weights as inputs, every
-    exit up to the terminal evaluated). ``bake=True`` first lowers the policy's own
-    segments with the personalised exit weights as constants
-    (:func:`toolkit.build.personal_export.lower_baked_segments`): exits whose threshold is
+    ``executorch`` runs either the shipped segment programs (exit weights as inputs,
+    every exit up to the terminal evaluated) or the policy's own segments with the
+    exit weights as constants, lowered by ``toolkit bake``
+    (:func:`toolkit.build.personal_export.bake_personal`): exits whose threshold is
     ``None`` are skipped, their stages merged into the next segment, and XNNPACK takes
-    conv exit heads too. The ``torch`` backend always runs the policy's segments (the
-    skipped exits are never computed), which is what the baked programs compute.
+    conv exit heads too. ``bake=None`` uses baked segments when the artifacts hold some
+    for these exit weights and exit positions, ``True`` requires them (a one-line error
+    naming ``toolkit bake`` if there are none), ``False`` runs the shipped ones. The
+    ``torch`` backend always runs the policy's segments (the skipped exits are never
+    computed), which is what the baked programs compute.
     """
 
     def __init__(self, manifest: Manifest, backend: str, state: dict[str, torch.Tensor] | None,
-                 policy: ExitPolicy, *, bake: bool = False):
+                 policy: ExitPolicy, *, bake: bool | None = None):
         if backend not in BACKENDS:
             raise HiertrainError(f"unknown backend {backend!r}; choose one of: "
                                  f"{', '.join(BACKENDS)}")
-        self.backend, self.policy, self.baked = backend, policy, bake
+        self.backend, self.policy = backend, policy
         self.net = load_personal_net(manifest)
         if state is not None:
             load_exit_state(self.net, state, "the exit weights")
@@ -82,8 +95,16 @@ class MultiExitEngine:
         chain = policy.chain()
         terminal = chain[-1]
         # the exits a sample can leave at: a threshold, or the terminal
-        self.keep = [k for k in chain if k == terminal or policy.thresholds[k] is not None]
-        shipped = backend == "executorch" and not bake
+        self.keep = policy.keep()
+        baked = None
+        if backend == "executorch" and bake is not False:
+            baked, why = find_baked(manifest, exit_state_digest(exit_state(self.net)), self.keep)
+            if baked is None and bake:
+                raise HiertrainError(f"no baked segments to use: {why}; {bake_hint(manifest.root)}")
+            if baked is None:
+                log.info("running the shipped segments (%s)", why)
+        self.baked = baked is not None
+        shipped = backend == "executorch" and not self.baked
         # shipped programs evaluate every exit up to the terminal; the rest skip null ones
         self.route = chain if shipped else self.keep
         self.route_thresholds = [policy.thresholds[k] if k != terminal else None
@@ -93,10 +114,8 @@ class MultiExitEngine:
         if backend == "executorch":
             from toolkit.core.et_program import InferenceProgram
 
-            if bake:
-                shape = tuple(manifest.data["spec"]["input_shape"])
-                self.programs = [InferenceProgram(buf) for buf, _ in
-                                 lower_baked_segments(self.net, self.keep, shape)]
+            if baked is not None:
+                self.programs = [InferenceProgram.from_file(f) for f in baked.files]
                 self.weights = [[] for _ in self.programs]
             else:
                 full = exit_state(self.net)
@@ -177,13 +196,7 @@ def run_multi_exit_inference(cfg: MultiExitConfig) -> dict[str, Any]:
     if cfg.weights is not None:
         state, policy = load_state_dir(cfg.weights)
         source = str(cfg.weights)
-    if cfg.threshold is not None:
-        if not 0.0 <= cfg.threshold <= 1.0:
-            raise HiertrainError(f"threshold must be in [0, 1], got {cfg.threshold}")
-        policy = ExitPolicy.fixed(points, cfg.threshold)
-    if policy is None:
-        raise HiertrainError("no exit policy: pass --weights with the --out directory of "
-                             "'edge-runtime personalise' (it holds policy.json) or --threshold")
+    policy = resolve_policy(points, policy, cfg.threshold)
     engine = MultiExitEngine(manifest, cfg.backend, state, policy, bake=cfg.bake)
     ds = load_personal_split(manifest, cfg.data, cfg.split, cfg.classes, cfg.shift, cfg.limit,
                              cfg.seed)
@@ -192,8 +205,7 @@ def run_multi_exit_inference(cfg: MultiExitConfig) -> dict[str, Any]:
     per = {names[k]: {"samples": 0, "correct": 0, "latency_s": 0.0} for k in engine.chain}
     full = {"samples": 0, "correct": 0, "latency_s": 0.0}
     flops = 0
-    for i in tqdm(range(len(ds)), desc="multi-exit infer", unit="sample", disable=cfg.quiet,
-                  file=sys.stderr):
+    for i in progress_bar(cfg.quiet, range(len(ds)), desc="multi-exit infer", unit="sample"):
         x, label = ds.x[i:i + 1], int(ds.y[i])
         t = time.perf_counter()
         k, logits = engine.run(x)
@@ -213,6 +225,7 @@ def run_multi_exit_inference(cfg: MultiExitConfig) -> dict[str, Any]:
     total_s = sum(e["latency_s"] for e in per.values())
     result: dict[str, Any] = {
         "data": ds.name, "backend": cfg.backend, "weights": source, "samples": n,
+        "baked": engine.baked,
         "accuracy": sum(e["correct"] for e in per.values()) / n,
         "mean_latency_ms": 1000 * total_s / n,
         "mean_depth": sum((names.index(k) + 1) * e["samples"] for k, e in per.items()) / n,

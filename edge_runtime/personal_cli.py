@@ -1,6 +1,8 @@
 """``edge-runtime personalise`` and the multi-exit branch of ``edge-runtime infer``.
 
-Kept out of ``edge_runtime/cli.py`` so the shared CLI file changes by a few lines.
+Kept out of ``edge_runtime/cli.py`` so the shared CLI file changes by a few lines; the
+shared arguments come from ``edge_runtime.cli_args``, so this module never imports
+``cli.py`` back.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from edge_runtime.cli_args import DATA_HELP, add_runtime_only_args, positive_int, setup
 from toolkit.core.errors import HiertrainError
 
 SHIFTS = ("none", "tint", "invert")  # toolkit.core.data.personal.SHIFTS, without importing torch
@@ -24,12 +27,12 @@ def _classes(text: str) -> tuple[int, ...]:
 def add_scenario_args(sp: argparse.ArgumentParser) -> None:
     """The personal scenario: which classes this device sees, through which shift."""
     sp.add_argument("--classes", type=_classes, default=None,
-                    help="comma-separated class ids this device sees (default: all)")
+                    help="comma-separated class ids this device sees; unset: all")
     sp.add_argument("--shift", choices=SHIFTS, default="none",
-                    help="fixed colour shift of this device's camera (default none)")
+                    help="fixed colour shift of this device's camera")
 
 
-def add_personalise_parser(sub, common_runtime) -> None:
+def add_personalise_parser(sub) -> None:
     sp = sub.add_parser("personalise",
                         help="train the early exits on local, mostly unlabelled data; calibrate "
                              "their thresholds")
@@ -37,29 +40,29 @@ def add_personalise_parser(sub, common_runtime) -> None:
                     help="'toolkit export --personalise' output directory")
     sp.add_argument("--out", required=True,
                     help="where exits.pt, policy.json and report.json go")
-    sp.add_argument("--data", default=None,
-                    help="dataset: digits (default), .npz, cifar-10-batches-py, ImageFolder")
+    sp.add_argument("--data", default=None, help=DATA_HELP)
     add_scenario_args(sp)
     sp.add_argument("--labelled", type=float, default=0.1,
-                    help="share of local samples with a real label (default 0.1)")
+                    help="share of local samples with a real label")
     sp.add_argument("--pseudo-threshold", type=float, default=0.9,
-                    help="final-exit confidence a pseudo-label needs to be used (default 0.9)")
-    sp.add_argument("--epochs", type=int, default=5)
+                    help="final-exit confidence a pseudo-label needs to be used")
+    sp.add_argument("--epochs", type=positive_int, default=5,
+                    help="passes over the local training stream")
     sp.add_argument("--holdout", type=float, default=0.2,
-                    help="share of local samples held out to calibrate thresholds (default 0.2)")
+                    help="share of local samples held out to calibrate thresholds")
     sp.add_argument("--target-accuracy", type=float, default=None,
-                    help="accuracy each early exit must reach on held-out data (default: the "
-                         "deepest exit's own held-out accuracy)")
-    sp.add_argument("--limit", type=int, default=None, help="use at most this many samples")
-    common_runtime(sp)
+                    help="accuracy each early exit must reach on held-out data; unset: the "
+                         "deepest exit's own held-out accuracy")
+    sp.add_argument("--limit", type=positive_int, default=None,
+                    help="use at most this many samples; unset: all")
+    add_runtime_only_args(sp)
     sp.set_defaults(func=cmd_personalise)
 
 
 def cmd_personalise(args: argparse.Namespace) -> int:
-    from edge_runtime.cli import _setup
     from edge_runtime.personalise import PersonaliseConfig, run_personalise
 
-    _setup(args)
+    setup(args)
     r = run_personalise(PersonaliseConfig(
         artifacts=args.artifacts, out=args.out, data=args.data, classes=args.classes,
         shift=args.shift, labelled=args.labelled, pseudo_threshold=args.pseudo_threshold,

@@ -25,7 +25,6 @@ early with them.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,26 +32,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from edge_runtime.calibrate import ExitPolicy, calibrate, summarize
 from edge_runtime.config import BACKENDS
-from toolkit.build.personal_export import (
+from edge_runtime.progress import progress_bar
+from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.artifacts.personal import (
+    EXITS_FILE,
     FORWARD_PTE,
+    POLICY_FILE,
+    REPORT_FILE,
     TRAIN_PTE,
     load_personal_manifest,
-    load_personal_net,
+    load_state_dir,
 )
-from toolkit.core.artifacts.manifest import Manifest
-from toolkit.core.artifacts.safeload import load_weights
 from toolkit.core.data.datasets import Dataset, load_dataset, normalize
 from toolkit.core.data.personal import SHIFTS, personal_view, split_holdout
 from toolkit.core.errors import HiertrainError
-from toolkit.core.models.personal import PersonalForward, PersonalTrainStep
-
-EXITS_FILE = "exits.pt"
-POLICY_FILE = "policy.json"
-REPORT_FILE = "report.json"
+from toolkit.core.models.personal import PersonalForward, PersonalTrainStep, load_personal_net
 
 
 @dataclass
@@ -222,8 +219,8 @@ def run_personalise(cfg: PersonaliseConfig) -> dict[str, Any]:
     steps_per_epoch = len(stream) // b
     history = []
     train_s = 0.0
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="personalise", unit="step",
-               disable=cfg.quiet, file=sys.stderr)
+    bar = progress_bar(cfg.quiet, total=cfg.epochs * steps_per_epoch, desc="personalise",
+                       unit="step")
     for epoch in range(cfg.epochs):
         order = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(len(stream)))
         losses = []
@@ -273,25 +270,6 @@ def run_personalise(cfg: PersonaliseConfig) -> dict[str, Any]:
     return report
 
 
-def load_state_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], ExitPolicy | None]:
-    """``exits.pt`` (and ``policy.json`` if present) from a personalise ``--out`` directory
-    or an ``exits.pt`` file."""
-    p = Path(path)
-    f = p / EXITS_FILE if p.is_dir() else p
-    if not f.is_file():
-        raise HiertrainError(f"{p} holds no {EXITS_FILE}; pass the --out directory of "
-                             "'edge-runtime personalise'")
-    state = load_weights(f, "exit weights")
-    pol = f.parent / POLICY_FILE
-    policy = None
-    if pol.is_file():
-        try:
-            policy = ExitPolicy.from_dict(json.loads(pol.read_text()))
-        except json.JSONDecodeError as exc:
-            raise HiertrainError(f"cannot read {pol}: {exc}") from None
-    return state, policy
-
-
 def policy_summary(policy: ExitPolicy, logits: list[torch.Tensor], y: torch.Tensor) -> dict:
     """How ``policy`` routes and scores these samples (for reports)."""
     probs = [torch.softmax(lg.float(), 1) for lg in logits]
@@ -300,5 +278,6 @@ def policy_summary(policy: ExitPolicy, logits: list[torch.Tensor], y: torch.Tens
     return summarize(policy, confs, correct)
 
 
-__all__ = ["PersonaliseConfig", "PersonalBackend", "load_state_dir", "pseudo_targets",
-           "run_personalise"]
+# load_state_dir (reading the --out directory) lives in toolkit.core.artifacts.personal
+__all__ = ["EXITS_FILE", "POLICY_FILE", "REPORT_FILE", "PersonaliseConfig", "PersonalBackend",
+           "load_state_dir", "pseudo_targets", "run_personalise"]

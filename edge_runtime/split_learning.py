@@ -18,27 +18,28 @@ Before the first batch the edge waits for the cloud trainer's status to say
 it is live and in split mode (a gradient from nobody would only time out),
 and while waiting for a gradient it fails at once if the cloud trainer says
 it went offline, failed or finished. Every wait is bounded by
-``cfg.grad_timeout``.
+``cfg.grad_timeout``; a wait that runs out, or a cloud trainer that stops, ends the
+run short: ``RunIncompleteError`` (exit code 5).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import sys
 import threading
 import time
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from edge_runtime.backends import TorchBackend
 from edge_runtime.config import TrainConfig
+from edge_runtime.progress import progress_bar
 from edge_runtime.publisher import Publisher
+from edge_runtime.session import flush_outbox, publish_done, publish_epoch_weights, weights_path
 from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.data.datasets import Dataset, batches
-from toolkit.core.errors import HiertrainError, WireError
+from toolkit.core.errors import HiertrainError, RunIncompleteError, WireError
 from toolkit.core.models.rewrites import host_stat_layers
 from toolkit.core.protocol.codec import BatchMeta, Codec, DecodedBatch, decode, parse_codec
 from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_status
@@ -100,7 +101,7 @@ class GradInbox:
             return True
         if not live_required:
             why = f": {st.message}" if st.message else ""
-            raise HiertrainError(f"the cloud trainer of run {self.run!r} is {st.state}{why}; "
+            raise RunIncompleteError(f"the cloud trainer of run {self.run!r} is {st.state}{why}; "
                                  "split learning needs it for every batch")
         return False
 
@@ -111,7 +112,7 @@ class GradInbox:
             while not self._check_cloud(self._cloud, live_required=True):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise HiertrainError(
+                    raise RunIncompleteError(
                         f"no live cloud trainer for run {self.run!r} within {timeout:g} s; "
                         "start 'cloud-trainer --mode split' with the same --run-id and broker"
                     )
@@ -125,7 +126,7 @@ class GradInbox:
                 self._check_cloud(self._cloud, live_required=False)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise HiertrainError(
+                raise RunIncompleteError(
                     f"no gradient for batch {seq} from the cloud trainer of run {self.run!r} "
                     f"within {timeout:g} s; check that it runs --mode split and is not "
                     "overloaded, or raise --grad-timeout"
@@ -159,13 +160,6 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
     comparison is about the protocol, not the compression), or raw float32
     with ``--float-act``.
     """
-    from edge_runtime.train import (
-        flush_outbox,
-        publish_done,
-        publish_epoch_weights,
-        weights_path,
-    )
-
     bs = manifest.batch_size
     per_epoch = len(ds) // bs
     edge = backend.module.edge
@@ -188,8 +182,9 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
         for epoch in range(cfg.epochs):
             t_epoch = time.monotonic()
             epoch_wait = 0.0
-            bar = tqdm(total=per_epoch, desc=f"{device} split {epoch + 1}/{cfg.epochs}",
-                       unit="batch", disable=cfg.quiet, file=sys.stderr, leave=True)
+            bar = progress_bar(cfg.quiet, total=per_epoch,
+                               desc=f"{device} split {epoch + 1}/{cfg.epochs}", unit="batch",
+                               leave=True)
             with bar:
                 for i, (x, y) in enumerate(batches(ds, bs, epoch=epoch, seed=cfg.seed)):
                     x, y = backend.check_batch(x, y)

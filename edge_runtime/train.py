@@ -21,8 +21,9 @@ backend's steps; ``publish_wait_s`` is the time the loop was blocked on a full
 outbox (link back-pressure).
 
 ``--mode split`` and ``--mode cloud`` (the baselines, ``toolkit.core.protocol.modes``) share
-the setup, the status protocol and the report here and run their own loops:
-``edge_runtime.split_learning`` and ``edge_runtime.upload``. Every report has
+the setup, the status protocol and the report here and run their own loops, chosen in
+``edge_runtime.modes``: ``edge_runtime.ht_loop``, ``edge_runtime.split_learning`` and
+``edge_runtime.upload``; what the loops share is in ``edge_runtime.session``. Every report has
 ``mode``, ``samples``, ``bytes_up``, ``bytes_down``, ``wall_s``, ``exit_accuracy``
 and ``full_accuracy`` (None on the edge: the cloud trainer measures it).
 
@@ -42,57 +43,39 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm import tqdm
-
 from edge_runtime.backends import EdgeBackend, make_backend
 from edge_runtime.config import TrainConfig
 from edge_runtime.link import connect_edge
-from edge_runtime.publisher import Publisher
-from edge_runtime.resume import (
-    Progress,
-    checkpoint_path,
-    load_checkpoint,
-    save_checkpoint,
-    spool_path,
+from edge_runtime.modes import mode_loop
+from edge_runtime.session import (
+    flush_outbox,
+    link_totals,
+    publish_done,
+    publish_status,
+    report_failure,
+    weights_path,
 )
-from edge_runtime.spool import Spool
-from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
-from toolkit.core.artifacts.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
-from toolkit.core.data.datasets import Dataset, batches, load_dataset, normalize, shard
-from toolkit.core.errors import HiertrainError, WireError
-from toolkit.core.protocol.codec import BatchMeta, Codec, parse_codec
-from toolkit.core.protocol.messages import Status, decode_ack, encode_weights
+from toolkit.core.artifacts.manifest import Manifest, load_manifest
+from toolkit.core.data.datasets import Dataset, load_dataset, normalize, shard
+from toolkit.core.errors import HiertrainError
+from toolkit.core.protocol.codec import parse_codec
+from toolkit.core.protocol.messages import Status
 from toolkit.core.protocol.modes import check_mode
 from toolkit.core.protocol.quant import QuantScheme
-from toolkit.core.protocol.topics import (
-    ack_topic,
-    act_topic,
-    status_topic,
-    validate_id,
-    weights_topic,
-)
+from toolkit.core.protocol.topics import validate_id
 from toolkit.core.security import redact
-from toolkit.core.transport import Link, LinkShape, drain_s, link_summary
+from toolkit.core.transport import LinkShape
 
 log = logging.getLogger("edge_runtime")
 
-__all__ = ["TrainConfig", "load_training_data", "parse_shard", "publish_done", "resolve_backend",
-           "run_training", "weights_path"]
-
-FLUSH_TIMEOUT_S = 120.0
-STATUS_TIMEOUT_S = 10.0
-
-
-def weights_path(state_dir: str | Path, device: str) -> Path:
-    """Where training leaves the final edge weights of ``device``."""
-    return Path(state_dir) / f"edge_weights-{device}.pt"
+# flush_outbox, publish_done and weights_path moved to edge_runtime.session; still importable
+__all__ = ["TrainConfig", "flush_outbox", "load_training_data", "parse_shard", "publish_done",
+           "resolve_backend", "run_training", "weights_path"]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -138,11 +121,6 @@ def load_training_data(
     return ds
 
 
-def _publish_status(link: Link, status: Status) -> None:
-    link.publish(status_topic(status.run, status.device), status.encode(), retain=True,
-                 timeout=STATUS_TIMEOUT_S)
-
-
 def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[str, Any]:
     """Train, publish, report; returns the summary dict (also written to ``cfg.report``).
 
@@ -181,21 +159,21 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
     link = connect_edge(cfg.broker, run, device, role="edge", timeout=cfg.connect_timeout,
                         will=True, shape=shape, security=cfg.security)
     try:
-        _publish_status(link, Status(role="edge", device=device, run=run, state="online",
+        publish_status(link, Status(role="edge", device=device, run=run, state="online",
                                      extra={"backend": backend.name if backend else "none",
                                             "samples": len(ds), "mode": mode}))
         setup_s = time.monotonic() - t0
         started_unix = time.time()
-        summary = _mode_loop(mode)(cfg, manifest, codec, scheme, ds, backend, link, run,
+        summary = mode_loop(mode)(cfg, manifest, codec, scheme, ds, backend, link, run,
                                    device)
         summary["setup_s"] = round(setup_s, 3)
         # Wall-clock stamps (not monotonic): toolkit bench lines them up with the
         # cloud trainer's on the same machine to time a whole run.
         summary["started_unix"] = started_unix
         summary["finished_unix"] = time.time()
-        summary = {"mode": mode, **summary, **_link_totals(summary, link)}
+        summary = {"mode": mode, **summary, **link_totals(summary, link)}
     except BaseException as exc:
-        _report_failure(link, run, device, exc)
+        report_failure(link, run, device, exc)
         link.close()
         raise
     link.close()
@@ -220,258 +198,6 @@ def resolve_backend(backend: str | None, mode: str) -> str | None:
             )
         return "torch"
     return backend or "executorch"
-
-
-def _mode_loop(mode: str):
-    """The training loop of a mode (the baselines live in their own modules)."""
-    if mode == "split":
-        from edge_runtime.split_learning import split_loop
-
-        return split_loop
-    if mode == "cloud":
-        from edge_runtime.upload import upload_loop
-
-        return upload_loop
-    return _train_loop
-
-
-def _link_totals(summary: dict[str, Any], link: Link) -> dict[str, Any]:
-    """The keys every mode's report carries, for comparing the modes (see docs/runtime.md).
-
-    ``bytes_up``/``bytes_down``: application payload bytes this device sent / received
-    over the whole run, everything included (status, weights, gradients).
-    """
-    return {
-        "samples": summary["samples_published"],
-        "bytes_up": link.bytes_sent,
-        "bytes_down": link.bytes_received,
-        "full_accuracy": summary.get("full_accuracy"),  # the cloud measures it: cloud_summary
-        "exit_accuracy": summary.get("exit_accuracy"),
-    }
-
-
-def flush_outbox(publisher: Publisher, link: Link) -> None:
-    """Wait until everything submitted reached the broker, however slow the link.
-
-    On a shaped (slow) link the bound grows by the time the bytes still queued
-    need at its rate: an 11 MB weights upload at 500 kbit/s takes three minutes
-    and is not a broker that stopped answering.
-    """
-    pending = publisher.stats.bytes_submitted - publisher.stats.bytes_acked
-    publisher.flush(FLUSH_TIMEOUT_S + drain_s(link, pending))
-    link.flush(FLUSH_TIMEOUT_S + drain_s(link))  # a shaped link still holds its buffer
-
-
-def publish_epoch_weights(publisher: Publisher, backend: EdgeBackend, run: str, device: str,
-                          epoch: int, seq: int) -> None:
-    """Retained edge weights at an epoch's end: the cloud assembles and scores the full model."""
-    meta = {"run": run, "device": device, "epoch": epoch, "last_seq": seq - 1}
-    publisher.submit(weights_topic(run, device), encode_weights(backend.state_dict(), meta),
-                     retain=True, kind="weights")
-
-
-def publish_done(link: Link, run: str, device: str, *, epochs: int, seq: int, samples: int,
-                 exit_accuracy: float | None, extra: dict[str, Any]) -> None:
-    """The retained "done" status: the cloud trains until it has ``seq`` batches of us."""
-    _publish_status(link, Status(role="edge", device=device, run=run, state="done",
-                                 epoch=epochs - 1, batches_published=seq,
-                                 samples_published=samples, last_seq=seq - 1,
-                                 exit_accuracy=exit_accuracy, extra=extra))
-
-
-def _open_spool(cfg: TrainConfig, manifest: Manifest, run: str, device: str) -> Spool:
-    """The run's spool, sized by ``--spool-mb`` or the board profile the artifacts were
-    exported for (``mqtt.spool_mb``)."""
-    mb = cfg.spool_mb
-    if mb is None:
-        try:
-            mb = load_board(manifest.data["board"]["name"]).spool_mb
-        except (HiertrainError, KeyError):
-            mb = DEFAULT_SPOOL_MB
-    if not mb > 0:
-        raise HiertrainError(f"--spool-mb must be > 0, got {mb}")
-    return Spool(spool_path(cfg.spool_dir or cfg.state_dir, run, device), int(mb * (1 << 20)))
-
-
-def _start_state(cfg: TrainConfig, manifest: Manifest, backend, spool: Spool, run: str,
-                 device: str) -> Progress:
-    """``--resume``: the checkpoint's progress (the spool keeps what was not acked);
-    otherwise a fresh start that forgets an earlier attempt's checkpoint and spool."""
-    ckpt = checkpoint_path(cfg.state_dir, run, device)
-    sha = sha256_file(manifest.path(MANIFEST_NAME))
-    if cfg.resume:
-        progress = load_checkpoint(ckpt, run=run, device=device, manifest_sha=sha,
-                                   backend=backend)
-        if progress is None:
-            log.info("no checkpoint in %s: starting afresh", cfg.state_dir)
-            return Progress()
-        log.info("resuming at epoch %d, batch %d (seq %d); %d batch(es) in the spool, next "
-                 "spooled seq %d", progress.epoch + 1, progress.batch, progress.seq,
-                 len(spool.pending_seqs()), spool.next_seq)
-        return progress
-    dropped = spool.clear()
-    if dropped:
-        log.warning("started afresh: forgot %d unsent message(s) of an earlier attempt in the "
-                    "spool (pass --resume to continue it instead)", dropped)
-    ckpt.unlink(missing_ok=True)
-    return Progress()
-
-
-def _train_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantScheme,
-                ds: Dataset, backend, link: Link, run: str, device: str) -> dict[str, Any]:
-    bs = manifest.batch_size
-    per_epoch = len(ds) // bs
-    topic = act_topic(run, device)
-    spool = _open_spool(cfg, manifest, run, device)
-    p = _start_state(cfg, manifest, backend, spool, run, device)
-    resumed = {"epoch": p.epoch, "batch": p.batch, "seq": p.seq} if cfg.resume else None
-    ckpt = checkpoint_path(cfg.state_dir, run, device)
-    sha = sha256_file(manifest.path(MANIFEST_NAME))
-
-    def save() -> None:
-        save_checkpoint(ckpt, run=run, device=device, manifest_sha=sha, backend=backend,
-                        progress=p)
-
-    publisher = Publisher(link, spool=spool, device=device)
-
-    def on_ack(topic_: str, payload: bytes, props: dict[str, Any]) -> None:
-        try:
-            ack = decode_ack(payload)
-        except WireError as exc:
-            log.debug("ignored an ack: %s", exc)
-            return
-        if ack.run == run:
-            publisher.on_ack(ack)
-
-    try:
-        link.subscribe(ack_topic(run), on_ack)
-    except HiertrainError as exc:  # e.g. an ACL without read access to the acks
-        log.warning("no acks from the cloud trainer (%s); batches leave the spool at the "
-                    "broker's PUBACK", exc)
-        publisher.device = None
-    start = time.monotonic()
-    confirm_wait_s = 0.0
-    confirmed = None
-    try:
-        last_batch_unix: float | None = None
-        for epoch in range(p.epoch, cfg.epochs):
-            t_epoch = time.monotonic()
-            act_bytes_before = publisher.stats.by_kind.get("act")
-            act_bytes_before = act_bytes_before.bytes if act_bytes_before else 0
-            first = p.batch if epoch == p.epoch else 0
-            bar = tqdm(total=per_epoch, initial=first,
-                       desc=f"{device} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                       disable=cfg.quiet, file=sys.stderr, leave=True)
-            with bar:
-                for i, (x, y) in enumerate(batches(ds, bs, epoch=epoch, seed=cfg.seed)):
-                    if i < first:
-                        continue  # trained before the checkpoint this run resumed from
-                    t = time.monotonic()
-                    res = backend.step(x, y)
-                    p.train_s += time.monotonic() - t
-                    msg = codec.encode(res.cut, y, BatchMeta(run, device, p.seq, epoch, i),
-                                       base=scheme)
-                    publisher.submit(topic, msg, kind="act", seq=p.seq)
-                    p.seq += 1
-                    p.batch = i + 1
-                    p.samples += len(y)
-                    p.seen += len(y)
-                    p.correct += int((res.exit_logits.argmax(dim=1) == y).sum())
-                    p.loss_sum += res.loss
-                    last_batch_unix = time.time()  # toolkit bench: end of training
-                    if p.seq % cfg.checkpoint_every == 0:
-                        save()
-                    bar.update(1)
-                    if i % 10 == 0 or i == per_epoch - 1:
-                        sent = publisher.stats.by_kind.get("act")
-                        rate = ((sent.bytes if sent else 0) - act_bytes_before) / 1024 / max(
-                            time.monotonic() - t_epoch, 1e-6)
-                        bar.set_postfix(loss=f"{res.loss:.3f}",
-                                        exit_acc=f"{p.correct / max(p.seen, 1):.3f}",
-                                        KBps=f"{rate:.0f}", refresh=False)
-            p.exit_accuracy = p.correct / max(p.seen, 1)
-            p.history.append({"epoch": epoch, "batches": per_epoch,
-                              "loss": p.loss_sum / per_epoch,
-                              "exit_accuracy": p.exit_accuracy,
-                              "seconds": round(time.monotonic() - t_epoch, 3)})
-            publish_epoch_weights(publisher, backend, run, device, epoch, p.seq)
-            status = Status(role="edge", device=device, run=run, state="training", epoch=epoch,
-                            batches_published=p.seq, samples_published=p.samples,
-                            last_seq=p.seq - 1, exit_accuracy=p.exit_accuracy)
-            publisher.submit(status_topic(run, device), status.encode(), retain=True,
-                             kind="status")
-            p.epoch, p.batch, p.correct, p.seen, p.loss_sum = epoch + 1, 0, 0, 0, 0.0
-            save()
-            log.info("epoch %d/%d: loss %.4f, exit accuracy %.3f", epoch + 1, cfg.epochs,
-                     p.history[-1]["loss"], p.exit_accuracy)
-        flush_outbox(publisher, link)
-        wall_s = time.monotonic() - start
-        path = weights_path(cfg.state_dir, device)
-        torch.save(backend.state_dict(), path)
-        stats = publisher.stats
-        extra = {"wall_s": round(wall_s, 3), "bytes_sent": link.bytes_sent,
-                 "publish_wait_s": round(stats.publish_wait_s, 4),
-                 "train_s": round(p.train_s, 3), "backend": backend.name,
-                 "epochs": cfg.epochs, "mode": "ht", "codec": codec.name}
-        publish_done(link, run, device, epochs=cfg.epochs, seq=p.seq, samples=p.samples,
-                     exit_accuracy=p.exit_accuracy, extra=extra)
-        if publisher.acks_seen and cfg.confirm_timeout > 0:
-            t = time.monotonic()
-            confirmed = publisher.wait_confirmed(cfg.confirm_timeout)
-            confirm_wait_s = time.monotonic() - t
-            if not confirmed:
-                log.warning("the cloud trainer did not ack %d batch(es) within %g s; they stay "
-                            "in the spool (rerun with --resume to send them again)",
-                            len(spool.pending_seqs()), cfg.confirm_timeout)
-    finally:
-        publisher.close()
-        pending = spool.pending_seqs()
-        spool_stats = {"spool_path": str(spool.path), "spool_bytes_max": spool.max_bytes,
-                       "spool_peak_bytes": spool.peak_bytes, "spool_full_waits": spool.full_waits,
-                       "spool_pending": len(pending)}
-        spool.close()
-    stats = publisher.stats
-    act = stats.by_kind.get("act")
-    act_bytes = act.bytes if act else 0
-    return {
-        "device": device,
-        "run": run,
-        "epochs": cfg.epochs,
-        "batches_published": p.seq,
-        "samples_published": p.samples,
-        "exit_accuracy": p.exit_accuracy,
-        "bytes_sent": link.bytes_sent,
-        "act_bytes_sent": act_bytes,
-        "payload_bytes_per_sample": act_bytes / max(p.samples, 1),
-        "float32_bytes_per_sample": manifest.data["cut"]["float32_bytes_per_sample"],
-        "wall_s": wall_s,
-        "last_batch_unix": last_batch_unix,
-        "train_s": p.train_s,
-        "publish_wait_s": stats.publish_wait_s,
-        "batches_per_s": p.seq / max(wall_s, 1e-9),
-        "backend": backend.name,
-        "codec": codec.name,
-        "weights_path": str(path),
-        "link": link_summary(link),
-        "history": p.history,
-        "delivery": {"resumed": resumed, "confirmed": confirmed,
-                     "confirm_wait_s": round(confirm_wait_s, 3), "acks_seen": publisher.acks_seen,
-                     "batches_confirmed": stats.confirmed, "resent": stats.resent,
-                     "rewinds": stats.rewinds, "replayed_not_resent": stats.skipped,
-                     "publish_errors": stats.publish_errors, **spool_stats},
-    }
-
-
-def _report_failure(link: Link, run: str, device: str, exc: BaseException) -> None:
-    """Best effort: tell the cloud (retained) why this device stopped."""
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, KeyboardInterrupt):
-        text = "interrupted"
-    try:
-        _publish_status(link, Status(role="edge", device=device, run=run, state="error",
-                                     message=text[:500]))
-    except Exception:  # noqa: BLE001 -- the original error matters more
-        log.warning("could not publish the error status", exc_info=log.isEnabledFor(10))
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

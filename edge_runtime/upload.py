@@ -12,14 +12,13 @@ Like ht, the edge never waits for the cloud; only the link can hold it back
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from typing import Any
 
-from tqdm import tqdm
-
 from edge_runtime.config import TrainConfig
+from edge_runtime.progress import progress_bar
 from edge_runtime.publisher import Publisher
+from edge_runtime.session import flush_outbox, publish_done
 from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.data.datasets import Dataset, batches
 from toolkit.core.protocol.codec import IMAGE_CODEC, BatchMeta, Codec
@@ -40,8 +39,6 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
     The images go losslessly whatever ``codec`` says: the codec is for cut
     activations, and this baseline has none.
     """
-    from edge_runtime.train import flush_outbox, publish_done
-
     bs = manifest.batch_size
     per_epoch = len(ds) // bs
     topic = act_topic(run, device)
@@ -53,8 +50,9 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
         last_batch_unix: float | None = None
         for epoch in range(cfg.epochs):
             t_epoch = time.monotonic()
-            bar = tqdm(total=per_epoch, desc=f"{device} upload {epoch + 1}/{cfg.epochs}",
-                       unit="batch", disable=cfg.quiet, file=sys.stderr, leave=True)
+            bar = progress_bar(cfg.quiet, total=per_epoch,
+                               desc=f"{device} upload {epoch + 1}/{cfg.epochs}", unit="batch",
+                               leave=True)
             with bar:
                 for i, (x, y) in enumerate(batches(ds, bs, epoch=epoch, seed=cfg.seed)):
                     raw_batches += not IMAGE_CODEC.on_grid(x)

@@ -37,7 +37,7 @@ from toolkit.core.models.tiling import (
     rect_area,
     units_of,
 )
-from toolkit.lab.broker import free_port
+from toolkit.core.transport.ports import free_port
 
 VGG = dict(model="vgg16", split="stage2", input_shape=(3, 32, 32))  # 4 units, 2 pools
 RESNET = dict(model="resnet18", split="layer2", input_shape=(3, 16, 16))  # stem + 4 blocks,
@@ -295,7 +295,7 @@ def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(tmp_path
     assert len(plan["candidates"]) == 2 and plan["groups"] == plan["candidates"][0]["groups"]
     for extra, msg in cases.items():
         res = cli(*base, *extra, timeout=120)
-        assert res.returncode == 2, (extra, res.stderr[-2000:])
+        assert res.returncode == 3, (extra, res.stderr[-2000:])  # ExitCode.BAD_INPUT
         err = res.stderr.strip().splitlines()
         assert err[-1].startswith("error: ") and msg in err[-1], (extra, err[-3:])
 
@@ -314,5 +314,6 @@ def test_a_failing_rank_0_stops_the_whole_cluster_with_its_one_line_error(tmp_pa
               "--connect-timeout", "2", "--limit", "64", "--threads", "1",
               timeout=CLUSTER_TIMEOUT_S)
     err = res.stderr.strip().splitlines()
-    assert res.returncode == 2, res.stderr[-3000:]
+    # rank 0's BrokerUnreachableError reaches the command: ExitCode.BROKER_UNREACHABLE
+    assert res.returncode == 4, res.stderr[-3000:]
     assert err[-1].startswith("error: cluster rank 0 failed: ") and "127.0.0.1" in err[-1], err[-5:]

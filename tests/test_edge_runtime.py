@@ -29,7 +29,7 @@ from toolkit.build.export import ExportConfig, export_artifacts
 from toolkit.build.parity import relative_errors
 from toolkit.core.artifacts.manifest import load_manifest
 from toolkit.core.data.datasets import batches, load_dataset, normalize
-from toolkit.core.errors import HiertrainError
+from toolkit.core.errors import BrokerUnreachableError, HiertrainError
 from toolkit.core.protocol.codec import decode
 from toolkit.core.protocol.messages import decode_status, decode_weights, encode_infer_reply
 from toolkit.core.protocol.quant import QuantScheme
@@ -280,6 +280,61 @@ def test_publisher_errors_surface_on_the_next_call(broker):
     pub.close()
 
 
+@pytest.mark.mqtt
+def test_cli_train_shows_no_progress_bars_when_its_output_is_captured(artifacts, broker, cli,
+                                                                      tmp_path):
+    """Without --quiet, a run whose output goes to a pipe (a log, a supervisor, this test)
+    still logs its epochs but draws no progress bar: bars are for terminals."""
+    run = _uid("run")
+    res = cli("edge-runtime", "train", "--artifacts", str(artifacts), "--broker", broker.url,
+              "--device-id", "d0", "--run-id", run, "--epochs", "1", "--limit", "64",
+              "--backend", "torch", "--threads", "1", "--state-dir", str(tmp_path),
+              timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "epoch 1/1: loss" in res.stderr  # the info log is there
+    for bar in ("\r", "batch/s", "%|", "it/s"):
+        assert bar not in res.stderr and bar not in res.stdout, (bar, res.stderr)
+
+
+@pytest.mark.mqtt
+def test_split_run_without_a_cloud_trainer_is_incomplete_exit_5(artifacts, broker, cli,
+                                                                 tmp_path):
+    """A run that could not do its work (split learning, nobody sends gradients) is not a
+    configuration error: RunIncompleteError, exit code 5, one line."""
+    res = cli("edge-runtime", "train", "--artifacts", str(artifacts), "--broker", broker.url,
+              "--device-id", "d0", "--run-id", _uid("run"), "--mode", "split",
+              "--grad-timeout", "2", "--epochs", "1", "--limit", "64", "--quiet",
+              "--threads", "1", "--state-dir", str(tmp_path), timeout=300)
+    assert res.returncode == 5, res.stderr  # ExitCode.INCOMPLETE
+    err = res.stderr.strip().splitlines()
+    assert err[-1].startswith("error: no live cloud trainer") and "Traceback" not in res.stderr
+
+
+def test_every_cli_flag_has_help_without_hand_written_defaults():
+    """``edge-runtime <cmd> --help`` explains every flag; defaults come from the shared
+    formatter, never typed into the help (they went stale), and an unset default is not
+    shown as "None"."""
+    import argparse
+
+    from edge_runtime.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    security = {"username", "password_file", "ca_file", "cert_file", "key_file",
+                "hmac_key_file"}  # toolkit.core.security's own group
+    assert set(sub.choices) == {"train", "infer", "provision", "cluster", "personalise"}
+    for name, sp in sub.choices.items():
+        for action in sp._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help"
+            if action.dest not in security:
+                assert "(default" not in action.help, (name, action.option_strings[0])
+        text = sp.format_help()
+        assert "(default: None)" not in text, name
+        assert "(default: 3)" in sub.choices["train"].format_help()  # --epochs: from argparse
+
+
 def _edge_cmd(artifacts: Path, url: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "edge_runtime", "train", "--artifacts", str(artifacts),
             "--broker", url, *extra]
@@ -327,7 +382,7 @@ def test_unreachable_broker_fails_in_time_with_one_line(artifacts, cli, tmp_path
               "--device-id", "d0", "--connect-timeout", "3", "--state-dir", str(tmp_path),
               "--backend", "torch", timeout=120)
     elapsed = time.monotonic() - t
-    assert res.returncode == 2, res.stderr
+    assert res.returncode == 4, res.stderr  # ExitCode.BROKER_UNREACHABLE
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and url in errors[0], res.stderr
     assert "Traceback" not in res.stderr
@@ -335,7 +390,7 @@ def test_unreachable_broker_fails_in_time_with_one_line(artifacts, cli, tmp_path
     assert elapsed < 60
 
     t = time.monotonic()  # in-process: the connect itself is bounded by the timeout
-    with pytest.raises(HiertrainError, match=url):
+    with pytest.raises(BrokerUnreachableError, match=url):
         run_training(TrainConfig(artifacts=artifacts, broker=url, device_id="d0", quiet=True,
                                  connect_timeout=2, state_dir=tmp_path, backend="torch"))
     assert time.monotonic() - t < 2 + 10
@@ -352,7 +407,7 @@ def test_tampered_artifacts_are_refused(artifacts, tmp_path, capsys):
     rc = main(["train", "--artifacts", str(bad), "--broker", f"mqtt://127.0.0.1:{free_port()}",
                "--device-id", "d0", "--connect-timeout", "3", "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 3  # ExitCode.BAD_INPUT: a HiertrainError (ManifestError)
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "does not match the manifest" in err and "edge_train.pte" in err
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +28,7 @@ from edge_runtime.personalise import (
     pseudo_targets,
     run_personalise,
 )
-from toolkit.build.personal_export import load_personal_manifest
+from toolkit.core.artifacts.personal import load_personal_manifest
 from toolkit.core.data.datasets import digits_stats, load_dataset
 from toolkit.core.data.personal import pretrain
 from toolkit.core.models.personal import PersonalTrainStep
@@ -173,7 +178,7 @@ def test_thresholds_meet_the_target_on_new_held_out_data(artifacts, personalised
     (never seen): each early exit's share is target-accurate within 3 binomial standard errors."""
     state_dir, r = personalised
     from edge_runtime.calibrate import ExitPolicy
-    from toolkit.build.personal_export import load_exit_state
+    from toolkit.core.models.personal import load_exit_state
 
     policy = ExitPolicy.from_dict(r["policy"])
     target = policy.target_accuracy
@@ -210,7 +215,9 @@ def test_cli_personalise_and_multi_exit_infer_on_executorch(artifacts, tmp_path,
             "--classes", "1,3,5,7", "--shift", "tint", "--epochs", "2", "--threads", "1",
             "--target-accuracy", "0.9", timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "personalise" in r.stderr  # progress bar
+    # its output is captured, not a terminal: no progress bar (toolkit.core.entry.show_progress)
+    for bar in ("\r", "step/s", "%|", "it/s"):
+        assert bar not in r.stderr and bar not in r.stdout, (bar, r.stderr)
     assert "thresholds for target 0.900" in r.stdout
     assert {p.name for p in state.iterdir()} == {"exits.pt", "policy.json", "report.json"}
     report = tmp_path / "infer.json"
@@ -218,8 +225,10 @@ def test_cli_personalise_and_multi_exit_infer_on_executorch(artifacts, tmp_path,
             "--classes", "1,3,5,7", "--shift", "tint", "--limit", "60", "--compare-full",
             "--threads", "1", "--quiet", "--report", str(report), timeout=600)
     assert r.returncode == 0, r.stderr
+    assert "multi-exit infer" not in r.stderr  # --quiet: no bar either way
     res = json.loads(report.read_text())
     assert res["samples"] == 60 and res["backend"] == "executorch"
+    assert res["baked"] is False  # nothing baked for these artifacts: the shipped segments
     assert sum(e["samples"] for e in res["per_exit"].values()) == 60
     assert res["policy"]["target_accuracy"] == 0.9
     assert res["mean_flops"] < res["full_network"]["flops"] * 1.5
@@ -228,14 +237,14 @@ def test_cli_personalise_and_multi_exit_infer_on_executorch(artifacts, tmp_path,
 
 def test_old_infer_still_needs_a_broker(tmp_path, cli):
     r = cli("edge-runtime", "infer", "--artifacts", str(tmp_path))
-    assert r.returncode == 2
+    assert r.returncode == 3  # ExitCode.BAD_INPUT (a HiertrainError; 2 is argparse's)
     assert "needs --broker and --device-id" in r.stderr
 
 
 def test_export_personalise_needs_a_checkpoint(tmp_path, cli):
     r = cli("toolkit", "export", "--personalise", "--model", "smallcnn", "--out",
             str(tmp_path / "x"))
-    assert r.returncode == 3 and "--checkpoint" in r.stderr
+    assert r.returncode == 3 and "--checkpoint" in r.stderr  # ExitCode.BAD_INPUT
     assert not (tmp_path / "x").exists()
 
 
@@ -260,30 +269,119 @@ def test_backbone_from_a_hiertrain_full_model_checkpoint(tmp_path):
         load_backbone("smallcnn", tmp_path / "full_model.pt", num_classes=5, input_shape=SHAPE)
 
 
-def test_baked_early_exit_segments_match_eager(artifacts, personalised):
+BAKE_POLICY = {"exit_points": ["block1", "block2", "block3"], "thresholds": [None, 0.6, 0.5],
+               "terminal": "block3"}
+
+
+@pytest.fixture(scope="module")
+def baked(artifacts, personalised, tmp_path_factory) -> tuple[str, str]:
+    """A copy of the artifacts baked by a real ``toolkit bake`` process for the personalised
+    exits under a policy whose first exit never answers; returns (artifacts, state dir)."""
+    from tests.conftest import run_cli
+
+    state_dir, _ = personalised
+    root = tmp_path_factory.mktemp("baked")
+    art, state = root / "art", root / "state"
+    shutil.copytree(artifacts, art)
+    state.mkdir()
+    shutil.copy(Path(state_dir) / "exits.pt", state / "exits.pt")
+    (state / "policy.json").write_text(json.dumps(BAKE_POLICY))
+    r = run_cli("toolkit", "bake", "--artifacts", str(art), "--weights", str(state),
+                timeout=600, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "baked 2 segment(s)" in r.stdout, r.stdout
+    record = json.loads((art / "baked.json").read_text())
+    assert record["keep"] == [1, 2] and [s["exit"] for s in record["segments"]] == [
+        "block2", "block3"]
+    assert all(s["backend"] == "xnnpack" for s in record["segments"]), record["segments"]
+    return str(art), str(state)
+
+
+def test_baked_early_exit_segments_match_eager(baked):
     """After personalisation the exits are fixed: the policy's segments re-lowered with the
     exit weights as constants (conv heads included, so all of it goes to XNNPACK) skip the
     exits that never answer and give the eager backend's exits and logits sample by sample."""
     from edge_runtime.calibrate import ExitPolicy
     from edge_runtime.multi_exit_infer import MultiExitEngine
 
-    state_dir, _ = personalised
-    m = load_personal_manifest(artifacts)
+    art, state_dir = baked
+    m = load_personal_manifest(art)
     state = torch.load(f"{state_dir}/exits.pt", weights_only=True)
-    policy = ExitPolicy(["block1", "block2", "block3"], [None, 0.6, 0.5], "block3")
-    baked = MultiExitEngine(m, "executorch", state, policy, bake=True)
-    shipped = MultiExitEngine(m, "executorch", state, policy)
+    policy = ExitPolicy.from_dict(BAKE_POLICY)
+    baked_engine = MultiExitEngine(m, "executorch", state, policy, bake=True)
+    auto = MultiExitEngine(m, "executorch", state, policy)  # finds the matching bake itself
+    shipped = MultiExitEngine(m, "executorch", state, policy, bake=False)
     eager = MultiExitEngine(m, "torch", state, policy)
-    assert baked.route == eager.route == [1, 2]  # block1 has no threshold: never evaluated
+    assert baked_engine.baked and auto.baked and not shipped.baked
+    assert baked_engine.route == auto.route == eager.route == [1, 2]  # block1: no threshold
     assert shipped.route == [0, 1, 2]  # the shipped programs each carry their exit
     ds = load_personal_split(m, "digits", "test", CLASSES, "tint", 40, 0)
     exits = set()
     for i in range(len(ds)):
         x = ds.x[i:i + 1]
-        (kb, lb), (ks, ls), (ke, le) = baked.run(x), shipped.run(x), eager.run(x)
+        (kb, lb), (ks, ls), (ke, le) = baked_engine.run(x), shipped.run(x), eager.run(x)
         assert kb == ks == ke
         assert torch.allclose(lb, le, rtol=1e-4, atol=1e-4)
         assert torch.allclose(ls, le, rtol=1e-4, atol=1e-4)
         exits.add(kb)
-        assert torch.allclose(baked.run_full(x), eager.run_full(x), rtol=1e-4, atol=1e-4)
+        assert torch.allclose(baked_engine.run_full(x), eager.run_full(x), rtol=1e-4,
+                              atol=1e-4)
     assert exits == {1, 2}, f"the test should see both exits answer, saw {exits}"
+
+
+# edge-runtime as a board runs it: the build side (torch.export, lowering) cannot be imported
+_NO_BUILD = ("import sys; sys.modules['toolkit.build'] = None; "
+             "from edge_runtime.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _edge_without_build(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _NO_BUILD, *args], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_infer_runs_baked_segments_without_the_build_side(baked, tmp_path):
+    """``edge-runtime infer --bake`` on baked artifacts, with ``toolkit.build`` unimportable:
+    the board never exports or lowers anything; the baked segments answer."""
+    art, state = baked
+    guard = subprocess.run([sys.executable, "-c", _NO_BUILD.replace(
+        "from edge_runtime.cli import main; sys.exit(main(sys.argv[1:]))",
+        "import toolkit.build.personal_export")], capture_output=True, text=True, timeout=120)
+    assert guard.returncode != 0 and "ModuleNotFoundError" in guard.stderr  # the guard holds
+    report = tmp_path / "infer.json"
+    r = _edge_without_build("infer", "--artifacts", art, "--weights", state, "--bake",
+                            "--classes", "1,3,5,7", "--shift", "tint", "--limit", "40",
+                            "--threads", "1", "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(report.read_text())
+    assert res["baked"] is True and res["samples"] == 40
+    assert res["per_exit"]["block1"]["samples"] == 0  # never evaluated: not in the bake
+    assert sum(e["samples"] for e in res["per_exit"].values()) == 40
+    assert "multi-exit infer" not in r.stderr and "\r" not in r.stderr  # no bar in a pipe
+
+
+def test_infer_refuses_a_bake_of_other_weights_or_policy_in_one_line(baked, tmp_path):
+    """--bake with exit weights or a policy the bake was not made for is a one-line error
+    naming 'toolkit bake'; without --bake the shipped segments run instead; a baked program
+    that does not match baked.json is refused."""
+    art, state = baked
+    r = _edge_without_build("infer", "--artifacts", art, "--weights", state, "--bake",
+                            "--threshold", "0.7", "--limit", "5", "--quiet")
+    assert r.returncode == 3, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no baked segments"), err
+    assert "toolkit bake" in err[0] and "answers at [0, 1, 2]" in err[0], err
+    report = tmp_path / "shipped.json"
+    r = _edge_without_build("infer", "--artifacts", art, "--weights", state, "--threshold",
+                            "0.7", "--limit", "5", "--quiet", "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(report.read_text())["baked"] is False
+    bad = tmp_path / "art"
+    shutil.copytree(art, bad)
+    blob = bytearray((bad / "baked_seg0.pte").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (bad / "baked_seg0.pte").write_bytes(bytes(blob))
+    r = _edge_without_build("infer", "--artifacts", str(bad), "--weights", state, "--limit",
+                            "5", "--quiet")
+    assert r.returncode == 3, r.stderr
+    assert "baked_seg0.pte does not match" in r.stderr and "Traceback" not in r.stderr

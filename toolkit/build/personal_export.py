@@ -21,20 +21,24 @@ into place when complete). The directory holds:
 
 Exit weights are *inputs* of the forward programs so that the board runs them
 with the weights it personalised; the backbone is baked in as constants.
+
+``toolkit bake`` (:func:`bake_personal`) later adds ``baked_seg<k>.pte`` and
+``baked.json``: one policy's segments with the personalised exit weights as constants.
+The names and the readers of all these files are run-time code and live in
+``toolkit.core.artifacts.personal``; this module only writes them.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
-import jsonschema
 import torch
 from torch import nn
 
@@ -46,9 +50,31 @@ from toolkit.build.export import (
     _publish,
     _versions,
 )
-from toolkit.core.artifacts.manifest import Manifest, sha256_file, verify_artifacts
-from toolkit.core.artifacts.safeload import load_weights
-from toolkit.core.errors import ExportError, HiertrainError, ManifestError
+from toolkit.core.artifacts.atomic import atomic_write_bytes
+from toolkit.core.artifacts.manifest import Manifest, sha256_file
+from toolkit.core.artifacts.personal import (  # noqa: F401 - names the build side shares
+    BACKBONE,
+    BAKED_MANIFEST,
+    BAKED_SCHEMA,
+    BAKED_SCHEMA_VERSION,
+    EXITS_INIT,
+    FORWARD_PTE,
+    FULL_PTE,
+    PERSONAL_MANIFEST,
+    PERSONAL_SCHEMA,
+    PERSONAL_SCHEMA_VERSION,
+    TRAIN_PTE,
+    baked_segment_file,
+    exit_state_digest,
+    is_personal,
+    load_personal_manifest,
+    load_state_dir,
+    resolve_policy,
+    segment_file,
+    validate_baked,
+    validate_personal,
+)
+from toolkit.core.errors import ExportError, HiertrainError
 from toolkit.core.models import get_spec
 from toolkit.core.models.personal import (
     MultiExitNet,
@@ -59,22 +85,9 @@ from toolkit.core.models.personal import (
     default_exit_points,
     exit_state,
     load_backbone,
+    load_exit_state,
+    load_personal_net,
 )
-
-PERSONAL_MANIFEST = "personal.json"
-PERSONAL_SCHEMA = "hiertrain.personal"
-PERSONAL_SCHEMA_VERSION = 1
-TRAIN_PTE = "personal_train.pte"
-FORWARD_PTE = "personal_forward.pte"
-FULL_PTE = "personal_full.pte"
-BACKBONE = "backbone.pt"
-EXITS_INIT = "exits_init.pt"
-_SCHEMA_PATH = (Path(__file__).resolve().parents[1] / "core" / "artifacts" / "schemas"
-                / f"personal.v{PERSONAL_SCHEMA_VERSION}.json")
-
-
-def segment_file(k: int) -> str:
-    return f"personal_seg{k}.pte"
 
 
 @dataclass(frozen=True)
@@ -310,6 +323,67 @@ def lower_baked_segments(net: MultiExitNet, keep: Sequence[int],
     return out
 
 
+@dataclass(frozen=True)
+class BakeConfig:
+    artifacts: str | Path
+    weights: str | Path | None = None  # personalise --out dir or exits.pt; None: initial exits
+    threshold: float | None = None  # overrides the calibrated policy: one threshold for all
+
+
+def bake_personal(cfg: BakeConfig, progress: Callable[[str], None] = lambda _m: None) -> dict:
+    """``toolkit bake``: lower one policy's segments with its exit weights baked in, into the
+    artifacts directory, recorded in ``baked.json``.
+
+    Lowering runs torch.export, which a board should not have to carry; the board's
+    ``edge-runtime infer`` finds the baked segments and uses them when they were baked
+    for the exit weights and policy it runs with (``toolkit.core.artifacts.personal``).
+    The old record is removed first and the new one written last, so a bake that dies
+    half-way leaves no record pointing at the wrong programs.
+    """
+    manifest = load_personal_manifest(cfg.artifacts)
+    points = list(manifest.data["spec"]["exit_points"])
+    state, policy, source = None, None, "initial exits"
+    if cfg.weights is not None:
+        state, policy = load_state_dir(cfg.weights)
+        source = str(cfg.weights)
+    policy = resolve_policy(points, policy, cfg.threshold)
+    net = load_personal_net(manifest)
+    if state is not None:
+        load_exit_state(net, state, "the exit weights")
+    keep = policy.keep()
+    names = [*points, "final"]
+    progress(f"lowering the segments of exits {', '.join(names[k] for k in keep)} with the "
+             "exit weights baked in")
+    lowered = lower_baked_segments(net, keep, tuple(manifest.data["spec"]["input_shape"]))
+    root = Path(cfg.artifacts)
+    hint = "check free space and permissions of the artifacts directory"
+    (root / BAKED_MANIFEST).unlink(missing_ok=True)
+    for old in root.glob("baked_seg*.pte"):
+        old.unlink()
+    segments = []
+    for k, (buf, backend) in enumerate(lowered):
+        name = baked_segment_file(k)
+        atomic_write_bytes(root / name, buf, what="baked segment", hint=hint)
+        segments.append({"file": name, "backend": backend, "exit": names[keep[k]],
+                         "sha256": hashlib.sha256(buf).hexdigest(), "bytes": len(buf)})
+    data = {
+        "schema": BAKED_SCHEMA,
+        "schema_version": BAKED_SCHEMA_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "personal_sha256": sha256_file(root / PERSONAL_MANIFEST),
+        "exits_digest": exit_state_digest(exit_state(net)),
+        "exits_source": source,
+        "policy": policy.to_dict(),
+        "keep": keep,
+        "segments": segments,
+        "versions": _versions(),
+    }
+    validate_baked(data, "generated baked manifest")
+    atomic_write_bytes(root / BAKED_MANIFEST, (json.dumps(data, indent=2) + "\n").encode(),
+                       what="baked manifest", hint=hint)
+    return data
+
+
 def check_personal_program(buffer: bytes, step: PersonalTrainStep, x, y, w) -> dict:
     """One ``forward_backward`` in ExecuTorch against eager autograd on the same module."""
     from toolkit.build.parity import global_relative_error, relative_errors
@@ -340,67 +414,3 @@ def train_flops(step: nn.Module, *inputs: torch.Tensor) -> int:
         if loss.requires_grad:
             loss.backward()
     return int(counter.get_total_flops())
-
-
-@cache
-def _schema() -> dict:
-    return json.loads(_SCHEMA_PATH.read_text())
-
-
-def validate_personal(data: object, source: str) -> None:
-    try:
-        jsonschema.validate(data, _schema())
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise ManifestError(f"{source} is invalid at {where}: {exc.message}") from None
-
-
-def is_personal(root: str | Path) -> bool:
-    return (Path(root) / PERSONAL_MANIFEST).is_file()
-
-
-def load_personal_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
-    root = Path(root)
-    path = root / PERSONAL_MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{root} has no {PERSONAL_MANIFEST}: is it the --out directory of "
-                            "'toolkit export --personalise'?")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}") from None
-    validate_personal(data, str(path))
-    manifest = Manifest(data=data, root=root)
-    if verify:
-        verify_artifacts(manifest)
-    return manifest
-
-
-def load_personal_net(manifest: Manifest) -> MultiExitNet:
-    """Rebuild the multi-exit network from the manifest, backbone and initial exit weights."""
-    s = manifest.data["spec"]
-    spec = PersonalSpec(model=s["model"], num_classes=s["num_classes"],
-                        input_shape=tuple(s["input_shape"]), exit_points=tuple(s["exit_points"]),
-                        exit_channels=s["exit_channels"], seed=s["seed"])
-    backbone = load_backbone(spec.model, manifest.path(BACKBONE), num_classes=spec.num_classes,
-                             input_shape=spec.input_shape)
-    net = build_multi_exit(spec, backbone)
-    load_exit_state(net, load_weights(manifest.path(EXITS_INIT), "artifact",
-                                      error=ManifestError),
-                    str(manifest.path(EXITS_INIT)))
-    return net
-
-
-def load_exit_state(net: MultiExitNet, state: dict, what: str) -> None:
-    """Copy exit weights (keys ``net.exits....``) into ``net``."""
-    params = dict(net.named_parameters())
-    want = {f"net.{k}" for k in params}
-    if not isinstance(state, dict) or set(state) != want:
-        raise HiertrainError(f"{what} does not hold this network's exit weights "
-                             f"(expected {len(want)} tensors named net.exits...)")
-    with torch.no_grad():
-        for k, p in params.items():
-            if tuple(state[f"net.{k}"].shape) != tuple(p.shape):
-                raise HiertrainError(f"{what}: {k} has shape {list(state[f'net.{k}'].shape)}, "
-                                     f"expected {list(p.shape)}")
-            p.copy_(state[f"net.{k}"])

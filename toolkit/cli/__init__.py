@@ -409,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--artifacts", required=True, help="'toolkit export' output directory")
     sp.add_argument("--out", required=True, help="e.g. edge-bundle.tar.gz")
     sp.set_defaults(func=cmd_bundle)
+
+    from toolkit.cli.personal import add_bake_parser
+
+    add_bake_parser(sub)
     return p
 
 

@@ -35,3 +35,31 @@ def cmd_export_personal(args: argparse.Namespace) -> int:
           f"{', '.join(d['spec']['exit_points'])}, batch {d['batch_size']}, "
           f"{d['cost']['trainable_parameters']:,} trainable parameters; {check}")
     return 0
+
+
+def add_bake_parser(sub) -> None:
+    """``toolkit bake``: the build-side half of ``edge-runtime infer`` with baked exits."""
+    sp = sub.add_parser(
+        "bake", help="lower a personalised exit policy's segments with the exit weights baked "
+                     "in (XNNPACK end to end); 'edge-runtime infer' then uses them")
+    sp.add_argument("--artifacts", required=True,
+                    help="'toolkit export --personalise' output directory; the baked segments "
+                         "and baked.json are written into it")
+    sp.add_argument("--weights", default=None,
+                    help="the --out directory of 'edge-runtime personalise' (exits.pt and "
+                         "policy.json) or an exits.pt file; unset: the initial exits")
+    sp.add_argument("--threshold", type=float, default=None,
+                    help="one confidence threshold for every exit instead of the calibrated "
+                         "policy (use the same with 'edge-runtime infer'); unset: the policy")
+    sp.set_defaults(func=cmd_bake)
+
+
+def cmd_bake(args: argparse.Namespace) -> int:
+    from toolkit.build.personal_export import BakeConfig, bake_personal
+
+    d = bake_personal(BakeConfig(artifacts=args.artifacts, weights=args.weights,
+                                 threshold=args.threshold),
+                      progress=lambda m: print(f"[bake] {m}", file=sys.stderr))
+    segs = ", ".join(f"{s['file']} ({s['exit']}, {s['backend']})" for s in d["segments"])
+    print(f"baked {len(d['segments'])} segment(s) into {args.artifacts}: {segs}")
+    return 0

@@ -31,6 +31,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from toolkit.core.errors import HiertrainError
+from toolkit.core.transport.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +41,6 @@ log = logging.getLogger(__name__)
 MAX_PACKET_SIZE = 268_435_455
 
 _MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago.
-
-    The OS picks it (bind to port 0); another process could grab it before the
-    broker binds, which is why the brokers retry with a new port on EADDRINUSE.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _probe_host(host: str) -> str:

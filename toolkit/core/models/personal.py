@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.artifacts.personal import BACKBONE, EXITS_INIT
 from toolkit.core.artifacts.safeload import load_weights
-from toolkit.core.errors import HiertrainError
+from toolkit.core.errors import HiertrainError, ManifestError
 from toolkit.core.models import build_model, get_spec
 from toolkit.core.models.exits import GlobalAvgPool
 
@@ -286,3 +288,34 @@ def build_multi_exit(spec: PersonalSpec, backbone: nn.Sequential) -> MultiExitNe
 def exit_state(net: MultiExitNet) -> dict[str, torch.Tensor]:
     """The trainable weights only, keyed like ``PersonalTrainStep.named_parameters()``."""
     return {f"net.{k}": v.detach().clone() for k, v in net.named_parameters()}
+
+
+def load_personal_net(manifest: Manifest) -> MultiExitNet:
+    """Rebuild the multi-exit network from the manifest, backbone and initial exit weights
+    (the files of ``toolkit.core.artifacts.personal.load_personal_manifest``)."""
+    s = manifest.data["spec"]
+    spec = PersonalSpec(model=s["model"], num_classes=s["num_classes"],
+                        input_shape=tuple(s["input_shape"]), exit_points=tuple(s["exit_points"]),
+                        exit_channels=s["exit_channels"], seed=s["seed"])
+    backbone = load_backbone(spec.model, manifest.path(BACKBONE), num_classes=spec.num_classes,
+                             input_shape=spec.input_shape)
+    net = build_multi_exit(spec, backbone)
+    load_exit_state(net, load_weights(manifest.path(EXITS_INIT), "artifact",
+                                      error=ManifestError),
+                    str(manifest.path(EXITS_INIT)))
+    return net
+
+
+def load_exit_state(net: MultiExitNet, state: dict, what: str) -> None:
+    """Copy exit weights (keys ``net.exits....``) into ``net``."""
+    params = dict(net.named_parameters())
+    want = {f"net.{k}" for k in params}
+    if not isinstance(state, dict) or set(state) != want:
+        raise HiertrainError(f"{what} does not hold this network's exit weights "
+                             f"(expected {len(want)} tensors named net.exits...)")
+    with torch.no_grad():
+        for k, p in params.items():
+            if tuple(state[f"net.{k}"].shape) != tuple(p.shape):
+                raise HiertrainError(f"{what}: {k} has shape {list(state[f'net.{k}'].shape)}, "
+                                     f"expected {list(p.shape)}")
+            p.copy_(state[f"net.{k}"])

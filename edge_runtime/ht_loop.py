@@ -1,0 +1,227 @@
+"""The ht training loop (``--mode ht``, this method): local SGD, cut activations to the cloud.
+
+Per batch: one backend step, the cut activation coded and handed to the spooled
+publisher; checkpoints every ``checkpoint_every`` batches; retained weights and a
+"training" status at each epoch end; "done" when the outbox is flushed, then a
+bounded wait for the cloud trainer's acks (docs/delivery.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from edge_runtime.config import TrainConfig
+from edge_runtime.progress import progress_bar
+from edge_runtime.publisher import Publisher
+from edge_runtime.resume import (
+    Progress,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+    spool_path,
+)
+from edge_runtime.session import (
+    flush_outbox,
+    publish_done,
+    publish_epoch_weights,
+    weights_path,
+)
+from edge_runtime.spool import Spool
+from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
+from toolkit.core.artifacts.manifest import MANIFEST_NAME, Manifest, sha256_file
+from toolkit.core.data.datasets import Dataset, batches
+from toolkit.core.errors import HiertrainError, WireError
+from toolkit.core.protocol.codec import BatchMeta, Codec
+from toolkit.core.protocol.messages import Status, decode_ack
+from toolkit.core.protocol.quant import QuantScheme
+from toolkit.core.protocol.topics import ack_topic, act_topic, status_topic
+from toolkit.core.transport import Link, link_summary
+
+log = logging.getLogger("edge_runtime")
+
+
+def open_spool(cfg: TrainConfig, manifest: Manifest, run: str, device: str) -> Spool:
+    """The run's spool, sized by ``--spool-mb`` or the board profile the artifacts were
+    exported for (``mqtt.spool_mb``)."""
+    mb = cfg.spool_mb
+    if mb is None:
+        try:
+            mb = load_board(manifest.data["board"]["name"]).spool_mb
+        except (HiertrainError, KeyError):
+            mb = DEFAULT_SPOOL_MB
+    if not mb > 0:
+        raise HiertrainError(f"--spool-mb must be > 0, got {mb}")
+    return Spool(spool_path(cfg.spool_dir or cfg.state_dir, run, device), int(mb * (1 << 20)))
+
+
+def start_state(cfg: TrainConfig, manifest: Manifest, backend, spool: Spool, run: str,
+                 device: str) -> Progress:
+    """``--resume``: the checkpoint's progress (the spool keeps what was not acked);
+    otherwise a fresh start that forgets an earlier attempt's checkpoint and spool."""
+    ckpt = checkpoint_path(cfg.state_dir, run, device)
+    sha = sha256_file(manifest.path(MANIFEST_NAME))
+    if cfg.resume:
+        progress = load_checkpoint(ckpt, run=run, device=device, manifest_sha=sha,
+                                   backend=backend)
+        if progress is None:
+            log.info("no checkpoint in %s: starting afresh", cfg.state_dir)
+            return Progress()
+        log.info("resuming at epoch %d, batch %d (seq %d); %d batch(es) in the spool, next "
+                 "spooled seq %d", progress.epoch + 1, progress.batch, progress.seq,
+                 len(spool.pending_seqs()), spool.next_seq)
+        return progress
+    dropped = spool.clear()
+    if dropped:
+        log.warning("started afresh: forgot %d unsent message(s) of an earlier attempt in the "
+                    "spool (pass --resume to continue it instead)", dropped)
+    ckpt.unlink(missing_ok=True)
+    return Progress()
+
+
+def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantScheme,
+                ds: Dataset, backend, link: Link, run: str, device: str) -> dict[str, Any]:
+    bs = manifest.batch_size
+    per_epoch = len(ds) // bs
+    topic = act_topic(run, device)
+    spool = open_spool(cfg, manifest, run, device)
+    p = start_state(cfg, manifest, backend, spool, run, device)
+    resumed = {"epoch": p.epoch, "batch": p.batch, "seq": p.seq} if cfg.resume else None
+    ckpt = checkpoint_path(cfg.state_dir, run, device)
+    sha = sha256_file(manifest.path(MANIFEST_NAME))
+
+    def save() -> None:
+        save_checkpoint(ckpt, run=run, device=device, manifest_sha=sha, backend=backend,
+                        progress=p)
+
+    publisher = Publisher(link, spool=spool, device=device)
+
+    def on_ack(topic_: str, payload: bytes, props: dict[str, Any]) -> None:
+        try:
+            ack = decode_ack(payload)
+        except WireError as exc:
+            log.debug("ignored an ack: %s", exc)
+            return
+        if ack.run == run:
+            publisher.on_ack(ack)
+
+    try:
+        link.subscribe(ack_topic(run), on_ack)
+    except HiertrainError as exc:  # e.g. an ACL without read access to the acks
+        log.warning("no acks from the cloud trainer (%s); batches leave the spool at the "
+                    "broker's PUBACK", exc)
+        publisher.device = None
+    start = time.monotonic()
+    confirm_wait_s = 0.0
+    confirmed = None
+    try:
+        last_batch_unix: float | None = None
+        for epoch in range(p.epoch, cfg.epochs):
+            t_epoch = time.monotonic()
+            act_bytes_before = publisher.stats.by_kind.get("act")
+            act_bytes_before = act_bytes_before.bytes if act_bytes_before else 0
+            first = p.batch if epoch == p.epoch else 0
+            bar = progress_bar(cfg.quiet, total=per_epoch, initial=first,
+                               desc=f"{device} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                               leave=True)
+            with bar:
+                for i, (x, y) in enumerate(batches(ds, bs, epoch=epoch, seed=cfg.seed)):
+                    if i < first:
+                        continue  # trained before the checkpoint this run resumed from
+                    t = time.monotonic()
+                    res = backend.step(x, y)
+                    p.train_s += time.monotonic() - t
+                    msg = codec.encode(res.cut, y, BatchMeta(run, device, p.seq, epoch, i),
+                                       base=scheme)
+                    publisher.submit(topic, msg, kind="act", seq=p.seq)
+                    p.seq += 1
+                    p.batch = i + 1
+                    p.samples += len(y)
+                    p.seen += len(y)
+                    p.correct += int((res.exit_logits.argmax(dim=1) == y).sum())
+                    p.loss_sum += res.loss
+                    last_batch_unix = time.time()  # toolkit bench: end of training
+                    if p.seq % cfg.checkpoint_every == 0:
+                        save()
+                    bar.update(1)
+                    if i % 10 == 0 or i == per_epoch - 1:
+                        sent = publisher.stats.by_kind.get("act")
+                        rate = ((sent.bytes if sent else 0) - act_bytes_before) / 1024 / max(
+                            time.monotonic() - t_epoch, 1e-6)
+                        bar.set_postfix(loss=f"{res.loss:.3f}",
+                                        exit_acc=f"{p.correct / max(p.seen, 1):.3f}",
+                                        KBps=f"{rate:.0f}", refresh=False)
+            p.exit_accuracy = p.correct / max(p.seen, 1)
+            p.history.append({"epoch": epoch, "batches": per_epoch,
+                              "loss": p.loss_sum / per_epoch,
+                              "exit_accuracy": p.exit_accuracy,
+                              "seconds": round(time.monotonic() - t_epoch, 3)})
+            publish_epoch_weights(publisher, backend, run, device, epoch, p.seq)
+            status = Status(role="edge", device=device, run=run, state="training", epoch=epoch,
+                            batches_published=p.seq, samples_published=p.samples,
+                            last_seq=p.seq - 1, exit_accuracy=p.exit_accuracy)
+            publisher.submit(status_topic(run, device), status.encode(), retain=True,
+                             kind="status")
+            p.epoch, p.batch, p.correct, p.seen, p.loss_sum = epoch + 1, 0, 0, 0, 0.0
+            save()
+            log.info("epoch %d/%d: loss %.4f, exit accuracy %.3f", epoch + 1, cfg.epochs,
+                     p.history[-1]["loss"], p.exit_accuracy)
+        flush_outbox(publisher, link)
+        wall_s = time.monotonic() - start
+        path = weights_path(cfg.state_dir, device)
+        torch.save(backend.state_dict(), path)
+        stats = publisher.stats
+        extra = {"wall_s": round(wall_s, 3), "bytes_sent": link.bytes_sent,
+                 "publish_wait_s": round(stats.publish_wait_s, 4),
+                 "train_s": round(p.train_s, 3), "backend": backend.name,
+                 "epochs": cfg.epochs, "mode": "ht", "codec": codec.name}
+        publish_done(link, run, device, epochs=cfg.epochs, seq=p.seq, samples=p.samples,
+                     exit_accuracy=p.exit_accuracy, extra=extra)
+        if publisher.acks_seen and cfg.confirm_timeout > 0:
+            t = time.monotonic()
+            confirmed = publisher.wait_confirmed(cfg.confirm_timeout)
+            confirm_wait_s = time.monotonic() - t
+            if not confirmed:
+                log.warning("the cloud trainer did not ack %d batch(es) within %g s; they stay "
+                            "in the spool (rerun with --resume to send them again)",
+                            len(spool.pending_seqs()), cfg.confirm_timeout)
+    finally:
+        publisher.close()
+        pending = spool.pending_seqs()
+        spool_stats = {"spool_path": str(spool.path), "spool_bytes_max": spool.max_bytes,
+                       "spool_peak_bytes": spool.peak_bytes, "spool_full_waits": spool.full_waits,
+                       "spool_pending": len(pending)}
+        spool.close()
+    stats = publisher.stats
+    act = stats.by_kind.get("act")
+    act_bytes = act.bytes if act else 0
+    return {
+        "device": device,
+        "run": run,
+        "epochs": cfg.epochs,
+        "batches_published": p.seq,
+        "samples_published": p.samples,
+        "exit_accuracy": p.exit_accuracy,
+        "bytes_sent": link.bytes_sent,
+        "act_bytes_sent": act_bytes,
+        "payload_bytes_per_sample": act_bytes / max(p.samples, 1),
+        "float32_bytes_per_sample": manifest.data["cut"]["float32_bytes_per_sample"],
+        "wall_s": wall_s,
+        "last_batch_unix": last_batch_unix,
+        "train_s": p.train_s,
+        "publish_wait_s": stats.publish_wait_s,
+        "batches_per_s": p.seq / max(wall_s, 1e-9),
+        "backend": backend.name,
+        "codec": codec.name,
+        "weights_path": str(path),
+        "link": link_summary(link),
+        "history": p.history,
+        "delivery": {"resumed": resumed, "confirmed": confirmed,
+                     "confirm_wait_s": round(confirm_wait_s, 3), "acks_seen": publisher.acks_seen,
+                     "batches_confirmed": stats.confirmed, "resent": stats.resent,
+                     "rewinds": stats.rewinds, "replayed_not_resent": stats.skipped,
+                     "publish_errors": stats.publish_errors, **spool_stats},
+    }

@@ -1,0 +1,89 @@
+"""What every training mode's loop shares: status messages, the end of a run, the report keys.
+
+The loops (``ht_loop``, ``split_learning``, ``upload``) and ``train.run_training``,
+which runs them, import this module; it imports none of them, so the modes can
+share code without an import cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.backends import EdgeBackend
+from edge_runtime.publisher import Publisher
+from toolkit.core.protocol.messages import Status, encode_weights
+from toolkit.core.protocol.topics import status_topic, weights_topic
+from toolkit.core.transport import Link, drain_s
+
+log = logging.getLogger("edge_runtime")
+
+FLUSH_TIMEOUT_S = 120.0
+STATUS_TIMEOUT_S = 10.0
+
+
+def weights_path(state_dir: str | Path, device: str) -> Path:
+    """Where training leaves the final edge weights of ``device``."""
+    return Path(state_dir) / f"edge_weights-{device}.pt"
+
+
+def publish_status(link: Link, status: Status) -> None:
+    link.publish(status_topic(status.run, status.device), status.encode(), retain=True,
+                 timeout=STATUS_TIMEOUT_S)
+
+
+def link_totals(summary: dict[str, Any], link: Link) -> dict[str, Any]:
+    """The keys every mode's report carries, for comparing the modes (see docs/runtime.md).
+
+    ``bytes_up``/``bytes_down``: application payload bytes this device sent / received
+    over the whole run, everything included (status, weights, gradients).
+    """
+    return {
+        "samples": summary["samples_published"],
+        "bytes_up": link.bytes_sent,
+        "bytes_down": link.bytes_received,
+        "full_accuracy": summary.get("full_accuracy"),  # the cloud measures it: cloud_summary
+        "exit_accuracy": summary.get("exit_accuracy"),
+    }
+
+
+def flush_outbox(publisher: Publisher, link: Link) -> None:
+    """Wait until everything submitted reached the broker, however slow the link.
+
+    On a shaped (slow) link the bound grows by the time the bytes still queued
+    need at its rate: an 11 MB weights upload at 500 kbit/s takes three minutes
+    and is not a broker that stopped answering.
+    """
+    pending = publisher.stats.bytes_submitted - publisher.stats.bytes_acked
+    publisher.flush(FLUSH_TIMEOUT_S + drain_s(link, pending))
+    link.flush(FLUSH_TIMEOUT_S + drain_s(link))  # a shaped link still holds its buffer
+
+
+def publish_epoch_weights(publisher: Publisher, backend: EdgeBackend, run: str, device: str,
+                          epoch: int, seq: int) -> None:
+    """Retained edge weights at an epoch's end: the cloud assembles and scores the full model."""
+    meta = {"run": run, "device": device, "epoch": epoch, "last_seq": seq - 1}
+    publisher.submit(weights_topic(run, device), encode_weights(backend.state_dict(), meta),
+                     retain=True, kind="weights")
+
+
+def publish_done(link: Link, run: str, device: str, *, epochs: int, seq: int, samples: int,
+                 exit_accuracy: float | None, extra: dict[str, Any]) -> None:
+    """The retained "done" status: the cloud trains until it has ``seq`` batches of us."""
+    publish_status(link, Status(role="edge", device=device, run=run, state="done",
+                                 epoch=epochs - 1, batches_published=seq,
+                                 samples_published=samples, last_seq=seq - 1,
+                                 exit_accuracy=exit_accuracy, extra=extra))
+
+
+def report_failure(link: Link, run: str, device: str, exc: BaseException) -> None:
+    """Best effort: tell the cloud (retained) why this device stopped."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyboardInterrupt):
+        text = "interrupted"
+    try:
+        publish_status(link, Status(role="edge", device=device, run=run, state="error",
+                                     message=text[:500]))
+    except Exception:  # noqa: BLE001 -- the original error matters more
+        log.warning("could not publish the error status", exc_info=log.isEnabledFor(10))
