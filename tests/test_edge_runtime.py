@@ -25,9 +25,7 @@ from edge_runtime.cli import main
 from edge_runtime.infer import InferConfig, InferEngine, run_inference
 from edge_runtime.publisher import Publisher
 from edge_runtime.train import TrainConfig, load_training_data, run_training
-from toolkit.build.export import ExportConfig, export_artifacts
 from toolkit.build.parity import relative_errors
-from toolkit.core.artifacts.manifest import load_manifest
 from toolkit.core.data.datasets import batches, load_dataset, normalize
 from toolkit.core.errors import HiertrainError
 from toolkit.core.protocol.messages import decode_status, decode_weights, encode_infer_reply
@@ -41,7 +39,7 @@ from toolkit.core.protocol.topics import (
 )
 from toolkit.core.protocol.wire import decode, message_size
 from toolkit.core.transport import open_link
-from toolkit.lab.broker import EmbeddedBroker, free_port
+from toolkit.lab.broker import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,23 +66,9 @@ def _wait(pred, timeout: float, what: str, interval: float = 0.02) -> None:
         time.sleep(interval)
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("edge") / "art"
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=(0.3,),
-                                  std=(0.37,), batch=BATCH, board="rpi4", verify=False))
-    return out
-
-
-@pytest.fixture(scope="module")
-def manifest(artifacts: Path):
-    return load_manifest(artifacts)
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker().start(timeout=10) as b:
-        yield b
+ARTIFACTS = {"batch": BATCH, "lowering": "xnnpack"}
+"""conftest.exported options: the default lowering, which the ExecuTorch backend tests run
+(and one test reads from the manifest); artifacts, manifest and broker: tests/conftest.py"""
 
 
 class Collector:

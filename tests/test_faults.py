@@ -26,7 +26,6 @@ import pytest
 from edge_runtime.publisher import Publisher
 from edge_runtime.spool import Spool
 from tests.conftest import REPO
-from toolkit.build.export import ExportConfig, export_artifacts
 from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
 from toolkit.core.errors import HiertrainError
 from toolkit.core.protocol.messages import Ack
@@ -45,15 +44,6 @@ the same batches once each but in another order on the cloud (resent batches arr
 late), and the edge's exit head sees the same data; seeds vary between runs of this
 test, and accuracy varies by ~2-3 points between otherwise identical runs, so 6 points
 is two such spreads, while losing or repeating a fifth of the batches costs more."""
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "art"
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8),
-                                  mean=(0.3,), std=(0.37,), batch=16, board="rpi4",
-                                  verify=False))
-    return out
 
 
 # ------------------------------------------------------------------------- spool

@@ -18,9 +18,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from toolkit.build.export import ExportConfig, export_artifacts
-from toolkit.core.data.datasets import digits_stats
-from toolkit.core.models.exits import ExitHeadConfig
 from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
 
 EPOCHS = 4
@@ -28,13 +25,9 @@ EDGES = 2
 TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("int") / "art"
-    mean, std = digits_stats()
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
-                                  std=std, batch=32, exit=ExitHeadConfig(channels=16)))
-    return out
+ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16, "verify": True,
+             "lowering": "xnnpack"}
+"""conftest.exported options: the default export (XNNPACK, parity-checked) end to end"""
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:

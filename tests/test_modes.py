@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import REPO
-from toolkit.build.export import ExportConfig, export_artifacts
-from toolkit.core.artifacts.manifest import Manifest, load_manifest
-from toolkit.core.data.datasets import batches, digits_stats, load_dataset, normalize
+from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.data.datasets import batches, load_dataset, normalize
 from toolkit.core.errors import HiertrainError
-from toolkit.core.models.exits import ExitHeadConfig
 from toolkit.core.models.rewrites import host_stat_layers
 from toolkit.core.models.segments import FullModel, load_segments
 from toolkit.core.protocol.images import IMAGE_SCHEME, decode_images, encode_images
@@ -46,33 +43,8 @@ EPOCHS = 2
 TIMEOUT_S = 180
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("modes") / "art"
-    mean, std = digits_stats()
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
-                                  std=std, batch=BATCH, exit=ExitHeadConfig(channels=16),
-                                  verify=False))
-    return out
-
-
-@pytest.fixture(scope="module")
-def manifest(artifacts: Path) -> Manifest:
-    return load_manifest(artifacts)
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker().start(timeout=10) as b:
-        yield b
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ARTIFACTS = {"digits": True, "batch": BATCH, "exit_channels": 16}
+"""conftest.exported options; artifacts, manifest and broker: tests/conftest.py"""
 
 
 def _run_id() -> str:

@@ -16,24 +16,15 @@ import pytest
 
 from edge_runtime.provision import install, partial_dir
 from tests.conftest import REPO
-from toolkit.build.export import ExportConfig, export_artifacts
 from toolkit.core.artifacts.manifest import load_manifest, sha256_file
-from toolkit.core.data.datasets import digits_stats
 from toolkit.core.errors import HiertrainError
-from toolkit.core.models.exits import ExitHeadConfig
 from toolkit.lab.pty_relay import PtyRelay
 
 pytestmark = pytest.mark.serial
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prov") / "art"
-    mean, std = digits_stats()
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
-                                  std=std, batch=32, exit=ExitHeadConfig(channels=16),
-                                  verify=False))
-    return out
+ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16}
+"""conftest.exported options (smallcnn on 8x8 digits); the artifacts fixture: tests/conftest.py"""
 
 
 def _provision(port: str, dest: Path, baud: int) -> subprocess.Popen:

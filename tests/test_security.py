@@ -322,17 +322,6 @@ def test_signed_request_and_reply_with_properties(secure_broker: MosquittoBroker
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from toolkit.build.export import ExportConfig, export_artifacts
-
-    out = tmp_path_factory.mktemp("secart") / "art"
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8),
-                                  mean=(0.3,), std=(0.37,), batch=16, board="rpi4",
-                                  verify=False))
-    return out
-
-
 def _secret_files(d: Path, user: str) -> tuple[Path, Path]:
     pw, key = d / f"{user}.pw", d / "run.key"
     pw.write_text(USERS[user] + "\n")

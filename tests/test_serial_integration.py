@@ -16,9 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from toolkit.build.export import ExportConfig, export_artifacts
-from toolkit.core.data.datasets import digits_stats
-from toolkit.core.models.exits import ExitHeadConfig
 from toolkit.lab.broker import EmbeddedBroker
 from toolkit.lab.pty_relay import PtyRelay
 
@@ -28,14 +25,8 @@ TIMEOUT_S = 240
 BAUD = 115200
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ser") / "art"
-    mean, std = digits_stats()
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
-                                  std=std, batch=32, exit=ExitHeadConfig(channels=16),
-                                  verify=False))
-    return out
+ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16}
+"""conftest.exported options (smallcnn on 8x8 digits); the artifacts fixture: tests/conftest.py"""
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:

@@ -22,7 +22,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -375,18 +374,8 @@ def test_cloud_cli_refuses_bad_link_values(tmp_path, command):
 
 
 # ------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> Path:
-    from toolkit.build.export import ExportConfig, export_artifacts
-    from toolkit.core.data.datasets import digits_stats
-    from toolkit.core.models.exits import ExitHeadConfig
-
-    out = tmp_path_factory.mktemp("shape") / "art"
-    mean, std = digits_stats()
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
-                                  std=std, batch=32, exit=ExitHeadConfig(channels=16),
-                                  verify=False))  # parity is test_export_parity's job
-    return out
+ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16}
+"""conftest.exported options (smallcnn on 8x8 digits); the artifacts fixture: tests/conftest.py"""
 
 
 @pytest.mark.slow
