@@ -6,13 +6,9 @@ Every wait is bounded; a hang fails the test instead of stalling the suite.
 
 from __future__ import annotations
 
-import os
 import queue
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -40,8 +36,6 @@ from toolkit.core.protocol.topics import (
 from toolkit.core.protocol.wire import decode, message_size
 from toolkit.core.transport import open_link
 from toolkit.lab.broker import free_port
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Backend equivalence after 10 SGD steps (lr 0.05, momentum 0.9) on real digits batches.
 # Measured: worst per-tensor relative error 1e-6 (a BatchNorm bias; everything else
@@ -263,34 +257,24 @@ def test_publisher_errors_surface_on_the_next_call(broker):
     pub.close()
 
 
-def _edge_cmd(artifacts: Path, url: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "edge_runtime", "train", "--artifacts", str(artifacts),
-            "--broker", url, *extra]
-
-
 @pytest.mark.mqtt
-def test_killed_edge_leaves_a_retained_offline_status(artifacts, broker, tmp_path):
+def test_killed_edge_leaves_a_retained_offline_status(artifacts, broker, tmp_path, procs):
     run, dev = _uid("run"), "doomed"
     topic = status_topic(run, dev)
     sub = Collector(broker.url, [topic, act_topic(run, dev)])
-    log = tmp_path / "edge.log"
-    with open(log, "wb") as err:  # a file, not a pipe nobody drains
-        proc = subprocess.Popen(
-            _edge_cmd(artifacts, broker.url, "--device-id", dev, "--run-id", run, "--epochs",
-                      "500", "--backend", "torch", "--quiet", "--state-dir", str(tmp_path)),
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+    proc = procs.start("edge", [
+        "edge_runtime", "train", "--artifacts", str(artifacts), "--broker", broker.url,
+        "--device-id", dev, "--run-id", run, "--epochs", "500", "--backend", "torch", "--quiet",
+        "--state-dir", str(tmp_path)])
     try:
         _wait(lambda: len(sub.get(act_topic(run, dev))) >= 5 or proc.poll() is not None, 60,
               "the edge process to publish activations")
-        assert proc.poll() is None, log.read_text()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        assert proc.poll() is None, procs.tail("edge")
+        procs.kill("edge")  # SIGKILL: no clean disconnect, so the broker sends the will
         _wait(lambda: any(s.state == "offline" for s in sub.statuses(topic)), 15,
               "the last will")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        procs.kill("edge")
         sub.close()
     late = Collector(broker.url, [topic])  # a node joining later sees the retained will
     try:

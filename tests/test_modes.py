@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ from toolkit.core.protocol.topics import status_topic
 from toolkit.core.protocol.wire import ActivationBatch, decode, encode, message_size
 from toolkit.core.transport import Link, open_link
 from toolkit.lab.broker import EmbeddedBroker
+from toolkit.lab.launch import ProcessGroup
 
 BATCH = 32
 EPOCHS = 2
@@ -92,12 +91,7 @@ def test_uploaded_images_are_the_edges_model_input_bit_for_bit(tmp_path: Path) -
 # --------------------------------------------------------------------------- end to end
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT)
-
-
-def _wait_cloud_online(url: str, run: str, cloud: subprocess.Popen, tmp: Path) -> Link:
+def _wait_cloud_online(url: str, run: str, procs: ProcessGroup) -> Link:
     """Block until the cloud trainer's "online" status; returns the open watch link."""
     seen = threading.Event()
 
@@ -111,10 +105,9 @@ def _wait_cloud_online(url: str, run: str, cloud: subprocess.Popen, tmp: Path) -
     try:
         deadline = time.monotonic() + 60
         while not seen.wait(0.2):
-            if cloud.poll() is not None or time.monotonic() > deadline:
+            if procs.returncode("cloud") is not None or time.monotonic() > deadline:
                 link.close()
-                pytest.fail(f"cloud trainer never came online:\n"
-                            f"{(tmp / 'cloud.log').read_text()[-3000:]}")
+                pytest.fail(f"cloud trainer never came online:\n{procs.tail('cloud')}")
     except BaseException:
         link.close()
         raise
@@ -124,24 +117,21 @@ def _wait_cloud_online(url: str, run: str, cloud: subprocess.Popen, tmp: Path) -
 def _run_mode(mode: str, url: str, artifacts: Path, tmp: Path) -> tuple[dict, dict]:
     run = _run_id()
     cloud_dir = tmp / "cloud"
-    cloud = _spawn(["cloud_trainer", "--mode", mode, "--artifacts", str(artifacts),
-                    "--broker", url, "--run-dir", str(cloud_dir), "--run-id", run,
-                    "--device-ids", "e0", "--threads", "1", "--quiet",
-                    "--idle-timeout", "60"], tmp / "cloud.log")
-    watch = _wait_cloud_online(url, run, cloud, tmp)  # uploads before it subscribes are lost
-    edge = _spawn(["edge_runtime", "train", "--mode", mode, "--artifacts", str(artifacts),
-                   "--broker", url, "--device-id", "e0", "--run-id", run,
-                   "--epochs", str(EPOCHS), "--report", str(tmp / "edge.json"),
-                   "--state-dir", str(tmp), "--threads", "1", "--quiet"], tmp / "edge.log")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in (edge, cloud):
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        watch.close()
-        for p in (edge, cloud):
-            if p.poll() is None:
-                p.kill()
+    with ProcessGroup(tmp, cwd=REPO) as procs:
+        cloud = procs.start("cloud", [
+            "cloud_trainer", "--mode", mode, "--artifacts", str(artifacts), "--broker", url,
+            "--run-dir", str(cloud_dir), "--run-id", run, "--device-ids", "e0", "--threads", "1",
+            "--quiet", "--idle-timeout", "60"])
+        watch = _wait_cloud_online(url, run, procs)  # uploads before it subscribes are lost
+        try:
+            edge = procs.start("edge", [
+                "edge_runtime", "train", "--mode", mode, "--artifacts", str(artifacts),
+                "--broker", url, "--device-id", "e0", "--run-id", run, "--epochs", str(EPOCHS),
+                "--report", str(tmp / "edge.json"), "--state-dir", str(tmp), "--threads", "1",
+                "--quiet"])
+            procs.wait_all(["edge", "cloud"], TIMEOUT_S)
+        finally:
+            watch.close()
     logs = {f.name: f.read_text()[-3000:] for f in tmp.glob("*.log")}
     assert edge.returncode == 0 and cloud.returncode == 0, logs
     return (json.loads((cloud_dir / "cloud_summary.json").read_text()),

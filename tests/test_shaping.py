@@ -21,7 +21,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -39,11 +38,9 @@ Broker = EmbeddedBroker | MosquittoBroker
 
 
 @pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
+def broker(request: pytest.FixtureRequest) -> Broker:
     """mosquitto when installed (C, never the bottleneck), else the embedded broker."""
-    b: Broker = MosquittoBroker() if find_mosquitto() else EmbeddedBroker()
-    with b.start(timeout=10):
-        yield b
+    return request.getfixturevalue("mosquitto_broker" if find_mosquitto() else "embedded_broker")
 
 
 def _cid(name: str) -> str:
@@ -407,16 +404,13 @@ def test_edge_train_is_slowed_by_the_link(broker, artifacts, tmp_path):
 
 
 @pytest.mark.slow
-def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path):
+def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path, procs):
     """edge-runtime infer (uplink 150 ms) asks cloud-trainer serve (downlink 250 ms): every cloud
     answer takes at least both latencies, and both summaries report their shaped link."""
     import signal
-    import subprocess
-    import sys
 
     import torch
 
-    from tests.conftest import REPO
     from toolkit.core.artifacts.manifest import load_manifest
     from toolkit.core.models.segments import load_segments
     from toolkit.core.protocol.messages import CLOUD_DEVICE
@@ -428,11 +422,10 @@ def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path):
     torch.save(cloud.state_dict(), run_dir / "cloud_final.pt")
     run = f"shapeinf{random.getrandbits(24):06x}"
     online = _Arrivals(broker, status_topic(run, CLOUD_DEVICE))
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "cloud_trainer", "serve", "--artifacts", str(artifacts),
-         "--broker", broker.url, "--run-dir", str(run_dir), "--run-id", run, "--duration", "240",
-         "--link-latency-ms", "250", "--link-kbps", "1000", "--quiet"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    serve = procs.start("serve", [
+        "cloud_trainer", "serve", "--artifacts", str(artifacts), "--broker", broker.url,
+        "--run-dir", str(run_dir), "--run-id", run, "--duration", "240",
+        "--link-latency-ms", "250", "--link-kbps", "1000", "--quiet"], separate_stderr=True)
     try:
         deadline = time.monotonic() + 120
         while b"online" not in online.take(1, timeout=max(0.1, deadline - time.monotonic()))[0][2]:
@@ -445,8 +438,9 @@ def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     finally:
         online.link.close()
-        serve.send_signal(signal.SIGTERM)
-        out, err = serve.communicate(timeout=60)
+        procs.send_signal("serve", signal.SIGTERM)
+        procs.wait("serve", 60)
+        out, err = procs.output("serve"), procs.errors("serve")
     assert serve.returncode == 0, err[-3000:]
     rep = json.loads(report.read_text())
     assert rep["answered_by_cloud"] >= 1, rep
