@@ -17,6 +17,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,64 @@ def run_cli(
         [sys.executable, "-m", module, *args[1:]], capture_output=True, text=True,
         timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
     )
+
+
+TIMING_MODULES = ("test_shaping", "test_faults", "test_provisioning", "test_serial_link")
+"""Modules whose tests assert wall-clock rates, latencies or pacing: under pytest-xdist they
+all run on one worker, one at a time, so two of them never compete for the CPU."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.rsplit(".", 1)[-1] in TIMING_MODULES:
+            item.add_marker(pytest.mark.xdist_group("timing"))
+
+
+class InProcessCloud:
+    """``run_cloud`` on a thread of this process (a real broker, no second torch start-up).
+
+    ``join`` returns the summary; with ``reraise`` it raises what ``run_cloud`` raised,
+    else that stays in ``error`` for the test to inspect.
+    """
+
+    def __init__(self, artifacts: Path, broker: Any, run_dir: Path, run: str, *,
+                 reraise: bool = True, **kw: Any) -> None:
+        from cloud_trainer.trainer import CloudConfig, run_cloud
+
+        kw.setdefault("idle_timeout", 20)
+        cfg = CloudConfig(artifacts=artifacts, broker=getattr(broker, "url", broker),
+                          run_dir=run_dir, run_id=run, quiet=True, **kw)
+        self.reraise = reraise
+        self.stop = threading.Event()
+        self.summary: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self.summary = run_cloud(cfg, self.stop)
+            except BaseException as exc:  # noqa: BLE001 -- kept for join() and the test
+                self.error = exc
+
+        self.thread = threading.Thread(target=target, name="test-cloud", daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float) -> dict[str, Any] | None:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.stop.set()
+            self.thread.join(30)
+            pytest.fail(f"in-process cloud did not finish within {timeout} s")
+        if self.reraise:
+            if self.error is not None:
+                raise self.error
+            assert self.summary is not None
+        return self.summary
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.stop.set()
+            self.thread.join(30)
 
 
 def _ci() -> bool:

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from cloud_trainer.ledger import Ledger, SeqSet
+from tests.conftest import InProcessCloud
 from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.data.datasets import batches, load_dataset, normalize, shard
 from toolkit.core.models.segments import load_segments
@@ -63,48 +64,6 @@ def start_cloud(procs: ProcessGroup, artifacts: Path, broker: EmbeddedBroker, ru
     procs.start("cloud", ["cloud_trainer", "--artifacts", str(artifacts), "--broker",
                           broker.url, "--run-dir", str(run_dir), "--run-id", run, "--quiet",
                           "--threads", "1", *extra], separate_stderr=True)
-
-
-class InProcessCloud:
-    """``run_cloud`` on a thread of this process: no second torch import to wait for."""
-
-    def __init__(self, artifacts: Path, broker: EmbeddedBroker, run_dir: Path, run: str,
-                 **kw: Any) -> None:
-        import threading
-
-        from cloud_trainer.trainer import CloudConfig, run_cloud
-
-        kw.setdefault("idle_timeout", 20)
-        cfg = CloudConfig(artifacts=artifacts, broker=broker.url, run_dir=run_dir, run_id=run,
-                          quiet=True, **kw)
-        self.stop = threading.Event()
-        self.summary: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-
-        def target() -> None:
-            try:
-                self.summary = run_cloud(cfg, self.stop)
-            except BaseException as exc:  # noqa: BLE001 -- re-raised in join()
-                self.error = exc
-
-        self.thread = threading.Thread(target=target, name="test-cloud", daemon=True)
-        self.thread.start()
-
-    def join(self, timeout: float) -> dict[str, Any]:
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.stop.set()
-            self.thread.join(30)
-            pytest.fail(f"in-process cloud did not finish within {timeout} s")
-        if self.error is not None:
-            raise self.error
-        assert self.summary is not None
-        return self.summary
-
-    def close(self) -> None:
-        if self.thread.is_alive():
-            self.stop.set()
-            self.thread.join(30)
 
 
 class StatusWatch:

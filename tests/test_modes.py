@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import REPO
+from tests.conftest import REPO, InProcessCloud
 from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.data.datasets import batches, load_dataset, normalize
 from toolkit.core.errors import HiertrainError
@@ -192,33 +192,9 @@ def test_cloud_mode_trains_end_to_end(artifacts: Path, manifest: Manifest,
 # --------------------------------------------------------------------------- in-process
 
 
-class _Cloud:
-    """``run_cloud`` on a thread (a real broker, no second torch start-up)."""
-
-    def __init__(self, artifacts: Path, url: str, run_dir: Path, run: str, **kw: Any) -> None:
-        from cloud_trainer.trainer import CloudConfig, run_cloud
-
-        cfg = CloudConfig(artifacts=artifacts, broker=url, run_dir=run_dir, run_id=run,
-                          quiet=True, **kw)
-        self.stop = threading.Event()
-        self.summary: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-
-        def target() -> None:
-            try:
-                self.summary = run_cloud(cfg, self.stop)
-            except BaseException as exc:  # noqa: BLE001 -- re-raised by join()
-                self.error = exc
-
-        self.thread = threading.Thread(target=target, daemon=True)
-        self.thread.start()
-
-    def join(self, timeout: float) -> None:
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.stop.set()
-            self.thread.join(30)
-            pytest.fail(f"cloud did not finish within {timeout} s")
+def _Cloud(artifacts: Path, url: str, run_dir: Path, run: str, **kw: Any) -> InProcessCloud:
+    """The cloud on a thread; its error is kept in ``.error`` for the test to check."""
+    return InProcessCloud(artifacts, url, run_dir, run, reraise=False, **kw)
 
 
 def _edge_cfg(artifacts: Path, url: str, run: str, tmp: Path, **kw: Any):

@@ -8,14 +8,12 @@ drops nothing, while the line really did corrupt and drop bytes.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import run_cli
 from toolkit.lab.broker import EmbeddedBroker
 from toolkit.lab.launch import ProcessGroup
 from toolkit.lab.pty_relay import PtyRelay
@@ -79,12 +77,10 @@ def _infer_over_serial(procs: ProcessGroup, artifacts: Path, tmp: Path, url: str
         "--once", "--idle-timeout", "120"])
     try:
         time.sleep(3.0)  # serve subscribes; a request before that would time out once
-        r = subprocess.run([sys.executable, "-m", "edge_runtime", "infer", "--artifacts",
-                            str(artifacts), "--serial", ports[0], "--baud", str(BAUD),
-                            "--device-id", "robot-0", "--run-id", run_id, "--weights",
-                            "retained", "--threshold", "1.0", "--limit", "20", "--timeout",
-                            "20", "--threads", "1", "--quiet", "--json"],
-                           cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+        r = run_cli("edge-runtime", "infer", "--artifacts", str(artifacts), "--serial", ports[0],
+                    "--baud", str(BAUD), "--device-id", "robot-0", "--run-id", run_id,
+                    "--weights", "retained", "--threshold", "1.0", "--limit", "20", "--timeout",
+                    "20", "--threads", "1", "--quiet", "--json", timeout=TIMEOUT_S)
         assert r.returncode == 0, (r.stderr[-3000:], (tmp / "gateway2.log").read_text()[-2000:])
         procs.wait("gateway2", timeout=30)
         assert gateway.returncode == 0
