@@ -261,12 +261,8 @@ def test_cluster_cli_feeds_the_unchanged_cloud_trainer_over_mqtt(tmp_path, cli, 
             assert torch.equal(got[k], v), k
 
 
-def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(tmp_path, cli):
-    from toolkit.build.export import ExportConfig, export_artifacts
-
-    art = tmp_path / "art"
-    export_artifacts(ExportConfig(model="smallcnn", split="block2", out=art, input_shape=(1, 8, 8),
-                                  mean=(0.3,), std=(0.37,), batch=16, verify=False))
+def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(exported, cli):
+    art = exported(split="block2")
     base = ["edge-runtime", "cluster", "--artifacts", str(art), "--broker",
             "mqtt://127.0.0.1:1", "--device-id", "d", "--quiet"]
     cases = {
@@ -293,14 +289,10 @@ def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(tmp_path
 
 
 @pytest.mark.cluster
-def test_a_failing_rank_0_stops_the_whole_cluster_with_its_one_line_error(tmp_path, cli):
+def test_a_failing_rank_0_stops_the_whole_cluster_with_its_one_line_error(exported, cli):
     """Rank 0 cannot reach the broker: it tells the other rank to stop, every process exits,
     and the command prints rank 0's error (no hang, no traceback)."""
-    from toolkit.build.export import ExportConfig, export_artifacts
-
-    art = tmp_path / "art"
-    export_artifacts(ExportConfig(model="smallcnn", split="block2", out=art, input_shape=(1, 8, 8),
-                                  mean=(0.3,), std=(0.37,), batch=16, verify=False))
+    art = exported(split="block2")
     res = cli("edge-runtime", "cluster", "--world-size", "2", "--artifacts", str(art),
               "--broker", f"mqtt://127.0.0.1:{free_port()}", "--device-id", "d", "--quiet",
               "--connect-timeout", "2", "--limit", "64", "--threads", "1",
