@@ -57,12 +57,19 @@ TIMING_MODULES = ("test_shaping", "test_faults", "test_provisioning", "test_seri
 """Modules whose tests assert wall-clock rates, latencies or pacing: under pytest-xdist they
 all run on one worker, one at a time, so two of them never compete for the CPU."""
 
+ONE_WORKER_MODULES = ("test_codec", "test_export_cli", "test_personalise", "test_plan")
+"""Modules with a slow module-scoped fixture of their own (a CLI export, a pre-trained
+backbone, a profile): each runs on one worker, so that fixture is built once, not per worker."""
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = getattr(item, "module", None)
-        if module is not None and module.__name__.rsplit(".", 1)[-1] in TIMING_MODULES:
+        name = module.__name__.rsplit(".", 1)[-1] if module is not None else ""
+        if name in TIMING_MODULES:
             item.add_marker(pytest.mark.xdist_group("timing"))
+        elif name in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(name))
 
 
 class InProcessCloud:
