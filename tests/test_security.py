@@ -353,6 +353,10 @@ def test_signed_training_over_tls_end_to_end(secure_broker: MosquittoBroker, pki
         "--run-dir", str(run_dir), "--run-id", run, "--device-ids", "robot-a", "--threads", "1",
         "--idle-timeout", "30", "--username", "cloud", "--password-file", str(cloud_pw),
         "--hmac-key-file", str(key), *tls])
+    # Subscribed before the edge starts: a 96-sample edge can be done before a cloud that is
+    # still importing torch has a session to queue its batches in.
+    procs.wait_until(lambda: "cloud trainer online" in procs.output("cloud"), 120,
+                     "the cloud trainer did not come online", must_live=("cloud",))
     # The edge takes its password and key from the environment, the other supported way.
     edge = procs.start("edge", [
         "edge_runtime", "train", "--artifacts", str(artifacts), "--broker", secure_broker.url,
