@@ -62,6 +62,7 @@ ONE_WORKER_MODULES = ("test_codec", "test_export_cli", "test_personalise", "test
 backbone, a profile): each runs on one worker, so that fixture is built once, not per worker."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = getattr(item, "module", None)
