@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -34,14 +33,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from edge_runtime.backends import EDGE_TRAIN, make_backend
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.build.lowering import LOWERINGS
+from toolkit.core.artifacts.manifest import load_manifest
+from toolkit.core.models import get_spec
 
-from edge_runtime.backends import EDGE_TRAIN, make_backend  # noqa: E402
-from toolkit.build.export import ExportConfig, export_artifacts  # noqa: E402
-from toolkit.build.lowering import LOWERINGS  # noqa: E402
-from toolkit.core.artifacts.manifest import load_manifest  # noqa: E402
-from toolkit.core.models import get_spec  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BATCH = 32
 # program -> timed steps per lowering (the portable convolution kernels take seconds

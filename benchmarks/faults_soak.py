@@ -1,7 +1,7 @@
 """Soak: many random faults during real training runs, checked against the seq ledger.
 
 Each round is one real run (cloud trainer and edge runtime as processes, mosquitto with
-persistence, the edge through a TCP proxy paced like a slow uplink: ``tests/faultkit.py``)
+persistence, the edge through a TCP proxy paced like a slow uplink: ``toolkit/lab/faults.py``)
 during which, every few seconds, one random fault is injected and repaired: SIGKILL and
 restart of the broker, of the cloud trainer or of the edge (``--resume``), or the edge's
 link cut for a few seconds. After the run the cloud's checkpointed ledger must hold every
@@ -25,13 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.lab.faults import Broker, FaultError, Run
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from faultkit import Broker, FaultError, Run, wait_until  # noqa: E402
-
-from toolkit.build.export import ExportConfig, export_artifacts  # noqa: E402
 
 FAULTS = ("broker", "cloud", "edge", "link")
 RATE = 30_000  # proxy bytes/s: ~7 batches/s of 16 digits (int8 cut, ~4.3 kB per batch)
@@ -48,11 +45,11 @@ def _export(tmp: Path) -> Path:
 def _inject(run: Run, fault: str, rng: random.Random) -> bool:
     """One fault and its repair; False when it no longer applies (that side finished)."""
     if fault == "edge":
-        if run.edge is None or run.edge.proc.poll() is not None:
+        if not run.running("edge"):
             return False
         run.crash_edge(rng.uniform(0.5, 3.0))
     elif fault == "cloud":
-        if run.cloud is None or run.cloud.proc.poll() is not None:
+        if not run.running("cloud"):
             return False
         run.crash_cloud(rng.uniform(0.5, 3.0))
     elif fault == "broker":
@@ -71,11 +68,10 @@ def _round(work: Path, artifacts: Path, index: int, epochs: int, rng: random.Ran
     try:
         run.start_cloud()
         run.start_edge()
-        wait_until(lambda: run.edge_seq() >= 5, 180, "the edge's first checkpoint",
-                   run.procs())
+        run.wait_until(lambda: run.edge_seq() >= 5, 180, "the edge's first checkpoint")
         while True:
             time.sleep(rng.uniform(*gap))
-            if run.cloud is not None and run.cloud.proc.poll() is not None:
+            if "cloud" in run.group.procs and not run.running("cloud"):
                 break  # the cloud finished: the run is over
             fault = rng.choice(FAULTS)
             at = {"t": round(time.monotonic() - t0, 1), "fault": fault,
@@ -84,9 +80,8 @@ def _round(work: Path, artifacts: Path, index: int, epochs: int, rng: random.Ran
                 log.append({"round": index, **at})
                 print(f"round {index} t={at['t']:6.1f}s {fault:6s} edge seq {at['edge_seq']:4d}"
                       f" cloud ckpt {at['cloud_trained']:4d}", flush=True)
-            if run.edge is not None and run.edge.proc.poll() is not None and \
-                    run.edge.proc.returncode != 0:
-                raise FaultError(f"the edge failed:\n{run.edge.tail()}")
+            if "edge" in run.group.procs and run.group.returncode("edge") not in (None, 0):
+                raise FaultError(f"the edge failed:\n{run.group.tail('edge')}")
         res = run.finish(300)
     finally:
         run.close()

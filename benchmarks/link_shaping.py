@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from toolkit.core.transport import LinkShape, ShapedLink, open_link
+from toolkit.core.transport.shaping import mqtt_publish_size
+from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
 
-from toolkit.core.transport import LinkShape, ShapedLink, open_link  # noqa: E402
-from toolkit.core.transport.shaping import mqtt_publish_size  # noqa: E402
-from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def stream(url: str, kbps: float, seconds: float, size: int, latency_ms: float) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,19 +26,19 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from edge_runtime.backends import make_backend
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.core.artifacts.manifest import load_manifest
+from toolkit.core.models.exits import ExitHeadConfig
+from toolkit.core.protocol import topics
+from toolkit.core.protocol.codec import BatchMeta, codec_for, decode
+from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_status
+from toolkit.core.protocol.quant import QuantScheme
+from toolkit.core.transport import open_link
+from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
+from toolkit.lab.launch import ProcessGroup
 
-from edge_runtime.backends import make_backend  # noqa: E402
-from toolkit.build.export import ExportConfig, export_artifacts  # noqa: E402
-from toolkit.core.artifacts.manifest import load_manifest  # noqa: E402
-from toolkit.core.models.exits import ExitHeadConfig  # noqa: E402
-from toolkit.core.protocol import topics  # noqa: E402
-from toolkit.core.protocol.codec import BatchMeta, codec_for, decode  # noqa: E402
-from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_status  # noqa: E402
-from toolkit.core.protocol.quant import QuantScheme  # noqa: E402
-from toolkit.core.transport import open_link  # noqa: E402
-from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 EDGE_CONFIGS = [
     # name, model, split, input shape, batch, steps
@@ -101,13 +100,12 @@ def cloud_ingest(tmp: Path, broker_kind: str, n: int) -> dict:
     run, dev = f"bench-{broker_kind}", "bench-edge"
     msgs = _messages(manifest, n, run, dev)
     broker = EmbeddedBroker() if broker_kind == "amqtt" else MosquittoBroker()
-    with broker:
+    with broker, ProcessGroup(tmp / f"logs-{broker_kind}", cwd=ROOT) as procs:
         run_dir = tmp / f"cloud-{broker_kind}"
-        cloud = subprocess.Popen(
-            [sys.executable, "-m", "cloud_trainer", "--artifacts", str(art), "--broker",
-             broker.url, "--run-dir", str(run_dir), "--run-id", run, "--devices", "1",
-             "--threads", "1", "--quiet", "--eval-limit", "100"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        procs.start("cloud", [
+            "cloud_trainer", "--artifacts", str(art), "--broker", broker.url,
+            "--run-dir", str(run_dir), "--run-id", run, "--devices", "1",
+            "--threads", "1", "--quiet", "--eval-limit", "100"])
         done = threading.Event()
         online = threading.Event()
 
@@ -123,7 +121,7 @@ def cloud_ingest(tmp: Path, broker_kind: str, n: int) -> dict:
             link.subscribe(topics.status_wildcard(run), on_status)
             link.connect(timeout=30)
             if not online.wait(120):
-                raise RuntimeError(f"cloud trainer did not come online: {cloud.stderr.read()}")
+                raise RuntimeError(f"cloud trainer did not come online: {procs.tail('cloud')}")
             link.publish(topics.status_topic(run, dev),
                          Status(role="edge", device=dev, run=run, state="online").encode(),
                          retain=True)
@@ -136,7 +134,7 @@ def cloud_ingest(tmp: Path, broker_kind: str, n: int) -> dict:
                                 batches_published=n, last_seq=n - 1).encode(), retain=True)
             ok = done.wait(600)
             total_s = time.perf_counter() - t
-        cloud.wait(timeout=120)
+        procs.wait("cloud", timeout=120)
     summary = json.loads((run_dir / "cloud_summary.json").read_text()) if ok else {}
     t = time.perf_counter()
     for m in msgs:

@@ -26,12 +26,10 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import serial
 
-import serial  # noqa: E402
-
-from toolkit.core.transport.arq import ReliableChannel  # noqa: E402
-from toolkit.lab.pty_relay import PtyRelay  # noqa: E402
+from toolkit.core.transport.arq import ReliableChannel
+from toolkit.lab.pty_relay import PtyRelay
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serial_link.json"
 

@@ -11,10 +11,8 @@ import logging
 import os
 import queue
 import random
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,8 @@ from toolkit.core.transport.base import (
 )
 from toolkit.core.transport.mqtt import MqttLink
 from toolkit.lab import broker as broker_mod
-from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto, free_port
+from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, free_port
+from toolkit.lab.launch import ProcessGroup
 
 pytestmark = pytest.mark.mqtt
 
@@ -40,26 +39,14 @@ MB = 1024 * 1024
 Broker = EmbeddedBroker | MosquittoBroker
 
 
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 @pytest.fixture(
     scope="module",
     params=["amqtt", pytest.param("mosquitto", marks=pytest.mark.mosquitto)],
 )
-def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
-    if request.param == "mosquitto":
-        if find_mosquitto() is None:
-            msg = "mosquitto not installed (apt-get install mosquitto)"
-            if _ci():
-                pytest.fail(f"{msg}; CI is set, so this is a failure, not a skip")
-            pytest.skip(msg)
-        b: Broker = MosquittoBroker()
-    else:
-        b = EmbeddedBroker()
-    with b.start(timeout=10):
-        yield b
+def broker(request: pytest.FixtureRequest) -> Broker:
+    """Every test here runs on both brokers (conftest's embedded_broker, mosquitto_broker)."""
+    name = "embedded_broker" if request.param == "amqtt" else "mosquitto_broker"
+    return request.getfixturevalue(name)
 
 
 def _link(broker: Broker, name: str, **kw: Any) -> MqttLink:
@@ -159,39 +146,28 @@ time.sleep(30)  # killed long before this ends
 """
 
 
-def test_last_will_on_crash_but_not_on_close(broker: Broker) -> None:
+def test_last_will_on_crash_but_not_on_close(broker: Broker, procs: ProcessGroup) -> None:
     status = f"status/{random.getrandbits(32):08x}"
     seen: queue.Queue[bytes] = queue.Queue()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
     with _link(broker, "watcher") as watcher:
         watcher.subscribe(f"{status}/#", lambda t, p, props: seen.put(p))
         watcher.connect(timeout=5)
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _DYING_CLIENT, broker.url, "dying-edge", f"{status}/a"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        procs.start_command("dying", [sys.executable, "-c", _DYING_CLIENT, broker.url,
+                                      "dying-edge", f"{status}/a"],
+                            env={"PYTHONPATH": os.pathsep.join(
+                                [str(REPO), os.environ.get("PYTHONPATH", "")])})
         try:
             deadline = time.monotonic() + 15
             try:
                 first = seen.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                proc.kill()
-                pytest.fail(f"dying client never came online: {proc.communicate(timeout=5)[1]!r}")
+                procs.kill("dying")
+                pytest.fail(f"dying client never came online: {procs.tail('dying')!r}")
             assert first == b"online"
-            proc.kill()  # SIGKILL: no DISCONNECT, the kernel just closes the socket
-            proc.wait(timeout=5)
+            procs.kill("dying", timeout=5)  # SIGKILL: no DISCONNECT, the kernel closes the socket
             assert _get(seen, time.monotonic() + 10) == b"offline"
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
-            if proc.stderr is not None:
-                proc.stderr.close()
+            procs.kill("dying", timeout=5)
 
         # A clean close() sends DISCONNECT, so the broker must discard the will.
         polite = _link(broker, "polite")

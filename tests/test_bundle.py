@@ -13,20 +13,10 @@ import pytest
 
 from edge_runtime.cli import build_parser
 from tests.conftest import run_cli
-from toolkit.build.export import ExportConfig, export_artifacts
 from toolkit.core.artifacts.manifest import load_manifest
-from toolkit.core.data.datasets import digits_stats
-from toolkit.core.models.exits import ExitHeadConfig
 
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "art"
-    mean, std = digits_stats()
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
-                                  std=std, batch=32, exit=ExitHeadConfig(channels=16),
-                                  verify=False))
-    return out
+ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16}
+"""conftest.exported options (smallcnn on 8x8 digits); the artifacts fixture: tests/conftest.py"""
 
 
 @pytest.mark.parametrize("board", ["rpi4", "jetson-orin-nano"])

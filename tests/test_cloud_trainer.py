@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,8 @@ import pytest
 import torch
 
 from cloud_trainer.ledger import Ledger, SeqSet
-from toolkit.build.export import ExportConfig, export_artifacts
-from toolkit.core.artifacts.manifest import Manifest, load_manifest
+from tests.conftest import InProcessCloud
+from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.data.datasets import batches, load_dataset, normalize, shard
 from toolkit.core.models.segments import load_segments
 from toolkit.core.protocol import topics
@@ -37,6 +36,7 @@ from toolkit.core.protocol.quant import QuantScheme, quantize
 from toolkit.core.protocol.wire import ActivationBatch, encode
 from toolkit.core.transport import Link, open_link
 from toolkit.lab.broker import EmbeddedBroker
+from toolkit.lab.launch import ProcessGroup
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -45,33 +45,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cloud") / "art"
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8),
-                                  mean=(0.3,), std=(0.37,), batch=16, board="rpi4",
-                                  verify=False))
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The fake edges train in this process; threaded tiny steps crawl on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def manifest(artifacts: Path) -> Manifest:
-    return load_manifest(artifacts)
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker().start(timeout=10) as b:
-        yield b
+# artifacts, manifest, broker (embedded) and one torch thread: tests/conftest.py
 
 
 def _run_id() -> str:
@@ -83,80 +57,13 @@ def _link(broker: EmbeddedBroker, name: str) -> Link:
     return link
 
 
-class Cloud:
-    """``python -m cloud_trainer`` as a subprocess, output in files (no pipe to fill)."""
-
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.out = tmp / f"cloud-{random.getrandbits(16):04x}.out"
-        self.err = self.out.with_suffix(".err")
-        with open(self.out, "w") as o, open(self.err, "w") as e:
-            self.proc = subprocess.Popen([sys.executable, "-m", "cloud_trainer", *args],
-                                         stdout=o, stderr=e, cwd=REPO)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            pytest.fail(f"cloud trainer did not finish within {timeout} s:\n{self.stderr()}")
-
-    def stderr(self) -> str:
-        return self.err.read_text()[-4000:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def start_cloud(tmp: Path, artifacts: Path, broker: EmbeddedBroker, run_dir: Path, run: str,
-                *extra: str) -> Cloud:
-    return Cloud(tmp, "--artifacts", str(artifacts), "--broker", broker.url,
-                 "--run-dir", str(run_dir), "--run-id", run, "--quiet", "--threads", "1",
-                 *extra)
-
-
-class InProcessCloud:
-    """``run_cloud`` on a thread of this process: no second torch import to wait for."""
-
-    def __init__(self, artifacts: Path, broker: EmbeddedBroker, run_dir: Path, run: str,
-                 **kw: Any) -> None:
-        import threading
-
-        from cloud_trainer.trainer import CloudConfig, run_cloud
-
-        kw.setdefault("idle_timeout", 20)
-        cfg = CloudConfig(artifacts=artifacts, broker=broker.url, run_dir=run_dir, run_id=run,
-                          quiet=True, **kw)
-        self.stop = threading.Event()
-        self.summary: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-
-        def target() -> None:
-            try:
-                self.summary = run_cloud(cfg, self.stop)
-            except BaseException as exc:  # noqa: BLE001 -- re-raised in join()
-                self.error = exc
-
-        self.thread = threading.Thread(target=target, name="test-cloud", daemon=True)
-        self.thread.start()
-
-    def join(self, timeout: float) -> dict[str, Any]:
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.stop.set()
-            self.thread.join(30)
-            pytest.fail(f"in-process cloud did not finish within {timeout} s")
-        if self.error is not None:
-            raise self.error
-        assert self.summary is not None
-        return self.summary
-
-    def close(self) -> None:
-        if self.thread.is_alive():
-            self.stop.set()
-            self.thread.join(30)
+def start_cloud(procs: ProcessGroup, artifacts: Path, broker: EmbeddedBroker, run_dir: Path,
+                run: str, *extra: str) -> None:
+    """``python -m cloud_trainer`` as process "cloud" (stdout in cloud.log, stderr in
+    cloud.err)."""
+    procs.start("cloud", ["cloud_trainer", "--artifacts", str(artifacts), "--broker",
+                          broker.url, "--run-dir", str(run_dir), "--run-id", run, "--quiet",
+                          "--threads", "1", *extra], separate_stderr=True)
 
 
 class StatusWatch:
@@ -170,11 +77,12 @@ class StatusWatch:
         self.link.connect(timeout=10)
 
     def wait_for(self, state: str, timeout: float, after: float = 0.0,
-                 cloud: Cloud | None = None) -> Status:
+                 procs: ProcessGroup | None = None) -> Status:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if cloud is not None and cloud.proc.poll() is not None:
-                pytest.fail(f"cloud exited early ({cloud.proc.returncode}):\n{cloud.stderr()}")
+            if procs is not None and procs.returncode("cloud") is not None:
+                pytest.fail(f"cloud exited early ({procs.returncode('cloud')}):\n"
+                            f"{procs.tail('cloud')}")
             try:
                 st = self.q.get(timeout=0.2)
             except queue.Empty:
@@ -182,7 +90,7 @@ class StatusWatch:
             if st.state == state and st.time >= after:
                 return st
         pytest.fail(f"no {state!r} status within {timeout} s"
-                    + (f":\n{cloud.stderr()}" if cloud else ""))
+                    + (f":\n{procs.tail('cloud')}" if procs else ""))
 
     def close(self) -> None:
         self.link.close()
@@ -294,14 +202,14 @@ def test_seqset_and_ledger_state_roundtrip() -> None:
 
 @pytest.mark.mqtt
 def test_two_edges_train_every_batch_once(artifacts: Path, manifest: Manifest,
-                                          broker: EmbeddedBroker, tmp_path: Path) -> None:
+                                          broker: EmbeddedBroker, tmp_path: Path,
+                                          procs: ProcessGroup) -> None:
     run, run_dir = _run_id(), tmp_path / "run"
     watch = StatusWatch(broker, run)
-    cloud = start_cloud(tmp_path, artifacts, broker, run_dir, run, "--devices", "2",
-                        "--idle-timeout", "30")
+    start_cloud(procs, artifacts, broker, run_dir, run, "--devices", "2", "--idle-timeout", "30")
     edges: list[FakeEdge] = []
     try:
-        watch.wait_for("online", 40, cloud=cloud)
+        watch.wait_for("online", 40, procs=procs)
         edges = [FakeEdge(broker, manifest, run, f"edge{i}", i, 2) for i in range(2)]
         for e in edges:
             e.status("online")
@@ -325,9 +233,9 @@ def test_two_edges_train_every_batch_once(artifacts: Path, manifest: Manifest,
                 e.train_epoch(epoch)
         for e in edges:
             e.status("done", 1)
-        assert cloud.wait(60) == 0, cloud.stderr()
+        assert procs.wait("cloud", 60) == 0, procs.tail("cloud")
     finally:
-        cloud.kill()
+        procs.kill("cloud")
         for e in edges:
             e.close()
         watch.close()
@@ -346,7 +254,7 @@ def test_two_edges_train_every_batch_once(artifacts: Path, manifest: Manifest,
     assert (run_dir / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
     for name in ("cloud_final.pt", "full_model.pt", "checkpoint.pt"):
         assert (run_dir / name).stat().st_size > 0
-    assert "trained" in cloud.out.read_text()
+    assert "trained" in procs.output("cloud")
 
 
 @pytest.mark.mqtt
@@ -466,7 +374,7 @@ def test_backpressure_loses_nothing(artifacts: Path, manifest: Manifest, broker:
 @pytest.mark.mqtt
 def test_resume_after_sigkill_trains_each_seq_once(artifacts: Path, manifest: Manifest,
                                                    broker: EmbeddedBroker,
-                                                   tmp_path: Path) -> None:
+                                                   tmp_path: Path, procs: ProcessGroup) -> None:
     """What this proves: a restarted cloud reloads its checkpoint and never trains a
     checkpointed seq again (replays of them are duplicates), while seqs trained after
     the last checkpoint -- lost with the killed process -- are trained exactly once more.
@@ -475,12 +383,12 @@ def test_resume_after_sigkill_trains_each_seq_once(artifacts: Path, manifest: Ma
     is a real process (SIGKILL); the restarted one runs in this process."""
     run, run_dir = _run_id(), tmp_path / "run"
     watch = StatusWatch(broker, run)
-    cloud = start_cloud(tmp_path, artifacts, broker, run_dir, run, "--device-ids", "e0",
-                        "--checkpoint-every", "5", "--idle-timeout", "20")
+    start_cloud(procs, artifacts, broker, run_dir, run, "--device-ids", "e0",
+                "--checkpoint-every", "5", "--idle-timeout", "20")
     edge = None
     restarted: InProcessCloud | None = None
     try:
-        watch.wait_for("online", 40, cloud=cloud)
+        watch.wait_for("online", 40, procs=procs)
         edge = FakeEdge(broker, manifest, run, "e0")
         edge.status("online")
         samples = edge.sample(40)
@@ -494,9 +402,9 @@ def test_resume_after_sigkill_trains_each_seq_once(artifacts: Path, manifest: Ma
                     break
             time.sleep(0.05)
         else:
-            pytest.fail(f"no checkpoint with 10 trained batches within 30 s:\n{cloud.stderr()}")
-        cloud.proc.send_signal(signal.SIGKILL)
-        cloud.proc.wait(10)
+            pytest.fail(f"no checkpoint with 10 trained batches within 30 s:\n"
+                        f"{procs.tail('cloud')}")
+        procs.kill("cloud")
         ckpt = torch.load(ckpt_path, weights_only=True)
         checkpointed = SeqSet.from_dict(ckpt["ledger"]["trained"]["e0"])
         assert len(checkpointed) >= 10
@@ -512,7 +420,7 @@ def test_resume_after_sigkill_trains_each_seq_once(artifacts: Path, manifest: Ma
         edge.status("done")
         s = restarted.join(40)
     finally:
-        cloud.kill()
+        procs.kill("cloud")
         if restarted:
             restarted.close()
         if edge:
@@ -569,7 +477,7 @@ def test_idle_timeout_names_missing_and_incomplete_devices(
 @pytest.mark.mqtt
 def test_serve_answers_inference_with_correlation(artifacts: Path, manifest: Manifest,
                                                   broker: EmbeddedBroker,
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path, procs: ProcessGroup) -> None:
     from cloud_trainer.infer import cloud_predict
 
     run, run_dir = _run_id(), tmp_path / "run"
@@ -577,12 +485,13 @@ def test_serve_answers_inference_with_correlation(artifacts: Path, manifest: Man
     cloud_model = load_segments(manifest).cloud
     torch.save(cloud_model.state_dict(), run_dir / "cloud_final.pt")
     watch = StatusWatch(broker, run)
-    cloud = Cloud(tmp_path, "serve", "--artifacts", str(artifacts), "--broker", broker.url,
-                  "--run-dir", str(run_dir), "--run-id", run, "--quiet", "--duration", "60",
-                  "--json")
+    procs.start("cloud", ["cloud_trainer", "serve", "--artifacts", str(artifacts), "--broker",
+                          broker.url, "--run-dir", str(run_dir), "--run-id", run, "--quiet",
+                          "--duration", "60", "--json"],
+                separate_stderr=True)
     link = None
     try:
-        st = watch.wait_for("online", 40, cloud=cloud)
+        st = watch.wait_for("online", 40, procs=procs)
         assert st.extra["mode"] == "serve"
         link = _link(broker, "asker")
         replies: queue.Queue[tuple[bytes, dict]] = queue.Queue()
@@ -604,14 +513,14 @@ def test_serve_answers_inference_with_correlation(artifacts: Path, manifest: Man
         want, _ = cloud_predict(cloud_model, dequantize(q))
         assert got[b"\x00\x01first"]["pred"] == want and got[b"\x00\x01first"]["error"] == ""
         assert got[b"second"]["pred"] == [] and got[b"second"]["error"].startswith("magic")
-        cloud.proc.send_signal(signal.SIGTERM)
-        assert cloud.wait(20) == 0, cloud.stderr()
+        procs.send_signal("cloud", signal.SIGTERM)
+        assert procs.wait("cloud", 20) == 0, procs.tail("cloud")
     finally:
-        cloud.kill()
+        procs.kill("cloud")
         if link:
             link.close()
         watch.close()
-    result = json.loads(cloud.out.read_text())
+    result = json.loads(procs.output("cloud"))
     assert result["answered"] == 1 and result["refused"] == 1
 
 

@@ -209,30 +209,23 @@ def test_tiled_training_equals_single_device_training(tmp_path, world, grids):
 # ------------------------------------------------------------------ CLI, MQTT, cloud trainer
 @pytest.mark.cluster
 @pytest.mark.mqtt
-def test_cluster_cli_feeds_the_unchanged_cloud_trainer_over_mqtt(tmp_path, cli):
+def test_cluster_cli_feeds_the_unchanged_cloud_trainer_over_mqtt(tmp_path, cli, exported,
+                                                                  procs):
     """``edge-runtime cluster --world-size 2`` (two local gloo processes) trains the smallcnn
     edge on digits; rank 0 publishes int8 cuts through a real broker to a real cloud-trainer
     process, which trains every batch exactly once. The cluster's final edge weights equal
     single-device ``edge-runtime train --backend torch`` on the same batches (10 SGD steps,
     per-tensor relative error <= 1e-4, the bound tests/test_edge_runtime.py uses)."""
     import json
-    import subprocess
-    import sys
 
-    from tests.conftest import REPO
-    from toolkit.build.export import ExportConfig, export_artifacts
     from toolkit.lab.broker import EmbeddedBroker
 
-    art = tmp_path / "art"
-    export_artifacts(ExportConfig(model="smallcnn", split="block2", out=art, input_shape=(1, 8, 8),
-                                  mean=(0.3,), std=(0.37,), batch=16, verify=False))
+    art = exported(split="block2")
     with EmbeddedBroker().start(timeout=10) as broker:
-        cloud = subprocess.Popen(
-            [sys.executable, "-m", "cloud_trainer", "--artifacts", str(art), "--broker",
-             broker.url, "--run-dir", str(tmp_path / "cloud"), "--run-id", "cl",
-             "--device-ids", "robot-c", "--threads", "1", "--quiet", "--eval-limit", "50",
-             "--idle-timeout", "120"],
-            cwd=REPO, stdout=open(tmp_path / "cloud.log", "w"), stderr=subprocess.STDOUT)
+        cloud = procs.start("cloud", [
+            "cloud_trainer", "--artifacts", str(art), "--broker", broker.url,
+            "--run-dir", str(tmp_path / "cloud"), "--run-id", "cl", "--device-ids", "robot-c",
+            "--threads", "1", "--quiet", "--eval-limit", "50", "--idle-timeout", "120"])
         try:
             res = cli("edge-runtime", "cluster", "--world-size", "2", "--artifacts", str(art),
                       "--broker", broker.url, "--device-id", "robot-c", "--run-id", "cl",
@@ -240,10 +233,9 @@ def test_cluster_cli_feeds_the_unchanged_cloud_trainer_over_mqtt(tmp_path, cli):
                       "--state-dir", str(tmp_path / "cluster"), "--report",
                       str(tmp_path / "cluster.json"), "--quiet", timeout=CLUSTER_TIMEOUT_S)
             assert res.returncode == 0, res.stderr[-3000:]
-            cloud.wait(timeout=180)
+            procs.wait("cloud", timeout=180)
         finally:
-            if cloud.poll() is None:
-                cloud.kill()
+            procs.kill("cloud")
         assert cloud.returncode == 0, (tmp_path / "cloud.log").read_text()[-3000:]
         ref = cli("edge-runtime", "train", "--backend", "torch", "--artifacts", str(art),
                   "--broker", broker.url, "--device-id", "robot-r", "--run-id", "ref",
@@ -269,12 +261,8 @@ def test_cluster_cli_feeds_the_unchanged_cloud_trainer_over_mqtt(tmp_path, cli):
             assert torch.equal(got[k], v), k
 
 
-def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(tmp_path, cli):
-    from toolkit.build.export import ExportConfig, export_artifacts
-
-    art = tmp_path / "art"
-    export_artifacts(ExportConfig(model="smallcnn", split="block2", out=art, input_shape=(1, 8, 8),
-                                  mean=(0.3,), std=(0.37,), batch=16, verify=False))
+def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(exported, cli):
+    art = exported(split="block2")
     base = ["edge-runtime", "cluster", "--artifacts", str(art), "--broker",
             "mqtt://127.0.0.1:1", "--device-id", "d", "--quiet"]
     cases = {
@@ -301,14 +289,10 @@ def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(tmp_path
 
 
 @pytest.mark.cluster
-def test_a_failing_rank_0_stops_the_whole_cluster_with_its_one_line_error(tmp_path, cli):
+def test_a_failing_rank_0_stops_the_whole_cluster_with_its_one_line_error(exported, cli):
     """Rank 0 cannot reach the broker: it tells the other rank to stop, every process exits,
     and the command prints rank 0's error (no hang, no traceback)."""
-    from toolkit.build.export import ExportConfig, export_artifacts
-
-    art = tmp_path / "art"
-    export_artifacts(ExportConfig(model="smallcnn", split="block2", out=art, input_shape=(1, 8, 8),
-                                  mean=(0.3,), std=(0.37,), batch=16, verify=False))
+    art = exported(split="block2")
     res = cli("edge-runtime", "cluster", "--world-size", "2", "--artifacts", str(art),
               "--broker", f"mqtt://127.0.0.1:{free_port()}", "--device-id", "d", "--quiet",
               "--connect-timeout", "2", "--limit", "64", "--threads", "1",

@@ -6,13 +6,9 @@ Every wait is bounded; a hang fails the test instead of stalling the suite.
 
 from __future__ import annotations
 
-import os
 import queue
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,9 +21,7 @@ from edge_runtime.cli import main
 from edge_runtime.infer import InferConfig, InferEngine, run_inference
 from edge_runtime.publisher import Publisher
 from edge_runtime.train import TrainConfig, load_training_data, run_training
-from toolkit.build.export import ExportConfig, export_artifacts
 from toolkit.build.parity import relative_errors
-from toolkit.core.artifacts.manifest import load_manifest
 from toolkit.core.data.datasets import batches, load_dataset, normalize
 from toolkit.core.errors import BrokerUnreachableError, HiertrainError
 from toolkit.core.protocol.codec import decode
@@ -42,9 +36,7 @@ from toolkit.core.protocol.topics import (
 )
 from toolkit.core.protocol.wire import message_size
 from toolkit.core.transport import open_link
-from toolkit.lab.broker import EmbeddedBroker, free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from toolkit.lab.broker import free_port
 
 # Backend equivalence after 10 SGD steps (lr 0.05, momentum 0.9) on real digits batches.
 # Measured: worst per-tensor relative error 1e-6 (a BatchNorm bias; everything else
@@ -69,23 +61,9 @@ def _wait(pred, timeout: float, what: str, interval: float = 0.02) -> None:
         time.sleep(interval)
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("edge") / "art"
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=(0.3,),
-                                  std=(0.37,), batch=BATCH, board="rpi4", verify=False))
-    return out
-
-
-@pytest.fixture(scope="module")
-def manifest(artifacts: Path):
-    return load_manifest(artifacts)
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker().start(timeout=10) as b:
-        yield b
+ARTIFACTS = {"batch": BATCH, "lowering": "xnnpack"}
+"""conftest.exported options: the default lowering, which the ExecuTorch backend tests run
+(and one test reads from the manifest); artifacts, manifest and broker: tests/conftest.py"""
 
 
 class Collector:
@@ -335,34 +313,24 @@ def test_every_cli_flag_has_help_without_hand_written_defaults():
         assert "(default: 3)" in sub.choices["train"].format_help()  # --epochs: from argparse
 
 
-def _edge_cmd(artifacts: Path, url: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "edge_runtime", "train", "--artifacts", str(artifacts),
-            "--broker", url, *extra]
-
-
 @pytest.mark.mqtt
-def test_killed_edge_leaves_a_retained_offline_status(artifacts, broker, tmp_path):
+def test_killed_edge_leaves_a_retained_offline_status(artifacts, broker, tmp_path, procs):
     run, dev = _uid("run"), "doomed"
     topic = status_topic(run, dev)
     sub = Collector(broker.url, [topic, act_topic(run, dev)])
-    log = tmp_path / "edge.log"
-    with open(log, "wb") as err:  # a file, not a pipe nobody drains
-        proc = subprocess.Popen(
-            _edge_cmd(artifacts, broker.url, "--device-id", dev, "--run-id", run, "--epochs",
-                      "500", "--backend", "torch", "--quiet", "--state-dir", str(tmp_path)),
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+    proc = procs.start("edge", [
+        "edge_runtime", "train", "--artifacts", str(artifacts), "--broker", broker.url,
+        "--device-id", dev, "--run-id", run, "--epochs", "500", "--backend", "torch", "--quiet",
+        "--state-dir", str(tmp_path)])
     try:
         _wait(lambda: len(sub.get(act_topic(run, dev))) >= 5 or proc.poll() is not None, 60,
               "the edge process to publish activations")
-        assert proc.poll() is None, log.read_text()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        assert proc.poll() is None, procs.tail("edge")
+        procs.kill("edge")  # SIGKILL: no clean disconnect, so the broker sends the will
         _wait(lambda: any(s.state == "offline" for s in sub.statuses(topic)), 15,
               "the last will")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        procs.kill("edge")
         sub.close()
     late = Collector(broker.url, [topic])  # a node joining later sees the retained will
     try:

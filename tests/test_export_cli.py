@@ -162,7 +162,8 @@ def test_force_replaces_atomically(cli, tmp_path):
     out = tmp_path / "a"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    r = cli("toolkit", "export", *SMALL, "--no-verify", "--out", str(out), "--force")
+    r = cli("toolkit", "export", *SMALL, "--no-verify", "--lowering", "portable", "--out", str(out),
+            "--force")
     assert r.returncode == 0, r.stderr
     assert not (out / "stale.txt").exists() and (out / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

@@ -22,16 +22,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faultkit import Broker, Run, wait_until
 
 from edge_runtime.publisher import Publisher
 from edge_runtime.spool import Spool
-from toolkit.build.export import ExportConfig, export_artifacts
+from tests.conftest import REPO
 from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
 from toolkit.core.errors import HiertrainError
 from toolkit.core.protocol.messages import Ack
 from toolkit.core.transport import open_link
 from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto, free_port
+from toolkit.lab.faults import Broker, Run
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None,
                                      reason="mosquitto not installed (apt-get install mosquitto)")
@@ -44,15 +44,6 @@ the same batches once each but in another order on the cloud (resent batches arr
 late), and the edge's exit head sees the same data; seeds vary between runs of this
 test, and accuracy varies by ~2-3 points between otherwise identical runs, so 6 points
 is two such spreads, while losing or repeating a fifth of the batches costs more."""
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "art"
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8),
-                                  mean=(0.3,), std=(0.37,), batch=16, board="rpi4",
-                                  verify=False))
-    return out
 
 
 # ------------------------------------------------------------------------- spool
@@ -236,24 +227,24 @@ def test_kills_and_link_drop_train_every_batch_exactly_once(artifacts: Path, bro
     the surviving model's steps, so a batch trained twice would make it larger), the edge
     must end with an empty spool, and accuracy must match the undisturbed run."""
     ref_broker = Broker(tmp_path / "ref-db")  # the undisturbed run gets a broker of its own
-    ref = Run(tmp_path / "ref", artifacts, ref_broker, epochs=1, rate=None, run="ref")
-    run = Run(tmp_path / "faulted", artifacts, broker, epochs=1, rate=30_000, run="faulted")
+    ref = Run(tmp_path / "ref", artifacts, ref_broker, epochs=1, rate=None, run="ref", cwd=REPO)
+    run = Run(tmp_path / "faulted", artifacts, broker, epochs=1, rate=30_000, run="faulted",
+              cwd=REPO)
     try:
         ref.start_cloud()
         run.start_cloud()
         ref.start_edge()
         run.start_edge()
-        procs = run.procs
         # The edge first: its restart sends its whole spool, which would also repair what
         # the later faults lose; after it, only the resends they trigger can.
-        wait_until(lambda: run.edge_seq() >= 20, 120, "edge at seq 20", procs())
+        run.wait_until(lambda: run.edge_seq() >= 20, 120, "edge at seq 20")
         run.crash_edge(1.0)
-        wait_until(lambda: run.edge_seq() >= 35, 120, "resumed edge at seq 35", procs())
+        run.wait_until(lambda: run.edge_seq() >= 35, 120, "resumed edge at seq 35")
         run.crash_broker(2.0)
-        wait_until(lambda: run.cloud_trained() >= 50, 90, "cloud checkpoint at 50", procs())
+        run.wait_until(lambda: run.cloud_trained() >= 50, 90, "cloud checkpoint at 50")
         time.sleep(1.0)  # ~7 batches trained after that checkpoint die with the trainer
         run.crash_cloud(1.0)
-        wait_until(lambda: run.edge_seq() >= 70, 120, "edge at seq 70", procs())
+        run.wait_until(lambda: run.edge_seq() >= 70, 120, "edge at seq 70")
         run.drop_link(4.0)
         res = run.finish(180)
         base = ref.finish(60)

@@ -9,61 +9,40 @@ cloud (time spent waiting to publish is a small part of their wall time).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from toolkit.build.export import ExportConfig, export_artifacts
-from toolkit.core.data.datasets import digits_stats
-from toolkit.core.models.exits import ExitHeadConfig
-from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
+from toolkit.lab.broker import EmbeddedBroker
+from toolkit.lab.launch import ProcessGroup
 
 EPOCHS = 4
 EDGES = 2
 TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("int") / "art"
-    mean, std = digits_stats()
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
-                                  std=std, batch=32, exit=ExitHeadConfig(channels=16)))
-    return out
+ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16, "verify": True,
+             "lowering": "xnnpack"}
+"""conftest.exported options: the default export (XNNPACK, parity-checked) end to end"""
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT)
-
-
-def _run_training(url: str, artifacts: Path, tmp: Path, run_id: str) -> tuple[dict, list[dict]]:
+def _run_training(procs: ProcessGroup, url: str, artifacts: Path, tmp: Path,
+                  run_id: str) -> tuple[dict, list[dict]]:
     cloud_dir = tmp / "cloud"
-    cloud = _spawn(["cloud_trainer", "--artifacts", str(artifacts), "--broker", url,
-                    "--run-dir", str(cloud_dir), "--run-id", run_id, "--devices", str(EDGES),
-                    "--threads", "1", "--quiet"], tmp / "cloud.log")
+    cloud = procs.start("cloud", ["cloud_trainer", "--artifacts", str(artifacts), "--broker", url,
+                                  "--run-dir", str(cloud_dir), "--run-id", run_id, "--devices",
+                                  str(EDGES), "--threads", "1", "--quiet"])
     time.sleep(2.0)  # the edges do not need the cloud up: QoS 1 + the cloud's session
     edges = [
-        _spawn(["edge_runtime", "train", "--artifacts", str(artifacts), "--broker", url,
-                "--device-id", f"robot-{i}", "--run-id", run_id, "--epochs", str(EPOCHS),
-                "--shard", f"{i}/{EDGES}", "--report", str(tmp / f"edge-{i}.json"),
-                "--state-dir", str(tmp), "--threads", "1", "--quiet"],
-               tmp / f"edge-{i}.log")
+        procs.start(f"edge-{i}", [
+            "edge_runtime", "train", "--artifacts", str(artifacts), "--broker", url,
+            "--device-id", f"robot-{i}", "--run-id", run_id, "--epochs", str(EPOCHS),
+            "--shard", f"{i}/{EDGES}", "--report", str(tmp / f"edge-{i}.json"),
+            "--state-dir", str(tmp), "--threads", "1", "--quiet"])
         for i in range(EDGES)
     ]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in [*edges, cloud]:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in [*edges, cloud]:
-            if p.poll() is None:
-                p.kill()
+    procs.wait_all(timeout=TIMEOUT_S)
     logs = {f.name: f.read_text()[-3000:] for f in tmp.glob("*.log")}
     assert all(p.returncode == 0 for p in [*edges, cloud]), logs
     summary = json.loads((cloud_dir / "cloud_summary.json").read_text())
@@ -88,17 +67,14 @@ def _check(summary: dict, reports: list[dict]) -> None:
 
 
 @pytest.mark.mqtt
-def test_hierarchical_training_on_the_embedded_broker(artifacts, tmp_path):
+def test_hierarchical_training_on_the_embedded_broker(artifacts, tmp_path, procs):
     with EmbeddedBroker() as broker:
-        summary, reports = _run_training(broker.url, artifacts, tmp_path, "it-amqtt")
+        summary, reports = _run_training(procs, broker.url, artifacts, tmp_path, "it-amqtt")
     _check(summary, reports)
 
 
 @pytest.mark.mqtt
 @pytest.mark.mosquitto
-def test_hierarchical_training_on_mosquitto(artifacts, tmp_path):
-    if find_mosquitto() is None and not os.environ.get("CI"):
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI installs it")
-    with MosquittoBroker() as broker:
-        summary, reports = _run_training(broker.url, artifacts, tmp_path, "it-mosq")
+def test_hierarchical_training_on_mosquitto(artifacts, tmp_path, procs, mosquitto_broker):
+    summary, reports = _run_training(procs, mosquitto_broker.url, artifacts, tmp_path, "it-mosq")
     _check(summary, reports)

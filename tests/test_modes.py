@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +23,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import REPO
-from toolkit.build.export import ExportConfig, export_artifacts
-from toolkit.core.artifacts.manifest import Manifest, load_manifest
-from toolkit.core.data.datasets import batches, digits_stats, load_dataset, normalize
+from tests.conftest import REPO, InProcessCloud
+from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.data.datasets import batches, load_dataset, normalize
 from toolkit.core.errors import HiertrainError
-from toolkit.core.models.exits import ExitHeadConfig
 from toolkit.core.models.rewrites import host_stat_layers
 from toolkit.core.models.segments import FullModel, load_segments
 from toolkit.core.protocol.images import IMAGE_SCHEME, decode_images, encode_images
@@ -40,39 +35,15 @@ from toolkit.core.protocol.topics import status_topic
 from toolkit.core.protocol.wire import ActivationBatch, decode, encode, message_size
 from toolkit.core.transport import Link, open_link
 from toolkit.lab.broker import EmbeddedBroker
+from toolkit.lab.launch import ProcessGroup
 
 BATCH = 32
 EPOCHS = 2
 TIMEOUT_S = 180
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("modes") / "art"
-    mean, std = digits_stats()
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
-                                  std=std, batch=BATCH, exit=ExitHeadConfig(channels=16),
-                                  verify=False))
-    return out
-
-
-@pytest.fixture(scope="module")
-def manifest(artifacts: Path) -> Manifest:
-    return load_manifest(artifacts)
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker().start(timeout=10) as b:
-        yield b
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ARTIFACTS = {"digits": True, "batch": BATCH, "exit_channels": 16}
+"""conftest.exported options; artifacts, manifest and broker: tests/conftest.py"""
 
 
 def _run_id() -> str:
@@ -120,12 +91,7 @@ def test_uploaded_images_are_the_edges_model_input_bit_for_bit(tmp_path: Path) -
 # --------------------------------------------------------------------------- end to end
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT)
-
-
-def _wait_cloud_online(url: str, run: str, cloud: subprocess.Popen, tmp: Path) -> Link:
+def _wait_cloud_online(url: str, run: str, procs: ProcessGroup) -> Link:
     """Block until the cloud trainer's "online" status; returns the open watch link."""
     seen = threading.Event()
 
@@ -139,10 +105,9 @@ def _wait_cloud_online(url: str, run: str, cloud: subprocess.Popen, tmp: Path) -
     try:
         deadline = time.monotonic() + 60
         while not seen.wait(0.2):
-            if cloud.poll() is not None or time.monotonic() > deadline:
+            if procs.returncode("cloud") is not None or time.monotonic() > deadline:
                 link.close()
-                pytest.fail(f"cloud trainer never came online:\n"
-                            f"{(tmp / 'cloud.log').read_text()[-3000:]}")
+                pytest.fail(f"cloud trainer never came online:\n{procs.tail('cloud')}")
     except BaseException:
         link.close()
         raise
@@ -152,24 +117,21 @@ def _wait_cloud_online(url: str, run: str, cloud: subprocess.Popen, tmp: Path) -
 def _run_mode(mode: str, url: str, artifacts: Path, tmp: Path) -> tuple[dict, dict]:
     run = _run_id()
     cloud_dir = tmp / "cloud"
-    cloud = _spawn(["cloud_trainer", "--mode", mode, "--artifacts", str(artifacts),
-                    "--broker", url, "--run-dir", str(cloud_dir), "--run-id", run,
-                    "--device-ids", "e0", "--threads", "1", "--quiet",
-                    "--idle-timeout", "60"], tmp / "cloud.log")
-    watch = _wait_cloud_online(url, run, cloud, tmp)  # uploads before it subscribes are lost
-    edge = _spawn(["edge_runtime", "train", "--mode", mode, "--artifacts", str(artifacts),
-                   "--broker", url, "--device-id", "e0", "--run-id", run,
-                   "--epochs", str(EPOCHS), "--report", str(tmp / "edge.json"),
-                   "--state-dir", str(tmp), "--threads", "1", "--quiet"], tmp / "edge.log")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in (edge, cloud):
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        watch.close()
-        for p in (edge, cloud):
-            if p.poll() is None:
-                p.kill()
+    with ProcessGroup(tmp, cwd=REPO) as procs:
+        cloud = procs.start("cloud", [
+            "cloud_trainer", "--mode", mode, "--artifacts", str(artifacts), "--broker", url,
+            "--run-dir", str(cloud_dir), "--run-id", run, "--device-ids", "e0", "--threads", "1",
+            "--quiet", "--idle-timeout", "60"])
+        watch = _wait_cloud_online(url, run, procs)  # uploads before it subscribes are lost
+        try:
+            edge = procs.start("edge", [
+                "edge_runtime", "train", "--mode", mode, "--artifacts", str(artifacts),
+                "--broker", url, "--device-id", "e0", "--run-id", run, "--epochs", str(EPOCHS),
+                "--report", str(tmp / "edge.json"), "--state-dir", str(tmp), "--threads", "1",
+                "--quiet"])
+            procs.wait_all(["edge", "cloud"], TIMEOUT_S)
+        finally:
+            watch.close()
     logs = {f.name: f.read_text()[-3000:] for f in tmp.glob("*.log")}
     assert edge.returncode == 0 and cloud.returncode == 0, logs
     return (json.loads((cloud_dir / "cloud_summary.json").read_text()),
@@ -230,33 +192,9 @@ def test_cloud_mode_trains_end_to_end(artifacts: Path, manifest: Manifest,
 # --------------------------------------------------------------------------- in-process
 
 
-class _Cloud:
-    """``run_cloud`` on a thread (a real broker, no second torch start-up)."""
-
-    def __init__(self, artifacts: Path, url: str, run_dir: Path, run: str, **kw: Any) -> None:
-        from cloud_trainer.trainer import CloudConfig, run_cloud
-
-        cfg = CloudConfig(artifacts=artifacts, broker=url, run_dir=run_dir, run_id=run,
-                          quiet=True, **kw)
-        self.stop = threading.Event()
-        self.summary: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-
-        def target() -> None:
-            try:
-                self.summary = run_cloud(cfg, self.stop)
-            except BaseException as exc:  # noqa: BLE001 -- re-raised by join()
-                self.error = exc
-
-        self.thread = threading.Thread(target=target, daemon=True)
-        self.thread.start()
-
-    def join(self, timeout: float) -> None:
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.stop.set()
-            self.thread.join(30)
-            pytest.fail(f"cloud did not finish within {timeout} s")
+def _Cloud(artifacts: Path, url: str, run_dir: Path, run: str, **kw: Any) -> InProcessCloud:
+    """The cloud on a thread; its error is kept in ``.error`` for the test to check."""
+    return InProcessCloud(artifacts, url, run_dir, run, reraise=False, **kw)
 
 
 def _edge_cfg(artifacts: Path, url: str, run: str, tmp: Path, **kw: Any):

@@ -6,48 +6,43 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from edge_runtime.provision import install, partial_dir
-from tests.conftest import REPO
-from toolkit.build.export import ExportConfig, export_artifacts
 from toolkit.core.artifacts.manifest import load_manifest, sha256_file
-from toolkit.core.data.datasets import digits_stats
 from toolkit.core.errors import HiertrainError
-from toolkit.core.models.exits import ExitHeadConfig
+from toolkit.lab.launch import ProcessGroup
 from toolkit.lab.pty_relay import PtyRelay
 
 pytestmark = pytest.mark.serial
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prov") / "art"
-    mean, std = digits_stats()
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
-                                  std=std, batch=32, exit=ExitHeadConfig(channels=16),
-                                  verify=False))
-    return out
+ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16}
+"""conftest.exported options (smallcnn on 8x8 digits); the artifacts fixture: tests/conftest.py"""
 
 
-def _provision(port: str, dest: Path, baud: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "edge_runtime", "provision", "--port", port, "--baud", str(baud),
-         "--dest", str(dest), "--timeout", "120"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _provision(procs: ProcessGroup, port: str, dest: Path, baud: int) -> subprocess.Popen:
+    """``edge-runtime provision`` as process "board" (stdout: its JSON result)."""
+    return procs.start("board", ["edge_runtime", "provision", "--port", port, "--baud",
+                                 str(baud), "--dest", str(dest), "--timeout", "120"],
+                       separate_stderr=True)
 
 
-def _flash(port: str, artifacts: Path, baud: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "toolkit", "flash", "--port", port, "--baud", str(baud),
-         "--artifacts", str(artifacts), "--board", "rpi4", "--timeout", "120"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _flash(procs: ProcessGroup, port: str, artifacts: Path, baud: int) -> subprocess.Popen:
+    """``toolkit flash`` as process "flash" (stdout: its JSON result)."""
+    return procs.start("flash", ["toolkit", "flash", "--port", port, "--baud", str(baud),
+                                 "--artifacts", str(artifacts), "--board", "rpi4",
+                                 "--timeout", "120"], separate_stderr=True)
+
+
+def _communicate(procs: ProcessGroup, name: str, timeout: float) -> tuple[str, str]:
+    """Wait for ``name``; its (stdout, stderr), like ``Popen.communicate``."""
+    procs.wait(name, timeout)
+    return procs.output(name), procs.errors(name)
 
 
 def _same_files(a: Path, b: Path) -> None:
@@ -56,13 +51,14 @@ def _same_files(a: Path, b: Path) -> None:
     assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
 
 
-def test_flash_through_a_noisy_line_installs_verified_artifacts(artifacts, tmp_path):
+def test_flash_through_a_noisy_line_installs_verified_artifacts(artifacts, tmp_path, procs):
     dest = tmp_path / "board" / "artifacts"
     with PtyRelay(corrupt=5e-4, drop=2e-4, seed=11) as relay:
-        board = _provision(relay.ports[1], dest, 921600)
-        out, err = _flash(relay.ports[0], artifacts, 921600).communicate(timeout=150)
+        board = _provision(procs, relay.ports[1], dest, 921600)
+        _flash(procs, relay.ports[0], artifacts, 921600)
+        out, err = _communicate(procs, "flash", 150)
         assert out, err
-        board_out, board_err = board.communicate(timeout=30)
+        board_out, board_err = _communicate(procs, "board", 30)
     assert board.returncode == 0, board_err
     result, board_result = json.loads(out), json.loads(board_out)
     assert result["ok"] and board_result["ok"]
@@ -73,15 +69,15 @@ def test_flash_through_a_noisy_line_installs_verified_artifacts(artifacts, tmp_p
     assert not list(dest.parent.glob(".artifacts.partial-*"))  # renamed into place
 
 
-def test_an_interrupted_flash_resumes_where_it_stopped(artifacts, tmp_path):
+def test_an_interrupted_flash_resumes_where_it_stopped(artifacts, tmp_path, procs):
     dest = tmp_path / "artifacts"
     total = sum((artifacts / n).stat().st_size
                 for n in ["manifest.json", *load_manifest(artifacts).data["artifacts"]])
     key = sha256_file(artifacts / "manifest.json")
     baud = 115200  # ~11 KB/s: the ~180 KB set takes ~16 s, so there is time to interrupt
     with PtyRelay() as relay:
-        board = _provision(relay.ports[1], dest, baud)
-        first = _flash(relay.ports[0], artifacts, baud)
+        _provision(procs, relay.ports[1], dest, baud)
+        _flash(procs, relay.ports[0], artifacts, baud)
         partial = partial_dir(dest.resolve(), key)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -89,14 +85,14 @@ def test_an_interrupted_flash_resumes_where_it_stopped(artifacts, tmp_path):
             if got > total // 4:
                 break
             time.sleep(0.2)
-        first.send_signal(signal.SIGKILL)  # the cable is pulled mid-flash
-        first.wait(timeout=10)
+        procs.kill("flash")  # the cable is pulled mid-flash
         assert not dest.exists()  # nothing half-written is ever in place
         held = sum(f.stat().st_size for f in partial.glob("*"))
         assert 0 < held < total
-        out, err = _flash(relay.ports[0], artifacts, baud).communicate(timeout=120)
+        _flash(procs, relay.ports[0], artifacts, baud)  # the same name again: a restart
+        out, err = _communicate(procs, "flash", 120)
         assert out, err
-        board_out, board_err = board.communicate(timeout=30)
+        board_out, board_err = _communicate(procs, "board", 30)
     result = json.loads(out)
     assert result["ok"], result
     assert result["bytes_skipped"] > 0  # the second flash resumed...

@@ -18,7 +18,6 @@ import queue
 import random
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,13 +26,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
 from toolkit.core.errors import HiertrainError
 from toolkit.core.protocol import topics
 from toolkit.core.security import LinkSecurity, load_security, redact
 from toolkit.core.transport import Link, open_link
 from toolkit.core.transport.signing import sign
 from toolkit.lab.broker import MosquittoBroker, MosquittoSecurity, find_mosquitto
+from toolkit.lab.launch import ProcessGroup
 
 pytestmark = [pytest.mark.security, pytest.mark.mqtt, pytest.mark.mosquitto]
 
@@ -322,17 +321,6 @@ def test_signed_request_and_reply_with_properties(secure_broker: MosquittoBroker
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from toolkit.build.export import ExportConfig, export_artifacts
-
-    out = tmp_path_factory.mktemp("secart") / "art"
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8),
-                                  mean=(0.3,), std=(0.37,), batch=16, board="rpi4",
-                                  verify=False))
-    return out
-
-
 def _secret_files(d: Path, user: str) -> tuple[Path, Path]:
     pw, key = d / f"{user}.pw", d / "run.key"
     pw.write_text(USERS[user] + "\n")
@@ -342,14 +330,9 @@ def _secret_files(d: Path, user: str) -> tuple[Path, Path]:
     return pw, key
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-
-
 def test_signed_training_over_tls_end_to_end(secure_broker: MosquittoBroker, pki: Pki,
-                                             artifacts: Path, tmp_path: Path) -> None:
+                                             artifacts: Path, tmp_path: Path,
+                                             procs: ProcessGroup) -> None:
     """edge-runtime -> mosquitto (TLS, password, ACL) -> cloud-trainer, every message signed.
 
     While the two train, an attacker holding the cloud's broker account (say, a compromised
@@ -365,19 +348,22 @@ def test_signed_training_over_tls_end_to_end(secure_broker: MosquittoBroker, pki
     captured: queue.Queue[bytes] = queue.Queue()
     attacker.subscribe(topics.act_topic(run, "robot-a"), lambda t, p, _: captured.put(p))
     attacker.connect(timeout=20)
-    cloud = _spawn(["cloud_trainer", "--artifacts", str(artifacts), "--broker", secure_broker.url,
-                    "--run-dir", str(run_dir), "--run-id", run, "--device-ids", "robot-a",
-                    "--threads", "1", "--idle-timeout", "30", "--username", "cloud",
-                    "--password-file", str(cloud_pw), "--hmac-key-file", str(key), *tls],
-                   tmp_path / "cloud.log")
+    cloud = procs.start("cloud", [
+        "cloud_trainer", "--artifacts", str(artifacts), "--broker", secure_broker.url,
+        "--run-dir", str(run_dir), "--run-id", run, "--device-ids", "robot-a", "--threads", "1",
+        "--idle-timeout", "30", "--username", "cloud", "--password-file", str(cloud_pw),
+        "--hmac-key-file", str(key), *tls])
+    # Subscribed before the edge starts: a 96-sample edge can be done before a cloud that is
+    # still importing torch has a session to queue its batches in.
+    procs.wait_until(lambda: "cloud trainer online" in procs.output("cloud"), 120,
+                     "the cloud trainer did not come online", must_live=("cloud",))
     # The edge takes its password and key from the environment, the other supported way.
-    edge = _spawn(["edge_runtime", "train", "--artifacts", str(artifacts), "--broker",
-                   secure_broker.url, "--device-id", "robot-a", "--run-id", run, "--epochs", "1",
-                   "--limit", "96", "--backend", "torch", "--report", str(tmp_path / "edge.json"),
-                   "--state-dir", str(tmp_path), "--threads", "1", "--username", "robot-a", *tls],
-                  tmp_path / "edge.log",
-                  env={"HIERTRAIN_MQTT_PASSWORD": USERS["robot-a"],
-                       "HIERTRAIN_HMAC_KEY": HMAC_KEY})
+    edge = procs.start("edge", [
+        "edge_runtime", "train", "--artifacts", str(artifacts), "--broker", secure_broker.url,
+        "--device-id", "robot-a", "--run-id", run, "--epochs", "1", "--limit", "96",
+        "--backend", "torch", "--report", str(tmp_path / "edge.json"), "--state-dir",
+        str(tmp_path), "--threads", "1", "--username", "robot-a", *tls],
+        env={"HIERTRAIN_MQTT_PASSWORD": USERS["robot-a"], "HIERTRAIN_HMAC_KEY": HMAC_KEY})
     try:
         real = captured.get(timeout=120)  # a signed activation batch of robot-a
         tampered = bytearray(real)
@@ -388,15 +374,9 @@ def test_signed_training_over_tls_end_to_end(secure_broker: MosquittoBroker, pki
         forged = sign(b"a key that is not the run's key!", victim, real[37:])
         attacker.publish(victim, forged)  # -> bad_signature
         attacker.publish(topics.act_topic(run, "robot-b"), real)  # replay elsewhere -> bad_sig.
-        deadline = time.monotonic() + 240
-        for p in (edge, cloud):
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        procs.wait_all(["edge", "cloud"], 240)
     finally:
         attacker.close()
-        for p in (edge, cloud):
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
     logs = {f.name: f.read_text() for f in tmp_path.glob("*.log")}
     assert edge.returncode == 0 and cloud.returncode == 0, {k: v[-3000:] for k, v in logs.items()}
     summary = json.loads((run_dir / "cloud_summary.json").read_text())

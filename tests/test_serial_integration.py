@@ -8,18 +8,14 @@ drops nothing, while the line really did corrupt and drop bytes.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from toolkit.build.export import ExportConfig, export_artifacts
-from toolkit.core.data.datasets import digits_stats
-from toolkit.core.models.exits import ExitHeadConfig
+from tests.conftest import run_cli
 from toolkit.lab.broker import EmbeddedBroker
+from toolkit.lab.launch import ProcessGroup
 from toolkit.lab.pty_relay import PtyRelay
 
 pytestmark = [pytest.mark.serial, pytest.mark.mqtt]
@@ -28,49 +24,30 @@ TIMEOUT_S = 240
 BAUD = 115200
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ser") / "art"
-    mean, std = digits_stats()
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
-                                  std=std, batch=32, exit=ExitHeadConfig(channels=16),
-                                  verify=False))
-    return out
+ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16}
+"""conftest.exported options (smallcnn on 8x8 digits); the artifacts fixture: tests/conftest.py"""
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT)
-
-
-def test_training_through_the_serial_gateway(artifacts, tmp_path):
+def test_training_through_the_serial_gateway(artifacts, tmp_path, procs):
     run_id = "it-serial"
     with EmbeddedBroker() as broker, PtyRelay(corrupt=3e-4, drop=1e-4, seed=7) as relay:
-        cloud = _spawn(["cloud_trainer", "--artifacts", str(artifacts), "--broker", broker.url,
-                        "--run-dir", str(tmp_path / "cloud"), "--run-id", run_id,
-                        "--devices", "1", "--eval-limit", "200", "--threads", "1", "--quiet"],
-                       tmp_path / "cloud.log")
-        gateway = _spawn(["toolkit", "gateway", "--serial", relay.ports[1], "--baud", str(BAUD),
-                          "--broker", broker.url, "--once", "--idle-timeout", "120"],
-                         tmp_path / "gateway.log")
-        edge = _spawn(["edge_runtime", "train", "--artifacts", str(artifacts),
-                       "--serial", relay.ports[0], "--baud", str(BAUD), "--device-id", "robot-0",
-                       "--run-id", run_id, "--epochs", "2", "--limit", "128",
-                       "--report", str(tmp_path / "edge.json"), "--state-dir", str(tmp_path),
-                       "--threads", "1", "--quiet"], tmp_path / "edge.log")
-        procs = [edge, gateway, cloud]
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            for p in procs:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+        cloud = procs.start("cloud", [
+            "cloud_trainer", "--artifacts", str(artifacts), "--broker", broker.url,
+            "--run-dir", str(tmp_path / "cloud"), "--run-id", run_id, "--devices", "1",
+            "--eval-limit", "200", "--threads", "1", "--quiet"])
+        gateway = procs.start("gateway", [
+            "toolkit", "gateway", "--serial", relay.ports[1], "--baud", str(BAUD),
+            "--broker", broker.url, "--once", "--idle-timeout", "120"])
+        edge = procs.start("edge", [
+            "edge_runtime", "train", "--artifacts", str(artifacts), "--serial", relay.ports[0],
+            "--baud", str(BAUD), "--device-id", "robot-0", "--run-id", run_id, "--epochs", "2",
+            "--limit", "128", "--report", str(tmp_path / "edge.json"), "--state-dir",
+            str(tmp_path), "--threads", "1", "--quiet"])
+        procs.wait_all(["edge", "gateway", "cloud"], TIMEOUT_S)
         logs = {f.name: f.read_text()[-3000:] for f in tmp_path.glob("*.log")}
-        assert all(p.returncode == 0 for p in procs), logs
+        assert all(p.returncode == 0 for p in (edge, gateway, cloud)), logs
         damage = (relay.stats.flipped, relay.stats.dropped)
-        infer = _infer_over_serial(artifacts, tmp_path, broker.url, relay.ports, run_id)
+        infer = _infer_over_serial(procs, artifacts, tmp_path, broker.url, relay.ports, run_id)
     report = json.loads((tmp_path / "edge.json").read_text())
     summary = json.loads((tmp_path / "cloud" / "cloud_summary.json").read_text())
     dev = summary["per_device"]["robot-0"]
@@ -89,31 +66,25 @@ def test_training_through_the_serial_gateway(artifacts, tmp_path):
     assert infer["cloud_timeouts"] == 0 and infer["cloud_errors"] == 0, infer
 
 
-def _infer_over_serial(artifacts: Path, tmp: Path, url: str, ports: tuple[str, str],
-                       run_id: str) -> dict:
+def _infer_over_serial(procs: ProcessGroup, artifacts: Path, tmp: Path, url: str,
+                       ports: tuple[str, str], run_id: str) -> dict:
     """``edge-runtime infer --serial`` against ``cloud-trainer serve`` through a new gateway."""
-    serve = _spawn(["cloud_trainer", "serve", "--artifacts", str(artifacts), "--broker", url,
-                    "--run-dir", str(tmp / "cloud"), "--run-id", run_id, "--duration", "120",
-                    "--quiet"], tmp / "serve.log")
-    gateway = _spawn(["toolkit", "gateway", "--serial", ports[1], "--baud", str(BAUD),
-                      "--broker", url, "--once", "--idle-timeout", "120"], tmp / "gateway2.log")
+    procs.start("serve", [
+        "cloud_trainer", "serve", "--artifacts", str(artifacts), "--broker", url,
+        "--run-dir", str(tmp / "cloud"), "--run-id", run_id, "--duration", "120", "--quiet"])
+    gateway = procs.start("gateway2", [
+        "toolkit", "gateway", "--serial", ports[1], "--baud", str(BAUD), "--broker", url,
+        "--once", "--idle-timeout", "120"])
     try:
         time.sleep(3.0)  # serve subscribes; a request before that would time out once
-        r = subprocess.run([sys.executable, "-m", "edge_runtime", "infer", "--artifacts",
-                            str(artifacts), "--serial", ports[0], "--baud", str(BAUD),
-                            "--device-id", "robot-0", "--run-id", run_id, "--weights",
-                            "retained", "--threshold", "1.0", "--limit", "20", "--timeout",
-                            "20", "--threads", "1", "--quiet", "--json"],
-                           cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+        r = run_cli("edge-runtime", "infer", "--artifacts", str(artifacts), "--serial", ports[0],
+                    "--baud", str(BAUD), "--device-id", "robot-0", "--run-id", run_id,
+                    "--weights", "retained", "--threshold", "1.0", "--limit", "20", "--timeout",
+                    "20", "--threads", "1", "--quiet", "--json", timeout=TIMEOUT_S)
         assert r.returncode == 0, (r.stderr[-3000:], (tmp / "gateway2.log").read_text()[-2000:])
-        gateway.wait(timeout=30)
+        procs.wait("gateway2", timeout=30)
         assert gateway.returncode == 0
         return json.loads(r.stdout)
     finally:
-        for p in (serve, gateway):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        for name in ("serve", "gateway2"):
+            procs.stop(name)

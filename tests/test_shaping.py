@@ -21,8 +21,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,11 +38,9 @@ Broker = EmbeddedBroker | MosquittoBroker
 
 
 @pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
+def broker(request: pytest.FixtureRequest) -> Broker:
     """mosquitto when installed (C, never the bottleneck), else the embedded broker."""
-    b: Broker = MosquittoBroker() if find_mosquitto() else EmbeddedBroker()
-    with b.start(timeout=10):
-        yield b
+    return request.getfixturevalue("mosquitto_broker" if find_mosquitto() else "embedded_broker")
 
 
 def _cid(name: str) -> str:
@@ -375,18 +371,8 @@ def test_cloud_cli_refuses_bad_link_values(tmp_path, command):
 
 
 # ------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> Path:
-    from toolkit.build.export import ExportConfig, export_artifacts
-    from toolkit.core.data.datasets import digits_stats
-    from toolkit.core.models.exits import ExitHeadConfig
-
-    out = tmp_path_factory.mktemp("shape") / "art"
-    mean, std = digits_stats()
-    export_artifacts(ExportConfig(model="smallcnn", out=out, input_shape=(1, 8, 8), mean=mean,
-                                  std=std, batch=32, exit=ExitHeadConfig(channels=16),
-                                  verify=False))  # parity is test_export_parity's job
-    return out
+ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16}
+"""conftest.exported options (smallcnn on 8x8 digits); the artifacts fixture: tests/conftest.py"""
 
 
 @pytest.mark.slow
@@ -418,16 +404,13 @@ def test_edge_train_is_slowed_by_the_link(broker, artifacts, tmp_path):
 
 
 @pytest.mark.slow
-def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path):
+def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path, procs):
     """edge-runtime infer (uplink 150 ms) asks cloud-trainer serve (downlink 250 ms): every cloud
     answer takes at least both latencies, and both summaries report their shaped link."""
     import signal
-    import subprocess
-    import sys
 
     import torch
 
-    from tests.conftest import REPO
     from toolkit.core.artifacts.manifest import load_manifest
     from toolkit.core.models.segments import load_segments
     from toolkit.core.protocol.messages import CLOUD_DEVICE
@@ -439,11 +422,11 @@ def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path):
     torch.save(cloud.state_dict(), run_dir / "cloud_final.pt")
     run = f"shapeinf{random.getrandbits(24):06x}"
     online = _Arrivals(broker, status_topic(run, CLOUD_DEVICE))
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "cloud_trainer", "serve", "--artifacts", str(artifacts),
-         "--broker", broker.url, "--run-dir", str(run_dir), "--run-id", run, "--duration", "240",
-         "--link-latency-ms", "250", "--link-kbps", "1000", "--quiet", "--json"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    serve = procs.start("serve", [
+        "cloud_trainer", "serve", "--artifacts", str(artifacts), "--broker", broker.url,
+        "--run-dir", str(run_dir), "--run-id", run, "--duration", "240",
+        "--link-latency-ms", "250", "--link-kbps", "1000", "--quiet", "--json"],
+        separate_stderr=True)
     try:
         deadline = time.monotonic() + 120
         while b"online" not in online.take(1, timeout=max(0.1, deadline - time.monotonic()))[0][2]:
@@ -456,8 +439,9 @@ def test_inference_round_trip_pays_both_latencies(broker, artifacts, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     finally:
         online.link.close()
-        serve.send_signal(signal.SIGTERM)
-        out, err = serve.communicate(timeout=60)
+        procs.send_signal("serve", signal.SIGTERM)
+        procs.wait("serve", 60)
+        out, err = procs.output("serve"), procs.errors("serve")
     assert serve.returncode == 0, err[-3000:]
     rep = json.loads(report.read_text())
     assert rep["answered_by_cloud"] >= 1, rep

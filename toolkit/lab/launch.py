@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from toolkit.core.errors import HiertrainError, WireError
 from toolkit.core.protocol import topics
@@ -30,36 +31,156 @@ def tail(log: Path, n: int = 15) -> str:
         return ""
 
 
+class LaunchError(HiertrainError):
+    """A launched process failed, or a bounded wait for one ran out (with its log tail)."""
+
+
 class ProcessGroup:
     """Named child processes (``python -m <module> ...``), each logging to ``<log_dir>/<name>.log``.
 
-    Used as a context manager: leaving it terminates whatever still runs, in
-    reverse start order, and closes the log files.
+    The one launcher of the demo, ``toolkit bench``, the fault-injection kit, the tests and
+    the benchmarks, so every caller gets the same guarantees: output goes to files (no pipe
+    to fill), every wait is bounded and a process that fails or hangs is reported with the
+    tail of its log, and a name can be killed and started again (``restart``) to inject a
+    crash. Used as a context manager: leaving it terminates whatever still runs, in reverse
+    start order, and closes the log files.
     """
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, cwd: Path | None = None) -> None:
+        """``cwd``: the children's working directory (the tests pass the source tree, so
+        ``python -m`` runs the code under test rather than an installed copy)."""
         self.log_dir = Path(log_dir)
+        self.cwd = cwd
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self.errs: dict[str, Path] = {}
+        self._argv: dict[str, tuple[list[str], dict[str, str] | None, bool]] = {}
+        self._starts: dict[str, int] = {}
         self._files: list = []
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None
-              ) -> subprocess.Popen:
-        if name in self.procs:
-            raise ValueError(f"process {name!r} already started")
-        log = self.log_dir / f"{name}.log"
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None, *,
+              separate_stderr: bool = False) -> subprocess.Popen:
+        """``python -m <args>`` as ``name``; see :meth:`start_command`."""
+        return self.start_command(name, [sys.executable, "-m", *args], env,
+                                  separate_stderr=separate_stderr)
+
+    def start_command(self, name: str, argv: list[str], env: dict[str, str] | None = None, *,
+                      separate_stderr: bool = False) -> subprocess.Popen:
+        """Start ``argv`` as ``name`` (again, once its last run ended: a restart).
+
+        Output goes to ``<name>.log`` (the ``n``-th start of a name to ``<name>-<n>.log``);
+        ``separate_stderr`` keeps stdout there and stderr in ``<name>.err`` for callers that
+        parse stdout. ``env`` is added to this process's environment.
+        """
+        old = self.procs.get(name)
+        if old is not None and old.poll() is None:
+            raise ValueError(f"process {name!r} already started and still running")
+        n = self._starts.get(name, 0) + 1
+        stem = name if n == 1 else f"{name}-{n}"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{stem}.log"
         f = open(log, "w")  # noqa: SIM115 - closed in close()
         self._files.append(f)
-        p = subprocess.Popen([sys.executable, "-m", *args], stdout=f, stderr=subprocess.STDOUT,
+        err = subprocess.STDOUT
+        if separate_stderr:
+            self.errs[name] = self.log_dir / f"{stem}.err"
+            err = open(self.errs[name], "w")  # noqa: SIM115 - closed in close()
+            self._files.append(err)
+        else:
+            self.errs.pop(name, None)
+        p = subprocess.Popen(argv, stdout=f, stderr=err, stdin=subprocess.DEVNULL, cwd=self.cwd,
                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.procs[name] = p
         self.logs[name] = log
+        self._argv[name] = (argv, env, separate_stderr)
+        self._starts[name] = n
         return p
+
+    def restart(self, name: str, *, kill: bool = True) -> subprocess.Popen:
+        """Stop ``name`` (SIGKILL, a crash, unless ``kill=False``) and start it again with
+        the same command line."""
+        self.stop(name, kill=kill)
+        argv, env, separate = self._argv[name]
+        return self.start_command(name, argv, env, separate_stderr=separate)
+
+    def send_signal(self, name: str, sig: int) -> None:
+        p = self.procs[name]
+        if p.poll() is None:
+            p.send_signal(sig)
+
+    def stop(self, name: str, timeout: float = 10, *, kill: bool = False) -> int:
+        """SIGTERM (``kill``: SIGKILL) and wait, SIGKILL after ``timeout`` s; the exit code."""
+        p = self.procs[name]
+        if p.poll() is None:
+            if kill:
+                p.kill()
+            else:
+                p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout)
+        return p.returncode
+
+    def kill(self, name: str, timeout: float = 10) -> int:
+        """SIGKILL ``name`` (a crash: no clean-up, no last message) and reap it."""
+        return self.stop(name, timeout, kill=True)
+
+    def wait(self, name: str, timeout: float) -> int:
+        """The exit code of ``name``; kills it and raises :class:`LaunchError` (with its log
+        tail) when it has not ended within ``timeout`` s."""
+        p = self.procs[name]
+        try:
+            return p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(name)
+            raise LaunchError(f"{name} did not finish within {timeout:.0f} s "
+                              f"(log {self.logs[name]}):\n{self.tail(name)}") from None
+
+    def wait_all(self, names: list[str] | None = None, timeout: float = 60) -> dict[str, int]:
+        """Wait for ``names`` (default: all) under one deadline; their exit codes. On the
+        deadline every one of them still running is killed and :class:`LaunchError` names
+        them with their log tails. Exit codes are the caller's to check (:meth:`check`)."""
+        names = list(self.procs) if names is None else names
+        deadline = time.monotonic() + timeout
+        while any(self.procs[n].poll() is None for n in names):
+            if time.monotonic() > deadline:
+                late = [n for n in names if self.procs[n].poll() is None]
+                for n in late:
+                    self.kill(n)
+                raise LaunchError(f"{', '.join(late)} did not finish within {timeout:.0f} s:\n"
+                                  + self.tails(late))
+            time.sleep(0.05)
+        return {n: self.procs[n].returncode for n in names}
+
+    def returncode(self, name: str) -> int | None:
+        return self.procs[name].poll()
+
+    def output(self, name: str) -> str:
+        """Everything ``name`` wrote to its log (its stdout, with ``separate_stderr``)."""
+        return self.logs[name].read_text(errors="replace")
+
+    def errors(self, name: str) -> str:
+        """What ``name`` wrote to stderr (its log, unless started with ``separate_stderr``)."""
+        return self.errs.get(name, self.logs[name]).read_text(errors="replace")
+
+    def tail(self, name: str, n: int = 40) -> str:
+        """The last ``n`` lines of ``name``'s output (stdout and stderr)."""
+        parts = [tail(self.logs[name], n)]
+        if name in self.errs:
+            parts.append(tail(self.errs[name], n))
+        return "\n".join(p for p in parts if p)
+
+    def tails(self, names: list[str] | None = None, n: int = 40) -> str:
+        """Every named process's log tail under a header, for a failure message."""
+        return "\n".join(f"--- {name} (exit {self.procs[name].poll()}) ---\n{self.tail(name, n)}"
+                         for name in (list(self.procs) if names is None else names))
 
     def failure(self, name: str) -> HiertrainError:
         p = self.procs[name]
-        return HiertrainError(f"{name} exited with {p.returncode} (log {self.logs[name]}):\n"
-                              f"{tail(self.logs[name])}")
+        return LaunchError(f"{name} exited with {p.returncode} (log {self.logs[name]}):\n"
+                           f"{self.tail(name, 15)}")
 
     def check(self, must_live: tuple[str, ...] = ()) -> None:
         """Raise for a process that failed, or that ended although it must keep running."""
@@ -68,14 +189,17 @@ class ProcessGroup:
             if rc is not None and (rc != 0 or name in must_live):
                 raise self.failure(name)
 
-    def wait_until(self, cond: Callable[[], bool], timeout: float, what: str,
-                   must_live: tuple[str, ...] = ()) -> None:
+    def wait_until(self, cond: Callable[[], Any], timeout: float, what: str,
+                   must_live: tuple[str, ...] = ()) -> Any:
+        """Poll ``cond`` until it is true (returned); raise on a failed process (or one of
+        ``must_live`` ending) or at the deadline."""
         deadline = time.monotonic() + timeout
-        while not cond():
+        while not (value := cond()):
             self.check(must_live)
             if time.monotonic() > deadline:
-                raise HiertrainError(f"{what} within {timeout:.0f} s")
+                raise LaunchError(f"{what} within {timeout:.0f} s")
             time.sleep(0.1)
+        return value
 
     def wait_exit(self, names: list[str], timeout: float,
                   must_live: tuple[str, ...] = ()) -> None:
@@ -88,14 +212,8 @@ class ProcessGroup:
         return any(self.procs[n].poll() is None for n in (names or list(self.procs)))
 
     def close(self) -> None:
-        for p in reversed(list(self.procs.values())):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(timeout=10)
+        for name in reversed(list(self.procs)):
+            self.stop(name)
         for f in self._files:
             f.close()
         self._files.clear()

@@ -3,17 +3,15 @@ mosquitto on 127.0.0.1, a TCP proxy that can cut the edge's link, and readers of
 two sides' checkpoints (the sequence-number ledger).
 
 Shared by ``tests/test_faults.py`` (quick, one cycle of each fault) and
-``benchmarks/faults_soak.py`` (many random cycles).
+``benchmarks/faults_soak.py`` (many random cycles); the processes are started, killed and
+restarted by :class:`toolkit.lab.launch.ProcessGroup`.
 """
 
 from __future__ import annotations
 
-import random
+import json
 import select
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,59 +21,12 @@ from typing import Any
 import torch
 
 from toolkit.lab.broker import MosquittoBroker, free_port
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-class FaultError(AssertionError):
-    """A bounded wait ran out: the run did not get where the scenario expected."""
+from toolkit.lab.launch import LaunchError, ProcessGroup
 
 
-def wait_until(pred: Callable[[], Any], timeout: float, what: str,
-               procs: tuple[Proc, ...] = ()) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        for p in procs:
-            if p.proc.poll() is not None:
-                raise FaultError(f"{p.name} exited ({p.proc.returncode}) while waiting for "
-                                 f"{what}:\n{p.tail()}")
-        time.sleep(0.1)
-    raise FaultError(f"timed out after {timeout:.0f} s waiting for {what}:\n"
-                     + "\n".join(p.tail() for p in procs))
-
-
-class Proc:
-    """``python -m <module> ...`` with output in files (no pipe to fill)."""
-
-    def __init__(self, name: str, module: str, args: list[str], logdir: Path) -> None:
-        self.name = name
-        logdir.mkdir(parents=True, exist_ok=True)
-        self.log = logdir / f"{name}-{random.getrandbits(20):05x}.log"
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out,
-                                         stderr=subprocess.STDOUT, cwd=REPO)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise FaultError(f"{self.name} did not finish within {timeout:.0f} s:\n"
-                             f"{self.tail()}") from None
-
-    def tail(self, n: int = 3000) -> str:
-        try:
-            return f"--- {self.name} ---\n{self.log.read_text(errors='replace')[-n:]}"
-        except OSError:
-            return f"--- {self.name}: no log ---"
+class FaultError(LaunchError):
+    """A bounded wait ran out, or a process failed: the run did not get where the scenario
+    expected."""
 
 
 class Proxy:
@@ -228,11 +179,15 @@ def ledger(run_dir: Path, device: str) -> dict[str, Any]:
 
 
 class Run:
-    """One cloud trainer + one edge (``e0``) through a proxy, with every piece restartable."""
+    """One cloud trainer + one edge (``e0``) through a proxy, with every piece restartable.
+
+    ``cwd``: the processes' working directory (the tests pass the source tree).
+    """
 
     def __init__(self, work: Path, artifacts: Path, broker: Broker, *, epochs: int,
                  rate: float | None, run: str = "faults", spool_mb: float = 0.1,
-                 checkpoint_every: int = 10, limit: int | None = None) -> None:
+                 checkpoint_every: int = 10, limit: int | None = None,
+                 cwd: Path | None = None) -> None:
         self.work, self.artifacts, self.broker = work, artifacts, broker
         self.run, self.device = run, "e0"
         self.epochs, self.spool_mb, self.limit = epochs, spool_mb, limit
@@ -240,22 +195,21 @@ class Run:
         self.run_dir = work / "cloud"
         self.state_dir = work / "edge"
         self.proxy = Proxy(broker.port, rate)
-        self.cloud: Proc | None = None
-        self.edge: Proc | None = None
+        self.group = ProcessGroup(work / "logs", cwd=cwd)
         self.edge_starts = 0
         self.kills = {"broker": 0, "cloud": 0, "edge": 0, "link": 0}
 
     def start_cloud(self) -> None:
-        self.cloud = Proc("cloud", "cloud_trainer", [
-            "--artifacts", str(self.artifacts), "--broker", self.broker.url,
+        self.group.start("cloud", [
+            "cloud_trainer", "--artifacts", str(self.artifacts), "--broker", self.broker.url,
             "--run-dir", str(self.run_dir), "--run-id", self.run, "--device-ids", self.device,
             "--checkpoint-every", str(self.checkpoint_every), "--idle-timeout", "90",
-            "--threads", "1", "--quiet"], self.work / "logs")
+            "--threads", "1", "--quiet"])
 
     def start_edge(self) -> None:
-        args = ["train", "--artifacts", str(self.artifacts), "--broker", self.proxy.url,
-                "--device-id", self.device, "--run-id", self.run, "--epochs", str(self.epochs),
-                "--backend", "torch", "--threads", "1", "--quiet",
+        args = ["edge_runtime", "train", "--artifacts", str(self.artifacts),
+                "--broker", self.proxy.url, "--device-id", self.device, "--run-id", self.run,
+                "--epochs", str(self.epochs), "--backend", "torch", "--threads", "1", "--quiet",
                 "--state-dir", str(self.state_dir), "--spool-mb", str(self.spool_mb),
                 "--checkpoint-every", str(self.checkpoint_every), "--connect-timeout", "60",
                 "--report", str(self.work / f"edge-report-{self.edge_starts}.json")]
@@ -264,10 +218,20 @@ class Run:
         if self.edge_starts:
             args.append("--resume")
         self.edge_starts += 1
-        self.edge = Proc("edge", "edge_runtime", args, self.work / "logs")
+        self.group.start("edge", args)
 
-    def procs(self) -> tuple[Proc, ...]:
-        return tuple(p for p in (self.cloud, self.edge) if p is not None)
+    def running(self, name: str) -> bool:
+        """Whether ``name`` ("cloud" or "edge") was started and has not ended."""
+        return name in self.group.procs and self.group.returncode(name) is None
+
+    def wait_until(self, pred: Callable[[], Any], timeout: float, what: str) -> Any:
+        """Poll ``pred`` until true; :class:`FaultError` with both logs' tails when a
+        process ends (none may, mid-scenario) or at the deadline."""
+        try:
+            return self.group.wait_until(pred, timeout, f"timed out waiting for {what}",
+                                         must_live=tuple(self.group.procs))
+        except LaunchError as exc:
+            raise FaultError(f"{exc}\n{self.group.tails()}") from None
 
     # ------------------------------------------------------------- faults
     def crash_broker(self, down_s: float) -> None:
@@ -277,15 +241,13 @@ class Run:
         self.kills["broker"] += 1
 
     def crash_cloud(self, down_s: float) -> None:
-        assert self.cloud is not None
-        self.cloud.kill()
+        self.group.kill("cloud")
         time.sleep(down_s)
         self.start_cloud()
         self.kills["cloud"] += 1
 
     def crash_edge(self, down_s: float) -> None:
-        assert self.edge is not None
-        self.edge.kill()
+        self.group.kill("edge")
         time.sleep(down_s)
         self.start_edge()
         self.kills["edge"] += 1
@@ -303,20 +265,20 @@ class Run:
 
     def finish(self, timeout: float) -> dict[str, Any]:
         """Wait for both; the cloud summary, the last edge report and the ledger."""
-        import json
-
-        assert self.edge is not None and self.cloud is not None
-        rc_edge = self.edge.wait(timeout)
-        rc_cloud = self.cloud.wait(timeout)
+        try:
+            rc_edge = self.group.wait("edge", timeout)
+            rc_cloud = self.group.wait("cloud", timeout)
+        except LaunchError as exc:
+            raise FaultError(f"{exc}\n{self.group.tails()}") from None
         if rc_edge or rc_cloud:
-            raise FaultError(f"edge exited {rc_edge}, cloud {rc_cloud}:\n{self.edge.tail()}\n"
-                             f"{self.cloud.tail()}")
+            raise FaultError(f"edge exited {rc_edge}, cloud {rc_cloud}:\n{self.group.tails()}")
         summary = json.loads((self.run_dir / "cloud_summary.json").read_text())
         report = json.loads((self.work / f"edge-report-{self.edge_starts - 1}.json")
                             .read_text())
         return {"cloud": summary, "edge": report, "ledger": ledger(self.run_dir, self.device)}
 
     def close(self) -> None:
-        for p in self.procs():
-            p.kill()
+        for name in list(self.group.procs):
+            self.group.kill(name)
+        self.group.close()
         self.proxy.close()

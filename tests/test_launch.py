@@ -1,0 +1,63 @@
+"""toolkit.lab.launch.ProcessGroup, the launcher of the demo, the tests and the benchmarks:
+bounded waits that kill and report with the log's tail, kill and restart, output in files."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from toolkit.lab.launch import LaunchError, ProcessGroup
+
+SLEEPER = "import sys, time; print('up', flush=True); print('to stderr', file=sys.stderr); " \
+          "time.sleep(60)"
+
+
+def test_a_wait_that_runs_out_kills_the_process_and_shows_its_log(tmp_path: Path) -> None:
+    with ProcessGroup(tmp_path) as procs:
+        p = procs.start_command("sleeper", [sys.executable, "-c", SLEEPER])
+        procs.wait_until(lambda: "up" in procs.output("sleeper"), 30, "sleeper never started")
+        t = time.monotonic()
+        with pytest.raises(LaunchError, match=r"(?s)sleeper did not finish within 1 s.*up"):
+            procs.wait("sleeper", 1)
+        assert time.monotonic() - t < 15
+        assert p.poll() == -signal.SIGKILL  # not left running behind the test
+        with pytest.raises(LaunchError, match="sleeper did not finish within 1 s"):
+            procs.start_command("sleeper", [sys.executable, "-c", SLEEPER])
+            procs.wait_all(["sleeper"], 1)
+        assert procs.returncode("sleeper") == -signal.SIGKILL
+
+
+def test_kill_and_restart_keep_every_run_s_log(tmp_path: Path) -> None:
+    with ProcessGroup(tmp_path) as procs:
+        first = procs.start_command("s", [sys.executable, "-c", SLEEPER], separate_stderr=True)
+        with pytest.raises(ValueError, match="still running"):
+            procs.start_command("s", [sys.executable, "-c", SLEEPER])
+        procs.wait_until(lambda: "up" in procs.output("s"), 30, "s never started")
+        assert procs.errors("s").strip() == "to stderr" and "to stderr" not in procs.output("s")
+        second = procs.restart("s")  # SIGKILL, then the same command line again
+        assert first.poll() == -signal.SIGKILL and second.poll() is None
+        procs.wait_until(lambda: "up" in procs.output("s"), 30, "s never restarted")
+        assert procs.logs["s"].name == "s-2.log" and (tmp_path / "s.log").exists()
+        procs.send_signal("s", signal.SIGTERM)
+        assert procs.wait("s", 30) == -signal.SIGTERM
+    assert second.poll() is not None
+
+
+def test_a_failed_process_is_reported_with_its_exit_code_and_log(tmp_path: Path) -> None:
+    with ProcessGroup(tmp_path) as procs:
+        procs.start_command("bad", [sys.executable, "-c", "import sys; print('boom'); "
+                                                           "sys.exit(3)"])
+        with pytest.raises(LaunchError, match=r"(?s)bad exited with 3.*boom"):
+            procs.wait_exit(["bad"], 30)
+        assert procs.wait_all(timeout=5) == {"bad": 3}
+        assert "--- bad (exit 3) ---\nboom" in procs.tails()
+
+
+def test_leaving_the_group_stops_what_still_runs(tmp_path: Path) -> None:
+    with ProcessGroup(tmp_path) as procs:
+        p = procs.start("sleeper", ["http.server", "0", "--bind", "127.0.0.1"])
+    assert p.poll() is not None
