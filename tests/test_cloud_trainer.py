@@ -19,6 +19,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +172,29 @@ class FakeEdge:
         self.link.close()
 
 
+@contextmanager
+def cloud_with_edge(artifacts: Path, manifest: Manifest, broker: EmbeddedBroker, run_dir: Path,
+                    run: str, **cloud_options: Any) -> Iterator[tuple[InProcessCloud, FakeEdge,
+                                                                       StatusWatch]]:
+    """An in-process cloud trainer, online, and one fake edge ``e0`` already online.
+
+    Everything is closed on the way out, the cloud first (its join may still be running).
+    """
+    watch = StatusWatch(broker, run)
+    cloud = InProcessCloud(artifacts, broker, run_dir, run, **cloud_options)
+    edge = None
+    try:
+        watch.wait_for("online", 30)
+        edge = FakeEdge(broker, manifest, run, "e0")
+        edge.status("online")
+        yield cloud, edge, watch
+    finally:
+        cloud.close()
+        if edge:
+            edge.close()
+        watch.close()
+
+
 def _summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "cloud_summary.json").read_text())
 
@@ -261,23 +286,13 @@ def test_two_edges_train_every_batch_once(artifacts: Path, manifest: Manifest,
 def test_duplicates_train_once(artifacts: Path, manifest: Manifest, broker: EmbeddedBroker,
                                tmp_path: Path) -> None:
     run = _run_id()
-    watch = StatusWatch(broker, run)
-    cloud = InProcessCloud(artifacts, broker, tmp_path / "run", run, device_ids=["e0"])
-    edge = None
-    try:
-        watch.wait_for("online", 30)
-        edge = FakeEdge(broker, manifest, run, "e0")
-        edge.status("online")
+    with cloud_with_edge(artifacts, manifest, broker, tmp_path / "run", run,
+                         device_ids=["e0"]) as (cloud, edge, _):
         sent = [edge.message(edge.publish_new(c, y), c, y) for c, y in edge.sample(10)]
         for seq in (2, 5, 7, 2):  # at-least-once redelivery, one of them twice
             edge.send(sent[seq])
         edge.status("done")
         s = cloud.join(40)
-    finally:
-        cloud.close()
-        if edge:
-            edge.close()
-        watch.close()
     dev = s["per_device"]["e0"]
     assert (dev["trained"], dev["published"], dev["duplicates"]) == (10, 10, 4)
     assert s["batches_trained"] == 10 and s["dropped"] == {}
@@ -289,14 +304,9 @@ def test_malformed_messages_are_counted_and_dropped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     run = _run_id()
-    watch = StatusWatch(broker, run)
     caplog.set_level("WARNING", logger="cloud_trainer")
-    cloud = InProcessCloud(artifacts, broker, tmp_path / "run", run, device_ids=["e0"])
-    edge = None
-    try:
-        watch.wait_for("online", 30)
-        edge = FakeEdge(broker, manifest, run, "e0")
-        edge.status("online")
+    with cloud_with_edge(artifacts, manifest, broker, tmp_path / "run", run,
+                         device_ids=["e0"]) as (cloud, edge, _):
         (cut, y), (cut1, y1) = edge.sample(2)
         for _ in range(2):  # twice: counted twice, logged once
             damaged = bytearray(edge.message(0, cut, y))
@@ -314,11 +324,6 @@ def test_malformed_messages_are_counted_and_dropped(
         edge.publish_new(cut1, y1)
         edge.status("done")
         s = cloud.join(40)
-    finally:
-        cloud.close()
-        if edge:
-            edge.close()
-        watch.close()
     assert s["dropped"] == {"crc": 3, "labels": 1, "magic": 1, "run_id": 1, "shape": 1,
                             "status": 1}
     assert s["per_device"]["e0"]["trained"] == 2 and s["complete"]
@@ -332,41 +337,32 @@ def test_backpressure_loses_nothing(artifacts: Path, manifest: Manifest, broker:
     import threading
 
     run = _run_id()
-    watch = StatusWatch(broker, run)
-    cloud = InProcessCloud(artifacts, broker, tmp_path / "run", run, device_ids=["e0"],
-                           queue_size=2)
-    edge = None
     pubs: list[Link] = []
-    try:
-        watch.wait_for("online", 30)
-        edge = FakeEdge(broker, manifest, run, "e0")
-        edge.status("online")
-        cut, y = edge.sample(1)[0]
-        msgs = [edge.message(seq, cut, y) for seq in range(50)]
-        # A burst from 5 parallel publishers outpaces the trainer: the queue must push back.
-        pubs = [_link(broker, f"burst{i}") for i in range(5)]
-        for p in pubs:
-            p.connect(timeout=10)
+    with cloud_with_edge(artifacts, manifest, broker, tmp_path / "run", run, device_ids=["e0"],
+                         queue_size=2) as (cloud, edge, _):
+        try:
+            cut, y = edge.sample(1)[0]
+            msgs = [edge.message(seq, cut, y) for seq in range(50)]
+            # A burst from 5 parallel publishers outpaces the trainer: the queue must push back.
+            pubs = [_link(broker, f"burst{i}") for i in range(5)]
+            for p in pubs:
+                p.connect(timeout=10)
 
-        def burst(i: int) -> None:
-            for m in msgs[i::5]:
-                pubs[i].publish(topics.act_topic(run, "e0"), m, timeout=30)
+            def burst(i: int) -> None:
+                for m in msgs[i::5]:
+                    pubs[i].publish(topics.act_topic(run, "e0"), m, timeout=30)
 
-        threads = [threading.Thread(target=burst, args=(i,)) for i in range(5)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        edge.seq, edge.samples = 50, 50 * len(y)
-        edge.status("done")
-        s = cloud.join(60)
-    finally:
-        cloud.close()
-        for p in pubs:
-            p.close()
-        if edge:
-            edge.close()
-        watch.close()
+            threads = [threading.Thread(target=burst, args=(i,)) for i in range(5)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            edge.seq, edge.samples = 50, 50 * len(y)
+            edge.status("done")
+            s = cloud.join(60)
+        finally:
+            for p in pubs:
+                p.close()
     assert s["per_device"]["e0"]["trained"] == 50 and s["dropped"] == {}
     assert 1 <= s["max_queue_depth"] <= 2
 
@@ -442,16 +438,10 @@ def test_idle_timeout_names_missing_and_incomplete_devices(
     from toolkit.core.errors import RunIncompleteError
 
     run, run_dir = _run_id(), tmp_path / "run"
-    watch = StatusWatch(broker, run)
     # Frequent own statuses: they come back through the wildcard and must not count
     # as activity, or the idle timeout would never fire.
-    cloud = InProcessCloud(artifacts, broker, run_dir, run, devices=2, idle_timeout=1.5,
-                           status_every=0.2)
-    edge = None
-    try:
-        watch.wait_for("online", 30)
-        edge = FakeEdge(broker, manifest, run, "e0")
-        edge.status("online")
+    with cloud_with_edge(artifacts, manifest, broker, run_dir, run, devices=2,
+                         idle_timeout=1.5, status_every=0.2) as (cloud, edge, watch):
         for c, y in edge.sample(3):
             edge.publish_new(c, y)
         edge.seq += 1  # says it published 4, but seq 3 never arrives
@@ -459,11 +449,6 @@ def test_idle_timeout_names_missing_and_incomplete_devices(
         with pytest.raises(RunIncompleteError) as info:
             cloud.join(30)
         final = watch.wait_for("error", 10)
-    finally:
-        cloud.close()
-        if edge:
-            edge.close()
-        watch.close()
     msg = str(info.value)
     assert "no message for 1.5 s" in msg and "e0 is done but 3 of its 4 batches arrived" in msg
     assert "1 more device(s) never came online" in msg
@@ -566,27 +551,26 @@ def test_version_and_help_defaults() -> None:
 
 @pytest.mark.mqtt
 def test_json_prints_the_summary_of_a_complete_run(artifacts: Path, manifest: Manifest,
-                                                   broker: EmbeddedBroker,
-                                                   tmp_path: Path) -> None:
+                                                   broker: EmbeddedBroker, tmp_path: Path,
+                                                   procs: ProcessGroup) -> None:
     run, run_dir = _run_id(), tmp_path / "run"
     watch = StatusWatch(broker, run)
-    cloud = start_cloud(tmp_path, artifacts, broker, run_dir, run, "--device-ids", "e0",
-                        "--idle-timeout", "30", "--json")
+    start_cloud(procs, artifacts, broker, run_dir, run, "--device-ids", "e0",
+                "--idle-timeout", "30", "--json")
     edge = None
     try:
-        watch.wait_for("online", 40, cloud=cloud)
+        watch.wait_for("online", 40, procs=procs)
         edge = FakeEdge(broker, manifest, run, "e0")
         edge.status("online")
         for c, y in edge.sample(3):
             edge.publish_new(c, y)
         edge.status("done")
-        assert cloud.wait(60) == 0, cloud.stderr()
+        assert procs.wait("cloud", 60) == 0, procs.errors("cloud")
     finally:
-        cloud.kill()
         if edge:
             edge.close()
         watch.close()
-    out = cloud.out.read_text()
+    out = procs.output("cloud")
     assert len(out.strip().splitlines()) == 1  # one JSON object; logs went to stderr
     printed = json.loads(out)
     assert SUMMARY_KEYS <= set(printed) and printed == _summary(run_dir)
@@ -595,29 +579,28 @@ def test_json_prints_the_summary_of_a_complete_run(artifacts: Path, manifest: Ma
 
 @pytest.mark.mqtt
 def test_idle_timeout_with_a_missing_device_exits_5(artifacts: Path, manifest: Manifest,
-                                                    broker: EmbeddedBroker,
-                                                    tmp_path: Path) -> None:
+                                                    broker: EmbeddedBroker, tmp_path: Path,
+                                                    procs: ProcessGroup) -> None:
     run, run_dir = _run_id(), tmp_path / "run"
     watch = StatusWatch(broker, run)
     edge = FakeEdge(broker, manifest, run, "e0")  # ready first: the idle clock is short
     batches = edge.sample(2)
-    cloud = start_cloud(tmp_path, artifacts, broker, run_dir, run, "--device-ids", "e0,e1",
-                        "--idle-timeout", "3", "--json")
+    start_cloud(procs, artifacts, broker, run_dir, run, "--device-ids", "e0,e1",
+                "--idle-timeout", "3", "--json")
     try:
-        watch.wait_for("online", 40, cloud=cloud)
+        watch.wait_for("online", 40, procs=procs)
         edge.status("online")
         for c, y in batches:
             edge.publish_new(c, y)
         edge.status("done")
-        assert cloud.wait(60) == 5, cloud.stderr()
+        assert procs.wait("cloud", 60) == 5, procs.errors("cloud")
     finally:
-        cloud.kill()
         edge.close()
         watch.close()
-    errors = [x for x in cloud.err.read_text().splitlines() if x.startswith("error: ")]
+    errors = [x for x in procs.errors("cloud").splitlines() if x.startswith("error: ")]
     assert len(errors) == 1 and "no message for 3 s" in errors[0]
     assert "e1 never appeared" in errors[0]
-    printed = json.loads(cloud.out.read_text())  # --json: the summary, on exit 5 too
+    printed = json.loads(procs.output("cloud"))  # --json: the summary, on exit 5 too
     assert SUMMARY_KEYS <= set(printed) and not printed["complete"]
     assert printed["end"] == "idle" and printed["per_device"]["e0"]["trained"] == 2
 

@@ -153,19 +153,47 @@ def test_serial_url_parsing():
         open_link("serial:///dev/does-not-exist?baud=9600", "x").connect(timeout=1)
 
 
+class RunningGateway:
+    """A ``toolkit gateway`` on the relay's far end, in a thread, and a cloud-side MQTT client.
+
+    ``up`` receives what the cloud's subscriptions see (``(topic, payload, props)``, or what
+    ``on_message`` puts there); leaving the block stops the gateway and closes the client.
+    """
+
+    def __init__(self, broker: EmbeddedBroker, relay: PtyRelay, subscriptions: tuple[str, ...],
+                 on_message=None, **options) -> None:
+        self.gateway = Gateway(GatewayConfig(serial=relay.ports[1], baud=BAUD,
+                                             broker=broker.url, **options))
+        self.result: dict = {}
+        self.thread = threading.Thread(
+            target=lambda: self.result.update(self.gateway.run() or {}), daemon=True)
+        self.cloud = open_link(broker.url, "cloud")
+        self.up: queue.Queue = queue.Queue()
+        for sub in subscriptions:
+            self.cloud.subscribe(sub, on_message or (lambda t, p, pr: self.up.put((t, p, pr))))
+
+    def __enter__(self) -> RunningGateway:
+        self.thread.start()
+        self.cloud.connect(timeout=10)
+        return self
+
+    def join(self, timeout: float) -> dict:
+        """Wait for a ``once`` gateway to end by itself; its run report."""
+        self.thread.join(timeout=timeout)
+        return self.result
+
+    def __exit__(self, *exc: object) -> None:
+        self.gateway.stop()
+        self.thread.join(timeout=10)
+        self.cloud.close()
+
+
 @pytest.mark.mqtt
 def test_device_reaches_the_broker_through_the_gateway_unchanged():
-    with EmbeddedBroker() as broker, PtyRelay(corrupt=1e-3, drop=5e-4, seed=5) as relay:
-        gw = Gateway(GatewayConfig(serial=relay.ports[1], baud=BAUD, broker=broker.url,
-                                   once=True, liveness_s=3.0))
-        result: dict = {}
-        gw_thread = threading.Thread(target=lambda: result.update(gw.run()), daemon=True)
-        gw_thread.start()
-        cloud = open_link(broker.url, "cloud")
-        up: queue.Queue = queue.Queue()
-        for sub in ("hiertrain/r/+/act", "hiertrain/r/+/status"):
-            cloud.subscribe(sub, lambda t, p, pr: up.put((t, p, pr)))
-        cloud.connect(timeout=10)
+    with EmbeddedBroker() as broker, PtyRelay(corrupt=1e-3, drop=5e-4, seed=5) as relay, \
+            RunningGateway(broker, relay, ("hiertrain/r/+/act", "hiertrain/r/+/status"),
+                           once=True, liveness_s=3.0) as gw:
+        cloud, up = gw.cloud, gw.up
         dev = open_link(f"serial://{relay.ports[0]}?baud={BAUD}", "dev-1")
         assert isinstance(dev, SerialLink)
         down: queue.Queue = queue.Queue()
@@ -191,7 +219,7 @@ def test_device_reaches_the_broker_through_the_gateway_unchanged():
             assert dev.bytes_sent == sum(map(len, payloads))
         finally:
             dev.close()  # clean: BYE, so the will must not be published
-        gw_thread.join(timeout=20)
+        result = gw.join(20)
         assert result["published"] == 3 and result["forwarded"] == 1
         assert result["wills_published"] == 0
         try:
@@ -199,32 +227,19 @@ def test_device_reaches_the_broker_through_the_gateway_unchanged():
         except queue.Empty:
             late = None
         assert late is None, late
-        cloud.close()
 
 
 @pytest.mark.mqtt
 def test_a_device_that_goes_silent_gets_its_will_published():
-    with EmbeddedBroker() as broker, PtyRelay() as relay:
-        gw = Gateway(GatewayConfig(serial=relay.ports[1], baud=BAUD, broker=broker.url,
-                                   liveness_s=2.0))
-        gw_thread = threading.Thread(target=gw.run, daemon=True)
-        gw_thread.start()
-        cloud = open_link(broker.url, "cloud")
-        up: queue.Queue = queue.Queue()
-        cloud.subscribe("hiertrain/r/d/status", lambda t, p, pr: up.put(p))
-        cloud.connect(timeout=10)
+    with EmbeddedBroker() as broker, PtyRelay() as relay, \
+            RunningGateway(broker, relay, ("hiertrain/r/d/status",), liveness_s=2.0) as gw:
         dev = open_link(f"serial://{relay.ports[0]}?baud={BAUD}", "dev-2")
         dev.set_will("hiertrain/r/d/status", b"offline", retain=True)
-        try:
-            dev.connect(timeout=20)
-            dev.publish("hiertrain/r/d/status", b"online", retain=True)
-            assert up.get(timeout=10) == b"online"
-            dev.channel.close()  # the device dies: no BYE, no more frames
-            assert up.get(timeout=15) == b"offline"
-        finally:
-            gw.stop()
-            gw_thread.join(timeout=10)
-            cloud.close()
+        dev.connect(timeout=20)
+        dev.publish("hiertrain/r/d/status", b"online", retain=True)
+        assert gw.up.get(timeout=10)[1] == b"online"
+        dev.channel.close()  # the device dies: no BYE, no more frames
+        assert gw.up.get(timeout=15)[1] == b"offline"
 
 
 @pytest.mark.mqtt
@@ -232,29 +247,18 @@ def test_one_gateway_serves_device_processes_one_after_another():
     """edge-runtime train, then infer, then train again: each a new process on the same line
     while the gateway keeps running; stale frames and keepalives of the previous process
     must not reset the new one's session."""
-    with EmbeddedBroker() as broker, PtyRelay() as relay:
-        gw = Gateway(GatewayConfig(serial=relay.ports[1], baud=BAUD, broker=broker.url))
-        gw_thread = threading.Thread(target=gw.run, daemon=True)
-        gw_thread.start()
-        cloud = open_link(broker.url, "cloud")
-        up: queue.Queue = queue.Queue()
-        cloud.subscribe("hiertrain/r/+/act", lambda t, p, pr: up.put(p))
-        cloud.connect(timeout=10)
-        try:
-            for i in range(4):
-                dev = open_link(f"serial://{relay.ports[0]}?baud={BAUD}", f"dev-{i}")
-                dev.connect(timeout=20)
-                dev.publish("hiertrain/r/d/act", f"run {i}".encode())
-                assert up.get(timeout=10) == f"run {i}".encode()
-                if i % 2:  # the next process starts while the gateway's keepalives cross
-                    time.sleep(1.2)
-                    dev.channel.close()  # died without BYE
-                else:
-                    dev.close()
-        finally:
-            gw.stop()
-            gw_thread.join(timeout=10)
-            cloud.close()
+    with EmbeddedBroker() as broker, PtyRelay() as relay, \
+            RunningGateway(broker, relay, ("hiertrain/r/+/act",)) as gw:
+        for i in range(4):
+            dev = open_link(f"serial://{relay.ports[0]}?baud={BAUD}", f"dev-{i}")
+            dev.connect(timeout=20)
+            dev.publish("hiertrain/r/d/act", f"run {i}".encode())
+            assert gw.up.get(timeout=10)[1] == f"run {i}".encode()
+            if i % 2:  # the next process starts while the gateway's keepalives cross
+                time.sleep(1.2)
+                dev.channel.close()  # died without BYE
+            else:
+                dev.close()
 
 
 # A board process without paho: the three module names paho's import goes through are None,
@@ -300,39 +304,28 @@ _NO_PAHO_DEVICE = textwrap.dedent("""
 
 @pytest.mark.mqtt
 def test_a_device_without_paho_talks_through_the_gateway_and_mqtt_says_what_is_missing():
-    with EmbeddedBroker() as broker, PtyRelay() as relay:
-        gw = Gateway(GatewayConfig(serial=relay.ports[1], baud=BAUD, broker=broker.url,
-                                   once=True, liveness_s=3.0))
-        gw_thread = threading.Thread(target=gw.run, daemon=True)
-        gw_thread.start()
-        cloud = open_link(broker.url, "cloud")
-        up: queue.Queue = queue.Queue()
+    def answer(topic: str, payload: bytes, props: dict) -> None:
+        gw.up.put((topic, payload, props))
+        gw.cloud.publish("hiertrain/r/d/infer/reply", b"reply to " + payload, qos=0,
+                         properties={"correlation_data": props.get("correlation_data", b"")})
 
-        def answer(topic: str, payload: bytes, props: dict) -> None:
-            up.put((topic, payload, props))
-            cloud.publish("hiertrain/r/d/infer/reply", b"reply to " + payload, qos=0,
-                          properties={"correlation_data": props.get("correlation_data", b"")})
-
-        cloud.subscribe("hiertrain/r/+/act", answer)
-        cloud.connect(timeout=10)
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-c", _NO_PAHO_DEVICE, relay.ports[0], str(BAUD)],
-                capture_output=True, text=True, timeout=120, cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)})
-            assert proc.returncode == 0, proc.stderr
-            out = json.loads(proc.stdout.strip().splitlines()[-1])
-            assert up.get(timeout=5) == ("hiertrain/r/d/act", b"from a board without paho",
-                                         {"correlation_data": b"q1"})
-            assert out["topic"] == "hiertrain/r/d/infer/reply"
-            assert out["payload"] == "reply to from a board without paho"
-            assert out["correlation"] == "q1"
-            assert out["paho_blocked"]
-            # Asking for MQTT there is one clear line naming the missing package.
-            for kind, message in out["errors"]:
-                assert kind == "HiertrainError", (kind, message)
-                assert "\n" not in message and "pip install 'paho-mqtt>=2'" in message
-        finally:
-            gw.stop()
-            gw_thread.join(timeout=10)
-            cloud.close()
+    with EmbeddedBroker() as broker, PtyRelay() as relay, \
+            RunningGateway(broker, relay, ("hiertrain/r/+/act",), on_message=answer,
+                           once=True, liveness_s=3.0) as gw:
+        up = gw.up
+        proc = subprocess.run(
+            [sys.executable, "-c", _NO_PAHO_DEVICE, relay.ports[0], str(BAUD)],
+            capture_output=True, text=True, timeout=120, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert up.get(timeout=5) == ("hiertrain/r/d/act", b"from a board without paho",
+                                     {"correlation_data": b"q1"})
+        assert out["topic"] == "hiertrain/r/d/infer/reply"
+        assert out["payload"] == "reply to from a board without paho"
+        assert out["correlation"] == "q1"
+        assert out["paho_blocked"]
+        # Asking for MQTT there is one clear line naming the missing package.
+        for kind, message in out["errors"]:
+            assert kind == "HiertrainError", (kind, message)
+            assert "\n" not in message and "pip install 'paho-mqtt>=2'" in message
