@@ -59,15 +59,6 @@ def _error_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
 
 
-@pytest.fixture(scope="module")
-def small_export(tmp_path_factory) -> Path:
-    """A real, tiny ``toolkit export`` (parity skipped: test_export_cli checks it)."""
-    out = tmp_path_factory.mktemp("contract") / "artifacts"
-    r = run_cli("toolkit", "export", *SMALL, "--no-verify", "--out", str(out), timeout=900)
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 # ------------------------------------------------------------------------ --version
 
 
@@ -156,9 +147,10 @@ def test_runtime_bad_input_exits_3_with_one_error_line(prog: str, extra: list[st
     assert "Traceback" not in r.stderr
 
 
-def test_edge_runtime_with_the_broker_down_exits_4(small_export: Path, tmp_path: Path) -> None:
+def test_edge_runtime_with_the_broker_down_exits_4(artifacts: Path, tmp_path: Path) -> None:
+    """On the session's shared export (tests/conftest.py): a real program, built once."""
     port = _closed_port()
-    r = run_cli("edge-runtime", "train", "--artifacts", str(small_export), "--broker",
+    r = run_cli("edge-runtime", "train", "--artifacts", str(artifacts), "--broker",
                 f"mqtt://127.0.0.1:{port}", "--device-id", "d0", "--connect-timeout", "1",
                 "--epochs", "1", "--state-dir", str(tmp_path), timeout=600)
     assert r.returncode == 4, r.stderr[-3000:]
