@@ -16,7 +16,9 @@ SMALL = ["--model", "smallcnn", "--batch", "4", "--input-shape", "3,16,16"]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def cli_export(tmp_path_factory):
+    """The export made through the real `toolkit export` command: these tests read its output
+    as well as its files (the shared `exported` fixture exports in process)."""
     from tests.conftest import run_cli
 
     out = tmp_path_factory.mktemp("art") / "small"
@@ -25,8 +27,8 @@ def exported(tmp_path_factory):
     return out, r
 
 
-def test_export_writes_every_artifact_and_a_valid_manifest(exported):
-    out, r = exported
+def test_export_writes_every_artifact_and_a_valid_manifest(cli_export):
+    out, r = cli_export
     assert "wrote" in r.stdout and "gradient parity with eager PyTorch" in r.stdout
     names = {p.name for p in out.iterdir()}
     assert names == {"edge_train.pte", "edge_infer.pte", "edge_init.pt", "cloud_init.pt",
@@ -49,8 +51,8 @@ def test_export_writes_every_artifact_and_a_valid_manifest(exported):
     assert load_manifest(out).batch_size == 4
 
 
-def test_exported_program_trains_in_a_fresh_process(exported):
-    out, _ = exported
+def test_exported_program_trains_in_a_fresh_process(cli_export):
+    out, _ = cli_export
     script = f"""
 import torch
 from toolkit.core.artifacts.manifest import load_manifest
@@ -76,13 +78,13 @@ print(losses[0], losses[-1])
     assert last < 0.5 * first  # it learns the fixed batch
 
 
-def test_inference_program_runs_with_given_weights(exported):
+def test_inference_program_runs_with_given_weights(cli_export):
     import torch
 
     from toolkit.core.et_program import InferenceProgram
     from toolkit.core.models.segments import load_segments
 
-    out, _ = exported
+    out, _ = cli_export
     m = load_manifest(out)
     built = load_segments(m)
     infer = built.infer_module().eval()
@@ -99,10 +101,10 @@ def test_inference_program_runs_with_given_weights(exported):
     assert not torch.allclose(prog.run(x, *weights2)[1], logits)
 
 
-def test_tampered_artifact_is_detected(exported, tmp_path):
+def test_tampered_artifact_is_detected(cli_export, tmp_path):
     import shutil
 
-    out, _ = exported
+    out, _ = cli_export
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     with open(copy / "cloud_init.pt", "ab") as f:
@@ -114,8 +116,8 @@ def test_tampered_artifact_is_detected(exported, tmp_path):
         load_manifest(copy)
 
 
-def test_manifest_schema_rejects_wrong_fields(exported):
-    out, _ = exported
+def test_manifest_schema_rejects_wrong_fields(cli_export):
+    out, _ = cli_export
     data = json.loads((out / "manifest.json").read_text())
     for mutate in (
         lambda d: d.pop("artifacts"),
@@ -152,8 +154,8 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(cli, tmp_path, args, mes
     assert list(tmp_path.iterdir()) == []  # no partial output, no temp dirs
 
 
-def test_existing_output_needs_force(cli, exported, tmp_path):
-    out, _ = exported
+def test_existing_output_needs_force(cli, cli_export, tmp_path):
+    out, _ = cli_export
     r = cli("toolkit", "export", *SMALL, "--out", str(out))
     assert r.returncode == 3 and "already exists; pass --force" in r.stderr
 
