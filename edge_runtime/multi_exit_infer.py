@@ -35,11 +35,9 @@ from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.artifacts.personal import (
     FULL_PTE,
     bake_hint,
+    choose_exits,
     exit_state_digest,
     find_baked,
-    load_personal_manifest,
-    load_state_dir,
-    resolve_policy,
 )
 from toolkit.core.errors import HiertrainError
 from toolkit.core.models.personal import exit_state, load_exit_state, load_personal_net
@@ -190,13 +188,9 @@ def segment_flops(net, input_shape) -> tuple[list[int], int]:
 
 
 def run_multi_exit_inference(cfg: MultiExitConfig) -> dict[str, Any]:
-    manifest = load_personal_manifest(cfg.artifacts)
-    points = list(manifest.data["spec"]["exit_points"])
-    state, policy, source = None, None, "initial exits"
-    if cfg.weights is not None:
-        state, policy = load_state_dir(cfg.weights)
-        source = str(cfg.weights)
-    policy = resolve_policy(points, policy, cfg.threshold)
+    choice = choose_exits(cfg.artifacts, cfg.weights, cfg.threshold)
+    manifest, points, state = choice.manifest, choice.exit_points, choice.state
+    policy, source = choice.policy, choice.source
     engine = MultiExitEngine(manifest, cfg.backend, state, policy, bake=cfg.bake)
     ds = load_personal_split(manifest, cfg.data, cfg.split, cfg.classes, cfg.shift, cfg.limit,
                              cfg.seed)

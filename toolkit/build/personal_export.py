@@ -65,6 +65,7 @@ from toolkit.core.artifacts.personal import (  # noqa: F401 - names the build si
     PERSONAL_SCHEMA_VERSION,
     TRAIN_PTE,
     baked_segment_file,
+    choose_exits,
     exit_state_digest,
     is_personal,
     load_personal_manifest,
@@ -340,13 +341,9 @@ def bake_personal(cfg: BakeConfig, progress: Callable[[str], None] = lambda _m: 
     The old record is removed first and the new one written last, so a bake that dies
     half-way leaves no record pointing at the wrong programs.
     """
-    manifest = load_personal_manifest(cfg.artifacts)
-    points = list(manifest.data["spec"]["exit_points"])
-    state, policy, source = None, None, "initial exits"
-    if cfg.weights is not None:
-        state, policy = load_state_dir(cfg.weights)
-        source = str(cfg.weights)
-    policy = resolve_policy(points, policy, cfg.threshold)
+    choice = choose_exits(cfg.artifacts, cfg.weights, cfg.threshold)
+    manifest, points, state = choice.manifest, choice.exit_points, choice.state
+    policy, source = choice.policy, choice.source
     net = load_personal_net(manifest)
     if state is not None:
         load_exit_state(net, state, "the exit weights")

@@ -199,6 +199,33 @@ def resolve_policy(exit_points: Sequence[str], policy: ExitPolicy | None,
 
 
 @dataclass(frozen=True)
+class ExitChoice:
+    """What a multi-exit run executes: the artifacts, the exit weights and the policy.
+
+    The board's ``infer`` and the build side's ``toolkit bake`` resolve them alike, so a
+    bake is made for exactly what ``infer`` will look it up by.
+    """
+
+    manifest: Manifest
+    exit_points: list[str]
+    state: dict | None  # None: the exits as exported
+    policy: ExitPolicy
+    source: str  # where the weights came from, for reports
+
+
+def choose_exits(artifacts: str | Path, weights: str | Path | None,
+                 threshold: float | None) -> ExitChoice:
+    """Load the personal artifacts, the weights (``--weights``) and the run's policy."""
+    manifest = load_personal_manifest(artifacts)
+    points = list(manifest.data["spec"]["exit_points"])
+    state, policy, source = None, None, "initial exits"
+    if weights is not None:
+        state, policy = load_state_dir(weights)
+        source = str(weights)
+    return ExitChoice(manifest, points, state, resolve_policy(points, policy, threshold), source)
+
+
+@dataclass(frozen=True)
 class BakedSegments:
     """Segments of one policy with one set of exit weights baked in, verified."""
 
