@@ -66,6 +66,19 @@ def test_malformed_manifest_is_one_line_naming_the_file(tmp_path: Path, text: st
     assert says in _one_line(err.value, tmp_path / "manifest.json")
 
 
+
+@pytest.mark.parametrize("text", ["{not json", "[" * 100_000 + "]" * 100_000],
+                         ids=["not-json", "nested-100k"])
+def test_malformed_personal_manifest_is_one_line_naming_the_file(tmp_path: Path,
+                                                                 text: str) -> None:
+    """personal.json goes through the manifest's reader: deep nesting too is one line."""
+    from toolkit.core.artifacts.personal import PERSONAL_MANIFEST, load_personal_manifest
+
+    (tmp_path / PERSONAL_MANIFEST).write_text(text)
+    with pytest.raises(ManifestError) as err:
+        load_personal_manifest(tmp_path)
+    assert "cannot read" in _one_line(err.value, tmp_path / PERSONAL_MANIFEST)
+
 def test_manifest_with_a_wrongly_typed_field_names_the_field(tmp_path: Path) -> None:
     src = (Path(__file__).resolve().parents[1] / "toolkit" / "core" / "artifacts" / "schemas"
            / "manifest.v1.json")

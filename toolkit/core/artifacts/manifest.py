@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 
@@ -90,6 +91,17 @@ class Manifest:
         return self.data.get("codec", {}).get("name", "int8")
 
 
+def read_json(path: Path) -> Any:
+    """An artifacts record (manifest, personal.json, baked.json): any unreadable file is one
+    ``ManifestError`` line, never a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from None
+    except RecursionError:  # JSON nested thousands deep: no record looks like that
+        raise ManifestError(f"cannot read {path}: JSON nested too deeply") from None
+
+
 def load_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
     """Read, validate and (by default) hash-check an artifacts directory."""
     root = Path(root)
@@ -98,12 +110,7 @@ def load_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
         raise ManifestError(
             f"{root} has no {MANIFEST_NAME}: is it the --out directory of 'toolkit export'?"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}") from None
-    except RecursionError:  # JSON nested thousands deep: no manifest looks like that
-        raise ManifestError(f"cannot read {path}: JSON nested too deeply") from None
+    data = read_json(path)
     validate(data, str(path))
     manifest = Manifest(data=data, root=root)
     if verify:

@@ -17,11 +17,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 
-from toolkit.core.artifacts.manifest import Manifest, sha256_file, verify_artifacts
+from toolkit.core.artifacts.manifest import Manifest, read_json, sha256_file, verify_artifacts
 from toolkit.core.errors import HiertrainError, ManifestError
 
 PERSONAL_MANIFEST = "personal.json"
@@ -81,20 +80,13 @@ def is_personal(root: str | Path) -> bool:
     return (Path(root) / PERSONAL_MANIFEST).is_file()
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}") from None
-
-
 def load_personal_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
     root = Path(root)
     path = root / PERSONAL_MANIFEST
     if not path.is_file():
         raise ManifestError(f"{root} has no {PERSONAL_MANIFEST}: is it the --out directory of "
                             "'toolkit export --personalise'?")
-    data = _read_json(path)
+    data = read_json(path)
     validate_personal(data, str(path))
     manifest = Manifest(data=data, root=root)
     if verify:
@@ -250,7 +242,7 @@ def find_baked(manifest: Manifest, exits_digest: str, keep: Sequence[int]
     path = manifest.path(BAKED_MANIFEST)
     if not path.is_file():
         return None, f"{manifest.root} has no {BAKED_MANIFEST}"
-    data = _read_json(path)
+    data = read_json(path)
     validate_baked(data, str(path))
     if data["personal_sha256"] != sha256_file(manifest.path(PERSONAL_MANIFEST)):
         return None, f"{path} was baked for other artifacts"
