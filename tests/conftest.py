@@ -57,9 +57,11 @@ TIMING_MODULES = ("test_shaping", "test_faults", "test_provisioning", "test_seri
 """Modules whose tests assert wall-clock rates, latencies or pacing: under pytest-xdist they
 all run on one worker, one at a time, so two of them never compete for the CPU."""
 
-ONE_WORKER_MODULES = ("test_codec", "test_export_cli", "test_personalise", "test_plan")
-"""Modules with a slow module-scoped fixture of their own (a CLI export, a pre-trained
-backbone, a profile): each runs on one worker, so that fixture is built once, not per worker."""
+ONE_WORKER_MODULES = ("test_codec", "test_export_cli", "test_export_parity", "test_personalise",
+                      "test_plan")
+"""Modules with a slow module-scoped fixture or cache of their own (a CLI export, lowered
+parity programs, a pre-trained backbone, a profile): each runs on one worker, so that it is
+built once, not per worker."""
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups

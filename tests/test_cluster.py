@@ -219,13 +219,15 @@ def test_cluster_cli_feeds_the_unchanged_cloud_trainer_over_mqtt(tmp_path, cli, 
     import json
 
     from toolkit.lab.broker import EmbeddedBroker
+    from toolkit.lab.launch import start_cloud
 
     art = exported(split="block2")
     with EmbeddedBroker().start(timeout=10) as broker:
-        cloud = procs.start("cloud", [
+        cloud = start_cloud(procs, [
             "cloud_trainer", "--artifacts", str(art), "--broker", broker.url,
             "--run-dir", str(tmp_path / "cloud"), "--run-id", "cl", "--device-ids", "robot-c",
-            "--threads", "1", "--quiet", "--eval-limit", "50", "--idle-timeout", "120"])
+            "--threads", "1", "--quiet", "--eval-limit", "50", "--idle-timeout", "120"],
+            broker.url, "cl")
         try:
             res = cli("edge-runtime", "cluster", "--world-size", "2", "--artifacts", str(art),
                       "--broker", broker.url, "--device-id", "robot-c", "--run-id", "cl",

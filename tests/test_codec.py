@@ -315,6 +315,7 @@ def test_int4_deflate_edge_feeds_a_real_cloud_trainer(int4_export, tmp_path, pro
     from toolkit.core.protocol.topics import act_topic
     from toolkit.core.transport import open_link
     from toolkit.lab.broker import EmbeddedBroker
+    from toolkit.lab.launch import start_cloud
 
     out, _ = int4_export
     run = "codec-it"
@@ -323,10 +324,10 @@ def test_int4_deflate_edge_feeds_a_real_cloud_trainer(int4_export, tmp_path, pro
         tap = open_link(broker.url, "codec-tap")
         tap.subscribe(act_topic(run, "robot-0"), lambda t, p, props: seen.append(bytes(p)))
         tap.connect(timeout=10)
-        cloud = procs.start("cloud", [
+        cloud = start_cloud(procs, [
             "cloud_trainer", "--artifacts", str(out), "--broker", broker.url,
             "--run-dir", str(tmp_path / "cloud"), "--run-id", run, "--devices", "1",
-            "--threads", "1", "--quiet"])
+            "--threads", "1", "--quiet"], broker.url, run)
         edge = procs.start("edge", [
             "edge_runtime", "train", "--artifacts", str(out), "--broker", broker.url,
             "--device-id", "robot-0", "--run-id", run, "--epochs", "1",

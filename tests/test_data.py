@@ -49,6 +49,25 @@ def test_digits_shapes_ranges_and_split_sizes() -> None:
         assert ds.classes == [str(i) for i in range(10)] and ds.name == "digits"
 
 
+def test_digits_read_directly_are_scikit_learns_digits(monkeypatch) -> None:
+    """The bundled CSV is read without importing scikit-learn (start-up time); it must be
+    exactly what ``load_digits`` returns, and ``load_digits`` is the fallback without it."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from toolkit.core.data import datasets
+
+    images, labels = datasets._digits_arrays()
+    ref = load_digits()
+    assert datasets._digits_csv() is not None  # the fast path is the one taken here
+    assert np.array_equal(images, ref.images) and np.array_equal(labels, ref.target)
+    monkeypatch.setattr(datasets, "_digits_csv", lambda: None)
+    datasets._digits_arrays.cache_clear()
+    fallback_images, fallback_labels = datasets._digits_arrays()
+    datasets._digits_arrays.cache_clear()
+    assert np.array_equal(fallback_images, images) and np.array_equal(fallback_labels, labels)
+
+
 def test_digits_split_is_stratified_and_fixed() -> None:
     train, test = load_dataset(None, "train"), load_dataset(None, "test")
     tr, te = Counter(train.y.tolist()), Counter(test.y.tolist())

@@ -133,6 +133,11 @@ def test_publisher_keeps_batches_until_acked_and_resends_when_the_cloud_restarts
                                                                               "above": []}}))
             assert received(1) == [3]  # the trainer restarted: seq 3 again
             assert not pub.submit("hiertrain/r/e0/act", b"3", seq=3)  # spooled before
+            # The subscriber can see a resend before its PUBACK reaches the publisher,
+            # which counts it after the PUBACK: wait (bounded) for the count to land.
+            deadline = time.monotonic() + 10
+            while pub.stats.resent < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
             assert pub.stats.resent == 3 and pub.stats.rewinds == 2 and pub.stats.skipped == 1
             assert pub.stats.confirmed == 4
         finally:

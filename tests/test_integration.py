@@ -9,13 +9,12 @@ cloud (time spent waiting to publish is a small part of their wall time).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from toolkit.lab.broker import EmbeddedBroker
-from toolkit.lab.launch import ProcessGroup
+from toolkit.lab.launch import ProcessGroup, start_cloud
 
 EPOCHS = 4
 EDGES = 2
@@ -30,10 +29,9 @@ ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16, "verify": True,
 def _run_training(procs: ProcessGroup, url: str, artifacts: Path, tmp: Path,
                   run_id: str) -> tuple[dict, list[dict]]:
     cloud_dir = tmp / "cloud"
-    cloud = procs.start("cloud", ["cloud_trainer", "--artifacts", str(artifacts), "--broker", url,
-                                  "--run-dir", str(cloud_dir), "--run-id", run_id, "--devices",
-                                  str(EDGES), "--threads", "1", "--quiet"])
-    time.sleep(2.0)  # the edges do not need the cloud up: QoS 1 + the cloud's session
+    cloud = start_cloud(procs, ["cloud_trainer", "--artifacts", str(artifacts), "--broker", url,
+                                "--run-dir", str(cloud_dir), "--run-id", run_id, "--devices",
+                                str(EDGES), "--threads", "1", "--quiet"], url, run_id)
     edges = [
         procs.start(f"edge-{i}", [
             "edge_runtime", "train", "--artifacts", str(artifacts), "--broker", url,

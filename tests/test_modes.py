@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,10 @@ from toolkit.core.errors import HiertrainError
 from toolkit.core.models.rewrites import host_stat_layers
 from toolkit.core.models.segments import FullModel, load_segments
 from toolkit.core.protocol.images import IMAGE_SCHEME, decode_images, encode_images
-from toolkit.core.protocol.messages import CLOUD_DEVICE, decode_status
 from toolkit.core.protocol.topics import status_topic
 from toolkit.core.protocol.wire import ActivationBatch, decode, encode, message_size
-from toolkit.core.transport import Link, open_link
 from toolkit.lab.broker import EmbeddedBroker
-from toolkit.lab.launch import ProcessGroup
+from toolkit.lab.launch import ProcessGroup, start_cloud
 
 BATCH = 32
 EPOCHS = 2
@@ -91,47 +88,20 @@ def test_uploaded_images_are_the_edges_model_input_bit_for_bit(tmp_path: Path) -
 # --------------------------------------------------------------------------- end to end
 
 
-def _wait_cloud_online(url: str, run: str, procs: ProcessGroup) -> Link:
-    """Block until the cloud trainer's "online" status; returns the open watch link."""
-    seen = threading.Event()
-
-    def on_status(topic: str, payload: bytes, props: dict) -> None:
-        if payload and decode_status(payload).state == "online":
-            seen.set()
-
-    link = open_link(url, f"watch-{run}")
-    link.subscribe(status_topic(run, CLOUD_DEVICE), on_status)
-    link.connect(timeout=10)
-    try:
-        deadline = time.monotonic() + 60
-        while not seen.wait(0.2):
-            if procs.returncode("cloud") is not None or time.monotonic() > deadline:
-                link.close()
-                pytest.fail(f"cloud trainer never came online:\n{procs.tail('cloud')}")
-    except BaseException:
-        link.close()
-        raise
-    return link
-
-
 def _run_mode(mode: str, url: str, artifacts: Path, tmp: Path) -> tuple[dict, dict]:
     run = _run_id()
     cloud_dir = tmp / "cloud"
     with ProcessGroup(tmp, cwd=REPO) as procs:
-        cloud = procs.start("cloud", [
+        cloud = start_cloud(procs, [
             "cloud_trainer", "--mode", mode, "--artifacts", str(artifacts), "--broker", url,
             "--run-dir", str(cloud_dir), "--run-id", run, "--device-ids", "e0", "--threads", "1",
-            "--quiet", "--idle-timeout", "60"])
-        watch = _wait_cloud_online(url, run, procs)  # uploads before it subscribes are lost
-        try:
-            edge = procs.start("edge", [
-                "edge_runtime", "train", "--mode", mode, "--artifacts", str(artifacts),
-                "--broker", url, "--device-id", "e0", "--run-id", run, "--epochs", str(EPOCHS),
-                "--report", str(tmp / "edge.json"), "--state-dir", str(tmp), "--threads", "1",
-                "--quiet"])
-            procs.wait_all(["edge", "cloud"], TIMEOUT_S)
-        finally:
-            watch.close()
+            "--quiet", "--idle-timeout", "60"], url, run)  # uploads before it subscribes are lost
+        edge = procs.start("edge", [
+            "edge_runtime", "train", "--mode", mode, "--artifacts", str(artifacts),
+            "--broker", url, "--device-id", "e0", "--run-id", run, "--epochs", str(EPOCHS),
+            "--report", str(tmp / "edge.json"), "--state-dir", str(tmp), "--threads", "1",
+            "--quiet"])
+        procs.wait_all(["edge", "cloud"], TIMEOUT_S)
     logs = {f.name: f.read_text()[-3000:] for f in tmp.glob("*.log")}
     assert edge.returncode == 0 and cloud.returncode == 0, logs
     return (json.loads((cloud_dir / "cloud_summary.json").read_text()),

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import run_cli
 from toolkit.lab.broker import EmbeddedBroker
-from toolkit.lab.launch import ProcessGroup
+from toolkit.lab.launch import ProcessGroup, start_cloud
 from toolkit.lab.pty_relay import PtyRelay
 
 pytestmark = [pytest.mark.serial, pytest.mark.mqtt]
@@ -31,10 +31,10 @@ ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16}
 def test_training_through_the_serial_gateway(artifacts, tmp_path, procs):
     run_id = "it-serial"
     with EmbeddedBroker() as broker, PtyRelay(corrupt=3e-4, drop=1e-4, seed=7) as relay:
-        cloud = procs.start("cloud", [
+        cloud = start_cloud(procs, [
             "cloud_trainer", "--artifacts", str(artifacts), "--broker", broker.url,
             "--run-dir", str(tmp_path / "cloud"), "--run-id", run_id, "--devices", "1",
-            "--eval-limit", "200", "--threads", "1", "--quiet"])
+            "--eval-limit", "200", "--threads", "1", "--quiet"], broker.url, run_id)
         gateway = procs.start("gateway", [
             "toolkit", "gateway", "--serial", relay.ports[1], "--baud", str(BAUD),
             "--broker", broker.url, "--once", "--idle-timeout", "120"])

@@ -10,10 +10,14 @@ the module.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
+import sys
+import types
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,15 +44,73 @@ def stderr_silenced():
         os.close(fd)
 
 
-def registered_backends() -> list[str]:
-    """Delegate backends this ExecuTorch runtime can run (e.g. ``XnnpackBackend``)."""
+_RUNTIME: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _exir_init_skipped():
+    """ExecuTorch's runtime modules import ``executorch.exir._warnings`` (one decorator),
+    and importing any ``executorch.exir`` submodule runs ``executorch/exir/__init__.py``:
+    the whole build stack (passes, dialects, a 1 MB YAML parse), 16 s of a 17 s edge
+    start-up here and far more on a Pi, for nothing the runtime uses. While the runtime
+    is imported, ``executorch.exir`` is a bare package whose ``__init__`` is not run;
+    afterwards it is removed again, so a later ``import executorch.exir`` (the build
+    side, in the same process) loads the real package. Already imported: nothing to do."""
+    if "executorch.exir" in sys.modules:
+        yield
+        return
+    spec = importlib.util.find_spec("executorch.exir")
+    if spec is None or not spec.submodule_search_locations:
+        yield  # not installed as expected: the imports below fail or load it normally
+        return
+    bare = types.ModuleType("executorch.exir")
+    bare.__path__ = list(spec.submodule_search_locations)
+    bare.__spec__ = spec
+    sys.modules["executorch.exir"] = bare
+    try:
+        yield
+    finally:
+        if sys.modules.get("executorch.exir") is bare:
+            del sys.modules["executorch.exir"]
+        parent = sys.modules.get("executorch")
+        if parent is not None and getattr(parent, "exir", None) is bare:
+            delattr(parent, "exir")
+
+
+def _runtime() -> dict[str, Any]:
+    """The ExecuTorch runtime entry points (loaders, SGD), imported once, quietly, without
+    the build stack (:func:`_exir_init_skipped`)."""
+    if not _RUNTIME:
+        with _quiet(), _exir_init_skipped():
+            from executorch.extension.pybindings import portable_lib
+            from executorch.extension.training import (
+                _load_for_executorch_for_training_from_buffer,
+                get_sgd_optimizer,
+            )
+
+        _RUNTIME.update(
+            backends=portable_lib._get_registered_backend_names,
+            load=portable_lib._load_for_executorch_from_buffer,
+            load_training=_load_for_executorch_for_training_from_buffer,
+            sgd=get_sgd_optimizer,
+        )
+    return _RUNTIME
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The runtime's entry points warn that the API is experimental on every call, and its
+    CPU probe prints to fd 2 on first load."""
     with warnings.catch_warnings(), stderr_silenced():
         warnings.simplefilter("ignore")
-        from executorch.extension.pybindings.portable_lib import (
-            _get_registered_backend_names,
-        )
+        yield
 
-        return list(_get_registered_backend_names())
+
+def registered_backends() -> list[str]:
+    """Delegate backends this ExecuTorch runtime can run (e.g. ``XnnpackBackend``)."""
+    load = _runtime()["backends"]
+    with _quiet():
+        return list(load())
 
 
 class TrainingProgram:
@@ -57,13 +119,9 @@ class TrainingProgram:
     def __init__(self, data: bytes):
         self._data = bytes(data)  # owned: the runtime points into it
         self._first = True
-        with warnings.catch_warnings(), stderr_silenced():
-            warnings.simplefilter("ignore")
-            from executorch.extension.training import (
-                _load_for_executorch_for_training_from_buffer,
-            )
-
-            self.module = _load_for_executorch_for_training_from_buffer(self._data)
+        load = _runtime()["load_training"]
+        with _quiet():
+            self.module = load(self._data)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainingProgram:
@@ -86,9 +144,7 @@ class TrainingProgram:
 
     def sgd(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
             nesterov: bool = False):
-        from executorch.extension.training import get_sgd_optimizer
-
-        return get_sgd_optimizer(self.named_parameters(), lr, momentum, 0.0, weight_decay,
+        return _runtime()["sgd"](self.named_parameters(), lr, momentum, 0.0, weight_decay,
                                  nesterov)
 
 
@@ -97,13 +153,9 @@ class InferenceProgram:
 
     def __init__(self, data: bytes):
         self._data = bytes(data)
-        with warnings.catch_warnings(), stderr_silenced():
-            warnings.simplefilter("ignore")
-            from executorch.extension.pybindings.portable_lib import (
-                _load_for_executorch_from_buffer,
-            )
-
-            self.module = _load_for_executorch_from_buffer(self._data)
+        load = _runtime()["load"]
+        with _quiet():
+            self.module = load(self._data)
         self._first = True
 
     @classmethod

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.core.errors import HiertrainError
-from toolkit.lab.launch import ProcessGroup, StatusWatcher
+from toolkit.lab.launch import ProcessGroup, start_cloud
 
 MODES: tuple[str, ...] = ("ht", "split", "cloud")
 DEFAULT_SPLITS: dict[str, str] = {"vgg16": "stage2", "resnet18": "layer3", "smallcnn": "block1"}
@@ -208,7 +208,7 @@ def run_one(spec: RunSpec, artifacts: Path, url: str, work: Path, source: str | 
     run_dir.mkdir(parents=True)
     run_id = f"b{int(time.time() * 1000) % 10**10}"
     data = ["--data", source] if source else []
-    with ProcessGroup(run_dir) as group, StatusWatcher(url, run_id) as watcher:
+    with ProcessGroup(run_dir) as group:
         cloud = ["cloud_trainer", "--artifacts", str(artifacts), "--broker", url,
                  "--run-dir", str(run_dir / "cloud"), "--run-id", run_id, "--devices", "1",
                  "--threads", "1", "--quiet", "--mode", spec.mode,
@@ -221,9 +221,7 @@ def run_one(spec: RunSpec, artifacts: Path, url: str, work: Path, source: str | 
             cloud += ["--grad-bits", str(spec.grad_bits)]
         if source:
             cloud += ["--eval-data", source]
-        group.start("cloud", cloud)
-        group.wait_until(lambda: watcher.cloud_state() in ("online", "training"), 180,
-                         "the cloud trainer did not come online")
+        start_cloud(group, cloud, url, run_id, timeout=180)
         group.start("edge", [
             "edge_runtime", "train", "--artifacts", str(artifacts), "--broker", url,
             "--device-id", "edge-0", "--run-id", run_id, "--epochs", str(spec.epochs),

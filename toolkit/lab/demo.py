@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from toolkit.core.entry import show_progress
 from toolkit.core.errors import HiertrainError
-from toolkit.lab.launch import ProcessGroup, StatusWatcher, start_embedded_broker
+from toolkit.lab.launch import ProcessGroup, StatusWatcher, start_cloud, start_embedded_broker
 
 DEMO_TIMEOUT_S = 1800.0
 
@@ -102,9 +102,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                           "--devices", str(cfg.edges), "--threads", "1", "--quiet"]
             if source:
                 cloud_args += ["--eval-data", source]
-            group.start("cloud", cloud_args)
-            group.wait_until(lambda: watcher.cloud_state() in ("online", "training"), 120,
-                             "the cloud trainer did not come online", live)
+            start_cloud(group, cloud_args, url, run_id, watcher=watcher, must_live=live)
             for i in range(cfg.edges):
                 dev = f"edge-{i}"
                 args = ["edge_runtime", "train", "--artifacts", str(artifacts), "--broker", url,

@@ -274,3 +274,23 @@ class StatusWatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def start_cloud(group: ProcessGroup, args: list[str], url: str, run_id: str, *,
+                name: str = "cloud", watcher: StatusWatcher | None = None,
+                timeout: float = 120, must_live: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start a cloud trainer (``args``: its command line) and return once its retained
+    status says it is online, i.e. subscribed. Start the edges after this: a batch published
+    before the trainer's session exists reaches nobody, and an edge that finishes before any
+    trainer acked keeps such batches in its spool for a later ``--resume``
+    (docs/delivery.md) instead of waiting for a trainer that may never come."""
+    own = watcher is None
+    watch = StatusWatcher(url, run_id) if own else watcher
+    try:
+        proc = group.start(name, args)
+        group.wait_until(lambda: watch.cloud_state() in ("online", "training"), timeout,
+                         "the cloud trainer did not come online", (*must_live, name))
+    finally:
+        if own:
+            watch.close()
+    return proc

@@ -32,6 +32,7 @@ and a partition that moved with the seed would leak test images into training.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
@@ -352,13 +353,32 @@ def _adapt(ds: Dataset, input_shape: tuple[int, int, int] | None) -> Dataset:
 # --------------------------------------------------------------------------- digits
 
 
+def _digits_csv() -> Path | None:
+    """The file scikit-learn's ``load_digits`` reads, found without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
 @functools.cache
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits as (images 0..16, labels); cached, it is read on every load."""
-    from sklearn.datasets import load_digits
+    """scikit-learn's digits as (images 0..16, labels); cached, it is read on every load.
 
-    d = load_digits()
-    return d.images.astype(np.float32), d.target.astype(np.int64)
+    Importing scikit-learn costs 3 s of every edge and cloud start-up here (scipy, its
+    validation machinery) to read one bundled 1797 x 65 CSV, so the CSV is read directly;
+    ``load_digits`` stays the fallback should scikit-learn move it. A test holds the two
+    to the same arrays."""
+    path = _digits_csv()
+    if path is None:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images.astype(np.float32), d.target.astype(np.int64)
+    data = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
 
 def _load_digits(split: str, limit: int | None, seed: int) -> Dataset:
