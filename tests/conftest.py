@@ -53,6 +53,27 @@ def run_cli(
     )
 
 
+def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """One of the CLIs through its ``main(argv)`` in this process: the same parsing, checks,
+    messages and exit codes as :func:`run_cli` without a second interpreter importing torch
+    (2-3 s each). For commands that fail on bad input before doing any work; the exit codes of
+    real processes are held by tests/test_cli_contract.py."""
+    import contextlib
+    import importlib
+    import io
+
+    module = {"toolkit": "toolkit.cli", "edge-runtime": "edge_runtime.cli",
+              "cloud-trainer": "cloud_trainer.cli"}[args[0]]
+    main = importlib.import_module(module).main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args[1:]))
+        except SystemExit as exc:  # argparse's usage errors and --help
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 TIMING_MODULES = ("test_shaping", "test_faults", "test_provisioning", "test_serial_link")
 """Modules whose tests assert wall-clock rates, latencies or pacing: under pytest-xdist they
 all run on one worker, one at a time, so two of them never compete for the CPU."""
@@ -140,6 +161,11 @@ def require_mosquitto() -> None:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def cli_in_process():
+    return run_cli_in_process
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -263,7 +263,8 @@ def test_cluster_cli_feeds_the_unchanged_cloud_trainer_over_mqtt(tmp_path, cli, 
             assert torch.equal(got[k], v), k
 
 
-def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(exported, cli):
+def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(exported,
+                                                                        cli_in_process):
     art = exported(split="block2")
     base = ["edge-runtime", "cluster", "--artifacts", str(art), "--broker",
             "mqtt://127.0.0.1:1", "--device-id", "d", "--quiet"]
@@ -276,15 +277,15 @@ def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(exported
     }
     import json
 
-    res = cli(*base, "--world-size", "2", "--plan-only", "--board-link-mbps", "1e9",
-              "--board-link-latency-ms", "0", timeout=120)
+    res = cli_in_process(*base, "--world-size", "2", "--plan-only", "--board-link-mbps",
+                         "1e9", "--board-link-latency-ms", "0")
     assert res.returncode == 0, res.stderr[-2000:]
     plan = json.loads(res.stdout)
     assert plan["workers"] == 2 and plan["grid"] == [2, 1]
     assert plan["group_units"] == [["block1.0"], ["block2.0"]]  # free links: one unit per group
     assert len(plan["candidates"]) == 2 and plan["groups"] == plan["candidates"][0]["groups"]
     for extra, msg in cases.items():
-        res = cli(*base, *extra, timeout=120)
+        res = cli_in_process(*base, *extra)
         assert res.returncode == 3, (extra, res.stderr[-2000:])  # ExitCode.BAD_INPUT
         err = res.stderr.strip().splitlines()
         assert err[-1].startswith("error: ") and msg in err[-1], (extra, err[-3:])

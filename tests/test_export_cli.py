@@ -17,12 +17,15 @@ SMALL = ["--model", "smallcnn", "--batch", "4", "--input-shape", "3,16,16"]
 
 @pytest.fixture(scope="module")
 def cli_export(tmp_path_factory):
-    """The export made through the real `toolkit export` command: these tests read its output
-    as well as its files (the shared `exported` fixture exports in process)."""
+    """The export made through the real `toolkit export --force` command over an earlier
+    output: these tests read its output as well as its files (the shared `exported` fixture
+    exports in process)."""
     from tests.conftest import run_cli
 
     out = tmp_path_factory.mktemp("art") / "small"
-    r = run_cli("toolkit", "export", *SMALL, "--board", "rpi4", "--out", str(out))
+    out.mkdir()
+    (out / "stale.txt").write_text("an earlier export's leftover")  # --force replaces it
+    r = run_cli("toolkit", "export", *SMALL, "--board", "rpi4", "--out", str(out), "--force")
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -149,9 +152,9 @@ def test_manifest_schema_rejects_wrong_fields(cli_export):
           "--batch", "256"], "over the small-512mb budget of 192 MB; use --batch"),
     ],
 )
-def test_bad_input_is_one_clear_line_and_leaves_nothing(cli, tmp_path, args, message):
+def test_bad_input_is_one_clear_line_and_leaves_nothing(cli_in_process, tmp_path, args, message):
     out = tmp_path / "out"
-    r = cli("toolkit", "export", *args, "--out", str(out))
+    r = cli_in_process("toolkit", "export", *args, "--out", str(out))
     assert r.returncode == 3
     assert message in r.stderr
     assert "Traceback" not in r.stderr
@@ -159,33 +162,29 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(cli, tmp_path, args, mes
     assert list(tmp_path.iterdir()) == []  # no partial output, no temp dirs
 
 
-def test_existing_output_needs_force(cli, cli_export, tmp_path):
+def test_existing_output_needs_force(cli_in_process, cli_export, tmp_path):
     out, _ = cli_export
-    r = cli("toolkit", "export", *SMALL, "--out", str(out))
+    r = cli_in_process("toolkit", "export", *SMALL, "--out", str(out))
     assert r.returncode == 3 and "already exists; pass --force" in r.stderr
 
 
-def test_force_replaces_atomically(cli, tmp_path):
-    out = tmp_path / "a"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    r = cli("toolkit", "export", *SMALL, "--no-verify", "--lowering", "portable", "--out", str(out),
-            "--force")
-    assert r.returncode == 0, r.stderr
+def test_force_replaces_atomically(cli_export):
+    """The module's export was made with --force over a directory holding a stale file."""
+    out, _ = cli_export
     assert not (out / "stale.txt").exists() and (out / "manifest.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["small"]  # no temp dirs left
 
 
-def test_output_under_a_file_is_refused(cli, tmp_path):
+def test_output_under_a_file_is_refused(cli_in_process, tmp_path):
     """Unwritable output (even for root): a path below a regular file."""
     f = tmp_path / "file"
     f.write_text("")
-    r = cli("toolkit", "export", *SMALL, "--out", str(f / "out"))
+    r = cli_in_process("toolkit", "export", *SMALL, "--out", str(f / "out"))
     assert r.returncode == 3 and "cannot write" in r.stderr
     assert "Traceback" not in r.stderr
 
 
-def test_models_json_lists_models_and_split_costs(cli):
+def test_models_json_lists_models_and_split_costs(cli, cli_in_process):
     r = cli("toolkit", "models", "--json")
     assert r.returncode == 0, r.stderr
     models = {m["name"]: m for m in json.loads(r.stdout)}
@@ -201,7 +200,7 @@ def test_models_json_lists_models_and_split_costs(cli):
     assert params == sorted(params) and flops == sorted(flops)
     # A 3x3 conv 3->64 on 32x32 is 2*27*64*1024 FLOPs: the stem's count includes it.
     assert rn["stem"]["edge_flops"] >= 2 * 27 * 64 * 1024
-    text = cli("toolkit", "models")
+    text = cli_in_process("toolkit", "models")
     assert text.returncode == 0 and "resnet18" in text.stdout and "int8 B/smp" in text.stdout
 
 
