@@ -8,7 +8,10 @@
   ``ARTIFACTS = {...}`` dict of :func:`exported` options (none: the defaults).
 * ``embedded_broker`` / ``mosquitto_broker`` / ``broker``: one broker per test module.
 * ``procs``: a :class:`toolkit.lab.launch.ProcessGroup` whose processes run from the source
-  tree and are stopped when the test ends, logging to ``<tmp_path>/<name>.log``.
+  tree and are stopped when the test ends, logging to ``<tmp_path>/<name>.log``; a cloud
+  trainer that edges will feed starts through :func:`toolkit.lab.launch.start_cloud`.
+* ``cli`` runs a CLI as a real process; ``cli_in_process`` runs its ``main(argv)`` here, for
+  bad-input paths that end before any work (no second torch start-up).
 """
 
 from __future__ import annotations

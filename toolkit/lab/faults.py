@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from toolkit.lab.broker import MosquittoBroker, free_port
-from toolkit.lab.launch import LaunchError, ProcessGroup
+from toolkit.lab.launch import LaunchError, ProcessGroup, start_cloud
 
 
 class FaultError(LaunchError):
@@ -200,11 +200,17 @@ class Run:
         self.kills = {"broker": 0, "cloud": 0, "edge": 0, "link": 0}
 
     def start_cloud(self) -> None:
-        self.group.start("cloud", [
-            "cloud_trainer", "--artifacts", str(self.artifacts), "--broker", self.broker.url,
-            "--run-dir", str(self.run_dir), "--run-id", self.run, "--device-ids", self.device,
-            "--checkpoint-every", str(self.checkpoint_every), "--idle-timeout", "90",
-            "--threads", "1", "--quiet"])
+        """Start (or restart) the trainer and return once it is subscribed, so that an edge
+        started next publishes into its session (toolkit.lab.launch.start_cloud)."""
+        try:
+            start_cloud(self.group, [
+                "cloud_trainer", "--artifacts", str(self.artifacts), "--broker",
+                self.broker.url, "--run-dir", str(self.run_dir), "--run-id", self.run,
+                "--device-ids", self.device, "--checkpoint-every", str(self.checkpoint_every),
+                "--idle-timeout", "90", "--threads", "1", "--quiet"],
+                self.broker.url, self.run)
+        except LaunchError as exc:
+            raise FaultError(f"{exc}\n{self.group.tails()}") from None
 
     def start_edge(self) -> None:
         args = ["edge_runtime", "train", "--artifacts", str(self.artifacts),
