@@ -46,7 +46,7 @@ from toolkit.lab.broker import free_port
 # differences), so the bound is stated for 10 steps, with 100x headroom.
 WEIGHTS_TOL = 1e-4
 LOSS_TOL = 1e-4
-BATCH = 16
+BATCH = 32
 
 
 def _uid(prefix: str) -> str:
@@ -61,9 +61,11 @@ def _wait(pred, timeout: float, what: str, interval: float = 0.02) -> None:
         time.sleep(interval)
 
 
-ARTIFACTS = {"batch": BATCH, "lowering": "xnnpack"}
+ARTIFACTS = {"digits": True, "batch": BATCH, "exit_channels": 16, "verify": True,
+             "lowering": "xnnpack"}
 """conftest.exported options: the default lowering, which the ExecuTorch backend tests run
-(and one test reads from the manifest); artifacts, manifest and broker: tests/conftest.py"""
+(and one test reads from the manifest); the same export as tests/test_integration.py's, made
+once for both. artifacts, manifest and broker: tests/conftest.py"""
 
 
 class Collector:
@@ -151,7 +153,7 @@ def test_executorch_backend_resumes_from_a_state_dict(manifest):
 @pytest.mark.parametrize("backend", ["torch", "executorch"])
 def test_wrong_batch_shape_names_both_shapes(manifest, backend):
     be = make_backend(backend, manifest)
-    with pytest.raises(HiertrainError, match=r"\[8, 1, 8, 8\].*\[16, 1, 8, 8\]"):
+    with pytest.raises(HiertrainError, match=rf"\[8, 1, 8, 8\].*\[{BATCH}, 1, 8, 8\]"):
         be.step(torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.int64))
     with pytest.raises(HiertrainError, match="unknown backend"):
         make_backend("tflite", manifest)
