@@ -152,9 +152,9 @@ def _follow(watcher: StatusWatcher, group: ProcessGroup, expected: int, n_edges:
                     b.refresh()
             elif time.monotonic() - last_line > 10:
                 last_line = time.monotonic()
-                edges = ", ".join(f"{d} {n}" for d, n in sorted(sent.items()))
-                print(f"  cloud trained {trained}/{expected}; sent (at epoch ends): {edges}",
-                      file=sys.stderr, flush=True)
+                edges = ", ".join(f"{d} {n}" for d, n in sorted(sent.items())) or "none yet"
+                print(f"  cloud trained {trained}/{expected}; edges sent (at epoch ends): "
+                      f"{edges}", file=sys.stderr, flush=True)
             group.check(live)
             if time.monotonic() > deadline:
                 raise HiertrainError(f"the demo did not finish within {DEMO_TIMEOUT_S:.0f} s")
