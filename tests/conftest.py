@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,16 @@ EXPORT_DEFAULTS: dict[str, Any] = {
 }
 
 
+CLI_PACKAGES = {"toolkit": "toolkit", "edge-runtime": "edge_runtime",
+                "cloud-trainer": "cloud_trainer"}
+"""Console entry point -> its package (``python -m <package>``; ``main`` in ``<package>.cli``)."""
+
+
 def run_cli(
     *args: str, timeout: float = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run one of the console entry points as a real OS process."""
-    module = {"toolkit": "toolkit", "edge-runtime": "edge_runtime",
-              "cloud-trainer": "cloud_trainer"}[args[0]]
+    module = CLI_PACKAGES[args[0]]
     return subprocess.run(
         [sys.executable, "-m", module, *args[1:]], capture_output=True, text=True,
         timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
@@ -65,9 +70,7 @@ def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
     import importlib
     import io
 
-    module = {"toolkit": "toolkit.cli", "edge-runtime": "edge_runtime.cli",
-              "cloud-trainer": "cloud_trainer.cli"}[args[0]]
-    main = importlib.import_module(module).main
+    main = importlib.import_module(f"{CLI_PACKAGES[args[0]]}.cli").main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -75,6 +78,16 @@ def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
         except SystemExit as exc:  # argparse's usage errors and --help
             code = exc.code if isinstance(exc.code, int) else 1
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.02) -> None:
+    """Poll ``pred`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
 
 
 TIMING_MODULES = ("test_shaping", "test_faults", "test_provisioning", "test_serial_link")

@@ -21,6 +21,7 @@ from edge_runtime.cli import main
 from edge_runtime.infer import InferConfig, InferEngine, run_inference
 from edge_runtime.publisher import Publisher
 from edge_runtime.train import TrainConfig, load_training_data, run_training
+from tests.conftest import wait_until
 from toolkit.build.parity import relative_errors
 from toolkit.core.data.datasets import batches, load_dataset, normalize
 from toolkit.core.errors import BrokerUnreachableError, HiertrainError
@@ -51,14 +52,6 @@ BATCH = 32
 
 def _uid(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(3)}"
-
-
-def _wait(pred, timeout: float, what: str, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 ARTIFACTS = {"digits": True, "batch": BATCH, "exit_channels": 16, "verify": True,
@@ -186,8 +179,9 @@ def test_training_publishes_every_batch_once_with_weights_and_status(
             report=tmp_path / "report.json"))
         n = summary["batches_published"]
         assert n == 2 * (320 // BATCH) and summary["samples_published"] == n * BATCH
-        _wait(lambda: len(sub.get(topics[0])) >= n, 20, f"{n} activation messages")
-        _wait(lambda: any(s.state == "done" for s in sub.statuses(topics[2])), 10, "done status")
+        wait_until(lambda: len(sub.get(topics[0])) >= n, 20, f"{n} activation messages")
+        wait_until(lambda: any(s.state == "done" for s in sub.statuses(topics[2])), 10,
+                   "done status")
         acts = [decode(p, expected_run_id=run) for p in sub.get(topics[0])]
         statuses = sub.statuses(topics[2])
         weights = sub.get(topics[1])
@@ -325,18 +319,18 @@ def test_killed_edge_leaves_a_retained_offline_status(artifacts, broker, tmp_pat
         "--device-id", dev, "--run-id", run, "--epochs", "500", "--backend", "torch", "--quiet",
         "--state-dir", str(tmp_path)])
     try:
-        _wait(lambda: len(sub.get(act_topic(run, dev))) >= 5 or proc.poll() is not None, 60,
+        wait_until(lambda: len(sub.get(act_topic(run, dev))) >= 5 or proc.poll() is not None, 60,
               "the edge process to publish activations")
         assert proc.poll() is None, procs.tail("edge")
         procs.kill("edge")  # SIGKILL: no clean disconnect, so the broker sends the will
-        _wait(lambda: any(s.state == "offline" for s in sub.statuses(topic)), 15,
+        wait_until(lambda: any(s.state == "offline" for s in sub.statuses(topic)), 15,
               "the last will")
     finally:
         procs.kill("edge")
         sub.close()
     late = Collector(broker.url, [topic])  # a node joining later sees the retained will
     try:
-        _wait(lambda: bool(late.get(topic)), 10, "the retained status")
+        wait_until(lambda: bool(late.get(topic)), 10, "the retained status")
         assert late.statuses(topic)[-1].state == "offline"
     finally:
         late.close()

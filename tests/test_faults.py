@@ -25,7 +25,7 @@ import pytest
 
 from edge_runtime.publisher import Publisher
 from edge_runtime.spool import Spool
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
 from toolkit.core.errors import HiertrainError
 from toolkit.core.protocol.messages import Ack
@@ -135,9 +135,7 @@ def test_publisher_keeps_batches_until_acked_and_resends_when_the_cloud_restarts
             assert not pub.submit("hiertrain/r/e0/act", b"3", seq=3)  # spooled before
             # The subscriber can see a resend before its PUBACK reaches the publisher,
             # which counts it after the PUBACK: wait (bounded) for the count to land.
-            deadline = time.monotonic() + 10
-            while pub.stats.resent < 3 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_until(lambda: pub.stats.resent >= 3, 10, "the third resend to be counted")
             assert pub.stats.resent == 3 and pub.stats.rewinds == 2 and pub.stats.skipped == 1
             assert pub.stats.confirmed == 4
         finally:

@@ -10,14 +10,16 @@ the module.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
 import sys
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -44,7 +46,13 @@ def stderr_silenced():
         os.close(fd)
 
 
-_RUNTIME: dict[str, Any] = {}
+@contextlib.contextmanager
+def _quiet():
+    """The runtime's entry points warn that the API is experimental on every call, and its
+    CPU probe prints to fd 2 on first load."""
+    with warnings.catch_warnings(), stderr_silenced():
+        warnings.simplefilter("ignore")
+        yield
 
 
 @contextlib.contextmanager
@@ -77,38 +85,33 @@ def _exir_init_skipped():
             delattr(parent, "exir")
 
 
-def _runtime() -> dict[str, Any]:
+class _Runtime(NamedTuple):
+    backends: Callable[[], Any]
+    load: Callable[[bytes], Any]
+    load_training: Callable[[bytes], Any]
+    sgd: Callable[..., Any]
+
+
+@functools.cache
+def _runtime() -> _Runtime:
     """The ExecuTorch runtime entry points (loaders, SGD), imported once, quietly, without
     the build stack (:func:`_exir_init_skipped`)."""
-    if not _RUNTIME:
-        with _quiet(), _exir_init_skipped():
-            from executorch.extension.pybindings import portable_lib
-            from executorch.extension.training import (
-                _load_for_executorch_for_training_from_buffer,
-                get_sgd_optimizer,
-            )
-
-        _RUNTIME.update(
-            backends=portable_lib._get_registered_backend_names,
-            load=portable_lib._load_for_executorch_from_buffer,
-            load_training=_load_for_executorch_for_training_from_buffer,
-            sgd=get_sgd_optimizer,
+    with _quiet(), _exir_init_skipped():
+        from executorch.extension.pybindings import portable_lib
+        from executorch.extension.training import (
+            _load_for_executorch_for_training_from_buffer,
+            get_sgd_optimizer,
         )
-    return _RUNTIME
 
-
-@contextlib.contextmanager
-def _quiet():
-    """The runtime's entry points warn that the API is experimental on every call, and its
-    CPU probe prints to fd 2 on first load."""
-    with warnings.catch_warnings(), stderr_silenced():
-        warnings.simplefilter("ignore")
-        yield
+    return _Runtime(backends=portable_lib._get_registered_backend_names,
+                    load=portable_lib._load_for_executorch_from_buffer,
+                    load_training=_load_for_executorch_for_training_from_buffer,
+                    sgd=get_sgd_optimizer)
 
 
 def registered_backends() -> list[str]:
     """Delegate backends this ExecuTorch runtime can run (e.g. ``XnnpackBackend``)."""
-    load = _runtime()["backends"]
+    load = _runtime().backends
     with _quiet():
         return list(load())
 
@@ -119,7 +122,7 @@ class TrainingProgram:
     def __init__(self, data: bytes):
         self._data = bytes(data)  # owned: the runtime points into it
         self._first = True
-        load = _runtime()["load_training"]
+        load = _runtime().load_training
         with _quiet():
             self.module = load(self._data)
 
@@ -144,7 +147,7 @@ class TrainingProgram:
 
     def sgd(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
             nesterov: bool = False):
-        return _runtime()["sgd"](self.named_parameters(), lr, momentum, 0.0, weight_decay,
+        return _runtime().sgd(self.named_parameters(), lr, momentum, 0.0, weight_decay,
                                  nesterov)
 
 
@@ -153,7 +156,7 @@ class InferenceProgram:
 
     def __init__(self, data: bytes):
         self._data = bytes(data)
-        load = _runtime()["load"]
+        load = _runtime().load
         with _quiet():
             self.module = load(self._data)
         self._first = True
