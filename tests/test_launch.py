@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.lab.launch import LaunchError, ProcessGroup
+from toolkit.lab.launch import LaunchError, ProcessGroup, start_cloud
 
 SLEEPER = "import sys, time; print('up', flush=True); print('to stderr', file=sys.stderr); " \
           "time.sleep(60)"
@@ -61,3 +61,25 @@ def test_leaving_the_group_stops_what_still_runs(tmp_path: Path) -> None:
     with ProcessGroup(tmp_path) as procs:
         p = procs.start("sleeper", ["http.server", "0", "--bind", "127.0.0.1"])
     assert p.poll() is not None
+
+
+@pytest.mark.mqtt
+def test_start_cloud_reports_a_trainer_that_fails_or_never_comes_online(
+        tmp_path: Path, embedded_broker) -> None:
+    """``start_cloud`` (demo, bench, fault kit) returns only for a subscribed trainer: one that
+    exits is reported with its own one-line error, one that never says "online" at the
+    deadline, and neither is left running."""
+    url = embedded_broker.url
+    with ProcessGroup(tmp_path) as procs:
+        with pytest.raises(LaunchError, match=r"(?s)cloud exited with 3 .*error: .*manifest"):
+            start_cloud(procs, ["cloud_trainer", "--artifacts", str(tmp_path / "none"),
+                                "--broker", url, "--run-dir", str(tmp_path / "run"),
+                                "--run-id", "r", "--quiet"], url, "r")
+    with ProcessGroup(tmp_path / "second") as procs:  # a group reports any failed member
+        t = time.monotonic()
+        with pytest.raises(LaunchError, match="the cloud trainer did not come online within 2 s"):
+            # a process that lives but never publishes a cloud status
+            start_cloud(procs, ["http.server", "0", "--bind", "127.0.0.1"], url, "r",
+                        name="quiet", timeout=2)
+        assert time.monotonic() - t < 15
+    assert procs.returncode("quiet") is not None  # stopped on leaving the group
