@@ -8,8 +8,13 @@ summation order (tests/test_edge_runtime.py measures how close).
 
 BatchNorm running statistics live on the host in both cases: the training program
 normalises with batch statistics and returns them as extra outputs (see
-``toolkit.core.models.rewrites.HostStatsBatchNorm2d``), and ``EdgeTrainStep.apply_stats`` folds
-them into the running statistics after every step.
+``toolkit.core.models.rewrites.HostStatsBatchNorm2d``), and ``EdgeTrainStep.apply_stats``
+(torch) or ``edge_runtime.host_state.HostStats`` (ExecuTorch) folds them into the running
+statistics after every step, with the same operations.
+
+The ExecuTorch backend builds no PyTorch model: everything it needs besides the program
+comes from the artifacts (``edge_runtime.host_state``), so a board never runs torch's own
+convolution or matrix kernels (they die with SIGILL on a Cortex-A72 with the index's torch).
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from edge_runtime.config import BACKENDS
+from edge_runtime.host_state import HostStats, check_state, initial_state
 from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.errors import HiertrainError
-from toolkit.core.models.edge_program import EdgeTrainStep
-from toolkit.core.models.segments import load_segments
+
+if TYPE_CHECKING:
+    from toolkit.core.models.edge_program import EdgeTrainStep
 
 EDGE_TRAIN = "edge_train.pte"
 
@@ -94,12 +102,8 @@ class EdgeBackend(ABC):
 
 
 def _load_checked(module: EdgeTrainStep, state: Mapping[str, torch.Tensor], what: str) -> None:
-    try:
-        module.load_state_dict(dict(state))
-    except RuntimeError as exc:
-        raise HiertrainError(
-            f"{what} does not fit the edge model in the manifest: {str(exc).splitlines()[0]}"
-        ) from None
+    check_state(module.state_dict(), state, what)
+    module.load_state_dict(dict(state))
 
 
 class TorchBackend(EdgeBackend):
@@ -112,6 +116,8 @@ class TorchBackend(EdgeBackend):
     name = "torch"
 
     def __init__(self, manifest: Manifest) -> None:
+        from toolkit.core.models.segments import load_segments  # eager model: torch only
+
         super().__init__(manifest)
         self.module: EdgeTrainStep = load_segments(manifest).step.train()
         self.optimizer = torch.optim.SGD(
@@ -145,10 +151,10 @@ class TorchBackend(EdgeBackend):
 class ExecuTorchBackend(EdgeBackend):
     """The exported ``edge_train.pte`` in the ExecuTorch runtime, as it runs on a board.
 
-    The program owns the trainable parameters; a host copy of ``EdgeTrainStep``
-    holds only the BN running statistics (updated every step from the program's
-    extra outputs). ``state_dict()`` merges the two, so parameters and statistics
-    always travel together under the same keys as the torch backend's.
+    The program owns the trainable parameters; the host keeps the BN running statistics
+    (updated every step from the program's extra outputs) and the rest of the exported
+    state. ``state_dict()`` merges the two under the same keys, in the same order, as the
+    torch backend's ``EdgeTrainStep.state_dict()``.
     """
 
     name = "executorch"
@@ -166,7 +172,10 @@ class ExecuTorchBackend(EdgeBackend):
                 "math on ExecuTorch's own kernels) or use --backend torch"
             )
         self.program = TrainingProgram.from_file(manifest.path(EDGE_TRAIN))
-        self.host: EdgeTrainStep = load_segments(manifest).step.eval()  # stats holder only
+        # Keys, shapes and the values the program does not own (BN statistics, any other
+        # buffer); the parameters in here are the exported ones until the first step.
+        self.host = initial_state(manifest)
+        self.stats = HostStats.from_manifest(manifest, self.host)
         self._optimizer = None  # ExecuTorch's SGD needs named_parameters: after the 1st run
         self._ran = False
 
@@ -183,7 +192,7 @@ class ExecuTorchBackend(EdgeBackend):
                 self.lr, self.momentum, self.weight_decay, self.nesterov
             )
         self._optimizer.step(self.program.named_gradients())
-        self.host.apply_stats(outs[3:])
+        self.stats.apply(outs[3:])
         return StepResult(loss=float(outs[0]), cut=outs[1], exit_logits=outs[2])
 
     def _materialize(self) -> None:
@@ -198,19 +207,20 @@ class ExecuTorchBackend(EdgeBackend):
             self._forward_backward(x, y)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {k: v.detach().clone() for k, v in self.host.state_dict().items()}
-        if self._ran:  # before the first step the program still holds the exported weights
-            for name, tensor in self.program.named_parameters().items():
-                state[name] = tensor.detach().clone()
-        return state
+        # before the first step the program still holds the exported weights
+        params = self.program.named_parameters() if self._ran else {}
+        return {k: params.get(k, v).detach().clone() for k, v in self.host.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load BN stats into the host step and copy_ parameters into the program in place.
+        """Load BN stats into the host and copy_ parameters into the program in place.
 
         Runs a throw-away step first if the program has not run yet (see
         ``_materialize``); the SGD momentum buffers are not part of the state.
         """
-        _load_checked(self.host, state, "the given edge state")
+        check_state(self.host, state, "the given edge state")
+        with torch.no_grad():
+            for key, tensor in self.host.items():
+                tensor.copy_(state[key].to(tensor.dtype))
         self._materialize()
         params = self.program.named_parameters()
         with torch.no_grad():

@@ -30,13 +30,13 @@ from typing import Any
 import torch
 
 from edge_runtime.config import BACKENDS, InferConfig
+from edge_runtime.host_state import check_state, initial_state
 from edge_runtime.link import connect_edge
 from edge_runtime.progress import progress_bar
 from toolkit.core.artifacts.manifest import Manifest, load_manifest
 from toolkit.core.artifacts.safeload import load_weights
 from toolkit.core.data.datasets import load_dataset, normalize
 from toolkit.core.errors import HiertrainError, RunIncompleteError, WireError
-from toolkit.core.models.segments import load_segments
 from toolkit.core.protocol.codec import BatchMeta, codec_for
 from toolkit.core.protocol.messages import decode_infer_reply, decode_weights
 from toolkit.core.protocol.quant import QuantScheme
@@ -60,30 +60,31 @@ __all__ = ["InferConfig", "InferEngine", "fetch_retained_weights", "format_table
 
 
 class InferEngine:
-    """``run(x[1, C, H, W]) -> (cut, exit_logits)`` with given edge weights."""
+    """``run(x[1, C, H, W]) -> (cut, exit_logits)`` with given edge weights.
+
+    On ``executorch`` no PyTorch model is built: the program takes the weights as inputs,
+    by the names the manifest lists (``edge_runtime.host_state`` says why).
+    """
 
     def __init__(self, backend: str, manifest: Manifest, state: Mapping[str, torch.Tensor]):
         if backend not in BACKENDS:
             raise HiertrainError(
                 f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}"
             )
-        built = load_segments(manifest)
-        try:
-            built.step.load_state_dict(dict(state))
-        except RuntimeError as exc:
-            raise HiertrainError(
-                f"the edge weights do not fit the model in {manifest.root}: "
-                f"{str(exc).splitlines()[0]}"
-            ) from None
+        check_state(initial_state(manifest), state, f"the edge state for {manifest.root}")
         self.backend = backend
-        self.module = built.infer_module().eval()
         if backend == "executorch":
             from toolkit.core.et_program import InferenceProgram
 
             self.program = InferenceProgram.from_file(manifest.path(EDGE_INFER))
             names = manifest.data["programs"]["edge_infer"]["weights"]
-            tensors = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
-            self.weights = [tensors[n].detach().to(torch.float32).contiguous() for n in names]
+            self.weights = [state[n].detach().to(torch.float32).contiguous() for n in names]
+        else:
+            from toolkit.core.models.segments import load_segments  # eager model: torch only
+
+            built = load_segments(manifest)
+            built.step.load_state_dict(dict(state))
+            self.module = built.infer_module().eval()
 
     @torch.no_grad()
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +163,7 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
     meta: dict[str, Any] = {"source": "initial"}
     state: dict[str, torch.Tensor] | None = None
     if cfg.weights is None:
-        state = load_segments(manifest).step.state_dict()
+        state = initial_state(manifest)
     elif str(cfg.weights) != RETAINED:
         state = _load_weights_file(Path(cfg.weights))
         meta = {"source": str(cfg.weights)}

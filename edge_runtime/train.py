@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -167,6 +168,7 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
         summary = mode_loop(mode)(cfg, manifest, codec, scheme, ds, backend, link, run,
                                    device)
         summary["setup_s"] = round(setup_s, 3)
+        summary["machine"] = platform.machine()  # the board's architecture, e.g. aarch64
         # Wall-clock stamps (not monotonic): toolkit bench lines them up with the
         # cloud trainer's on the same machine to time a whole run.
         summary["started_unix"] = started_unix

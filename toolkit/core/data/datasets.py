@@ -373,7 +373,14 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     to the same arrays."""
     path = _digits_csv()
     if path is None:
-        from sklearn.datasets import load_digits
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise HiertrainError(
+                "the digits dataset comes with scikit-learn, which is not installed here (a "
+                "board install leaves it out); pass --data with your own .npz or image folder, "
+                "or pip install scikit-learn"
+            ) from None
 
         d = load_digits()
         return d.images.astype(np.float32), d.target.astype(np.int64)
