@@ -6,7 +6,7 @@
 # Needs root (apt-get) and the package index; downloads ~3 GB once; re-running reuses what is there.
 set -euo pipefail
 DIR=$(mkdir -p "${1:-/var/cache/hiertrain/aarch64}" && cd "${1:-/var/cache/hiertrain/aarch64}" && pwd); shift || true
-ROOT=$DIR/sysroot SITE=$DIR/site CUDA=$DIR/cuda WHL=$DIR/wheels
+ROOT=$DIR/sysroot CUDA=$DIR/cuda WHL=$DIR/wheels
 command -v qemu-aarch64-static >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static gcc-aarch64-linux-gnu >/dev/null; }
 command -v aarch64-linux-gnu-gcc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null
 # 1. Debian's arm64 Python, unpacked into a private sysroot. Never `apt-get install python3:arm64`:
@@ -41,12 +41,16 @@ done
 #    libraries, so they are unpacked beside it (no GPU is used). One (CUPTI 13) has no aarch64 wheel on the
 #    index: a stub with the symbols libtorch_cpu links (only the profiler ever calls them) stands in.
 P="--platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 --platform manylinux_2_18_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 --platform any --python-version 3.11 --implementation cp --only-binary=:all:"
+#    The packages are the board's install list, requirements/board.txt (--no-deps, as docs/deploy.md
+#    says): one site directory per version of the list, so the tests run what the docs tell a user.
+REQ=$(cd "$(dirname "$0")/.." && pwd)/requirements/board.txt
+SITE=$DIR/site-$(sha256sum "$REQ" | cut -c1-12)
 mkdir -p "$WHL"
 if [ ! -d "$SITE/torch" ]; then
-  pip download -q --no-deps -d "$WHL" $P torch==2.14.1 executorch==1.5.1 numpy filelock typing-extensions sympy mpmath \
-    networkx jinja2 markupsafe fsspec flatbuffers packaging pyyaml ruamel.yaml tabulate "torchao>=0.18,<0.19" \
-    paho-mqtt jsonschema jsonschema-specifications referencing rpds-py attrs tqdm cobs pyserial "$@"
-  mkdir -p "$SITE"; for w in "$WHL"/*.whl; do unzip -o -q "$w" -d "$SITE"; done
+  rm -rf "$WHL/board" && mkdir -p "$WHL/board"
+  pip download -q --no-deps -d "$WHL/board" --find-links "$WHL" $P -r "$REQ" "$@"
+  rm -rf "$SITE.tmp" && mkdir -p "$SITE.tmp"; for w in "$WHL"/board/*.whl; do unzip -o -q "$w" -d "$SITE.tmp"; done
+  mv "$SITE.tmp" "$SITE"
 fi
 if [ ! -d "$CUDA/nvidia/cu13" ]; then
   pip download -q --no-deps -d "$WHL/cuda" $P nvidia-cublas nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft \

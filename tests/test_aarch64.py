@@ -108,7 +108,7 @@ def test_programs_train_and_infer_as_on_x86(core, board_python, reference, tmp_p
     spec, ref = reference
     out = tmp_path / "aarch64.pt"
     took = _run([str(board_python), "tests/board_steps.py", str(spec), str(out)],
-                {"HT_QEMU_CPU": core}, EMULATED_TIMEOUT_S)
+                {"HT_QEMU_CPU": core, "PYTHONPATH": str(REPO)}, EMULATED_TIMEOUT_S)
     got = torch.load(out, weights_only=True)
     assert got["machine"] == "aarch64" and ref["machine"] == "x86_64"
     worst = {}
