@@ -1,0 +1,72 @@
+"""A board's process: the edge trains and infers on ExecuTorch with none of torch's own
+convolution or matrix kernels and none of the build side, models or lab libraries loaded.
+
+Why it matters: on a Cortex-A72 (Raspberry Pi 4) the package index's torch dies with SIGILL
+in those kernels (tests/test_aarch64.py runs the same script there), and a board installs
+only ``requirements/board.txt``. Here, on x86, ``tests/board_steps.py`` (training steps,
+state, inference: what the edge runtime does) runs in a fresh process with the modules a
+board does not have made unimportable, under a dispatch mode that records every ATen
+operator torch runs eagerly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16, "verify": True,
+             "lowering": "xnnpack"}
+"""conftest.exported options: test_integration's export (shared in the session)"""
+
+NOT_ON_A_BOARD = ["toolkit.build", "toolkit.plan", "toolkit.lab", "toolkit.deploy", "toolkit.cli",
+                  "toolkit.core.models", "cloud_trainer", "torchvision", "sklearn", "matplotlib",
+                  "amqtt", "executorch.exir.passes"]
+EAGER_COMPUTE = ("convolution", "mm", "addmm", "bmm", "matmul", "linear", "_convolution",
+                 "mkldnn", "batch_norm", "native_batch_norm", "max_pool", "avg_pool")
+
+SCRIPT = """
+import json, sys
+for name in {blocked!r}:
+    sys.modules[name] = None  # "import name" now raises ImportError
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class Recorder(TorchDispatchMode):
+    ops = set()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        Recorder.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {{}}))
+
+sys.path.insert(0, "tests")
+import board_steps
+with Recorder():
+    board_steps.main([{spec!r}, {out!r}])
+print(json.dumps(sorted(Recorder.ops)))
+"""
+
+
+def test_edge_trains_and_infers_without_eager_kernels_or_build_side(artifacts, manifest,
+                                                                    tmp_path):
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x": torch.randn(2, manifest.batch_size, *manifest.input_shape, generator=g),
+                "y": torch.randint(0, 10, (2, manifest.batch_size), generator=g),
+                "infer_x": torch.randn(3, 1, *manifest.input_shape, generator=g)},
+               tmp_path / "inputs.pt")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"cases": [{"name": "smallcnn", "artifacts": str(artifacts),
+                                           "inputs": str(tmp_path / "inputs.pt")}]}))
+    out = tmp_path / "out.pt"
+    script = SCRIPT.format(blocked=NOT_ON_A_BOARD, spec=str(spec), out=str(out))
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ops = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ops, "the recorder saw no operator at all: it did not record"
+    assert not [op for op in ops if op.startswith(EAGER_COMPUTE)], ops
+    got = torch.load(out, weights_only=True)["cases"]["smallcnn"]
+    assert len(got["losses"]) == 2 and got["infer_logits"].shape == (3, manifest.num_classes)
