@@ -19,6 +19,7 @@ from typing import Any
 
 from cloud_trainer.checkpoint import atomic_write
 from toolkit.core.errors import HiertrainError
+from toolkit.core.optional import require
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,7 @@ class TrainWindow:
 
 def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Loss and accuracies against batches trained, as a PNG (matplotlib, Agg)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "cloud", "plotting training curves")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -7,6 +7,7 @@ reports, the fault tests, ``cloud-trainer --json``); they are all spelled here.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from cloud_trainer.checkpoint import (
 from cloud_trainer.evaluate import Evaluator
 from cloud_trainer.ingest import Ingest
 from cloud_trainer.metrics import CURVES, plot_curves
+from toolkit.core.errors import HiertrainError
 from toolkit.core.models.segments import FullModel
 from toolkit.core.transport import link_summary
 
@@ -36,7 +38,11 @@ def save_final_models(run_dir: Path, edge: nn.Module, cloud: nn.Module,
 
 
 def save_curves(run_dir: Path, records: list[dict[str, Any]], title: str) -> None:
-    plot_curves(records, run_dir / CURVES, title=title)
+    """The curves' PNG; a server installed without matplotlib keeps its metrics, warned."""
+    try:
+        plot_curves(records, run_dir / CURVES, title=title)
+    except HiertrainError as exc:
+        logging.getLogger("cloud_trainer").warning("no %s: %s", CURVES, exc)
 
 
 def build_summary(

@@ -70,3 +70,41 @@ def test_edge_trains_and_infers_without_eager_kernels_or_build_side(artifacts, m
     assert not [op for op in ops if op.startswith(EAGER_COMPUTE)], ops
     got = torch.load(out, weights_only=True)["cases"]["smallcnn"]
     assert len(got["losses"]) == 2 and got["infer_logits"].shape == (3, manifest.num_classes)
+
+
+def _names(lines: list[str]) -> set[str]:
+    import re
+
+    out = set()
+    for line in lines:
+        line = line.split("#")[0].strip().strip('",')
+        if line:
+            out.add(re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0].lower().replace("_", "-"))
+    return out
+
+
+def test_board_install_list_is_the_base_install_plus_its_no_deps_closure():
+    """requirements/board.txt (installed with --no-deps) and pyproject's base dependencies
+    say the same thing; the board list adds only what --no-deps would otherwise miss."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    base = _names(project["dependencies"])
+    board = _names((REPO / "requirements/board.txt").read_text().splitlines())
+    assert base <= board, base - board
+    assert board - base == {"typing-extensions", "jsonschema-specifications", "referencing",
+                            "rpds-py", "attrs"}
+    for heavy in ("torchvision", "matplotlib", "scikit-learn", "amqtt", "pillow"):
+        assert heavy not in board and heavy not in base
+        assert heavy in _names(project["optional-dependencies"]["all"])
+
+
+def test_a_lean_install_names_the_extra_it_lacks(monkeypatch):
+    import pytest
+
+    from toolkit.core.errors import HiertrainError
+    from toolkit.core.models import build_model
+
+    monkeypatch.setitem(sys.modules, "torchvision.models.vgg", None)  # as if not installed
+    with pytest.raises(HiertrainError, match=r"the vgg16 model needs torchvision.*hiertrain\[cloud\]"):
+        build_model("vgg16", num_classes=10, input_shape=(3, 32, 32))

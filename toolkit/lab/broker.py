@@ -31,6 +31,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from toolkit.core.errors import HiertrainError
+from toolkit.core.optional import require
 from toolkit.core.transport.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ def _tracking_broker_class() -> Any:
     Imported lazily: amqtt pulls in websockets, transitions, dacite... which
     only the embedded broker needs.
     """
-    from amqtt.broker import Broker
+    Broker = require("amqtt.broker", "toolkit", "the embedded MQTT broker").Broker
 
     class TrackingBroker(Broker):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:

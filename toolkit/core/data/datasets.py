@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.core.errors import HiertrainError
+from toolkit.core.optional import require
 
 SPLITS = ("train", "test")
 """Split names :func:`load_dataset` accepts."""
@@ -296,7 +297,9 @@ def _holdout(labels: np.ndarray, split: str) -> np.ndarray:
     Stratified so that both sides have every class; falls back to a plain
     seeded split when some class is too small to be stratified.
     """
-    from sklearn.model_selection import train_test_split
+    train_test_split = require("sklearn.model_selection", "cloud",
+                               "splitting a data set without train/ and test/ into a hold-out"
+                               ).train_test_split
 
     idx = np.arange(len(labels))
     if len(idx) < 2:
@@ -603,6 +606,7 @@ def _load_image_folder(
     ``input_shape`` is applied while decoding (PIL resize, "L" for one channel)
     so that images of mixed sizes and modes can be stacked at all.
     """
+    require("torchvision", "images", "reading an image folder")
     from PIL import Image
     from torchvision import transforms
     from torchvision.datasets import ImageFolder

@@ -11,9 +11,12 @@ from collections import OrderedDict
 
 from torch import nn
 
+from toolkit.core.optional import require
+
 
 def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
-    from torchvision.models import resnet18  # lazy: torchvision costs ~1 s at start-up
+    # lazy: torchvision costs ~1 s at start-up, and a board's install has none
+    resnet18 = require("torchvision.models", "cloud", "the resnet18 model").resnet18
     net = resnet18(weights=None, num_classes=num_classes)
     stem = nn.Sequential(
         nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False),

@@ -20,9 +20,13 @@ from collections import OrderedDict
 
 from torch import nn
 
+from toolkit.core.optional import require
+
 
 def vgg16_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
-    from torchvision.models.vgg import cfgs, make_layers  # lazy: torchvision costs ~1 s at start-up
+    # lazy: torchvision costs ~1 s at start-up, and a board's install has none
+    tv_vgg = require("torchvision.models.vgg", "cloud", "the vgg16 model")
+    cfgs, make_layers = tv_vgg.cfgs, tv_vgg.make_layers
     features = make_layers(cfgs["D"], batch_norm=True)
     for i, layer in enumerate(features):
         if isinstance(layer, nn.Conv2d):
