@@ -106,5 +106,5 @@ def test_a_lean_install_names_the_extra_it_lacks(monkeypatch):
     from toolkit.core.models import build_model
 
     monkeypatch.setitem(sys.modules, "torchvision.models.vgg", None)  # as if not installed
-    with pytest.raises(HiertrainError, match=r"the vgg16 model needs torchvision.*hiertrain\[cloud\]"):
+    with pytest.raises(HiertrainError, match=r"vgg16 model needs torchvision.*hiertrain\[cloud"):
         build_model("vgg16", num_classes=10, input_shape=(3, 32, 32))
