@@ -148,8 +148,8 @@ def test_manifest_schema_rejects_wrong_fields(cli_export):
         (["--model", "smallcnn", "--board", "cray"], "unknown board 'cray'"),
         (["--model", "vgg16", "--input-shape", "3,16,16"], "too small for vgg16"),
         (["--model", "smallcnn", "--input-shape", "1,16,16"], "give --mean and --std"),
-        (["--model", "resnet18", "--split", "layer3", "--board", "small-512mb",
-          "--batch", "256"], "over the small-512mb budget of 192 MB; use --batch"),
+        (["--model", "resnet18", "--split", "layer3", "--board", "rpi4",
+          "--batch", "1024"], "over the rpi4 budget of 2048 MB; use --batch"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_nothing(cli_in_process, tmp_path, args, message):
@@ -208,8 +208,8 @@ def test_boards_are_listed_and_valid(cli):
     r = cli("toolkit", "boards", "--json")
     assert r.returncode == 0, r.stderr
     boards = {b["name"]: b for b in json.loads(r.stdout)}
-    assert {"rpi4", "rpi5", "jetson-orin-nano", "small-512mb"} <= set(boards)
-    assert boards["small-512mb"]["total_mb"] == 512
+    assert {"rpi4", "rpi5", "jetson-orin-nano"} <= set(boards)
+    assert boards["rpi4"]["total_mb"] == 4096
 
 
 def test_board_profile_from_a_path_and_its_errors(tmp_path):

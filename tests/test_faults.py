@@ -85,13 +85,13 @@ def test_spool_survives_reopen_and_blocks_when_full(tmp_path: Path) -> None:
 
 @pytest.mark.faults
 def test_spool_budget_comes_from_the_board_profile(tmp_path: Path) -> None:
-    good = Path(__file__).resolve().parents[1] / "firmware_configs" / "small-512mb.yaml"
-    assert load_board("small-512mb").spool_mb == 64 and load_board("rpi4").spool_mb == 512
+    good = Path(__file__).resolve().parents[1] / "firmware_configs" / "rpi5.yaml"
+    assert load_board("rpi5").spool_mb == 1024 and load_board("rpi4").spool_mb == 512
     p = tmp_path / "mine.yaml"
-    p.write_text(good.read_text().replace("spool_mb: 64", "spool_mb: -5"))
+    p.write_text(good.read_text().replace("spool_mb: 1024", "spool_mb: -5"))
     with pytest.raises(HiertrainError, match="'mqtt.spool_mb' must be a positive int"):
         load_board(str(p))
-    p.write_text(good.read_text().replace("  spool_mb: 64\n", ""))
+    p.write_text(good.read_text().replace("  spool_mb: 1024\n", ""))
     assert load_board(str(p)).spool_mb == DEFAULT_SPOOL_MB
 
 
