@@ -41,9 +41,9 @@ done
 #    libraries, so they are unpacked beside it (no GPU is used). One (CUPTI 13) has no aarch64 wheel on the
 #    index: a stub with the symbols libtorch_cpu links (only the profiler ever calls them) stands in.
 P="--platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 --platform manylinux_2_18_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 --platform any --python-version 3.11 --implementation cp --only-binary=:all:"
-#    The packages are the board's install list, requirements/board.txt (--no-deps, as docs/deploy.md
+#    The packages are the board's install list, toolkit/deploy/board-requirements.txt (--no-deps, as docs/deploy.md
 #    says): one site directory per version of the list, so the tests run what the docs tell a user.
-REQ=$(cd "$(dirname "$0")/.." && pwd)/requirements/board.txt
+REQ=$(cd "$(dirname "$0")/.." && pwd)/toolkit/deploy/board-requirements.txt
 SITE=$DIR/site-$(sha256sum "$REQ" | cut -c1-12)
 mkdir -p "$WHL"
 if [ ! -d "$SITE/torch" ]; then

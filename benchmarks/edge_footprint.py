@@ -3,10 +3,10 @@
 Three kinds of rows, appended to the results file as each finishes (a rerun skips rows
 already there, so an interrupted run resumes):
 
-- ``install``: bytes on disk of the board install (``requirements/board.txt`` plus hiertrain),
-  on this x86 machine (the installed distributions' files) and in the emulated aarch64
-  environment (``.ci/aarch64-env.sh``: the unpacked wheels; the CUDA libraries the index's
-  aarch64 torch needs are counted apart, a CPU-only torch has none).
+- ``install``: bytes on disk of the board install (``toolkit/deploy/board-requirements.txt``
+  plus hiertrain), on this x86 machine (the installed distributions' files) and in the
+  emulated aarch64 environment (``.ci/aarch64-env.sh``: the unpacked wheels; the CUDA
+  libraries the index's aarch64 torch needs are counted apart, a CPU-only torch has none).
 - ``import``: seconds to import the edge's training path and the ExecuTorch runtime in a
   fresh process (median of 3 on x86; one emulated Cortex-A72 run, which times qemu and not
   a Pi: stated in the row).
@@ -44,7 +44,7 @@ from toolkit.core.data.datasets import digits_stats
 from toolkit.lab.broker import MosquittoBroker
 
 ROOT = Path(__file__).resolve().parents[1]
-BOARD_REQ = ROOT / "requirements/board.txt"
+BOARD_REQ = ROOT / "toolkit/deploy/board-requirements.txt"
 AARCH64_ENV = Path(os.environ.get("HT_AARCH64_ENV", "/var/cache/hiertrain/aarch64"))
 BATCHES = 4
 IMPORT = ("import time; t = time.perf_counter(); import edge_runtime.cli, edge_runtime.train, "
@@ -95,9 +95,9 @@ def install_rows() -> list[dict]:
         rows.append({"kind": "install", "arch": "aarch64", "mb": round(dir_bytes(site) / 2**20, 1),
                      "torch_mb": round(dir_bytes(site / "torch") / 2**20, 1),
                      "cuda_libs_mb": round(dir_bytes(AARCH64_ENV / "cuda") / 2**20, 1),
-                     "note": "requirements/board.txt unpacked (.ci/aarch64-env.sh); the index's "
-                             "aarch64 torch is a CUDA build and also needs cuda_libs_mb, which a "
-                             "CPU-only torch does not"})
+                     "note": "toolkit/deploy/board-requirements.txt unpacked (.ci/aarch64-env.sh); "
+                             "the index's aarch64 torch is a CUDA build and also needs "
+                             "cuda_libs_mb, which a CPU-only torch does not"})
     return rows
 
 

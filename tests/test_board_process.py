@@ -3,9 +3,9 @@ convolution or matrix kernels and none of the build side, models or lab librarie
 
 Why it matters: on a Cortex-A72 (Raspberry Pi 4) the package index's torch dies with SIGILL
 in those kernels (tests/test_aarch64.py runs the same script there), and a board installs
-only ``requirements/board.txt``. Here, on x86, ``tests/board_steps.py`` (training steps,
-state, inference: what the edge runtime does) runs in a fresh process with the modules a
-board does not have made unimportable, under a dispatch mode that records every ATen
+only ``toolkit/deploy/board-requirements.txt``. Here, on x86, ``tests/board_steps.py``
+(training steps, state, inference: what the edge runtime does) runs in a fresh process with
+the modules a board does not have made unimportable, under a dispatch mode that records every ATen
 operator torch runs eagerly.
 """
 
@@ -84,13 +84,14 @@ def _names(lines: list[str]) -> set[str]:
 
 
 def test_board_install_list_is_the_base_install_plus_its_no_deps_closure():
-    """requirements/board.txt (installed with --no-deps) and pyproject's base dependencies
-    say the same thing; the board list adds only what --no-deps would otherwise miss."""
+    """toolkit/deploy/board-requirements.txt (installed with --no-deps) and pyproject's base
+    dependencies say the same thing; the board list adds only what --no-deps would otherwise
+    miss."""
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     base = _names(project["dependencies"])
-    board = _names((REPO / "requirements/board.txt").read_text().splitlines())
+    board = _names((REPO / "toolkit/deploy/board-requirements.txt").read_text().splitlines())
     assert base <= board, base - board
     assert board - base == {"typing-extensions", "jsonschema-specifications", "referencing",
                             "rpds-py", "attrs"}

@@ -1,7 +1,7 @@
 """Imports of what a lean install leaves out, failing in one line that names the extra to add.
 
-A board installs ``requirements/board.txt`` (the edge runtime's imports, nothing more) and a
-server ``hiertrain[cloud]``; the build machine ``hiertrain[all]``. The extras are in
+A board installs ``toolkit/deploy/board-requirements.txt`` (the edge runtime's imports, nothing
+more) and a server ``hiertrain[cloud]``; the build machine ``hiertrain[all]``. The extras are in
 ``pyproject.toml``; docs/deploy.md says which install needs which.
 """
 
