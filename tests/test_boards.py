@@ -1,0 +1,91 @@
+"""Board profiles ship inside the wheel: a board's venv has no repository.
+
+``firmware_configs/`` at the top of the repository is the one source of truth; it is a
+data-only package, so the wheel carries its YAML files and ``toolkit.core.artifacts.boards``
+finds them through ``importlib.resources`` in an installed copy. Building the wheel takes
+about two seconds (offline: ``pip wheel --no-build-isolation``, no dependencies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SOURCES = ("pyproject.toml", "README.md", "toolkit", "edge_runtime", "cloud_trainer",
+           "firmware_configs")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel built from a copy of the sources (a build in the tree would leave build/ and
+    *.egg-info behind, and race with the other xdist worker)."""
+    src = tmp_path_factory.mktemp("src")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in SOURCES:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=ignore)
+        else:
+            shutil.copy2(path, src / name)
+    dist = tmp_path_factory.mktemp("dist")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "--no-index", "-q", "-w", str(dist), str(src)],
+                       capture_output=True, text=True, timeout=300, cwd=src)
+    assert r.returncode == 0, r.stderr
+    (whl,) = dist.glob("hiertrain-*.whl")
+    return whl
+
+
+def test_the_wheel_carries_every_board_profile_and_schema(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    profiles = sorted(p.name for p in (REPO / "firmware_configs").glob("*.yaml"))
+    assert len(profiles) >= 4
+    for name in profiles:
+        assert f"firmware_configs/{name}" in names
+    schemas = sorted(p.name for p in (REPO / "toolkit/core/artifacts/schemas").glob("*.json"))
+    for name in schemas:
+        assert f"toolkit/core/artifacts/schemas/{name}" in names
+
+
+def test_an_installed_copy_outside_the_repository_loads_its_profiles(
+        wheel: Path, tmp_path: Path) -> None:
+    """The wheel unpacked (what pip installs of a pure-Python wheel) away from the
+    repository: ``toolkit boards`` material comes from the installed copy, and
+    ``$HIERTRAIN_BOARDS`` still overrides it."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "robot.yaml").write_text(
+        (REPO / "firmware_configs/rpi4.yaml").read_text().replace("name: rpi4", "name: robot"))
+    code = ("import json, toolkit.core.artifacts.boards as b; "
+            "print(json.dumps({'module': b.__file__, 'dir': str(b.configs_dir()), "
+            "'boards': b.list_boards(), 'spool': b.load_board('rpi4').spool_mb}))")
+    env = {k: v for k, v in os.environ.items() if k != "HIERTRAIN_BOARDS"}
+    env["PYTHONPATH"] = str(site)  # first on sys.path: before any editable install
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, cwd=out, env=env)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert Path(got["module"]).is_relative_to(site)
+    assert Path(got["dir"]) == site / "firmware_configs"
+    assert got["boards"] == sorted(p.stem for p in (REPO / "firmware_configs").glob("*.yaml"))
+    assert got["spool"] == 512
+    env["HIERTRAIN_BOARDS"] = str(mine)
+    code = ("import toolkit.core.artifacts.boards as b; "
+            "print(b.list_boards(), b.load_board('robot').name)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, cwd=out, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["['robot']", "robot"]
