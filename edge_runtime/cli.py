@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
 from edge_runtime import cluster_run, personal_cli
+from edge_runtime.board import apply_board
 from edge_runtime.cli_args import add_common_args, positive_int, setup
 from edge_runtime.config import DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES
 from toolkit.core.entry import new_parser, run
@@ -56,7 +58,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _check_link(args)
+    board = apply_board(args)  # before setup(): the profile's threads are set there
     setup(args)
+    if board is not None:
+        logging.getLogger("edge_runtime").info("%s", board.describe())
     args.broker = _broker(args)
     _security(args)
     from edge_runtime.train import TrainConfig, run_training
@@ -71,6 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         security=args.security,
         codec=args.codec, resume=args.resume, spool_dir=args.spool_dir, spool_mb=args.spool_mb,
         checkpoint_every=args.checkpoint_every, confirm_timeout=args.confirm_timeout,
+        board=args.board,
     ))
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -162,8 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spool-dir", default=None,
                     help="where the on-disk outbox lives; unset: --state-dir")
     sp.add_argument("--spool-mb", type=float, default=None, metavar="MB",
-                    help="spool budget; when full, training waits; unset: the board "
-                         "profile's mqtt.spool_mb")
+                    help="spool budget; when full, training waits; unset: the --board "
+                         "profile's mqtt.spool_mb, else that of the profile the artifacts "
+                         "were exported for")
+    sp.add_argument("--board", default=None, metavar="NAME|PATH",
+                    help="board profile (a name from 'toolkit boards' or a .yaml, e.g. the "
+                         "bundle's board.yaml): its threads and spool budget where --threads / "
+                         "--spool-mb are unset, and a check of its batch against the "
+                         "artifacts' (docs/deploy.md); unset: no profile")
     sp.add_argument("--checkpoint-every", type=positive_int, default=20, metavar="N",
                     help="checkpoint the edge every N batches")
     sp.add_argument("--confirm-timeout", type=float, default=300.0, metavar="S",

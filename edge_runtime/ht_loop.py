@@ -45,9 +45,11 @@ log = logging.getLogger("edge_runtime")
 
 
 def open_spool(cfg: TrainConfig, manifest: Manifest, run: str, device: str) -> Spool:
-    """The run's spool, sized by ``--spool-mb`` or the board profile the artifacts were
-    exported for (``mqtt.spool_mb``)."""
+    """The run's spool, sized by ``--spool-mb``, the ``--board`` profile or the profile the
+    artifacts were exported for (``mqtt.spool_mb``)."""
     mb = cfg.spool_mb
+    if mb is None and cfg.board:
+        mb = load_board(cfg.board).spool_mb
     if mb is None:
         try:
             mb = load_board(manifest.data["board"]["name"]).spool_mb

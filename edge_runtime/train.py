@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.backends import EdgeBackend, make_backend
+from edge_runtime.board import check_batch
 from edge_runtime.config import TrainConfig
 from edge_runtime.link import connect_edge
 from edge_runtime.modes import mode_loop
@@ -60,6 +61,7 @@ from edge_runtime.session import (
     report_failure,
     weights_path,
 )
+from toolkit.core.artifacts.boards import load_board
 from toolkit.core.artifacts.manifest import Manifest, load_manifest
 from toolkit.core.data.datasets import Dataset, load_dataset, normalize, shard
 from toolkit.core.errors import HiertrainError
@@ -146,7 +148,10 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
     if mode == "split" and not cfg.grad_timeout > 0:
         raise HiertrainError(f"--grad-timeout must be > 0 seconds, got {cfg.grad_timeout}")
     backend_name = resolve_backend(cfg.backend, mode)
+    profile = load_board(cfg.board) if cfg.board else None
     manifest = load_manifest(cfg.artifacts)  # verifies every artifact's sha256
+    if profile is not None and (warning := check_batch(profile, manifest.batch_size)):
+        log.warning("%s", warning)
     codec = parse_codec(cfg.codec or manifest.codec_name)
     scheme = QuantScheme.from_dict(manifest.data["quantization"])
     ds = load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit, seed=cfg.seed,

@@ -89,3 +89,26 @@ def test_an_installed_copy_outside_the_repository_loads_its_profiles(
                        timeout=60, cwd=out, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["['robot']", "robot"]
+
+
+def test_edge_train_takes_the_profile_where_flags_are_unset_and_flags_win() -> None:
+    """``edge-runtime train --board``: the profile fills --threads and --spool-mb when they
+    are unset; a flag given wins and is named in the log line."""
+    from edge_runtime.board import apply_board, check_batch
+    from edge_runtime.cli import build_parser
+    from toolkit.core.artifacts.boards import load_board
+
+    base = ["train", "--artifacts", "a", "--device-id", "d", "--board", "rpi5"]
+    args = build_parser().parse_args(base)
+    got = apply_board(args)
+    assert got is not None and (args.threads, args.spool_mb) == (4, 1024.0)
+    assert got.taken == {"--threads": "4", "--spool-mb": "1024 MB"} and not got.kept
+    args = build_parser().parse_args([*base, "--threads", "1", "--spool-mb", "0.5"])
+    got = apply_board(args)
+    assert (args.threads, args.spool_mb) == (1, 0.5)
+    assert got.kept == {"--threads": "1", "--spool-mb": "0.5 MB"} and not got.taken
+    assert "flags given win: --threads 1, --spool-mb 0.5 MB" in got.describe()
+    assert apply_board(build_parser().parse_args(base[:-2])) is None  # no --board: no profile
+    rpi5 = load_board("rpi5")
+    assert check_batch(rpi5, rpi5.default_batch) is None
+    assert "exported with batch 7" in check_batch(rpi5, 7)
