@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from edge_runtime import cluster_run, personal_cli
 from edge_runtime.board import apply_board
 from edge_runtime.cli_args import add_common_args, positive_int, setup
-from edge_runtime.config import DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES
+from edge_runtime.config import DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES, TrainConfig
 from toolkit.core.entry import new_parser, run
 
 
@@ -64,9 +64,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         logging.getLogger("edge_runtime").info("%s", board.describe())
     args.broker = _broker(args)
     _security(args)
-    from edge_runtime.train import TrainConfig, run_training
+    from edge_runtime.train import run_training
+    from toolkit.core.errors import RunIncompleteError
 
-    summary = run_training(TrainConfig(
+    try:
+        summary = run_training(_train_config(args))
+    except RunIncompleteError as exc:  # exit 5; with --json the report still goes to stdout
+        if args.json and getattr(exc, "summary", None) is not None:
+            print(json.dumps(exc.summary, indent=2))  # type: ignore[attr-defined]
+        raise
+    return _print_train(args, summary)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
         artifacts=args.artifacts, broker=args.broker, device_id=args.device_id, data=args.data,
         run_id=args.run_id, epochs=args.epochs, backend=args.backend, shard=args.shard,
         seed=args.seed, limit=args.limit, quiet=args.quiet,
@@ -77,7 +88,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         codec=args.codec, resume=args.resume, spool_dir=args.spool_dir, spool_mb=args.spool_mb,
         checkpoint_every=args.checkpoint_every, confirm_timeout=args.confirm_timeout,
         board=args.board,
-    ))
+    )
+
+
+def _print_train(args: argparse.Namespace, summary: dict) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -180,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint the edge every N batches")
     sp.add_argument("--confirm-timeout", type=float, default=300.0, metavar="S",
                     help="at the end, wait up to S seconds until the cloud trainer acked every "
-                         "batch; 0: do not wait (docs/delivery.md)")
+                         "batch; batches still unconfirmed end the run with exit code 5 and "
+                         "stay in the spool for --resume; 0: do not wait, exit 0 "
+                         "(docs/delivery.md)")
     # --backend: executorch for ht, torch for split, none for cloud (resolve_backend)
     sp.set_defaults(func=cmd_train, backend=None)
 

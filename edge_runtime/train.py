@@ -35,8 +35,10 @@ Delivery and resume (``ht``; docs/delivery.md): the publisher's outbox is an on-
 :class:`~edge_runtime.spool.Spool` that keeps each batch until the cloud trainer's ack on
 ``hiertrain/<run>/cloud/ack`` says it is trained and checkpointed; the loop checkpoints
 itself (``edge_runtime.resume``) every ``checkpoint_every`` batches, and ``--resume``
-continues from there. After "done", the edge waits up to ``confirm_timeout`` s for the
-acks of its last batches (only when it has heard from a trainer at all).
+continues from there. After "done", the edge waits up to ``confirm_timeout`` s until the
+cloud acked every batch in its spool (``edge_runtime.confirm``); batches still unconfirmed
+then end the run with :class:`RunIncompleteError` (exit code 5), after the report is
+written, the spool kept for ``--resume``.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from edge_runtime.session import (
 from toolkit.core.artifacts.boards import load_board
 from toolkit.core.artifacts.manifest import Manifest, load_manifest
 from toolkit.core.data.datasets import Dataset, load_dataset, normalize, shard
-from toolkit.core.errors import HiertrainError
+from toolkit.core.errors import HiertrainError, RunIncompleteError
 from toolkit.core.protocol.codec import parse_codec
 from toolkit.core.protocol.messages import Status
 from toolkit.core.protocol.modes import check_mode
@@ -187,6 +189,11 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
         path.parent.mkdir(parents=True, exist_ok=True)
         config = redact(_jsonable(asdict(cfg)))
         path.write_text(json.dumps({**summary, "config": config}, indent=2) + "\n")
+    why = (summary.get("delivery") or {}).get("incomplete")
+    if why:  # batches the cloud has not confirmed: not a success (docs/delivery.md)
+        incomplete = RunIncompleteError(why)
+        incomplete.summary = summary  # type: ignore[attr-defined]  # for --json
+        raise incomplete
     return summary
 
 
