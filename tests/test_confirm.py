@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import InProcessCloud, wait_until
 from toolkit.core.errors import RunIncompleteError
-from toolkit.lab.launch import ProcessGroup, StatusWatcher, start_cloud
+from toolkit.lab.launch import ProcessGroup, StatusWatcher
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.faults]
 
@@ -32,12 +32,24 @@ def _run_id(tag: str) -> str:
     return f"{tag}{os.getpid()}"
 
 
-def _cloud(procs: ProcessGroup, artifacts: Path, url: str, run_dir: Path, run: str,
-           devices: list[str]) -> None:
-    start_cloud(procs, ["cloud_trainer", "--artifacts", str(artifacts), "--broker", url,
-                        "--run-dir", str(run_dir), "--run-id", run, "--device-ids",
-                        ",".join(devices), "--checkpoint-every", "1000", "--idle-timeout",
-                        "120", "--threads", "1", "--quiet"], url, run, timeout=60)
+class _Cloud:
+    """A cloud trainer on a thread of this process (no second torch start-up), online when
+    built: an edge started next publishes into its session."""
+
+    def __init__(self, artifacts: Path, url: str, run_dir: Path, run: str,
+                 devices: list[str]) -> None:
+        self.watch = StatusWatcher(url, run)
+        self.cloud = InProcessCloud(artifacts, url, run_dir, run, device_ids=devices,
+                                    checkpoint_every=1000, idle_timeout=120, reraise=False)
+        wait_until(lambda: self.watch.cloud_state() in ("online", "training"), 60,
+                   "the cloud trainer to come online")
+
+    def running(self) -> bool:
+        return self.cloud.thread.is_alive()
+
+    def close(self) -> None:
+        self.cloud.close()
+        self.watch.close()
 
 
 def _edge(procs: ProcessGroup, name: str, artifacts: Path, url: str, run: str, device: str,
@@ -62,19 +74,18 @@ def test_a_short_run_waits_for_the_acks_of_its_last_batches(artifacts, broker, p
     with the run: it must checkpoint and ack a device as soon as that device is done and
     complete, not at its next periodic checkpoint (never, here) or at the run's end."""
     run = _run_id("short")
-    _cloud(procs, artifacts, broker.url, tmp_path / "cloud", run, ["e0", "e1"])
-    report = _edge(procs, "e0", artifacts, broker.url, run, "e0", tmp_path / "e0",
-                   "--confirm-timeout", "30")
-    rc = procs.wait("e0", 120)
-    assert rc == 0, procs.tail("e0")
-    d = _delivery(report)
-    assert d["confirmed"] is True and d["spool_pending"] == 0, d
-    assert d["batches_confirmed"] == BATCHES
-    assert procs.procs["cloud"].poll() is None  # still waiting for e1: not the run's end
-    report = _edge(procs, "e1", artifacts, broker.url, run, "e1", tmp_path / "e1")
-    assert procs.wait("e1", 120) == 0, procs.tail("e1")
-    assert procs.wait("cloud", 120) == 0, procs.tail("cloud")
-    assert _delivery(report)["confirmed"] is True
+    cloud = _Cloud(artifacts, broker.url, tmp_path / "cloud", run, ["e0", "e1"])
+    try:
+        report = _edge(procs, "e0", artifacts, broker.url, run, "e0", tmp_path / "e0",
+                       "--confirm-timeout", "30")
+        rc = procs.wait("e0", 120)
+        assert rc == 0, procs.tail("e0")
+        d = _delivery(report)
+        assert d["confirmed"] is True and d["spool_pending"] == 0, d
+        assert d["batches_confirmed"] == BATCHES and d["incomplete"] is None
+        assert cloud.running()  # still waiting for e1: the ack did not come from its end
+    finally:
+        cloud.close()
 
 
 def test_an_edge_resumed_after_its_last_batch_delivers_its_spool(artifacts, broker, procs,
@@ -85,22 +96,29 @@ def test_an_edge_resumed_after_its_last_batch_delivers_its_spool(artifacts, brok
     then completes the run. Here the first attempt trains every batch with no trainer
     online (and --confirm-timeout 0, so it exits), which leaves the same state as the kill:
     a checkpoint at the end and a spool of unconfirmed batches that reached no trainer."""
+    from edge_runtime.train import TrainConfig, run_training
+
     run = _run_id("resumed")
     state = tmp_path / "edge"
-    first = _edge(procs, "edge", artifacts, broker.url, run, "e0", state,
-                  "--confirm-timeout", "0")
-    assert procs.wait("edge", 120) == 0, procs.tail("edge")
-    assert _delivery(first)["spool_pending"] == BATCHES
-    _cloud(procs, artifacts, broker.url, tmp_path / "cloud", run, ["e0"])
-    second = _edge(procs, "edge", artifacts, broker.url, run, "e0", state, "--resume",
-                   "--confirm-timeout", "60")
-    rc = procs.wait("edge", 120)
-    d = _delivery(second)
-    assert d["resumed"]["seq"] == BATCHES  # nothing left to train
-    assert rc == 0 and d["spool_pending"] == 0 and d["confirmed"] is True, (rc, d)
-    assert procs.wait("cloud", 60) == 0, procs.tail("cloud")
-    summary = json.loads((tmp_path / "cloud" / "cloud_summary.json").read_text())
-    assert summary["complete"] and summary["per_device"]["e0"]["trained"] == BATCHES
+    first = run_training(TrainConfig(
+        artifacts=artifacts, broker=broker.url, device_id="e0", run_id=run, epochs=1,
+        limit=16 * BATCHES, backend="torch", quiet=True, state_dir=state, connect_timeout=10,
+        confirm_timeout=0))
+    assert first["delivery"]["spool_pending"] == BATCHES
+    cloud = _Cloud(artifacts, broker.url, tmp_path / "cloud", run, ["e0"])
+    try:
+        second = _edge(procs, "edge", artifacts, broker.url, run, "e0", state, "--resume",
+                       "--confirm-timeout", "60")
+        rc = procs.wait("edge", 120)
+        d = _delivery(second)
+        assert d["resumed"]["seq"] == BATCHES  # nothing left to train
+        assert rc == 0 and d["spool_pending"] == 0 and d["confirmed"] is True, (rc, d)
+        summary = cloud.cloud.join(60)
+    finally:
+        cloud.close()
+    assert cloud.cloud.error is None, cloud.cloud.error
+    assert summary is not None and summary["complete"]
+    assert summary["per_device"]["e0"]["trained"] == BATCHES
 
 
 def test_unconfirmed_batches_end_the_run_with_exit_5_unless_the_wait_is_turned_off(
