@@ -195,8 +195,9 @@ class Publisher:
         )
 
     def flush(self, timeout: float) -> None:
-        """Wait until the broker acknowledged every submitted message; HiertrainError after
-        ``timeout`` (a link that is down is waited for, within that bound)."""
+        """Wait until the broker acknowledged every message submitted, and every one an
+        earlier process left in the spool, at least once; HiertrainError after ``timeout``
+        (a link that is down is waited for, within that bound)."""
         deadline = time.monotonic() + timeout
         while self._unsent() and self._error is None:
             left = deadline - time.monotonic()
