@@ -80,6 +80,8 @@ class CloudRun:
         self._outbox: Outbox | None = None
         self._link: Any = None
         self._acked_connects = 0
+        # Edges that said "done" and are owed an ack of their whole run (_ack_finished_edges)
+        self._owed: set[str] = set()
 
     # ---------------------------------------------------------- what goes out
     def checkpoint(self) -> None:
@@ -235,8 +237,36 @@ class CloudRun:
             self._periodic()
         elif isinstance(item, StatusItem):
             lr.on_status(item)
+            if item.status.state == "done":
+                self._owed.add(item.device)
         elif isinstance(item, WeightsItem):
             lr.on_weights(item)
+        if self._owed:
+            self._ack_finished_edges()
+
+    def _ack_finished_edges(self) -> None:
+        """Checkpoint and ack at once for an edge that is done and whose batches are all
+        trained, instead of at the next periodic checkpoint (which may never come: the last
+        ``checkpoint_every`` batches of a run, a short run, the other edges done already).
+
+        The edge waits for that ack before it exits (edge_runtime.confirm). Every "done"
+        status asks again, so an edge resumed after its last batch, whose batches were
+        all checkpointed before, gets its ack too (it costs an ack, not a checkpoint).
+        """
+        lr = self.learner
+        for device in sorted(self._owed):
+            st = lr.fleet.statuses.get(device)
+            if st is None or st.state != "done":
+                self._owed.discard(device)
+                continue
+            if not lr.ledger.covers(device, st.batches_published):
+                continue  # resends still on the way
+            self._owed.discard(device)
+            if _covers(lr.checkpointed.get(device), st.batches_published):
+                self.post_ack()
+            else:
+                log.info("edge %s is done and complete: checkpoint and ack", device)
+                self.checkpoint()
 
     def _drain(self, ingest: Ingest, bar: Any, quiet_s: float = 0.5, max_s: float = 3.0) -> None:
         """Take what is still arriving after the done rule held (bounded).
@@ -280,3 +310,12 @@ class CloudRun:
         )
         write_summary(self.run_dir, summary)
         return summary
+
+
+def _covers(trained: Any, n: int) -> bool:
+    """Whether a checkpointed trained set (``{"low": L, "above": [...]}``) holds seqs
+    ``0..n-1``."""
+    if not isinstance(trained, dict):
+        return n <= 0
+    low, above = int(trained.get("low", 0)), set(trained.get("above", ()))
+    return all(seq in above for seq in range(low, n))

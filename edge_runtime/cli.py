@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
 from edge_runtime import cluster_run, personal_cli
+from edge_runtime.board import apply_board
 from edge_runtime.cli_args import add_common_args, positive_int, setup
-from edge_runtime.config import DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES
+from edge_runtime.config import DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES, TrainConfig
 from toolkit.core.entry import new_parser, run
 
 
@@ -56,12 +58,26 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _check_link(args)
+    board = apply_board(args)  # before setup(): the profile's threads are set there
     setup(args)
+    if board is not None:
+        logging.getLogger("edge_runtime").info("%s", board.describe())
     args.broker = _broker(args)
     _security(args)
-    from edge_runtime.train import TrainConfig, run_training
+    from edge_runtime.train import run_training
+    from toolkit.core.errors import RunIncompleteError
 
-    summary = run_training(TrainConfig(
+    try:
+        summary = run_training(_train_config(args))
+    except RunIncompleteError as exc:  # exit 5; with --json the report still goes to stdout
+        if args.json and getattr(exc, "summary", None) is not None:
+            print(json.dumps(exc.summary, indent=2))  # type: ignore[attr-defined]
+        raise
+    return _print_train(args, summary)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
         artifacts=args.artifacts, broker=args.broker, device_id=args.device_id, data=args.data,
         run_id=args.run_id, epochs=args.epochs, backend=args.backend, shard=args.shard,
         seed=args.seed, limit=args.limit, quiet=args.quiet,
@@ -71,7 +87,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         security=args.security,
         codec=args.codec, resume=args.resume, spool_dir=args.spool_dir, spool_mb=args.spool_mb,
         checkpoint_every=args.checkpoint_every, confirm_timeout=args.confirm_timeout,
-    ))
+        board=args.board,
+    )
+
+
+def _print_train(args: argparse.Namespace, summary: dict) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -162,13 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spool-dir", default=None,
                     help="where the on-disk outbox lives; unset: --state-dir")
     sp.add_argument("--spool-mb", type=float, default=None, metavar="MB",
-                    help="spool budget; when full, training waits; unset: the board "
-                         "profile's mqtt.spool_mb")
+                    help="spool budget; when full, training waits; unset: the --board "
+                         "profile's mqtt.spool_mb, else that of the profile the artifacts "
+                         "were exported for")
+    sp.add_argument("--board", default=None, metavar="NAME|PATH",
+                    help="board profile (a name from 'toolkit boards' or a .yaml, e.g. the "
+                         "bundle's board.yaml): its threads and spool budget where --threads / "
+                         "--spool-mb are unset, and a check of its batch against the "
+                         "artifacts' (docs/deploy.md); unset: no profile")
     sp.add_argument("--checkpoint-every", type=positive_int, default=20, metavar="N",
                     help="checkpoint the edge every N batches")
     sp.add_argument("--confirm-timeout", type=float, default=300.0, metavar="S",
                     help="at the end, wait up to S seconds until the cloud trainer acked every "
-                         "batch; 0: do not wait (docs/delivery.md)")
+                         "batch; batches still unconfirmed end the run with exit code 5 and "
+                         "stay in the spool for --resume; 0: do not wait, exit 0 "
+                         "(docs/delivery.md)")
     # --backend: executorch for ht, torch for split, none for cloud (resolve_backend)
     sp.set_defaults(func=cmd_train, backend=None)
 

@@ -43,8 +43,9 @@ def setup(args: argparse.Namespace) -> None:
 
 def add_threads(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                    help="torch CPU threads; unset: torch's choice. 1 is fastest for small "
-                         "models and when several processes share the CPUs")
+                    help="torch CPU threads; unset: the --board profile's training.threads "
+                         "where a sub-command takes --board, else torch's choice. 1 is fastest "
+                         "for small models and when several processes share the CPUs")
 
 
 def add_output(sp: argparse.ArgumentParser) -> None:

@@ -58,6 +58,8 @@ class TrainConfig:
     spool_mb: float | None = None  # spool budget; None: the board profile's mqtt.spool_mb
     checkpoint_every: int = 20  # batches between edge checkpoints
     confirm_timeout: float = 300.0  # at the end, wait this long for the cloud's acks
+    # board profile (name or .yaml path; edge_runtime.board): spool budget and a batch check
+    board: str | None = None
 
 
 @dataclass

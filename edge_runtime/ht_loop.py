@@ -3,7 +3,8 @@
 Per batch: one backend step, the cut activation coded and handed to the spooled
 publisher; checkpoints every ``checkpoint_every`` batches; retained weights and a
 "training" status at each epoch end; "done" when the outbox is flushed, then a
-bounded wait for the cloud trainer's acks (docs/delivery.md).
+bounded wait until the cloud trainer acked every batch (``edge_runtime.confirm``;
+docs/delivery.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from edge_runtime.config import TrainConfig
+from edge_runtime.confirm import TrainerWatch, wait_for_confirmation
 from edge_runtime.progress import progress_bar
 from edge_runtime.publisher import Publisher
 from edge_runtime.resume import (
@@ -36,7 +38,7 @@ from toolkit.core.artifacts.manifest import MANIFEST_NAME, Manifest, sha256_file
 from toolkit.core.data.datasets import Dataset, batches
 from toolkit.core.errors import HiertrainError, WireError
 from toolkit.core.protocol.codec import BatchMeta, Codec
-from toolkit.core.protocol.messages import Status, decode_ack
+from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_ack
 from toolkit.core.protocol.quant import QuantScheme
 from toolkit.core.protocol.topics import ack_topic, act_topic, status_topic
 from toolkit.core.transport import Link, link_summary
@@ -45,9 +47,11 @@ log = logging.getLogger("edge_runtime")
 
 
 def open_spool(cfg: TrainConfig, manifest: Manifest, run: str, device: str) -> Spool:
-    """The run's spool, sized by ``--spool-mb`` or the board profile the artifacts were
-    exported for (``mqtt.spool_mb``)."""
+    """The run's spool, sized by ``--spool-mb``, the ``--board`` profile or the profile the
+    artifacts were exported for (``mqtt.spool_mb``)."""
     mb = cfg.spool_mb
+    if mb is None and cfg.board:
+        mb = load_board(cfg.board).spool_mb
     if mb is None:
         try:
             mb = load_board(manifest.data["board"]["name"]).spool_mb
@@ -114,9 +118,16 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
         log.warning("no acks from the cloud trainer (%s); batches leave the spool at the "
                     "broker's PUBACK", exc)
         publisher.device = None
+    trainer = TrainerWatch()  # is there a trainer to wait for at the end? (edge_runtime.confirm)
+    try:
+        link.subscribe(status_topic(run, CLOUD_DEVICE), trainer.on_status)
+        trainer.subscribed_at = time.monotonic()
+    except HiertrainError as exc:  # unknown then: the end waits up to --confirm-timeout
+        log.warning("cannot follow the cloud trainer's status (%s)", exc)
     start = time.monotonic()
     confirm_wait_s = 0.0
     confirmed = None
+    incomplete: str | None = None  # why the run ends unconfirmed (exit code 5)
     try:
         last_batch_unix: float | None = None
         for epoch in range(p.epoch, cfg.epochs):
@@ -180,14 +191,19 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                  "epochs": cfg.epochs, "mode": "ht", "codec": codec.name}
         publish_done(link, run, device, epochs=cfg.epochs, seq=p.seq, samples=p.samples,
                      exit_accuracy=p.exit_accuracy, extra=extra)
-        if publisher.acks_seen and cfg.confirm_timeout > 0:
-            t = time.monotonic()
-            confirmed = publisher.wait_confirmed(cfg.confirm_timeout)
-            confirm_wait_s = time.monotonic() - t
+        if publisher.device is None:
+            pass  # no acks (refused by an ACL, or the no-ack fallback): nothing to confirm
+        elif cfg.confirm_timeout > 0:
+            outcome = wait_for_confirmation(publisher, spool, trainer, run=run, device=device,
+                                            timeout=cfg.confirm_timeout)
+            confirmed, confirm_wait_s = outcome.confirmed, outcome.waited_s
             if not confirmed:
-                log.warning("the cloud trainer did not ack %d batch(es) within %g s; they stay "
-                            "in the spool (rerun with --resume to send them again)",
-                            len(spool.pending_seqs()), cfg.confirm_timeout)
+                incomplete = (f"{outcome.reason}; they stay in the spool {spool.path}: rerun "
+                              "with --resume to send them again")
+        elif spool.pending_seqs():
+            log.warning("%d batch(es) not confirmed by the cloud trainer yet stay in the spool "
+                        "(--confirm-timeout 0: not waiting; --resume sends them again)",
+                        len(spool.pending_seqs()))
     finally:
         publisher.close()
         pending = spool.pending_seqs()
@@ -223,5 +239,6 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                      "confirm_wait_s": round(confirm_wait_s, 3), "acks_seen": publisher.acks_seen,
                      "batches_confirmed": stats.confirmed, "resent": stats.resent,
                      "rewinds": stats.rewinds, "replayed_not_resent": stats.skipped,
-                     "publish_errors": stats.publish_errors, **spool_stats},
+                     "publish_errors": stats.publish_errors, "incomplete": incomplete,
+                     **spool_stats},
     }

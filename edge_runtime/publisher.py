@@ -111,7 +111,10 @@ class Publisher:
         self._closed = False
         self._stop = threading.Event()
         self._rewind = threading.Event()
-        self._last_id = 0  # highest spool row id submitted by this process
+        # Highest spool row id to deliver: what this process submitted, and before that what
+        # an earlier process left in the spool (a resumed edge): flush() and close() wait for
+        # those rows too, so an edge resumed with nothing left to train still sends them.
+        self._last_id = self.spool.last_id()
         self._high = 0  # highest row id acknowledged by the broker at least once
         self._peer: tuple[str, int] | None = None  # (instance, connects) of the last ack
         self._gap: int | None = None  # the lost seq the last gap-triggered resend was for
@@ -140,7 +143,7 @@ class Publisher:
         """
         if self._closed:
             raise RuntimeError("submit() on a closed Publisher")
-        self._raise_if_failed()
+        self.raise_if_failed()
         if seq is not None and seq < self.spool.next_seq:
             with self._cond:
                 self._stats.skipped += 1
@@ -150,7 +153,7 @@ class Publisher:
         try:
             if self._maxsize is not None:  # in-memory outbox bounded by count as well
                 while len(self.spool) >= self._maxsize:
-                    self._raise_if_failed()
+                    self.raise_if_failed()
                     if time.monotonic() - start > self.block_timeout:
                         raise self._full_error()
                     self.spool.wait_for_rows(_POLL_S)
@@ -173,7 +176,7 @@ class Publisher:
         """Polled while the spool is full. With no ack ever seen (a cloud trainer that
         does not ack, or an ACL that hides the acks) waiting for one is futile: free
         batches at the broker's PUBACK from now on, as a plain MQTT outbox would."""
-        self._raise_if_failed()
+        self.raise_if_failed()
         if (self.device is not None and self.acks_seen == 0 and not self._ever_acked
                 and time.monotonic() - self._started > self.ack_grace_s):
             log.warning("the spool is full and no cloud trainer has acked a batch in %.0f s: "
@@ -192,44 +195,29 @@ class Publisher:
         )
 
     def flush(self, timeout: float) -> None:
-        """Wait until the broker acknowledged every submitted message; HiertrainError after
-        ``timeout`` (a link that is down is waited for, within that bound)."""
+        """Wait until the broker acknowledged every message submitted, and every one an
+        earlier process left in the spool, at least once; HiertrainError after ``timeout``
+        (a link that is down is waited for, within that bound)."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._high < self._last_id and self._error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    pending = self._stats.submitted - self._stats.acked
-                    raise HiertrainError(
-                        f"{pending} message(s) to {self.link.address.url} were not acknowledged "
-                        f"within {timeout:.0f} s; check the broker and the network"
-                    )
+        while self._unsent() and self._error is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HiertrainError(
+                    f"messages to {self.link.address.url} were not acknowledged within "
+                    f"{timeout:.0f} s; check the broker and the network"
+                )
+            with self._cond:
                 self._cond.wait(min(left, _POLL_S))
-        self._raise_if_failed()
+        self.raise_if_failed()
 
-    def wait_confirmed(self, timeout: float, resend_after: float = 30.0) -> bool:
-        """Wait until the cloud acked every spooled batch; False after ``timeout``.
-
-        Sends the spool again when no ack arrived for ``resend_after`` s (the
-        last resort when a broker lost batches and nobody noticed a restart).
-        """
-        deadline = time.monotonic() + timeout
-        last = (len(self.spool), time.monotonic())
-        while self.spool.pending_seqs():
-            self._raise_if_failed()
-            now = time.monotonic()
-            if now >= deadline:
-                return False
-            n = len(self.spool)
-            if n != last[0]:
-                last = (n, now)
-            elif now - last[1] > resend_after:
-                log.info("no ack from the cloud trainer for %.0f s; sending %d batch(es) again",
-                         resend_after, n)
-                self.rewind()
-                last = (n, now)
-            time.sleep(_POLL_S)
-        return True
+    def _unsent(self) -> bool:
+        """Whether a row up to ``_last_id`` still waits for its first PUBACK (rows deleted
+        meanwhile, e.g. acked batches of an earlier process, need none). Not under
+        ``_cond``: the spool's lock is taken first elsewhere (``_on_full``)."""
+        with self._cond:
+            high, last = self._high, self._last_id
+        first = self.spool.first_id_after(high)
+        return first is not None and first <= last
 
     def rewind(self) -> None:
         """Send everything still in the spool again, from the oldest row."""
@@ -246,7 +234,7 @@ class Publisher:
         # MQTT keeps one topic in order and the trainer trains in arrival order, so a
         # batch still pending below one it has checkpointed was lost on the way (e.g.
         # sent before the trainer's session existed). Once per gap: a resend is then
-        # under way, and the end of the run has its own last resort (wait_confirmed).
+        # under way, and the end of the run has its own last resort (edge_runtime.confirm).
         top = max(above) if above else low - 1
         gap = pending[0] if pending and pending[0] < top else None
         if not self._ever_acked:
@@ -297,7 +285,8 @@ class Publisher:
     def error(self) -> BaseException | None:
         return self._error
 
-    def _raise_if_failed(self) -> None:
+    def raise_if_failed(self) -> None:
+        """HiertrainError when the sending thread has failed for good (polled by waiters)."""
         err = self._error
         if err is None:
             return
@@ -313,8 +302,7 @@ class Publisher:
         connects = self.link.connects
         warned = False
         while True:
-            if self._stop.is_set() and (self._high >= self._last_id
-                                        or not self.link.is_connected):
+            if self._stop.is_set() and (not self.link.is_connected or not self._unsent()):
                 return
             if self.link.connects != connects:
                 if connects:  # a reconnect, not the first connect

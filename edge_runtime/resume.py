@@ -2,10 +2,10 @@
 
 Saved every ``--checkpoint-every`` batches, at each epoch's end and at the end
 of the run, to ``<state_dir>/edge_checkpoint-<run>-<device>.pt`` (a temporary
-file, fsync, ``os.replace``: a kill at any instant leaves the previous complete
-checkpoint). It holds the edge weights with their BatchNorm statistics, the
-optimizer state where the backend exposes it, the next sequence number and the
-position in the data (epoch, batch), and the report's running counters.
+file, fsync, ``os.replace``, fsync of the directory: a kill or a power cut at any
+instant leaves the previous complete checkpoint). It holds the edge weights with their
+BatchNorm statistics, the optimizer state where the backend exposes it, the next sequence
+number and the position in the data (epoch, batch), and the report's running counters.
 
 What it does not hold, and why that is still exact: the batches trained after
 the checkpoint. A resumed edge trains them again from the checkpointed state

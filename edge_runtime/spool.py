@@ -161,6 +161,17 @@ class Spool:
         with self._cond:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('acked', '1')")
 
+    def last_id(self) -> int:
+        """The newest row's id (0 when empty): what an earlier process left to send."""
+        with self._cond:
+            return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM msgs").fetchone()[0])
+
+    def first_id_after(self, row_id: int) -> int | None:
+        """The oldest row id above ``row_id``, without reading its payload."""
+        with self._cond:
+            r = self._db.execute("SELECT MIN(id) FROM msgs WHERE id > ?", (row_id,)).fetchone()
+        return None if r[0] is None else int(r[0])
+
     def pending_seqs(self) -> list[int]:
         """Sequence numbers still waiting for the cloud's ack, in order."""
         with self._cond:

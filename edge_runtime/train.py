@@ -35,8 +35,10 @@ Delivery and resume (``ht``; docs/delivery.md): the publisher's outbox is an on-
 :class:`~edge_runtime.spool.Spool` that keeps each batch until the cloud trainer's ack on
 ``hiertrain/<run>/cloud/ack`` says it is trained and checkpointed; the loop checkpoints
 itself (``edge_runtime.resume``) every ``checkpoint_every`` batches, and ``--resume``
-continues from there. After "done", the edge waits up to ``confirm_timeout`` s for the
-acks of its last batches (only when it has heard from a trainer at all).
+continues from there. After "done", the edge waits up to ``confirm_timeout`` s until the
+cloud acked every batch in its spool (``edge_runtime.confirm``); batches still unconfirmed
+then end the run with :class:`RunIncompleteError` (exit code 5), after the report is
+written, the spool kept for ``--resume``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.backends import EdgeBackend, make_backend
+from edge_runtime.board import check_batch
 from edge_runtime.config import TrainConfig
 from edge_runtime.link import connect_edge
 from edge_runtime.modes import mode_loop
@@ -61,9 +64,10 @@ from edge_runtime.session import (
     report_failure,
     weights_path,
 )
+from toolkit.core.artifacts.boards import load_board
 from toolkit.core.artifacts.manifest import Manifest, load_manifest
 from toolkit.core.data.datasets import Dataset, load_dataset, normalize, shard
-from toolkit.core.errors import HiertrainError
+from toolkit.core.errors import HiertrainError, RunIncompleteError
 from toolkit.core.protocol.codec import parse_codec
 from toolkit.core.protocol.messages import Status
 from toolkit.core.protocol.modes import check_mode
@@ -147,7 +151,10 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
     if mode == "split" and not cfg.grad_timeout > 0:
         raise HiertrainError(f"--grad-timeout must be > 0 seconds, got {cfg.grad_timeout}")
     backend_name = resolve_backend(cfg.backend, mode)
+    profile = load_board(cfg.board) if cfg.board else None
     manifest = load_manifest(cfg.artifacts)  # verifies every artifact's sha256
+    if profile is not None and (warning := check_batch(profile, manifest.batch_size)):
+        log.warning("%s", warning)
     codec = parse_codec(cfg.codec or manifest.codec_name)
     scheme = QuantScheme.from_dict(manifest.data["quantization"])
     ds = load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit, seed=cfg.seed,
@@ -184,6 +191,11 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
         path.parent.mkdir(parents=True, exist_ok=True)
         config = redact(_jsonable(asdict(cfg)))
         path.write_text(json.dumps({**summary, "config": config}, indent=2) + "\n")
+    why = (summary.get("delivery") or {}).get("incomplete")
+    if why:  # batches the cloud has not confirmed: not a success (docs/delivery.md)
+        incomplete = RunIncompleteError(why)
+        incomplete.summary = summary  # type: ignore[attr-defined]  # for --json
+        raise incomplete
     return summary
 
 

@@ -5,15 +5,21 @@ runtime accepts, and the same inputs give the same bytes."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
 from edge_runtime.cli import build_parser
-from tests.conftest import run_cli
+from tests.conftest import REPO, InProcessCloud, run_cli, wait_until
 from toolkit.core.artifacts.manifest import load_manifest
+from toolkit.lab.launch import StatusWatcher
 
 ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16}
 """conftest.exported options (smallcnn on 8x8 digits); the artifacts fixture: tests/conftest.py"""
@@ -43,6 +49,10 @@ def test_bundle_holds_what_a_board_needs(artifacts, tmp_path, board):
     assert argv[0].endswith("/edge-runtime")
     args = build_parser().parse_args(argv[1:])  # the edge runtime accepts this command line
     assert args.command == "train" and args.artifacts == "/opt/hiertrain/artifacts"
+    # A crashed or rebooted board continues its run (docs/deploy.md), on the profile's
+    # settings: --board supplies the threads and the spool budget, so the unit sets neither.
+    assert args.resume and args.board == "/opt/hiertrain/board.yaml"
+    assert args.threads is None and args.spool_mb is None
     install = (root / "INSTALL.md").read_text()
     assert "systemctl enable --now hiertrain-edge.service" in install
     assert "load_manifest" in install
@@ -63,3 +73,62 @@ def test_bundle_is_reproducible_and_refuses_tampered_artifacts(artifacts, tmp_pa
                 "--out", str(tmp_path / "c.tar.gz"), timeout=120)
     assert r.returncode == 3 and "does not match the manifest" in r.stderr
     assert not (tmp_path / "c.tar.gz").exists()
+
+
+def _unit_argv(root: Path, env: dict[str, str], prefix: Path, state: Path) -> list[str]:
+    """The unit's ExecStart as systemd would run it, with the install paths moved to tmp dirs
+    and the venv's edge-runtime run as ``python -m edge_runtime`` from this source tree."""
+    unit = (root / "hiertrain-edge.service").read_text()
+    exec_line = next(line for line in unit.replace("\\\n", "").splitlines()
+                     if line.startswith("ExecStart="))
+    text = (exec_line.removeprefix("ExecStart=").replace("/opt/hiertrain", str(prefix))
+            .replace("/var/lib/hiertrain", str(state)))
+    argv = [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], a) for a in shlex.split(text)]
+    assert argv[0] == f"{prefix}/venv/bin/edge-runtime"
+    return [sys.executable, "-m", "edge_runtime", *argv[1:]]
+
+
+@pytest.mark.mqtt
+def test_the_units_command_resumes_safely_on_an_empty_state_dir(artifacts, broker, tmp_path):
+    """The bundle's unit always passes --resume: on a board's first start (an empty state
+    directory, no checkpoint, no spool) that must start the run at seq 0, and it reads the
+    profile from the installed board.yaml (a profile whose batch differs from the export's
+    is reported, not applied)."""
+    out = tmp_path / "edge-bundle.tar.gz"
+    r = run_cli("toolkit", "bundle", "--board", "rpi5", "--artifacts", str(artifacts),
+                "--out", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(out) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    root = tmp_path / "x" / "hiertrain-edge"
+    prefix, state = tmp_path / "opt", tmp_path / "state"  # state: does not exist yet
+    prefix.mkdir()
+    (prefix / "board.yaml").write_bytes((root / "board.yaml").read_bytes())
+    os.symlink(artifacts, prefix / "artifacts")
+    run = f"unit{os.getpid()}"
+    env = {"HIERTRAIN_BROKER": broker.url, "HIERTRAIN_DEVICE_ID": "robot-1",
+           "HIERTRAIN_RUN_ID": run, "HIERTRAIN_DATA": "digits", "HIERTRAIN_EPOCHS": "1"}
+    argv = _unit_argv(root, env, prefix, state)
+    argv.remove("--quiet")  # keep the info log: what the profile set
+    watch = StatusWatcher(broker.url, run)
+    cloud = InProcessCloud(artifacts, broker, tmp_path / "cloud", run, device_ids=["robot-1"],
+                           idle_timeout=60, threads=1)
+    try:
+        wait_until(lambda: watch.cloud_state() in ("online", "training"), 30,
+                   "the cloud trainer to come online")
+        edge = subprocess.run(argv + ["--backend", "torch", "--limit", "320"],
+                              capture_output=True, text=True, timeout=240, cwd=REPO)
+        assert edge.returncode == 0, edge.stderr
+        summary = cloud.join(120)
+    finally:
+        cloud.close()
+        watch.close()
+    report = json.loads((state / "last-run.json").read_text())
+    assert report["delivery"]["resumed"] == {"epoch": 0, "batch": 0, "seq": 0}
+    assert "no checkpoint" in edge.stderr and "starting afresh" in edge.stderr
+    assert report["batches_published"] == 10 and report["delivery"]["replayed_not_resent"] == 0
+    assert summary["per_device"]["robot-1"]["trained"] == 10  # seqs 0..9, none dropped
+    assert report["config"]["board"] == f"{prefix}/board.yaml"
+    assert report["delivery"]["spool_bytes_max"] == 1024 << 20  # rpi5: spool_mb 1024
+    assert "board profile rpi5" in edge.stderr and "--threads 4" in edge.stderr
+    assert "exported with batch 32" in edge.stderr  # the profile says 64: reported only

@@ -176,7 +176,7 @@ def test_training_publishes_every_batch_once_with_weights_and_status(
         summary = run_training(TrainConfig(
             artifacts=artifacts, broker=broker.url, device_id=dev, run_id=run, epochs=2,
             limit=320, quiet=True, connect_timeout=10, state_dir=tmp_path,
-            report=tmp_path / "report.json"))
+            report=tmp_path / "report.json", confirm_timeout=0))  # no trainer to confirm
         n = summary["batches_published"]
         assert n == 2 * (320 // BATCH) and summary["samples_published"] == n * BATCH
         wait_until(lambda: len(sub.get(topics[0])) >= n, 20, f"{n} activation messages")
@@ -228,9 +228,13 @@ def test_training_publishes_every_batch_once_with_weights_and_status(
 
 @pytest.mark.mqtt
 def test_edge_never_waits_for_a_cloud_that_is_not_there(artifacts, broker, tmp_path):
+    """Training never waits for the cloud; only the end does, for its acks, which
+    --confirm-timeout 0 turns off (tests/test_confirm.py has the end without it)."""
     summary = run_training(TrainConfig(
         artifacts=artifacts, broker=broker.url, device_id="lonely", run_id=_uid("run"),
-        epochs=2, limit=640, quiet=True, connect_timeout=10, state_dir=tmp_path))
+        epochs=2, limit=640, quiet=True, connect_timeout=10, state_dir=tmp_path,
+        confirm_timeout=0))
+    assert summary["delivery"]["confirmed"] is None
     assert summary["batches_published"] == 2 * 640 // BATCH
     # Nobody subscribes; the broker acknowledges anyway and the outbox never fills.
     assert summary["publish_wait_s"] < 0.05 * summary["wall_s"] + 0.05, summary
@@ -263,7 +267,7 @@ def test_cli_train_shows_no_progress_bars_when_its_output_is_captured(artifacts,
     res = cli("edge-runtime", "train", "--artifacts", str(artifacts), "--broker", broker.url,
               "--device-id", "d0", "--run-id", run, "--epochs", "1", "--limit", "64",
               "--backend", "torch", "--threads", "1", "--state-dir", str(tmp_path),
-              timeout=300)
+              "--confirm-timeout", "0", timeout=300)  # no trainer: nothing to confirm
     assert res.returncode == 0, res.stderr
     assert "epoch 1/1: loss" in res.stderr  # the info log is there
     for bar in ("\r", "batch/s", "%|", "it/s"):
@@ -434,7 +438,7 @@ def test_inference_exits_early_and_asks_the_cloud_otherwise(artifacts, manifest,
     run, dev, limit, threshold = _uid("run"), "edge-i", 120, 0.5
     summary = run_training(TrainConfig(
         artifacts=artifacts, broker=broker.url, device_id=dev, run_id=run, epochs=1,
-        quiet=True, connect_timeout=10, state_dir=tmp_path))
+        quiet=True, connect_timeout=10, state_dir=tmp_path, confirm_timeout=0))
     test = load_dataset(None, "test", input_shape=manifest.input_shape, limit=limit, seed=0)
     cloud = FakeCloud(broker.url, run, test.y, manifest.cut_shape)
     try:

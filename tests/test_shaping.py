@@ -386,7 +386,8 @@ def test_edge_train_is_slowed_by_the_link(broker, artifacts, tmp_path):
                 "--device-id", "slow-0", "--run-id", f"shape{random.getrandbits(24):06x}",
                 "--epochs", "1", "--limit", "320", "--backend", "torch", "--threads", "1",
                 "--link-kbps", str(kbps), "--link-latency-ms", "20", "--state-dir",
-                str(tmp_path), "--report", str(report), "--quiet", timeout=300)
+                str(tmp_path), "--report", str(report), "--quiet",
+                "--confirm-timeout", "0", timeout=300)  # no trainer: nothing to confirm
     process_s = time.monotonic() - t0
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(report.read_text())

@@ -28,6 +28,9 @@ ENV_FILE = "/etc/hiertrain/edge.env"
 _UNIT = """\
 # hiertrain edge runtime for {board} ({description}).
 # Installed by INSTALL.md; settings in {env}.
+# --resume: a crash, a restart or a reboot continues the run from the checkpoint and spool
+# in {state} (a fresh state directory starts at the first batch); a new run needs a new
+# HIERTRAIN_RUN_ID. --board: threads and spool budget from the board profile.
 [Unit]
 Description=hiertrain edge runtime ({board})
 After=network-online.target
@@ -42,7 +45,7 @@ WorkingDirectory={state}
 ExecStart={prefix}/venv/bin/edge-runtime train --artifacts {prefix}/artifacts \
 --broker ${{HIERTRAIN_BROKER}} --device-id ${{HIERTRAIN_DEVICE_ID}} \
 --run-id ${{HIERTRAIN_RUN_ID}} --data ${{HIERTRAIN_DATA}} --epochs ${{HIERTRAIN_EPOCHS}} \
---threads {threads} --state-dir {state} --report {state}/last-run.json --quiet
+--board {prefix}/board.yaml --resume --state-dir {state} --report {state}/last-run.json --quiet
 Restart=on-failure
 RestartSec=30
 # the board profile's memory budget for hiertrain: the robot's own stack keeps the rest
@@ -105,8 +108,12 @@ load_manifest('{prefix}/artifacts'); print('artifacts ok')"
        journalctl -u {unit} -f
 
 The unit caps the service at the board profile's budget of {budget} MB
-(`MemoryMax`) and uses {threads} threads. The last run's report is in
-{state}/last-run.json and the trained edge weights in {state}/edge_weights-<device>.pt.
+(`MemoryMax`); the edge takes its {threads} threads and its {spool_mb} MB spool from
+{prefix}/board.yaml (`--board`). It runs with `--resume`: after a crash, a restart or a
+reboot it continues the run from its checkpoint and spool in {state} instead of starting
+again at the first batch. A finished run stays finished; for a new run (or new artifacts)
+set a new HIERTRAIN_RUN_ID in {env}. The last run's report is in {state}/last-run.json
+and the trained edge weights in {state}/edge_weights-<device>.pt.
 """
 
 
@@ -131,6 +138,7 @@ def build_bundle(*, board: str, artifacts: Path, out: Path) -> Path:
     manifest = load_manifest(artifacts)  # refuses artifacts that fail their hashes
     fill = dict(board=profile.name, description=profile.description, env=ENV_FILE,
                 state=STATE, prefix=PREFIX, threads=profile.threads, budget=profile.budget_mb,
+                spool_mb=profile.spool_mb,
                 unit=UNIT_NAME, root=ROOT, serial_port=profile.serial.get("port", "/dev/ttyUSB0"),
                 baud=profile.serial.get("baud", 115200), model=manifest.model_name,
                 split=manifest.split, batch=manifest.batch_size)

@@ -281,9 +281,9 @@ def start_cloud(group: ProcessGroup, args: list[str], url: str, run_id: str, *,
                 timeout: float = 120, must_live: tuple[str, ...] = ()) -> subprocess.Popen:
     """Start a cloud trainer (``args``: its command line) and return once its retained
     status says it is online, i.e. subscribed. Start the edges after this: a batch published
-    before the trainer's session exists reaches nobody, and an edge that finishes before any
-    trainer acked keeps such batches in its spool for a later ``--resume``
-    (docs/delivery.md) instead of waiting for a trainer that may never come."""
+    before the trainer's session exists reaches nobody until the edge sends its spool again
+    (docs/delivery.md), and an edge that finds no trainer status at the end of its run does
+    not wait for one: it exits 5, its batches kept for ``--resume``."""
     own = watcher is None
     watch = StatusWatcher(url, run_id) if own else watcher
     try:

@@ -1,5 +1,9 @@
 """Board profiles: the YAML files in ``firmware_configs/`` are the one source of truth.
 
+``firmware_configs`` is a data-only package at the top of the repository, so the profiles
+install with the wheel and are found by ``importlib.resources`` wherever hiertrain is
+installed (a board's venv has no repository); ``$HIERTRAIN_BOARDS`` names another directory.
+
 A profile says what the board can give hiertrain (memory budget, cores, a
 sustained GFLOP/s figure for the planner), its usual link, and MQTT and serial
 defaults. ``--board`` takes a profile name or a path to a YAML file of the same
@@ -8,6 +12,7 @@ schema, so a user can describe a board we do not ship.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +24,24 @@ from toolkit.core.errors import HiertrainError
 SCHEMA_VERSION = 1
 DEFAULT_SPOOL_MB = 256
 """Spool budget of a profile without ``mqtt.spool_mb``."""
-_REPO_CONFIGS = Path(__file__).resolve().parents[3] / "firmware_configs"
+PROFILES_PACKAGE = "firmware_configs"
+_REPO_CONFIGS = Path(__file__).resolve().parents[3] / PROFILES_PACKAGE
 
 
 def configs_dir() -> Path:
-    """Where profiles live: ``$HIERTRAIN_BOARDS`` or the repository's ``firmware_configs/``."""
-    return Path(os.environ.get("HIERTRAIN_BOARDS", _REPO_CONFIGS))
+    """Where profiles live: ``$HIERTRAIN_BOARDS``, else the installed ``firmware_configs``
+    package, else (an editable install made before it was a package) the repository's
+    ``firmware_configs/`` next to this source tree."""
+    env = os.environ.get("HIERTRAIN_BOARDS")
+    if env:
+        return Path(env)
+    try:
+        found = importlib.resources.files(PROFILES_PACKAGE)
+    except ModuleNotFoundError:
+        return _REPO_CONFIGS
+    if isinstance(found, Path) and any(found.glob("*.yaml")):
+        return found
+    return _REPO_CONFIGS
 
 
 @dataclass(frozen=True)
