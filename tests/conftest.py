@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -78,6 +80,21 @@ def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
         except SystemExit as exc:  # argparse's usage errors and --help
             code = exc.code if isinstance(exc.code, int) else 1
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def unit_argv(root: Path, env: dict[str, str], prefix: Path, state: Path,
+              python: str = sys.executable) -> list[str]:
+    """The bundle's unit's ExecStart (``root``: the unpacked ``hiertrain-edge/``) as systemd
+    would run it, with ``${VAR}`` from ``env``, the install paths moved to ``prefix`` and
+    ``state``, and the venv's edge-runtime run as ``python -m edge_runtime``."""
+    unit = (root / "hiertrain-edge.service").read_text()
+    exec_line = next(line for line in unit.replace("\\\n", "").splitlines()
+                     if line.startswith("ExecStart="))
+    text = (exec_line.removeprefix("ExecStart=").replace("/opt/hiertrain", str(prefix))
+            .replace("/var/lib/hiertrain", str(state)))
+    argv = [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], a) for a in shlex.split(text)]
+    assert argv[0] == f"{prefix}/venv/bin/edge-runtime"
+    return [python, "-m", "edge_runtime", *argv[1:]]
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str,

@@ -10,14 +10,13 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import tarfile
-from pathlib import Path
+import zipfile
 
 import pytest
 
 from edge_runtime.cli import build_parser
-from tests.conftest import REPO, InProcessCloud, run_cli, wait_until
+from tests.conftest import REPO, InProcessCloud, run_cli, unit_argv, wait_until
 from toolkit.core.artifacts.manifest import load_manifest
 from toolkit.lab.launch import StatusWatcher
 
@@ -56,6 +55,28 @@ def test_bundle_holds_what_a_board_needs(artifacts, tmp_path, board):
     install = (root / "INSTALL.md").read_text()
     assert "systemctl enable --now hiertrain-edge.service" in install
     assert "load_manifest" in install
+    # The lean install: the board's list and hiertrain's wheel, installed --no-deps
+    # (tests/test_aarch64.py installs the wheel and runs this unit's command on aarch64).
+    (whl,) = root.glob("hiertrain-*-py3-none-any.whl")
+    assert (root / "board-requirements.txt").read_bytes() == (
+        REPO / "toolkit/deploy/board-requirements.txt").read_bytes()
+    assert (f"pip install --no-deps -r hiertrain-edge/board-requirements.txt "
+            f"hiertrain-edge/{whl.name}") in install
+    assert "download.pytorch.org/whl/cpu" in install
+    assert "firmware_configs/rpi4.yaml" in zipfile.ZipFile(whl).namelist()
+
+
+def test_bundle_without_the_wheel_says_where_hiertrain_comes_from(artifacts, tmp_path):
+    out = tmp_path / "edge-bundle.tar.gz"
+    r = run_cli("toolkit", "bundle", "--board", "rpi4", "--artifacts", str(artifacts),
+                "--out", str(out), "--no-wheel", timeout=120)
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        install = tar.extractfile("hiertrain-edge/INSTALL.md").read().decode()
+    assert not [n for n in names if n.endswith(".whl")]
+    assert "hiertrain-edge/board-requirements.txt" in names
+    assert "board-requirements.txt hiertrain==" in install and "package index" in install
 
 
 def test_bundle_is_reproducible_and_refuses_tampered_artifacts(artifacts, tmp_path):
@@ -73,19 +94,6 @@ def test_bundle_is_reproducible_and_refuses_tampered_artifacts(artifacts, tmp_pa
                 "--out", str(tmp_path / "c.tar.gz"), timeout=120)
     assert r.returncode == 3 and "does not match the manifest" in r.stderr
     assert not (tmp_path / "c.tar.gz").exists()
-
-
-def _unit_argv(root: Path, env: dict[str, str], prefix: Path, state: Path) -> list[str]:
-    """The unit's ExecStart as systemd would run it, with the install paths moved to tmp dirs
-    and the venv's edge-runtime run as ``python -m edge_runtime`` from this source tree."""
-    unit = (root / "hiertrain-edge.service").read_text()
-    exec_line = next(line for line in unit.replace("\\\n", "").splitlines()
-                     if line.startswith("ExecStart="))
-    text = (exec_line.removeprefix("ExecStart=").replace("/opt/hiertrain", str(prefix))
-            .replace("/var/lib/hiertrain", str(state)))
-    argv = [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], a) for a in shlex.split(text)]
-    assert argv[0] == f"{prefix}/venv/bin/edge-runtime"
-    return [sys.executable, "-m", "edge_runtime", *argv[1:]]
 
 
 @pytest.mark.mqtt
@@ -108,7 +116,7 @@ def test_the_units_command_resumes_safely_on_an_empty_state_dir(artifacts, broke
     run = f"unit{os.getpid()}"
     env = {"HIERTRAIN_BROKER": broker.url, "HIERTRAIN_DEVICE_ID": "robot-1",
            "HIERTRAIN_RUN_ID": run, "HIERTRAIN_DATA": "digits", "HIERTRAIN_EPOCHS": "1"}
-    argv = _unit_argv(root, env, prefix, state)
+    argv = unit_argv(root, env, prefix, state)
     argv.remove("--quiet")  # keep the info log: what the profile set
     watch = StatusWatcher(broker.url, run)
     cloud = InProcessCloud(artifacts, broker, tmp_path / "cloud", run, device_ids=["robot-1"],

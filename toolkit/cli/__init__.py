@@ -213,7 +213,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
 def cmd_bundle(args: argparse.Namespace) -> int:
     from toolkit.deploy.bundle import build_bundle
 
-    out = build_bundle(board=args.board, artifacts=Path(args.artifacts), out=Path(args.out))
+    out = build_bundle(board=args.board, artifacts=Path(args.artifacts), out=Path(args.out),
+                       wheel=not args.no_wheel)
     print(f"wrote {out}")
     return 0
 
@@ -408,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--board", required=True, help="board profile name or .yaml path")
     sp.add_argument("--artifacts", required=True, help="'toolkit export' output directory")
     sp.add_argument("--out", required=True, help="e.g. edge-bundle.tar.gz")
+    sp.add_argument("--no-wheel", action="store_true",
+                    help="leave out the hiertrain wheel built from this source tree (the board "
+                         "installs hiertrain from a package index instead)")
     sp.set_defaults(func=cmd_bundle)
 
     from toolkit.cli.personal import add_bake_parser

@@ -3,7 +3,9 @@
 Layout (under ``hiertrain-edge/``): ``artifacts/`` (the exported, hash-checked
 artifacts), ``board.yaml`` (the board profile), ``hiertrain-edge.service`` (a
 systemd unit), ``edge.env`` (the settings the unit reads: broker or serial
-port, device id, run id, data) and ``INSTALL.md``. The tarball is reproducible:
+port, device id, run id, data), ``board-requirements.txt`` and the hiertrain wheel
+(the lean install: what the edge runtime imports, nothing more; ``toolkit.deploy.wheel``)
+and ``INSTALL.md``. The tarball is reproducible:
 entries are sorted and carry a fixed time and owner, so the same inputs give the
 same bytes (and the same sha256 to pin in a fleet tool).
 """
@@ -15,9 +17,11 @@ import io
 import tarfile
 from pathlib import Path
 
+from toolkit import __version__
 from toolkit.core.artifacts.boards import BoardProfile, configs_dir, load_board
 from toolkit.core.artifacts.manifest import MANIFEST_NAME, load_manifest
 from toolkit.core.errors import HiertrainError
+from toolkit.deploy.wheel import BOARD_REQUIREMENTS, board_requirements, build_wheel, wheel_name
 
 ROOT = "hiertrain-edge"
 UNIT_NAME = "hiertrain-edge.service"
@@ -72,15 +76,23 @@ _INSTALL = """\
 
 {description}. Bundle made from a `{model}` export split at `{split}`, batch {batch}.
 
-1. Python 3.10-3.12 and a virtual environment for hiertrain (as root):
+1. Python 3.10-3.12 and a virtual environment with the edge runtime and only what it
+   imports (as root). torch first, from PyTorch's CPU-only index: the package index's
+   aarch64 torch is a CUDA build that pulls several GB of CUDA libraries a board never uses
+   (and its CPU kernels need ARMv8.2; the edge runs none of them, docs/deploy.md):
 
        apt-get install -y python3-venv
        python3 -m venv {prefix}/venv
-       {prefix}/venv/bin/pip install hiertrain   # or: pip install <path to the hiertrain source>
+       {prefix}/venv/bin/pip install torch=={torch} --index-url https://download.pytorch.org/whl/cpu
+       {prefix}/venv/bin/pip install --no-deps -r {root}/board-requirements.txt {wheel}
 
-2. Unpack this bundle into place:
+   `--no-deps`: executorch's own metadata asks for its build stack (scikit-learn, pandas,
+   coremltools, ...), which the edge runtime never imports; board-requirements.txt lists
+   what it does import.{no_wheel}
 
-       tar -xzf edge-bundle.tar.gz
+2. Put the rest of this bundle in place (unpacked with `tar -xzf edge-bundle.tar.gz`
+   before step 1):
+
        mkdir -p {prefix} /etc/hiertrain {state}/data
        cp -r {root}/artifacts {prefix}/artifacts
        cp {root}/board.yaml {prefix}/board.yaml
@@ -99,7 +111,9 @@ load_manifest('{prefix}/artifacts'); print('artifacts ok')"
 
 5. Edit {env}: broker URL (or `serial://{serial_port}?baud={baud}` with a
    `toolkit gateway` on the other end of the line), device id, run id and the
-   training data directory (an ImageFolder tree, a .npz, or `digits`).
+   training data: a .npz (x_train/y_train/x_test/y_test) or an ImageFolder tree with
+   train/ and test/ (image folders need `pip install torchvision pillow` too; `digits`
+   needs scikit-learn, which a board does not install).
 
 6. Start it, now and at every boot, and watch it:
 
@@ -132,16 +146,25 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> Non
     tar.addfile(info, io.BytesIO(data))
 
 
-def build_bundle(*, board: str, artifacts: Path, out: Path) -> Path:
-    """Write the tarball; HiertrainError for a bad board, unverifiable artifacts or ``out``."""
+def build_bundle(*, board: str, artifacts: Path, out: Path, wheel: bool = True) -> Path:
+    """Write the tarball; HiertrainError for a bad board, unverifiable artifacts or ``out``.
+
+    ``wheel``: pack the hiertrain wheel built from this source tree (False: the board
+    installs hiertrain from a package index, INSTALL.md says so)."""
     profile = load_board(board)
     manifest = load_manifest(artifacts)  # refuses artifacts that fail their hashes
+    whl = build_wheel() if wheel else None
     fill = dict(board=profile.name, description=profile.description, env=ENV_FILE,
                 state=STATE, prefix=PREFIX, threads=profile.threads, budget=profile.budget_mb,
                 spool_mb=profile.spool_mb,
                 unit=UNIT_NAME, root=ROOT, serial_port=profile.serial.get("port", "/dev/ttyUSB0"),
                 baud=profile.serial.get("baud", 115200), model=manifest.model_name,
-                split=manifest.split, batch=manifest.batch_size)
+                split=manifest.split, batch=manifest.batch_size,
+                torch=manifest.data.get("versions", {}).get("torch", "2.14.1").split("+")[0],
+                wheel=f"{ROOT}/{wheel_name()}" if whl else f"hiertrain=={__version__}",
+                no_wheel="" if whl else (
+                    "\n   This bundle has no hiertrain wheel (`toolkit bundle --no-wheel`): "
+                    "the last\n   command installs hiertrain from your package index."))
     files: dict[str, bytes] = {
         f"artifacts/{n}": (Path(artifacts) / n).read_bytes()
         for n in [MANIFEST_NAME, *manifest.data["artifacts"]]
@@ -150,6 +173,9 @@ def build_bundle(*, board: str, artifacts: Path, out: Path) -> Path:
     files[UNIT_NAME] = _UNIT.format(**fill).encode()
     files["edge.env"] = _ENV.format(**fill).encode()
     files["INSTALL.md"] = _INSTALL.format(**fill).encode()
+    files[BOARD_REQUIREMENTS] = board_requirements()
+    if whl:
+        files[wheel_name()] = whl
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
