@@ -12,16 +12,23 @@ environment these tests fail, naming the script, rather than skip.
   each core: per-step losses and gradients within the export parity bar (1e-4 global
   relative error; toolkit/build/parity.py), and the inference program gives the same exit
   logits and answers.
-- One ht run end to end: an emulated aarch64 edge -> mosquitto on 127.0.0.1 -> the x86
-  cloud trainer; every batch the edge published is trained exactly once.
+- One ht run end to end, installed and started as docs/deploy.md says: ``toolkit bundle``,
+  hiertrain's wheel from the bundle installed with ``pip install --no-deps`` (beside
+  ``board-requirements.txt``, which the emulated environment is built from), INSTALL.md's
+  artifact check, then the systemd unit's own command line, run outside the source tree:
+  an emulated aarch64 edge -> mosquitto on 127.0.0.1 -> the x86 cloud trainer; every batch
+  the edge published is trained exactly once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -29,6 +36,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import run_cli, unit_argv
 from toolkit.build.parity import global_relative_error
 from toolkit.lab.launch import ProcessGroup, start_cloud
 
@@ -131,13 +139,14 @@ def test_programs_train_and_infer_as_on_x86(core, board_python, reference, tmp_p
           + json.dumps(worst, indent=1))
 
 
-def _digits_npz(path: Path) -> Path:
-    """The digits as a .npz: a board has no scikit-learn, so it gets its data as a file."""
+def _digits_npz(path: Path, train: int) -> Path:
+    """The digits as a .npz (``train`` training samples): a board has no scikit-learn, so it
+    gets its data as a file."""
     from toolkit.core.data.datasets import load_dataset
 
     arrays = {}
     for split in ("train", "test"):
-        ds = load_dataset("digits", split)
+        ds = load_dataset("digits", split, limit=train if split == "train" else None)
         arrays[f"x_{split}"] = (ds.x[:, 0].numpy() * 255).round().astype(np.uint8)
         arrays[f"y_{split}"] = ds.y.numpy()
     np.savez(path, **arrays)
@@ -152,31 +161,63 @@ def broker():
         yield b
 
 
+def _install_bundle(artifacts: Path, tmp: Path) -> tuple[Path, Path, Path]:
+    """``toolkit bundle`` for rpi4, unpacked, its wheel installed with ``pip install --no-deps``
+    (a pure-Python wheel: x86 pip installs the same files an aarch64 pip would) and the files
+    put in place as INSTALL.md says; (the unpacked bundle, the install prefix, site dir)."""
+    bundle = tmp / "edge-bundle.tar.gz"
+    r = run_cli("toolkit", "bundle", "--board", "rpi4", "--artifacts", str(artifacts), "--out",
+                str(bundle), timeout=300)
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(bundle) as tar:
+        tar.extractall(tmp / "unpacked", filter="data")
+    root = tmp / "unpacked" / "hiertrain-edge"
+    (wheel,) = root.glob("hiertrain-*.whl")
+    site = tmp / "venv-site"
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
+          "--target", str(site), str(wheel)], {}, 300)
+    prefix = tmp / "opt"
+    prefix.mkdir()
+    shutil.copytree(root / "artifacts", prefix / "artifacts")
+    shutil.copy2(root / "board.yaml", prefix / "board.yaml")
+    return root, prefix, site
+
+
 @pytest.mark.parametrize("core", CORES)
-def test_ht_run_with_an_aarch64_edge(core, board_python, exported, broker, tmp_path):
+def test_ht_run_with_an_aarch64_edge_installed_from_the_bundle(core, board_python, exported,
+                                                                broker, tmp_path):
     artifacts = exported(**{**CASES["smallcnn-xnnpack"], "batch": E2E_BATCH})
-    data = _digits_npz(tmp_path / "digits.npz")
+    root, prefix, site = _install_bundle(artifacts, tmp_path)
+    board_env = {"HT_QEMU_CPU": core, "PYTHONPATH": str(site)}  # the installed copy, not REPO
+    install = (root / "INSTALL.md").read_text()
+    check = re.search(r'python -c "(.*?)"', install.replace("\\\n", ""), re.S).group(1)
+    out = subprocess.run([str(board_python), "-c", check.replace("/opt/hiertrain", str(prefix))],
+                         cwd=tmp_path, env={**os.environ, **board_env}, capture_output=True,
+                         text=True, timeout=EMULATED_TIMEOUT_S)
+    assert out.returncode == 0 and "artifacts ok" in out.stdout, out.stderr[-2000:]
     run = f"a64-{core}"
-    with ProcessGroup(tmp_path, cwd=REPO) as procs:
+    env = {"HIERTRAIN_BROKER": broker.url, "HIERTRAIN_DEVICE_ID": "pi", "HIERTRAIN_RUN_ID": run,
+           "HIERTRAIN_DATA": str(_digits_npz(tmp_path / "digits.npz", E2E_BATCHES * E2E_BATCH)),
+           "HIERTRAIN_EPOCHS": "1"}
+    state = tmp_path / "state"
+    argv = unit_argv(root, env, prefix, state, python=str(board_python))
+    with ProcessGroup(tmp_path / "logs", cwd=tmp_path) as procs:
         cloud = start_cloud(procs, ["cloud_trainer", "--artifacts", str(artifacts), "--broker",
                                     broker.url, "--run-dir", str(tmp_path / "cloud"),
                                     "--run-id", run, "--devices", "1", "--threads", "1",
                                     "--quiet"], broker.url, run)
         t0 = time.monotonic()
-        edge = procs.start_command("edge", [
-            str(board_python), "-m", "edge_runtime", "train", "--artifacts", str(artifacts),
-            "--broker", broker.url, "--device-id", "pi", "--run-id", run, "--epochs", "1",
-            "--data", str(data), "--limit", str(E2E_BATCHES * E2E_BATCH),
-            "--report", str(tmp_path / "edge.json"), "--state-dir", str(tmp_path / "state"),
-            "--quiet"], {"HT_QEMU_CPU": core})
+        edge = procs.start_command("edge", argv, board_env)
         procs.wait_all(timeout=EMULATED_TIMEOUT_S)
-        logs = {f.name: f.read_text()[-3000:] for f in tmp_path.glob("*.log")}
+        logs = {f.name: f.read_text()[-3000:] for f in (tmp_path / "logs").glob("*.log")}
         assert edge.returncode == 0 and cloud.returncode == 0, logs
-    report = json.loads((tmp_path / "edge.json").read_text())
+    report = json.loads((state / "last-run.json").read_text())
     summary = json.loads((tmp_path / "cloud" / "cloud_summary.json").read_text())
     assert report["machine"] == "aarch64" and report["backend"] == "executorch", report
     assert report["batches_published"] == E2E_BATCHES
+    assert report["config"]["board"] == f"{prefix}/board.yaml" and report["config"]["resume"]
     dev = summary["per_device"]["pi"]
     assert dev["published"] == dev["trained"] == E2E_BATCHES, dev  # every batch, exactly once
-    print(f"\n{core}: ht run, {E2E_BATCHES} batches trained once, edge setup "
-          f"{report['setup_s']:.0f} s, edge process {time.monotonic() - t0:.0f} s emulated")
+    print(f"\n{core}: ht run from the bundle's install, {E2E_BATCHES} batches trained once, "
+          f"edge setup {report['setup_s']:.0f} s, edge process {time.monotonic() - t0:.0f} s "
+          "emulated")

@@ -63,6 +63,11 @@ def test_bundle_holds_what_a_board_needs(artifacts, tmp_path, board):
     assert (f"pip install --no-deps -r hiertrain-edge/board-requirements.txt "
             f"hiertrain-edge/{whl.name}") in install
     assert "download.pytorch.org/whl/cpu" in install
+    # docs/deploy.md gives the same two install commands (with the wheel's name as a glob)
+    docs = (REPO / "docs/deploy.md").read_text()
+    for line in install.splitlines():
+        if "bin/pip install" in line:
+            assert line.strip().replace(whl.name, "hiertrain-*.whl") in docs, line
     assert "firmware_configs/rpi4.yaml" in zipfile.ZipFile(whl).namelist()
 
 
