@@ -18,12 +18,13 @@ already there, so an interrupted run resumes):
   peak RSS <= the profile's ``budget_mb``. One aarch64 row per workload runs the edge under
   emulation (A72, rpi4's batch): qemu's own memory is in that figure.
 
-    python benchmarks/edge_footprint.py     # -> benchmarks/results/edge_footprint.json
+    python benchmarks/edge_footprint.py     # -> benchmarks/results/edge_footprint.json, .md
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata as md
 import json
 import os
@@ -89,9 +90,9 @@ def install_rows() -> list[dict]:
     rows = [{"kind": "install", "arch": "x86_64", "mb": round(sum(x86.values()) / 2**20, 1),
              "per_dist_mb": {k: round(v / 2**20, 1) for k, v in x86.items()},
              "note": "files of the installed distributions (hiertrain: editable, source only)"}]
-    sites = sorted(AARCH64_ENV.glob("site-*"))
-    if sites:
-        site = sites[-1]
+    # the site .ci/aarch64-env.sh builds from this version of the list
+    site = AARCH64_ENV / f"site-{hashlib.sha256(BOARD_REQ.read_bytes()).hexdigest()[:12]}"
+    if site.is_dir():
         rows.append({"kind": "install", "arch": "aarch64", "mb": round(dir_bytes(site) / 2**20, 1),
                      "torch_mb": round(dir_bytes(site / "torch") / 2**20, 1),
                      "cuda_libs_mb": round(dir_bytes(AARCH64_ENV / "cuda") / 2**20, 1),
@@ -184,6 +185,30 @@ def train_row(work: str, board: str, arch: str, root: Path, broker_url: str) -> 
                if arch == "aarch64" else {})}
 
 
+def table(doc: dict) -> str:
+    """The results as the markdown tables docs/deploy.md quotes."""
+    rows = doc["rows"]
+    out = ["| board | workload | batch | threads | peak RSS MB | budget MB | fits |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "train":
+            board = r["board"] + (" (emulated A72)" if r["arch"] == "aarch64" else "")
+            out.append(f"| {board} | {r['workload']} | {r['batch']} | {r['threads']} | "
+                       f"{r['peak_rss_mb']:.0f} | {r['budget_mb']} | "
+                       f"{'yes' if r['fits'] else 'NO'} |")
+    out += ["", "| arch | installed MB | import s |", "|---|---|---|"]
+    for arch in ("x86_64", "aarch64"):
+        inst = next((r for r in rows if r["kind"] == "install" and r["arch"] == arch), None)
+        imp = next((r for r in rows if r["kind"] == "import" and r["arch"] == arch), None)
+        if inst or imp:
+            mb = f"{inst['mb']:.0f}" if inst else "-"
+            if inst and "cuda_libs_mb" in inst:
+                mb += f" (+{inst['cuda_libs_mb']:.0f} CUDA libraries)"
+            sec = f"{imp['seconds']:.1f}" if imp else "-"
+            out.append(f"| {arch} | {mb} | {sec}{' (qemu)' if arch == 'aarch64' else ''} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/edge_footprint.json")
@@ -204,6 +229,7 @@ def main() -> None:
         doc["rows"].extend(rows)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(table(doc))
 
     if not have(kind="install"):
         add(install_rows())
@@ -217,6 +243,7 @@ def main() -> None:
                     add([train_row(work, board, "x86_64", args.work_dir, broker.url)])
             if aarch64 and not have(kind="train", workload=work, arch="aarch64"):
                 add([train_row(work, "rpi4", "aarch64", args.work_dir, broker.url)])
+    args.out.with_suffix(".md").write_text(table(doc))
 
 
 if __name__ == "__main__":
