@@ -51,6 +51,7 @@ if [ ! -d "$SITE/torch" ]; then
   pip download -q --no-deps -d "$WHL/board" --find-links "$WHL" $P -r "$REQ" "$@"
   rm -rf "$SITE.tmp" && mkdir -p "$SITE.tmp"; for w in "$WHL"/board/*.whl; do unzip -o -q "$w" -d "$SITE.tmp"; done
   mv "$SITE.tmp" "$SITE"
+  for old in "$DIR"/site-*; do [ "$old" = "$SITE" ] || rm -rf "$old"; done   # earlier lists
 fi
 if [ ! -d "$CUDA/nvidia/cu13" ]; then
   pip download -q --no-deps -d "$WHL/cuda" $P nvidia-cublas nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft \
