@@ -293,6 +293,7 @@ def test_cluster_cli_user_errors_are_one_line_before_any_process_starts(exported
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # 30 s of process start-ups: .ci/run runs it after the default suite
 def test_a_failing_rank_0_stops_the_whole_cluster_with_its_one_line_error(exported, cli):
     """Rank 0 cannot reach the broker: it tells the other rank to stop, every process exits,
     and the command prints rank 0's error (no hang, no traceback)."""

@@ -28,6 +28,7 @@ ARTIFACTS = {"digits": True, "batch": 32, "exit_channels": 16}
 """conftest.exported options (smallcnn on 8x8 digits); the artifacts fixture: tests/conftest.py"""
 
 
+@pytest.mark.slow  # 37 s through a paced pseudo-terminal: .ci/run runs it after the suite
 def test_training_through_the_serial_gateway(artifacts, tmp_path, procs):
     run_id = "it-serial"
     with EmbeddedBroker() as broker, PtyRelay(corrupt=3e-4, drop=1e-4, seed=7) as relay:
