@@ -29,7 +29,6 @@ import importlib.metadata as md
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from packaging.requirements import Requirement
 
 from toolkit.build.export import ExportConfig, export_artifacts
 from toolkit.core.artifacts.boards import list_boards, load_board
@@ -68,12 +68,8 @@ WORKLOADS = {
 
 
 def board_dists() -> list[str]:
-    names = []
-    for line in BOARD_REQ.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            names.append(re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0])
-    return [*names, "hiertrain"]
+    lines = (raw.split("#")[0].strip() for raw in BOARD_REQ.read_text().splitlines())
+    return [*(Requirement(line).name for line in lines if line), "hiertrain"]
 
 
 def installed_bytes(dist: str) -> int:

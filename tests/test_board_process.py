@@ -73,14 +73,11 @@ def test_edge_trains_and_infers_without_eager_kernels_or_build_side(artifacts, m
 
 
 def _names(lines: list[str]) -> set[str]:
-    import re
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
-    out = set()
-    for line in lines:
-        line = line.split("#")[0].strip().strip('",')
-        if line:
-            out.add(re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0].lower().replace("_", "-"))
-    return out
+    return {canonicalize_name(Requirement(line).name)
+            for line in (raw.split("#")[0].strip() for raw in lines) if line}
 
 
 def test_board_install_list_is_the_base_install_plus_its_no_deps_closure():

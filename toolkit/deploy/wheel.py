@@ -49,12 +49,11 @@ def build_wheel(source: Path = SOURCE_ROOT) -> bytes:
         tree = Path(tmp) / "src"
         tree.mkdir()
         for item in source.iterdir():
-            if item.name in ("pyproject.toml", "README.md", "LICENSE") or (
-                    item.is_dir() and (item / "__init__.py").is_file()):
-                copy = shutil.copytree if item.is_dir() else shutil.copy2
-                copy(item, tree / item.name,
-                     **({"ignore": shutil.ignore_patterns("__pycache__")} if item.is_dir()
-                        else {}))
+            if item.is_dir() and (item / "__init__.py").is_file():  # a package
+                shutil.copytree(item, tree / item.name,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            elif item.name in ("pyproject.toml", "README.md", "LICENSE"):
+                shutil.copy2(item, tree / item.name)
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
              "--quiet", "--wheel-dir", tmp, str(tree)],
