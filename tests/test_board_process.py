@@ -106,3 +106,36 @@ def test_a_lean_install_names_the_extra_it_lacks(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision.models.vgg", None)  # as if not installed
     with pytest.raises(HiertrainError, match=r"vgg16 model needs torchvision.*hiertrain\[cloud"):
         build_model("vgg16", num_classes=10, input_shape=(3, 32, 32))
+
+
+def test_an_edge_state_that_does_not_fit_is_one_line_naming_the_key(manifest):
+    import pytest
+
+    from edge_runtime.host_state import check_state, initial_state
+    from toolkit.core.errors import HiertrainError
+
+    ref = initial_state(manifest)
+    key = next(iter(ref))
+    with pytest.raises(HiertrainError, match=rf"^the state does not fit .*: missing {key}$"):
+        check_state(ref, {k: v for k, v in ref.items() if k != key}, "the state")
+    with pytest.raises(HiertrainError, match=r": unexpected extra\.weight$"):
+        check_state(ref, {**ref, "extra.weight": torch.zeros(1)}, "the state")
+    bad = {**ref, key: torch.zeros(3, 3, 3, 3, 3)}
+    with pytest.raises(HiertrainError, match=rf"{key} has shape \[3, 3, 3, 3, 3\], the model's"):
+        check_state(ref, bad, "the state")
+
+
+def test_digits_without_scikit_learn_says_what_to_pass_instead(monkeypatch):
+    import pytest
+
+    from toolkit.core.data import datasets
+    from toolkit.core.errors import HiertrainError
+
+    monkeypatch.setattr(datasets, "_digits_csv", lambda: None)  # as on a board: no sklearn
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    datasets._digits_arrays.cache_clear()
+    try:
+        with pytest.raises(HiertrainError, match="comes with scikit-learn.*pass --data"):
+            datasets.load_dataset("digits", "train")
+    finally:
+        datasets._digits_arrays.cache_clear()
