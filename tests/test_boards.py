@@ -99,3 +99,11 @@ def test_edge_train_takes_the_profile_where_flags_are_unset_and_flags_win() -> N
     rpi5 = load_board("rpi5")
     assert check_batch(rpi5, rpi5.default_batch) is None
     assert "exported with batch 7" in check_batch(rpi5, 7)
+
+
+def test_a_bundle_without_a_source_tree_to_build_from_says_no_wheel(tmp_path: Path) -> None:
+    from toolkit.core.errors import HiertrainError
+    from toolkit.deploy.wheel import build_wheel
+
+    with pytest.raises(HiertrainError, match=r"no hiertrain source tree at .*pass --no-wheel"):
+        build_wheel(tmp_path)  # what an installed toolkit (no checkout) would meet
