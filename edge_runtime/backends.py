@@ -119,7 +119,7 @@ class TorchBackend(EdgeBackend):
         from toolkit.core.models.segments import load_segments  # eager model: torch only
 
         super().__init__(manifest)
-        self.module: EdgeTrainStep = load_segments(manifest).step.train()
+        self.module: EdgeTrainStep = load_segments(manifest, with_proxy=True).step.train()
         self.optimizer = torch.optim.SGD(
             self.module.parameters(), lr=self.lr, momentum=self.momentum,
             weight_decay=self.weight_decay, nesterov=self.nesterov,

@@ -37,6 +37,7 @@ from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
 from toolkit.core.artifacts.manifest import MANIFEST_NAME, Manifest, sha256_file
 from toolkit.core.data.datasets import Dataset, batches
 from toolkit.core.errors import HiertrainError, WireError
+from toolkit.core.privacy import cut_transform
 from toolkit.core.protocol.codec import BatchMeta, Codec
 from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_ack
 from toolkit.core.protocol.quant import QuantScheme
@@ -102,6 +103,9 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                         progress=p)
 
     publisher = Publisher(link, spool=spool, device=device)
+    # the defence chosen at export (toolkit.core.privacy): applied here, on the board, to the
+    # copy that leaves it; the exit head trained on the clean cut inside the step
+    protect = cut_transform(manifest.privacy)
 
     def on_ack(topic_: str, payload: bytes, props: dict[str, Any]) -> None:
         try:
@@ -145,7 +149,7 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                     t = time.monotonic()
                     res = backend.step(x, y)
                     p.train_s += time.monotonic() - t
-                    msg = codec.encode(res.cut, y, BatchMeta(run, device, p.seq, epoch, i),
+                    msg = codec.encode(protect(res.cut), y, BatchMeta(run, device, p.seq, epoch, i),
                                        base=scheme)
                     publisher.submit(topic, msg, kind="act", seq=p.seq)
                     p.seq += 1

@@ -22,7 +22,7 @@ import logging
 import queue
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from toolkit.core.artifacts.manifest import Manifest, load_manifest
 from toolkit.core.artifacts.safeload import load_weights
 from toolkit.core.data.datasets import load_dataset, normalize
 from toolkit.core.errors import HiertrainError, RunIncompleteError, WireError
+from toolkit.core.privacy import cut_transform
 from toolkit.core.protocol.codec import BatchMeta, codec_for
 from toolkit.core.protocol.messages import decode_infer_reply, decode_weights
 from toolkit.core.protocol.quant import QuantScheme
@@ -175,7 +176,8 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
             wmeta, state = fetch_retained_weights(link, run, device, cfg.timeout)
             meta = {"source": RETAINED, **wmeta}
         engine = InferEngine(cfg.backend, manifest, state)
-        result = _serve(cfg, link, engine, scheme, x_all, ds.y, run, device)
+        result = _serve(cfg, link, engine, scheme, x_all, ds.y, run, device,
+                            protect=cut_transform(manifest.privacy))
     finally:
         link.close()
     result.update({"weights": meta, "data": ds.name, "backend": cfg.backend,
@@ -190,7 +192,8 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
 
 
 def _serve(cfg: InferConfig, link: Link, engine: InferEngine, scheme: QuantScheme,
-           x_all: torch.Tensor, y_all: torch.Tensor, run: str, device: str) -> dict[str, Any]:
+           x_all: torch.Tensor, y_all: torch.Tensor, run: str, device: str, *,
+           protect: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
     replies: queue.Queue[tuple[bytes | None, bytes]] = queue.Queue()
     reply_topic = infer_reply_topic(run, device)
     request_topic = infer_request_topic(run, device)
@@ -209,7 +212,9 @@ def _serve(cfg: InferConfig, link: Link, engine: InferEngine, scheme: QuantSchem
             local.add(pred == label, time.monotonic() - t)
             continue
         corr = secrets.token_bytes(16)
-        msg = codec_for(scheme).encode(cut, None, BatchMeta(run, device, i, 0, i), base=scheme)
+        # the export's defence applies to a cut sent for an answer as to one sent for training
+        msg = codec_for(scheme).encode(protect(cut), None, BatchMeta(run, device, i, 0, i),
+                                       base=scheme)
         link.publish(request_topic, msg, qos=1,
                      properties={"response_topic": reply_topic, "correlation_data": corr},
                      timeout=cfg.timeout)

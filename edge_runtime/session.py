@@ -13,6 +13,7 @@ from typing import Any
 
 from edge_runtime.backends import EdgeBackend
 from edge_runtime.publisher import Publisher
+from toolkit.core.privacy import public_state
 from toolkit.core.protocol.messages import Status, encode_weights
 from toolkit.core.protocol.topics import status_topic, weights_topic
 from toolkit.core.transport import Link, drain_s
@@ -64,8 +65,10 @@ def publish_epoch_weights(publisher: Publisher, backend: EdgeBackend, run: str, 
                           epoch: int, seq: int) -> None:
     """Retained edge weights at an epoch's end: the cloud assembles and scores the full model."""
     meta = {"run": run, "device": device, "epoch": epoch, "last_seq": seq - 1}
-    publisher.submit(weights_topic(run, device), encode_weights(backend.state_dict(), meta),
-                     retain=True, kind="weights")
+    # without the proxy decoder of an adversarial defence: it stays on the board
+    state = public_state(backend.state_dict())
+    publisher.submit(weights_topic(run, device), encode_weights(state, meta), retain=True,
+                     kind="weights")
 
 
 def publish_done(link: Link, run: str, device: str, *, epochs: int, seq: int, samples: int,

@@ -35,6 +35,7 @@ from toolkit.core.errors import ExportError, HiertrainError
 from toolkit.core.models import get_spec
 from toolkit.core.models.exits import ExitHeadConfig
 from toolkit.core.models.segments import CLOUD_INIT, EDGE_INIT, BuiltSegments, build_segments
+from toolkit.core.privacy import DEFAULT_DELTA, Privacy, epsilon, parse_privacy
 from toolkit.core.protocol.codec import DEFAULT_CODEC, Codec, parse_codec, size_estimate
 from toolkit.core.protocol.quant import DEFAULT_SCHEME, QuantScheme
 from toolkit.plan.stats import split_stats
@@ -89,6 +90,7 @@ class ExportConfig:
     force: bool = False
     verify: bool = True
     lowering: str = "xnnpack"  # toolkit.build.lowering.LOWERINGS (docs/export.md, "Speed")
+    privacy: str = "none"  # toolkit.core.privacy: the defence the board applies to the cut
 
 
 def _versions() -> dict:
@@ -117,10 +119,12 @@ class _Plan:
     estimate_mb: float
     codec: Codec
     quant: QuantScheme  # the manifest's scheme: cfg.quant with the codec's bits
+    privacy: Privacy
 
 
 def _resolve(cfg: ExportConfig) -> _Plan:
     codec = parse_codec(cfg.codec)
+    privacy = parse_privacy(cfg.privacy)
     board = load_board(cfg.board)
     spec = get_spec(cfg.model)
     split = cfg.split or spec.default_split
@@ -155,7 +159,8 @@ def _resolve(cfg: ExportConfig) -> _Plan:
     return _Plan(board=board, split=split, shape=shape, mean=mean, std=std, batch=batch,
                  exit_cfg=exit_cfg, edge_norm=cfg.edge_norm or spec.edge_norm,
                  estimate_mb=estimate, codec=codec,
-                 quant=codec.scheme(cfg.quant) if codec.quantized else cfg.quant)
+                 quant=codec.scheme(cfg.quant) if codec.quantized else cfg.quant,
+                 privacy=privacy)
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
@@ -193,7 +198,7 @@ def export_artifacts(
     plan = _resolve(cfg)
     built = build_segments(cfg.model, plan.split, num_classes=cfg.num_classes,
                            input_shape=plan.shape, exit_cfg=plan.exit_cfg, seed=cfg.seed,
-                           edge_norm=plan.edge_norm)
+                           edge_norm=plan.edge_norm, privacy=plan.privacy)
     out = Path(cfg.out)
     tmp = _prepare_out(out, cfg.force)
     try:
@@ -276,6 +281,9 @@ def _write(cfg: ExportConfig, plan: _Plan, built: BuiltSegments, tmp: Path,
         "optimizer": cfg.optimizer.to_dict(),
         "quantization": plan.quant.to_dict(),
         "codec": plan.codec.to_dict(),
+        "privacy": {**plan.privacy.to_dict(),
+                    "epsilon_per_release": epsilon(plan.privacy, n_cut),
+                    "delta": DEFAULT_DELTA},
         "programs": {
             "edge_train": {
                 "file": EDGE_TRAIN,

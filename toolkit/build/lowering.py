@@ -95,7 +95,9 @@ def fast_train_step(step: EdgeTrainStep) -> tuple[EdgeTrainStep, str]:
     from toolkit.build.fastconv import channel_major_possible, convs_to_matmul, to_channel_major
 
     step = copy.deepcopy(step)
-    if channel_major_possible(step.edge, step.exit):
+    # Only the plain step has a channel-major form: a subclass (the adversarial step) adds
+    # modules that ChannelMajorTrainStep would drop.
+    if type(step) is EdgeTrainStep and channel_major_possible(step.edge, step.exit):
         to_channel_major(step)
         return ChannelMajorTrainStep(step.edge, step.exit), "channel_major"
     convs_to_matmul(step)

@@ -92,7 +92,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         optimizer=OptimizerConfig(lr=args.lr, momentum=args.momentum,
                                   weight_decay=args.weight_decay),
         seed=args.seed, edge_norm=args.edge_norm, force=args.force, verify=not args.no_verify,
-        codec=args.codec, lowering=args.lowering,
+        codec=args.codec, lowering=args.lowering, privacy=args.privacy,
     )
     manifest = export_artifacts(cfg, progress=lambda m: print(f"[export] {m}", file=sys.stderr))
     d = manifest.data
@@ -108,6 +108,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     bound = "exact" if size["size"] == "exact" else "at most; deflate is data-dependent"
     print(f"codec {size['name']}: {size['message_bytes_per_sample']:.1f} bytes per sample on the "
           f"wire ({bound}; float32 payload {d['cut']['float32_bytes_per_sample']})")
+    privacy = d["privacy"]
+    if privacy["kind"] != "none":
+        eps = privacy["epsilon_per_release"]
+        guarantee = (f"; epsilon {eps:.3g} per release at delta {privacy['delta']:g} "
+                     "(docs/privacy.md says what it covers)" if eps is not None else "")
+        print(f"privacy {privacy['kind']} {privacy['scale']:g} applied on the board{guarantee}")
     return 0
 
 
@@ -271,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--codec", default="int8",
                     help="activation codec on the wire: int8, int4, int2, "
                          "int8+deflate, int4+deflate, int2+deflate or float32")
+    sp.add_argument("--privacy", default="none",
+                    help="defence applied to the cut on the board: none, gaussian:SCALE, "
+                         "laplace:SCALE (options ,clip=C) or adversarial:WEIGHT (option "
+                         ",width=K); docs/privacy.md")
     sp.add_argument("--edge-norm", choices=("batch", "group"), default=None,
                     help="normalisation in the edge segment; unset: the model's")
     sp.add_argument("--no-verify", action="store_true",

@@ -17,6 +17,7 @@ from typing import Any
 import jsonschema
 
 from toolkit.core.errors import ManifestError
+from toolkit.core.privacy import Privacy
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -83,6 +84,12 @@ class Manifest:
     @property
     def cut_shape(self) -> tuple[int, ...]:
         return tuple(self.data["cut"]["shape"])
+
+    @property
+    def privacy(self) -> Privacy:
+        """The defence the board applies to the cut (``toolkit.core.privacy``); manifests
+        without one mean ``none``."""
+        return Privacy.from_dict(self.data.get("privacy"))
 
     @property
     def codec_name(self) -> str:

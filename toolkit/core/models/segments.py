@@ -18,8 +18,10 @@ from toolkit.core.errors import HiertrainError, ManifestError
 from toolkit.core.models import build_model
 from toolkit.core.models.edge_program import EdgeInfer, EdgeTrainStep
 from toolkit.core.models.exits import ExitHeadConfig, build_exit_head
+from toolkit.core.models.inversion import AdversarialTrainStep, Decoder
 from toolkit.core.models.rewrites import EDGE_NORMS, Rewrite, make_exact, to_group_norm
 from toolkit.core.models.split import cut_shape, split_model
+from toolkit.core.privacy import NONE, Privacy, public_state
 
 EDGE_INIT = "edge_init.pt"
 CLOUD_INIT = "cloud_init.pt"
@@ -46,7 +48,9 @@ def build_segments(
     exit_cfg: ExitHeadConfig,
     seed: int = 0,
     edge_norm: str = "batch",
+    privacy: Privacy = NONE,
 ) -> BuiltSegments:
+    """The modules of one split; ``privacy.adversarial`` adds the proxy decoder to the step."""
     if edge_norm not in EDGE_NORMS:
         raise HiertrainError(
             f"unknown edge norm {edge_norm!r}; choose one of: {', '.join(EDGE_NORMS)}"
@@ -55,7 +59,13 @@ def build_segments(
     full = build_model(model, num_classes=num_classes, input_shape=input_shape)
     seg = split_model(full, model, split)
     cs = cut_shape(seg.edge, input_shape)
-    step = EdgeTrainStep(seg.edge, build_exit_head(cs[0], num_classes, exit_cfg))
+    exit_head = build_exit_head(cs[0], num_classes, exit_cfg)
+    if privacy.adversarial:
+        # built after the network so that the network's initial weights do not depend on it
+        proxy = Decoder(cs, input_shape, width=privacy.width)
+        step = AdversarialTrainStep(seg.edge, exit_head, proxy, privacy.scale)
+    else:
+        step = EdgeTrainStep(seg.edge, exit_head)
     rewrites = to_group_norm(step) if edge_norm == "group" else []
     rewrites += make_exact(step)
     return BuiltSegments(step=step, cloud=seg.cloud, rewrites=rewrites, cut_shape=cs)
@@ -68,8 +78,15 @@ def _load_state(manifest: Manifest, name: str) -> dict:
     return state
 
 
-def load_segments(manifest: Manifest) -> BuiltSegments:
+def load_segments(manifest: Manifest, *, with_proxy: bool = False) -> BuiltSegments:
+    """The exported modules with their initial weights.
+
+    Only the edge's own trainer needs the proxy decoder of an adversarial
+    defence (``with_proxy``); everyone else gets the plain step, whose state is
+    what a board publishes (``toolkit.core.privacy.public_state``).
+    """
     d = manifest.data
+    privacy = Privacy.from_dict(d.get("privacy"))
     built = build_segments(
         d["model"]["name"], d["split"]["point"],
         num_classes=d["model"]["num_classes"],
@@ -77,10 +94,14 @@ def load_segments(manifest: Manifest) -> BuiltSegments:
         exit_cfg=ExitHeadConfig(**d["exit_head"]),
         seed=d["seed"],
         edge_norm=d["split"]["edge_norm"],
+        privacy=privacy if with_proxy else NONE,
     )
     for module, name in ((built.step, EDGE_INIT), (built.cloud, CLOUD_INIT)):
+        state = _load_state(manifest, name)
+        if module is built.step and not with_proxy:
+            state = public_state(state)
         try:
-            module.load_state_dict(_load_state(manifest, name))
+            module.load_state_dict(state)
         except RuntimeError as exc:
             raise ManifestError(
                 f"{manifest.path(name)} does not fit the model in the manifest: "
