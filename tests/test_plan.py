@@ -276,6 +276,7 @@ def test_plan_prints_a_table_and_a_recommendation(plan_cache):
     for split in ("block1", "block2"):
         assert f"\n{split} " in r.stdout
     assert "using the cached profile" in r.stderr  # messages on stderr, not in the table
+    assert "leak dB: not measured for this model and input; toolkit attack" in r.stdout
 
 
 # The remaining plan tests call the CLI's entry in-process: each process costs seconds of
@@ -297,7 +298,8 @@ def test_plan_json_has_the_documented_keys(plan_cache, capsys):
     for row in rows.values():
         assert {"cut_shape", "edge_memory_mb", "fits", "edge_step_s", "up_bytes_per_sample",
                 "down_bytes_per_sample", "ht", "split_learning", "ht_vs_split",
-                "ht_vs_cloud"} <= set(row)
+                "ht_vs_cloud", "reveals"} <= set(row)
+        assert row["reveals"] is None  # measured for 3x32x32 inputs only (toolkit.plan.leakage)
         for mode in ("ht", "split_learning"):
             assert {"epoch_s", "per_batch", "breakdown", "bottleneck"} <= set(row[mode])
         assert row["ht"]["epoch_s"] < row["split_learning"]["epoch_s"]

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import threading
@@ -258,3 +259,48 @@ def test_adversarial_program_matches_eager_and_keeps_its_proxy_home(exported, br
         plain = load_segments(manifest)  # what the cloud builds: it loads them strictly
         plain.step.load_state_dict(state)
         assert set(state) == set(plain.step.state_dict())
+
+
+# ------------------------------------------------------------------ toolkit attack, toolkit plan
+def test_toolkit_attack_rebuilds_digits_from_the_cut_and_noise_stops_it(exported, tmp_path,
+                                                                       cli_in_process):
+    """The attacker beats knowing nothing on a plain cut, and not on a drowned one."""
+    scores = {}
+    for name, privacy in (("plain", "none"), ("drowned", "gaussian:20,clip=0.05")):
+        artifacts = exported(digits=True, batch=BATCH, privacy=privacy)
+        out = tmp_path / f"{name}.json"
+        r = cli_in_process("toolkit", "attack", str(artifacts), "--data", "digits", "--public",
+                           "800", "--heldout", "128", "--epochs", "6", "--json", str(out),
+                           "--grid", str(tmp_path / f"{name}.png"))
+        assert r.returncode == 0, r.stderr
+        assert "the cut adds" in r.stdout and (tmp_path / f"{name}.png").stat().st_size > 0
+        scores[name] = json.loads(out.read_text())
+        assert scores[name]["privacy"] == load_manifest(artifacts).privacy.spec()
+    plain, drowned = scores["plain"], scores["drowned"]
+    assert plain["psnr"] > plain["baseline_psnr"] + 3, plain
+    assert drowned["psnr"] < drowned["baseline_psnr"] + 1, drowned
+
+
+def test_toolkit_attack_bad_input_is_one_line(exported, tmp_path, cli_in_process):
+    artifacts = exported(digits=True, batch=BATCH, privacy="none")
+    r = cli_in_process("toolkit", "attack", str(artifacts), "--public", "0")
+    assert r.returncode != 0 and "--public must be at least 1" in r.stderr
+    r = cli_in_process("toolkit", "attack", str(artifacts), "--weights",
+                       str(tmp_path / "missing.pt"))
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_planners_leak_table_is_the_benchmarks_int8_rows():
+    from pathlib import Path
+
+    from toolkit.plan.leakage import LEAKAGE_FILE, measured_leak
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "privacy.json"
+    assert LEAKAGE_FILE.is_file(), "benchmarks/privacy.py writes toolkit/plan/leakage.json"
+    rows = [r for r in json.loads(results.read_text())["rows"]
+            if r["part"] == "leak" and r["codec"] == "int8"]
+    assert rows
+    for r in rows:
+        got = measured_leak(r["model"], r["split"], (3, 32, 32))
+        assert got is not None and got["psnr"] == r["psnr"] and got["ssim"] == r["ssim"]
+        assert measured_leak(r["model"], r["split"], (3, 64, 64)) is None

@@ -143,6 +143,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    from toolkit.core.errors import HiertrainError
+    from toolkit.privacy.attack import AttackConfig
+    from toolkit.privacy.audit import AuditConfig, audit, describe
+
+    for name in ("public", "heldout", "epochs"):
+        if getattr(args, name) < 1:
+            raise HiertrainError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    result = audit(AuditConfig(
+        artifacts=Path(args.artifacts), data=args.data,
+        weights=Path(args.weights) if args.weights else None, public=args.public,
+        heldout=args.heldout, attack=AttackConfig(epochs=args.epochs),
+        grid=Path(args.grid) if args.grid else None,
+    ), progress=lambda m: print(f"[attack] {m}", file=sys.stderr))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(describe(result))
+    return 0
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from toolkit.lab.broker import run_broker
 
@@ -330,6 +350,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cloud speed relative to this machine")
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("attack", help="how well a decoder rebuilds images from the cut your "
+                        "artifacts publish (docs/privacy.md)")
+    sp.add_argument("artifacts", help="directory written by toolkit export")
+    sp.add_argument("--data", default=None,
+                    help="images of the same domain: digits, a CIFAR-10 copy or an image folder "
+                         "(train split: the attacker's public images; test split: rebuilt)")
+    sp.add_argument("--weights", default=None,
+                    help="edge weights to attack (edge_weights-<device>.pt of a run); unset: the "
+                         "exported initial weights")
+    sp.add_argument("--public", type=int, default=2000, help="public images to train on")
+    sp.add_argument("--heldout", type=int, default=256, help="held-out images to rebuild")
+    sp.add_argument("--epochs", type=int, default=8, help="attacker training epochs")
+    sp.add_argument("--grid", default=None, help="PNG of originals against reconstructions")
+    sp.add_argument("--json", default=None, help="write the scores to this JSON file")
+    sp.set_defaults(func=cmd_attack)
 
     sp = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt) in the foreground")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -19,6 +19,7 @@ from toolkit.core.artifacts.boards import BoardProfile, load_board
 from toolkit.core.errors import HiertrainError
 from toolkit.core.models import get_spec
 from toolkit.core.models.exits import ExitHeadConfig
+from toolkit.plan.leakage import measured_leak
 from toolkit.plan.profiling import ModelProfile, load_or_profile
 from toolkit.plan.runtime_model import SUPPORTED_BITS, Link, n_batches, predict, reduction
 
@@ -118,6 +119,7 @@ def make_plan(cfg: PlanConfig, *, show_progress: bool = False,
             "ht": ht.to_dict(), "split_learning": sl.to_dict(),
             "ht_vs_split": reduction(ht.epoch_s, sl.epoch_s),
             "ht_vs_cloud": reduction(ht.epoch_s, cloud.epoch_s),
+            "reveals": measured_leak(cfg.model, split, shape),
         })
     return {
         "model": cfg.model,
@@ -210,7 +212,7 @@ def render(plan: dict) -> str:
         "",
         f"{'split':<8} {'edge MB':>8} {'fits':>4} {'edge step':>10} {'up B/smp':>9} "
         f"{'down B/smp':>10} {'ht epoch':>10} {'split epoch':>11} {'ht vs split':>11} "
-        f"{'ht vs cloud':>11}",
+        f"{'ht vs cloud':>11} {'leak dB':>7}",
     ]
     for r in plan["splits"]:
         lines.append(
@@ -218,7 +220,8 @@ def render(plan: dict) -> str:
             f"{fmt_s(r['edge_step_s']):>10} {r['up_bytes_per_sample']:>9,.0f} "
             f"{r['down_bytes_per_sample']:>10,.0f} {fmt_s(r['ht']['epoch_s']):>10} "
             f"{fmt_s(r['split_learning']['epoch_s']):>11} {_pct(r['ht_vs_split']):>11} "
-            f"{_pct(r['ht_vs_cloud']):>11}"
+            f"{_pct(r['ht_vs_cloud']):>11} "
+            f"{(format(r['reveals']['psnr'], '.1f') if r.get('reveals') else '-'):>7}"
         )
     c = plan["cloud"]
     lines += [
@@ -226,6 +229,17 @@ def render(plan: dict) -> str:
         f"cloud mode: raw uint8 images, {c['up_bytes_per_sample']:,.0f} B/sample up, epoch "
         f"{fmt_s(c['epoch_s'])} ({c['bottleneck']}-bound)",
         "(ht vs X: the share of X's epoch time that ht saves; negative: ht is slower)",
+    ]
+    leaks = [r["reveals"] for r in plan["splits"] if r.get("reveals")]
+    if leaks:
+        lines.append(
+            f"(leak dB: PSNR at which a decoder rebuilds CIFAR-10 images from the int8 cut, "
+            f"benchmarks/privacy.py; {leaks[0]['baseline_psnr']:.1f} dB = guessing the mean "
+            "image, higher reveals more; --privacy lowers it: docs/privacy.md)")
+    else:
+        lines.append("(leak dB: not measured for this model and input; toolkit attack "
+                     "measures what a cut reveals: docs/privacy.md)")
+    lines += [
         "",
     ]
     rec = plan["recommendation"]

@@ -1,0 +1,1 @@
+"""What a published cut reveals: the reconstruction attacker (build side, never on a board)."""
