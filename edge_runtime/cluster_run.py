@@ -54,6 +54,11 @@ class ClusterConfig:
 def plan_for(manifest, module, cfg: ClusterConfig):
     """The tile plan every rank computes identically; returns (plan, candidates table)."""
     from toolkit.core.artifacts.boards import load_board
+
+    if manifest.privacy.adversarial:  # the tiles would train the edge without its proxy
+        raise HiertrainError(
+            "tiled training does not run the adversarial defence's proxy decoder; export "
+            "with --privacy none or a noise defence (gaussian:S, laplace:S) for a cluster")
     from toolkit.core.models.tiling import (
         CostModel,
         choose_groups,

@@ -153,6 +153,11 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
     backend_name = resolve_backend(cfg.backend, mode)
     profile = load_board(cfg.board) if cfg.board else None
     manifest = load_manifest(cfg.artifacts)  # verifies every artifact's sha256
+    if manifest.privacy.kind != "none" and mode != "ht":
+        raise HiertrainError(
+            f"these artifacts were exported with --privacy {manifest.privacy.spec()}, which "
+            f"applies to --mode ht only: --mode {mode} would send the cut (split) or the "
+            "images (cloud) without it; use --mode ht or export with --privacy none")
     if profile is not None and (warning := check_batch(profile, manifest.batch_size)):
         log.warning("%s", warning)
     codec = parse_codec(cfg.codec or manifest.codec_name)

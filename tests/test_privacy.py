@@ -304,3 +304,21 @@ def test_the_planners_leak_table_is_the_benchmarks_int8_rows():
         got = measured_leak(r["model"], r["split"], (3, 32, 32))
         assert got is not None and got["psnr"] == r["psnr"] and got["ssim"] == r["ssim"]
         assert measured_leak(r["model"], r["split"], (3, 64, 64)) is None
+
+
+def test_modes_that_would_bypass_the_defence_refuse_it(exported, tmp_path, cli_in_process):
+    """A defence exported for ht is never silently dropped: split and cloud modes, and the
+    tiled cluster for the adversarial program, refuse such artifacts in one line."""
+    noisy = exported(digits=True, batch=BATCH, privacy="gaussian:0.5")
+    for mode in ("split", "cloud"):
+        r = cli_in_process("edge-runtime", "train", "--artifacts", str(noisy), "--broker",
+                           "mqtt://127.0.0.1:1", "--device-id", "d", "--mode", mode,
+                           "--state-dir", str(tmp_path), "--quiet")
+        assert r.returncode == 3, r.stderr[-2000:]
+        assert "applies to --mode ht only" in r.stderr.strip().splitlines()[-1]
+    adversarial = exported(digits=True, batch=BATCH, split="block2", verify=True,
+                           privacy="adversarial:0.5,width=8")  # the parity test's export
+    r = cli_in_process("edge-runtime", "cluster", "--artifacts", str(adversarial), "--broker",
+                       "mqtt://127.0.0.1:1", "--device-id", "d", "--quiet", "--world-size", "2")
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "does not run the adversarial defence" in r.stderr.strip().splitlines()[-1]

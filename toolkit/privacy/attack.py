@@ -122,7 +122,7 @@ def train_attacker(cuts: torch.Tensor, targets: torch.Tensor, image_shape: Seque
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += loss.item()
         last = total / steps_per_epoch
         progress(f"attacker epoch {epoch + 1}/{cfg.epochs}: mse {last:.4f}")
     return dec.eval(), last
