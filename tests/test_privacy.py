@@ -106,6 +106,15 @@ def test_noise_clips_each_sample_and_has_the_exported_scale(kind):
     assert not torch.equal(CutNoise(p)(cut), CutNoise(p)(cut))
 
 
+def test_laplace_noise_stays_finite_when_the_uniform_draw_is_exactly_zero():
+    # seed 1 draws an exact 0.0 among its first 2**23 uniforms; the naive
+    # inverse CDF turned it into -inf and stopped a benchmark run mid-epoch
+    shape = torch.Size([2**23])
+    assert (torch.rand(shape, generator=torch.Generator().manual_seed(1)) == 0).any()
+    noise = CutNoise(Privacy("laplace", scale=1.0, clip=100.0), seed=1)(torch.zeros(shape))
+    assert torch.isfinite(noise).all()
+
+
 # ------------------------------------------------------------------ on the wire
 def _collect(url: str, topic: str) -> tuple[object, list[bytes]]:
     got: list[bytes] = []

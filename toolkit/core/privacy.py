@@ -165,10 +165,21 @@ class CutNoise:
         b = p.scale * p.clip
         if p.kind == "gaussian":
             noise = torch.randn(clipped.shape, generator=self.gen) * b
-        else:  # inverse CDF of Laplace(0, b) from a uniform on (-1/2, 1/2)
-            u = torch.rand(clipped.shape, generator=self.gen) - 0.5
-            noise = -b * u.sign() * torch.log1p(-2 * u.abs())
+        else:
+            noise = _laplace(clipped.shape, self.gen) * b
         return (clipped + noise).reshape(cut.shape)
+
+
+def _laplace(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """Unit Laplace by inverse CDF; u stays off -1 so the log never meets 0.
+
+    ``torch.rand`` returns exactly 0 about once in 2**24 draws, a few times per
+    epoch on a 16x16x16 cut, and the naive ``log1p(-2|u - 1/2|)`` turns that
+    draw into -inf and the whole batch into a refused NaN.
+    """
+    eps = torch.finfo(torch.float32).eps
+    u = torch.rand(shape, generator=gen) * (2 - eps) + (eps - 1)  # [eps-1, 1)
+    return -u.sign() * torch.log1p(-u.abs())
 
 
 def cut_transform(privacy: Privacy):
