@@ -187,8 +187,11 @@ def _check_against_reference(job: SyntheticJob, world: int) -> None:
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("world,grids", [(2, [(2, 1), (1, 2)]), (4, [(2, 2), (4, 1)])],
-                         ids=["2-procs", "4-procs"])
+@pytest.mark.parametrize("world,grids", [
+    (2, [(2, 1), (1, 2)]),
+    # 4 processes on CI's 2 cores take ~27 s: run with the long tests (.ci/run: -m slow)
+    pytest.param(4, [(2, 2), (4, 1)], marks=pytest.mark.slow),
+], ids=["2-procs", "4-procs"])
 def test_tiled_training_equals_single_device_training(tmp_path, world, grids):
     port = free_port()
     jobs = []

@@ -114,6 +114,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         guarantee = (f"; epsilon {eps:.3g} per release at delta {privacy['delta']:g} "
                      "(docs/privacy.md says what it covers)" if eps is not None else "")
         print(f"privacy {privacy['kind']} {privacy['scale']:g} applied on the board{guarantee}")
+        if privacy["kind"] == "adversarial":
+            print("note: in benchmarks/privacy.py the adversarial defence did not lower what an "
+                  "attacker rebuilds and cost the exit accuracy; check with `toolkit attack` "
+                  "(docs/privacy.md)")
     return 0
 
 
