@@ -69,6 +69,7 @@ def test_flash_through_a_noisy_line_installs_verified_artifacts(artifacts, tmp_p
     assert not list(dest.parent.glob(".artifacts.partial-*"))  # renamed into place
 
 
+@pytest.mark.slow  # ~35 s of paced serial transfer: .ci/run runs it with the long tests
 def test_an_interrupted_flash_resumes_where_it_stopped(artifacts, tmp_path, procs):
     dest = tmp_path / "artifacts"
     total = sum((artifacts / n).stat().st_size
