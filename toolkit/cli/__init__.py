@@ -98,7 +98,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     d = manifest.data
     parity = d["parity"]
     check = (f"gradient parity with eager PyTorch: {parity['global_rel_grad_error']:.1e} "
-             f"(worst tensor {parity['max_rel_grad_error']:.1e})"
+             f"(worst tensor {parity['max_rel_grad_error']:.1e}); from float64 "
+             f"{parity['float64_rel_grad_error']:.1e}, eager float32's own "
+             f"{parity['eager_float64_rel_grad_error']:.1e}"
              if parity["checked"] else "parity not checked (--no-verify)")
     print(f"wrote {args.out}: {d['model']['name']} split at {d['split']['point']}, "
           f"batch {d['batch_size']}, cut {d['cut']['shape']}, "
