@@ -212,6 +212,7 @@ def test_tiled_training_equals_single_device_training(tmp_path, world, grids):
 # ------------------------------------------------------------------ CLI, MQTT, cloud trainer
 @pytest.mark.cluster
 @pytest.mark.mqtt
+@pytest.mark.slow  # ~25 s of processes on 2 cores: .ci/run runs it with the long tests
 def test_cluster_cli_feeds_the_unchanged_cloud_trainer_over_mqtt(tmp_path, cli, exported,
                                                                   procs):
     """``edge-runtime cluster --world-size 2`` (two local gloo processes) trains the smallcnn

@@ -89,10 +89,13 @@ def _lowered(params):
     return _LOWERED[params]
 
 
+# ResNet-18 to layer1 lowers for ~40 s: also with the long tests (its stem stays here).
+_LONG = {("resnet18", "layer1", 2, (3, 16, 16), "batch")}
 # The GroupNorm VGG-16 one-step case lowers for ~35 s; it runs with the long tests
 # (.ci/run: -m slow) to keep the default suite under ten minutes on two cores.
 _CASE_PARAMS = [pytest.param(c, marks=pytest.mark.slow)
-                if c == ("vgg16", "stage2", 2, (3, 32, 32), "group") else c for c in CASES]
+                if c == ("vgg16", "stage2", 2, (3, 32, 32), "group") or c in _LONG else c
+                for c in CASES]
 
 
 @pytest.fixture(params=_CASE_PARAMS, ids=_case_id)
@@ -102,8 +105,8 @@ def case(request):
 
 # The portable-kernel VGG-16 trajectory is the suite's slowest test (a minute of portable
 # convolutions): marked slow, so .ci/run runs it after the default suite.
-_TRAJECTORY_PARAMS = [pytest.param(c, marks=pytest.mark.slow) if "portable" in c else c
-                      for c in TRAJECTORY_CASES]
+_TRAJECTORY_PARAMS = [pytest.param(c, marks=pytest.mark.slow) if "portable" in c or c in _LONG
+                      else c for c in TRAJECTORY_CASES]
 
 
 @pytest.fixture(params=_TRAJECTORY_PARAMS, ids=_case_id)
