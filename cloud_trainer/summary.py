@@ -25,16 +25,18 @@ from cloud_trainer.evaluate import Evaluator
 from cloud_trainer.ingest import Ingest
 from cloud_trainer.metrics import CURVES, plot_curves
 from toolkit.core.errors import HiertrainError
-from toolkit.core.models.segments import FullModel
+from toolkit.core.models.split import model_state_dict
 from toolkit.core.transport import link_summary
 
 
 def save_final_models(run_dir: Path, edge: nn.Module, cloud: nn.Module,
                       model_lock: threading.Lock) -> None:
-    """``cloud_final.pt`` (what ``serve`` loads) and ``full_model.pt`` (edge + cloud)."""
+    """``cloud_final.pt`` (what ``serve`` loads) and ``full_model.pt``: edge + cloud under the
+    original model's own names, so it loads into the model the run was exported from
+    (``toolkit.core.models.build_model``, or ``torchvision.models.<arch>``)."""
     with model_lock:
         atomic_torch_save(run_dir / CLOUD_FINAL, cloud.state_dict())
-        atomic_torch_save(run_dir / FULL_MODEL, FullModel(edge, cloud).state_dict())
+        atomic_torch_save(run_dir / FULL_MODEL, model_state_dict(edge, cloud))
 
 
 def save_curves(run_dir: Path, records: list[dict[str, Any]], title: str) -> None:

@@ -91,6 +91,9 @@ class ExportConfig:
     verify: bool = True
     lowering: str = "xnnpack"  # toolkit.build.lowering.LOWERINGS (docs/export.md, "Speed")
     privacy: str = "none"  # toolkit.core.privacy: the defence the board applies to the cut
+    # a local state dict of the whole model (torchvision's .pth files are), loaded before the
+    # cut; nothing downloads at run time
+    pretrained: Path | None = None
 
 
 def _versions() -> dict:
@@ -128,6 +131,11 @@ def _resolve(cfg: ExportConfig) -> _Plan:
     board = load_board(cfg.board)
     spec = get_spec(cfg.model)
     split = cfg.split or spec.default_split
+    if not split:
+        raise HiertrainError(
+            f"{cfg.model} has no default split point; give --split, e.g. one of: "
+            f"{', '.join(spec.splits)} (`toolkit models --model {cfg.model}` shows their costs)"
+        )
     shape = tuple(cfg.input_shape or spec.input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise HiertrainError(f"input shape must be C,H,W with positive sizes, got {shape}")
@@ -188,6 +196,14 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _pretrained_record(path: Path | None, built: BuiltSegments) -> dict:
+    """Which file the initial weights came from (by hash: the path means nothing on a board)."""
+    if path is None:
+        return {}
+    return {"pretrained": {"file": Path(path).name, "sha256": sha256_file(Path(path)),
+                           "not_loaded": list(built.pretrained_skipped or [])}}
+
+
 def _tensor(name: str, shape, dtype: str = "float32") -> dict:
     return {"name": name, "shape": [int(s) for s in shape], "dtype": dtype}
 
@@ -198,7 +214,12 @@ def export_artifacts(
     plan = _resolve(cfg)
     built = build_segments(cfg.model, plan.split, num_classes=cfg.num_classes,
                            input_shape=plan.shape, exit_cfg=plan.exit_cfg, seed=cfg.seed,
-                           edge_norm=plan.edge_norm, privacy=plan.privacy)
+                           edge_norm=plan.edge_norm, privacy=plan.privacy,
+                           pretrained=cfg.pretrained)
+    if built.pretrained_skipped:
+        progress(f"pretrained weights from {cfg.pretrained}; left at their initial values "
+                 f"(shapes differ, e.g. a classifier for other classes): "
+                 f"{', '.join(built.pretrained_skipped)}")
     out = Path(cfg.out)
     tmp = _prepare_out(out, cfg.force)
     try:
@@ -270,7 +291,8 @@ def _write(cfg: ExportConfig, plan: _Plan, built: BuiltSegments, tmp: Path,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seed": cfg.seed,
         "model": {"name": cfg.model, "num_classes": cfg.num_classes, "input_shape": list(shape),
-                  "normalization": {"mean": list(plan.mean), "std": list(plan.std)}},
+                  "normalization": {"mean": list(plan.mean), "std": list(plan.std)},
+                  **_pretrained_record(cfg.pretrained, built)},
         "split": {"point": plan.split, "edge_norm": plan.edge_norm,
                   "edge_stages": [n for n, _ in built.step.edge.named_children()],
                   "cloud_stages": [n for n, _ in built.cloud.named_children()]},

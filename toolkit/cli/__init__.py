@@ -39,7 +39,8 @@ def _shape(text: str) -> tuple[int, int, int]:
 def cmd_models(args: argparse.Namespace) -> int:
     from toolkit.plan.stats import model_table
 
-    table = model_table(num_classes=args.num_classes, input_shape=args.input_shape)
+    table = model_table(num_classes=args.num_classes, input_shape=args.input_shape,
+                        names=args.model.split(",") if args.model else None)
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
@@ -47,14 +48,20 @@ def cmd_models(args: argparse.Namespace) -> int:
         shape = "x".join(str(s) for s in m["input_shape"])
         print(f"{m['name']}: {m['description']}")
         print(f"  input {shape}, {m['params']:,} parameters, default split {m['default_split']}")
-        print(f"  {'split':<8} {'edge params':>12} {'exit params':>12} {'edge MFLOP':>11} "
+        print(f"  {'split':<11} {'edge params':>9} {'exit params':>12} {'edge MFLOP':>11} "
               f"{'cut shape':>12} {'fp32 B/smp':>11} {'int8 B/smp':>11}")
         for s in m["splits"]:
             cut = "x".join(str(d) for d in s["cut_shape"])
-            print(f"  {s['split']:<8} {s['edge_params']:>12,} {s['exit_params']:>12,} "
+            print(f"  {s['split']:<11} {s['edge_params']:>9,} {s['exit_params']:>12,} "
                   f"{s['edge_flops'] / 1e6:>11.1f} {cut:>12} {s['cut_float32_bytes']:>11,} "
                   f"{s['cut_int8_bytes']:>11,}")
         print()
+    if not args.model and not args.json:
+        from toolkit.core.models.zoo import TORCHVISION_SPLITS
+
+        print("also: torchvision:" + ", torchvision:".join(TORCHVISION_SPLITS) + " (and any "
+              "torchvision classification model), or package.module:factory for your own "
+              "nn.Module; `toolkit models --model NAME` shows one (docs/models.md)")
     return 0
 
 
@@ -93,6 +100,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                                   weight_decay=args.weight_decay),
         seed=args.seed, edge_norm=args.edge_norm, force=args.force, verify=not args.no_verify,
         codec=args.codec, lowering=args.lowering, privacy=args.privacy,
+        pretrained=Path(args.pretrained) if args.pretrained else None,
     )
     manifest = export_artifacts(cfg, progress=lambda m: print(f"[export] {m}", file=sys.stderr))
     d = manifest.data
@@ -262,10 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     def common_model_args(sp: argparse.ArgumentParser, *aliases: str) -> None:
         sp.add_argument("--num-classes", type=int, default=10, help="number of output classes")
         sp.add_argument("--input-shape", *aliases, type=_shape, default=None,
-                        help="input shape C,H,W; unset: the model's own (3,32,32)")
+                        help="input shape C,H,W; unset: the model's own (3,32,32 for the "
+                             "built-ins, 3,224,224 for torchvision's)")
 
     sp = sub.add_parser("models", help="list models, split points and their costs")
     common_model_args(sp)
+    sp.add_argument("--model", default=None,
+                    help="comma-separated models to show, e.g. torchvision:resnet50 or "
+                         "mypkg.nets:make_net; unset: the built-ins")
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_models)
 
@@ -274,9 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_boards)
 
     sp = sub.add_parser("export", help="export the edge training program and artifacts")
-    sp.add_argument("--model", required=True, help="model name ('toolkit models' lists them)")
+    sp.add_argument("--model", required=True,
+                    help="a built-in model ('toolkit models' lists them), torchvision:<arch> "
+                         "(e.g. torchvision:mobilenet_v3_small) or package.module:factory "
+                         "returning your nn.Module; docs/models.md")
     sp.add_argument("--split", default=None,
-                    help="split point; unset: the model's default split ('toolkit models')")
+                    help="split point: a stage of a built-in model, or a module path "
+                         "(features.3, layer2); unset: the model's default split")
+    sp.add_argument("--pretrained", default=None, metavar="FILE",
+                    help="initial weights: a local state dict of the whole model (e.g. "
+                         "torchvision's .pth); tensors whose shapes differ (a classifier for "
+                         "other classes) keep their initial values and are named")
     sp.add_argument("--board", default="rpi4", help="board profile name or .yaml path")
     sp.add_argument("--batch", type=int, default=None,
                     help="training batch size; unset: the board's (32 with --personalise)")

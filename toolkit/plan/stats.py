@@ -112,13 +112,16 @@ def split_stats(
 
 
 def model_table(
-    num_classes: int = 10, input_shape: tuple[int, int, int] | None = None
+    num_classes: int = 10, input_shape: tuple[int, int, int] | None = None,
+    names: list[str] | None = None,
 ) -> list[dict]:
-    """``toolkit models --json``: a list of models, each with ``name`` and ``splits``."""
+    """``toolkit models --json``: a list of models, each with ``name`` and ``splits``
+    (``names``: these models, e.g. ``torchvision:resnet50``; unset: the built-ins)."""
     from toolkit.core.models import MODELS
 
     rows = []
-    for name, spec in MODELS.items():
+    for name in names or list(MODELS):
+        spec = get_spec(name)
         shape = tuple(input_shape or spec.input_shape)
         full = build_model(name, num_classes=num_classes, input_shape=shape)
         rows.append({

@@ -1,13 +1,15 @@
-"""Model registry: every model is an ``nn.Sequential`` of named stages.
+"""Model registry: hiertrain's own models, torchvision's, and a user's factory.
 
-A split point is the name of a stage: the edge segment runs the stages up to
-and including it, the cloud segment runs the rest. Keeping models as flat
-sequences of named blocks (torchvision style) makes a split a slice, not a
-graph surgery, and keeps split names stable across input sizes.
+The built-in CIFAR-sized models are ``nn.Sequential`` models of named stages: a
+split point is the name of a stage, and a split is a slice. Models a user
+brings (``torchvision:<arch>``, ``package.module:factory``; ``zoo``) are kept
+as they are and split at a module path by tracing (``graph_split``), so their
+weights keep the names of the original model.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +19,19 @@ from toolkit.core.errors import HiertrainError
 from toolkit.core.models.resnet import resnet18_cifar
 from toolkit.core.models.small import small_cnn
 from toolkit.core.models.vgg import vgg16_cifar
+from toolkit.core.models.zoo import (
+    IMAGENET_MEAN,
+    IMAGENET_SHAPE,
+    IMAGENET_STD,
+    TORCHVISION_PREFIX,
+    TORCHVISION_SPLITS,
+    check_outputs,
+    custom_factory,
+    default_input_shape,
+    is_graph_model,
+    torchvision_arch,
+    torchvision_factory,
+)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -28,9 +43,9 @@ class ModelSpec:
 
     name: str
     description: str
-    builder: Callable[..., nn.Sequential]
+    builder: Callable[..., nn.Module]
     splits: tuple[str, ...]
-    default_split: str
+    default_split: str  # "" when the user must choose (a factory's model)
     input_shape: tuple[int, int, int] = (3, 32, 32)
     mean: tuple[float, ...] = CIFAR_MEAN
     std: tuple[float, ...] = CIFAR_STD
@@ -39,6 +54,9 @@ class ModelSpec:
     # "batch": BatchNorm with host-side running statistics (same math as
     # nn.BatchNorm2d); "group": GroupNorm (docs/export.md).
     edge_norm: str = "batch"
+    # "stages": an nn.Sequential of named stages, split by slicing; "graph": any module,
+    # split at a module path by tracing (toolkit.core.models.graph_split)
+    kind: str = "stages"
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -73,12 +91,38 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def get_spec(name: str) -> ModelSpec:
-    try:
+    """A built-in name, ``torchvision:<arch>`` or ``package.module:factory``."""
+    if name in MODELS:
         return MODELS[name]
-    except KeyError:
-        raise HiertrainError(
-            f"unknown model {name!r}; choose one of: {', '.join(MODELS)}"
-        ) from None
+    if is_graph_model(name):
+        return _graph_spec(name)
+    raise HiertrainError(
+        f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, "
+        f"torchvision:<arch> (e.g. {TORCHVISION_PREFIX}mobilenet_v3_small), or "
+        "package.module:factory for your own nn.Module"
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _graph_spec(name: str) -> ModelSpec:
+    if name.startswith(TORCHVISION_PREFIX):
+        arch = torchvision_arch(name)
+        builder, shape, min_input = torchvision_factory(arch), IMAGENET_SHAPE, 32
+        description = f"torchvision {arch} (ImageNet-style, {shape[1]}x{shape[2]})"
+    else:
+        # the factory's model decides what it runs on: one forward checks (build_model)
+        builder, shape, min_input = custom_factory(name), default_input_shape(name), 1
+        arch, description = "", f"your model {name}"
+    if arch in TORCHVISION_SPLITS:
+        splits, default = TORCHVISION_SPLITS[arch]
+    else:
+        from toolkit.core.models.graph_split import feature_map_points
+
+        splits, default = tuple(feature_map_points(builder(num_classes=10, in_channels=shape[0]),
+                                                   shape, name)), ""
+    return ModelSpec(name=name, description=description, builder=builder, splits=splits,
+                     default_split=default, input_shape=shape, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD, exit_channels=64, min_input=min_input, kind="graph")
 
 
 def build_model(
@@ -86,7 +130,7 @@ def build_model(
     *,
     num_classes: int = 10,
     input_shape: tuple[int, int, int] | None = None,
-) -> nn.Sequential:
+) -> nn.Module:
     """Build a full (unsplit) model; ``input_shape`` is (C, H, W)."""
     spec = get_spec(name)
     c, h, w = input_shape or spec.input_shape
@@ -97,4 +141,7 @@ def build_model(
         )
     if num_classes < 2:
         raise HiertrainError(f"num_classes must be at least 2, got {num_classes}")
-    return spec.builder(num_classes=num_classes, in_channels=c)
+    net = spec.builder(num_classes=num_classes, in_channels=c)
+    if spec.kind == "graph":
+        check_outputs(net, name, num_classes, (c, h, w))
+    return net

@@ -21,7 +21,7 @@ class EdgeTrainStep(nn.Module):
     activation and logits are detached, so no gradient path leaves the edge.
     """
 
-    def __init__(self, edge: nn.Sequential, exit_head: nn.Module):
+    def __init__(self, edge: nn.Module, exit_head: nn.Module):
         super().__init__()
         self.edge = edge
         self.exit = exit_head
@@ -72,7 +72,7 @@ class ChannelMajorTrainStep(EdgeTrainStep):
 class EdgeInfer(nn.Module):
     """``forward(x) -> (cut, exit_logits)`` in eval mode (running statistics)."""
 
-    def __init__(self, edge: nn.Sequential, exit_head: nn.Module):
+    def __init__(self, edge: nn.Module, exit_head: nn.Module):
         super().__init__()
         self.edge = edge
         self.exit = exit_head

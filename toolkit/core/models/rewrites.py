@@ -29,8 +29,13 @@ module                      what the exporter does, and why
                             replaced by torch's own decomposition (the portable
                             ``max_pool2d_with_indices_backward`` kernel gives
                             wrong gradients). Done in ``export.py``.
-``AdaptiveAvgPool2d(1)``    -> ``GlobalAvgPool`` (``mean`` over H, W):
+``AdaptiveAvgPool2d(1)``    -> ``MeanPool2d`` (``mean`` over H, W, keeping
+                            them, so squeeze-excitation still sees
+                            ``N x C x 1 x 1``):
                             ``_adaptive_avg_pool2d_backward`` is missing.
+``StochasticDepth`` (p > 0) -> ``Identity``, what it computes in eval mode:
+                            random row drops would make the program random
+                            and unverifiable (EfficientNet's blocks).
 ``AvgPool2d(k, stride=k)``  -> ``BlockAvgPool`` (reshape + mean):
                             ``avg_pool2d_backward`` is missing.
 other pools, Dropout,       refused: no exact backward, or (Dropout) a random
@@ -47,7 +52,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.core.errors import ExportError
-from toolkit.core.models.exits import GlobalAvgPool
 
 
 class HostStatsBatchNorm2d(nn.Module):
@@ -119,6 +123,13 @@ class HostStatsBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, host_stats=True"
 
 
+class MeanPool2d(nn.Module):
+    """``AdaptiveAvgPool2d(1)`` as a plain mean over H and W (exact ExecuTorch backward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 class BlockAvgPool(nn.Module):
     """``AvgPool2d(k, stride=k)`` as reshape + mean (exact ExecuTorch backward)."""
 
@@ -159,8 +170,8 @@ def _replacement(name: str, mod: nn.Module) -> tuple[nn.Module | None, Rewrite |
         )
     if isinstance(mod, nn.AdaptiveAvgPool2d):
         if _pair(mod.output_size) == (1, 1):
-            return GlobalAvgPool(), Rewrite(
-                name, kind, "GlobalAvgPool", "_adaptive_avg_pool2d_backward is missing"
+            return MeanPool2d(), Rewrite(
+                name, kind, "MeanPool2d", "_adaptive_avg_pool2d_backward is missing"
             )
         raise ExportError(
             f"{name}: AdaptiveAvgPool2d({mod.output_size}) has no exact ExecuTorch backward; "
@@ -183,6 +194,12 @@ def _replacement(name: str, mod: nn.Module) -> tuple[nn.Module | None, Rewrite |
         return None, Rewrite(
             name, kind, "MaxPool2d (backward decomposed)",
             "portable max_pool2d_with_indices_backward gives wrong gradients",
+        )
+    if kind == "StochasticDepth" and getattr(mod, "p", 0) > 0:  # torchvision.ops
+        return nn.Identity(), Rewrite(
+            name, kind, "Identity",
+            "random row drops make the program unverifiable; the edge trains the block as "
+            "eval mode runs it",
         )
     if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm3d, nn.SyncBatchNorm)):
         raise ExportError(f"{name}: {kind} is not supported in the edge segment; use BatchNorm2d")

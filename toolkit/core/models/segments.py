@@ -7,6 +7,7 @@ the cloud trainer all start from the same numbers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from toolkit.core.models.exits import ExitHeadConfig, build_exit_head
 from toolkit.core.models.inversion import AdversarialTrainStep, Decoder
 from toolkit.core.models.rewrites import EDGE_NORMS, Rewrite, make_exact, to_group_norm
 from toolkit.core.models.split import cut_shape, split_model
+from toolkit.core.models.zoo import load_pretrained
 from toolkit.core.privacy import NONE, Privacy, public_state
 
 EDGE_INIT = "edge_init.pt"
@@ -33,6 +35,8 @@ class BuiltSegments:
     cloud: nn.Sequential
     rewrites: list[Rewrite]
     cut_shape: tuple[int, ...]
+    # keys of a pretrained file left at their initial values (a classifier for other classes)
+    pretrained_skipped: list[str] | None = None
 
     def infer_module(self) -> EdgeInfer:
         """Inference view sharing the step's modules (and so its trained weights)."""
@@ -49,14 +53,19 @@ def build_segments(
     seed: int = 0,
     edge_norm: str = "batch",
     privacy: Privacy = NONE,
+    pretrained: str | os.PathLike[str] | None = None,
 ) -> BuiltSegments:
-    """The modules of one split; ``privacy.adversarial`` adds the proxy decoder to the step."""
+    """The modules of one split; ``privacy.adversarial`` adds the proxy decoder to the step.
+
+    ``pretrained``: a local state dict of the whole model, loaded before the cut (export
+    only: at run time the exported initial weights already hold it)."""
     if edge_norm not in EDGE_NORMS:
         raise HiertrainError(
             f"unknown edge norm {edge_norm!r}; choose one of: {', '.join(EDGE_NORMS)}"
         )
     torch.manual_seed(seed)
     full = build_model(model, num_classes=num_classes, input_shape=input_shape)
+    skipped = load_pretrained(full, pretrained, model) if pretrained is not None else None
     seg = split_model(full, model, split)
     cs = cut_shape(seg.edge, input_shape)
     exit_head = build_exit_head(cs[0], num_classes, exit_cfg)
@@ -68,7 +77,8 @@ def build_segments(
         step = EdgeTrainStep(seg.edge, exit_head)
     rewrites = to_group_norm(step) if edge_norm == "group" else []
     rewrites += make_exact(step)
-    return BuiltSegments(step=step, cloud=seg.cloud, rewrites=rewrites, cut_shape=cs)
+    return BuiltSegments(step=step, cloud=seg.cloud, rewrites=rewrites, cut_shape=cs,
+                         pretrained_skipped=skipped)
 
 
 def _load_state(manifest: Manifest, name: str) -> dict:

@@ -13,14 +13,22 @@ from toolkit.core.models import get_spec
 
 @dataclass
 class Segments:
-    edge: nn.Sequential
-    cloud: nn.Sequential
+    edge: nn.Module
+    cloud: nn.Module
     point: str
 
 
-def split_model(model: nn.Sequential, model_name: str, point: str) -> Segments:
-    """Slice ``model`` after the stage named ``point``; modules are shared, not copied."""
+def split_model(model: nn.Module, model_name: str, point: str) -> Segments:
+    """Cut ``model`` after ``point``; modules are shared, not copied.
+
+    Built-in models are sliced after the stage named ``point``; a torchvision or
+    user model is cut at the module path ``point`` (``graph_split``)."""
     spec = get_spec(model_name)
+    if spec.kind == "graph":
+        from toolkit.core.models.graph_split import split_at
+
+        edge, cloud = split_at(model, point, model_name)
+        return Segments(edge=edge, cloud=cloud, point=point)
     if point not in spec.splits:
         raise HiertrainError(
             f"unknown split point {point!r} for {model_name}; choose one of: "
@@ -51,4 +59,27 @@ def cut_shape(edge: nn.Module, input_shape: tuple[int, int, int]) -> tuple[int, 
         ) from None
     finally:
         edge.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise HiertrainError(
+            f"the cut is {shape}, not a C x H x W feature map; an exit head and the codec need "
+            "one, so split before the pooling and the classifier"
+        )
     return tuple(out.shape[1:])
+
+
+def model_state_dict(edge: nn.Module, cloud: nn.Module) -> dict:
+    """The whole network's weights under the original model's own names.
+
+    Both halves keep the names of the model they were cut from (a stage slice, or a
+    traced graph with its module paths), so their union loads into that model:
+    ``torchvision.models.<arch>(num_classes=N).load_state_dict(...)``. ``full_model.pt``
+    is this. (An edge trained with ``--edge-norm group`` has GroupNorm weights where the
+    original has BatchNorm: it loads into the model built with the same rewrite only.)
+    """
+    state = dict(edge.state_dict())
+    for key, value in cloud.state_dict().items():
+        if key in state and not torch.equal(state[key], value):
+            raise ValueError(f"{key} differs between the segments")
+        state[key] = value
+    return state

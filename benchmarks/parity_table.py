@@ -1,0 +1,118 @@
+"""The gradient-parity gate on every shipped torchvision model and split point.
+
+For each model in ``toolkit.core.models.zoo.TORCHVISION_SPLITS`` and each of its
+named split points, ``toolkit export`` as a user runs it (default lowering,
+verification on, native 224x224 input, ``--batch`` images): the figures are the
+ones the export writes into the manifest's ``parity`` record, or the one-line
+refusal when the gate (``toolkit.build.parity.gate_failure``) says no.
+
+Each row is appended to ``benchmarks/results/parity.json`` as it finishes (a rerun
+skips rows already there for the same settings, so an interrupted run resumes), and
+``benchmarks/results/parity.md`` is rewritten from all rows: the table docs/export.md
+quotes.
+
+    python benchmarks/parity_table.py                     # all (about an hour here)
+    python benchmarks/parity_table.py --models torchvision:resnet18 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.core.errors import HiertrainError
+from toolkit.core.models.zoo import TORCHVISION_PREFIX, TORCHVISION_SPLITS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def save_rows(path: Path, rows: list[dict], command: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def export_row(model: str, split: str, args: argparse.Namespace) -> dict:
+    row: dict = {"model": model, "split": split, "batch": args.batch, "board": args.board,
+                 "input": "3x224x224", "lowering": args.lowering}
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            m = export_artifacts(ExportConfig(
+                model=model, out=Path(tmp) / "a", split=split, board=args.board,
+                batch=args.batch, lowering=args.lowering))
+        except HiertrainError as exc:
+            row.update(passed=False, refusal=str(exc))
+        else:
+            p = m.data["parity"]
+            row.update(passed=True, cut=m.data["cut"]["shape"],
+                       rewrites=sorted({r["to"] for r in m.data["rewrites"]}),
+                       vs_eager=p["global_rel_grad_error"],
+                       worst_tensor_vs_eager=p["max_rel_grad_error"],
+                       vs_float64=p["float64_rel_grad_error"],
+                       eager_vs_float64=p["eager_float64_rel_grad_error"],
+                       loss_abs_error=p["loss_abs_error"])
+    row["export_s"] = round(time.monotonic() - t0, 1)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | split | cut | vs eager f32 | worst tensor | vs float64 | "
+             "eager f32 vs float64 | gate | export s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["passed"]:
+            lines.append(
+                f"| {r['model']} | {r['split']} | {'x'.join(map(str, r['cut']))} | "
+                f"{r['vs_eager']:.1e} | {r['worst_tensor_vs_eager']:.1e} | "
+                f"{r['vs_float64']:.1e} | {r['eager_vs_float64']:.1e} | passed | "
+                f"{r['export_s']:.0f} |")
+        else:
+            lines.append(f"| {r['model']} | {r['split']} | | | | | | refused: "
+                         f"{r['refusal']} | {r['export_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models",
+                    default=",".join(TORCHVISION_PREFIX + a for a in TORCHVISION_SPLITS))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--board", default="jetson-orin-nano",
+                    help="board profile (its memory budget must admit the batch at 224 px)")
+    ap.add_argument("--lowering", default="xnnpack")
+    ap.add_argument("--out", default=str(RESULTS / "parity.json"))
+    args = ap.parse_args(argv)
+    command = "python benchmarks/parity_table.py " + shlex.join(argv or sys.argv[1:])
+    out = Path(args.out)
+    rows = load_rows(out)
+    for model in args.models.split(","):
+        arch = model.removeprefix(TORCHVISION_PREFIX)
+        for split in TORCHVISION_SPLITS[arch][0]:
+            key = (model, split, args.batch, args.board, args.lowering)
+            if any((r["model"], r["split"], r["batch"], r["board"], r["lowering"]) == key
+                   for r in rows):
+                continue
+            print(f"[parity] {model} at {split}, batch {args.batch} ...", flush=True)
+            row = export_row(model, split, args)
+            print(f"[parity]   {json.dumps(row)}", flush=True)
+            rows.append(row)
+            save_rows(out, rows, command)
+    out.with_suffix(".md").write_text(
+        f"Written by `{command}` (input 3x224x224).\n\n" + table(rows))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
