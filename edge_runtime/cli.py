@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from edge_runtime import cluster_run, personal_cli
 from edge_runtime.board import apply_board
-from edge_runtime.cli_args import add_common_args, positive_int, setup
+from edge_runtime.cli_args import add_common_args, add_data_args, positive_int, setup
 from edge_runtime.config import DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES, TrainConfig
 from toolkit.core.entry import new_parser, run
 
@@ -87,7 +87,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         security=args.security,
         codec=args.codec, resume=args.resume, spool_dir=args.spool_dir, spool_mb=args.spool_mb,
         checkpoint_every=args.checkpoint_every, confirm_timeout=args.confirm_timeout,
-        board=args.board,
+        board=args.board, workers=args.workers, augment=args.augment,
+        max_batches=args.max_batches,
     )
 
 
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "batch; batches still unconfirmed end the run with exit code 5 and "
                          "stay in the spool for --resume; 0: do not wait, exit 0 "
                          "(docs/delivery.md)")
+    add_data_args(sp)
     # --backend: executorch for ht, torch for split, none for cloud (resolve_backend)
     sp.set_defaults(func=cmd_train, backend=None)
 
