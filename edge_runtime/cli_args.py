@@ -119,6 +119,24 @@ def add_data_args(sp: argparse.ArgumentParser) -> None:
                          "keeps the position for --resume); unset: every epoch")
 
 
+def add_live_args(sp: argparse.ArgumentParser) -> None:
+    """``train --live``: online learning from a directory that keeps growing (docs/data.md)."""
+    sp.add_argument("--live", action="store_true",
+                    help="--data DIR keeps receiving frames: train on each new frame as it "
+                         "arrives (mixed with replayed ones) until --idle-timeout passes "
+                         "without one or --max-batches; --epochs does not apply")
+    sp.add_argument("--labels", default=None, metavar="PATH|MODULE:FUNCTION",
+                    help="--live: the frames' labels, a sidecar labels.csv (file,label) or "
+                         "labels.jsonl ({\"file\", \"label\"}), or a function called with "
+                         "each frame's path returning its label or None (not yet); unset: "
+                         "DIR/labels.csv or DIR/labels.jsonl")
+    sp.add_argument("--replay", type=non_negative_int, default=512, metavar="N",
+                    help="--live: replay buffer capacity in frames (reservoir sampling); half "
+                         "of each batch is replayed once it holds that many; 0: new frames only")
+    sp.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                    help="--live: end the run after S seconds without a new frame")
+
+
 def add_runtime_only_args(sp: argparse.ArgumentParser) -> None:
     """The flags of the sub-commands that run without a broker (personalise)."""
     sp.add_argument("--backend", choices=BACKENDS, default="executorch", help=BACKEND_HELP)

@@ -67,6 +67,12 @@ class TrainConfig:
     workers: int | None = None
     augment: Augment = field(default_factory=Augment)
     max_batches: int | None = None
+    # --live (docs/data.md): `data` is a directory that keeps growing; labels from a sidecar
+    # or a callback, a replay buffer of `replay` frames, the end after `idle_timeout` s idle
+    live: bool = False
+    labels: str | None = None
+    replay: int = 512
+    idle_timeout: float = 60.0
 
 
 @dataclass

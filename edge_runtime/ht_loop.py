@@ -90,7 +90,7 @@ def start_state(cfg: TrainConfig, manifest: Manifest, backend, spool: Spool, run
 def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantScheme,
                 ds: TrainingData, backend, link: Link, run: str, device: str) -> dict[str, Any]:
     bs = manifest.batch_size
-    per_epoch = len(ds) // bs
+    per_epoch = 0 if cfg.live else len(ds) // bs  # a live source: open-ended, no total
     topic = act_topic(run, device)
     spool = open_spool(cfg, manifest, run, device)
     p = start_state(cfg, manifest, backend, spool, run, device)
@@ -139,7 +139,7 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
             act_bytes_before = publisher.stats.by_kind.get("act")
             act_bytes_before = act_bytes_before.bytes if act_bytes_before else 0
             first = p.batch if epoch == p.epoch else 0
-            bar = progress_bar(cfg.quiet, total=per_epoch, initial=first,
+            bar = progress_bar(cfg.quiet, total=per_epoch or None, initial=first,
                                desc=f"{device} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                                leave=True)
             with bar:
@@ -172,7 +172,8 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                         bar.set_postfix(loss=f"{res.loss:.3f}",
                                         exit_acc=f"{p.correct / max(p.seen, 1):.3f}",
                                         KBps=f"{rate:.0f}", refresh=False)
-            stopped = p.batch < per_epoch  # --max-batches ended the run inside this epoch
+            # --max-batches ended the run inside this epoch (a live epoch has no end)
+            stopped = p.batch < per_epoch
             p.exit_accuracy = p.correct / max(p.seen, 1)
             p.history.append({"epoch": epoch, "batches": p.batch,
                               "loss": p.loss_sum / max(p.batch, 1),

@@ -67,8 +67,9 @@ from edge_runtime.session import (
 from toolkit.core.artifacts.boards import load_board
 from toolkit.core.artifacts.manifest import Manifest, load_manifest
 from toolkit.core.data.datasets import Dataset, is_image_folder, load_dataset, normalize, shard
+from toolkit.core.data.live import LiveConfig, LiveFolder
 from toolkit.core.data.source import InMemory, TrainingData
-from toolkit.core.data.stream import FolderStream
+from toolkit.core.data.stream import Decode, FolderStream
 from toolkit.core.errors import HiertrainError, RunIncompleteError
 from toolkit.core.protocol.codec import parse_codec
 from toolkit.core.protocol.messages import Status
@@ -133,6 +134,8 @@ def open_training_data(manifest: Manifest, cfg: TrainConfig, *, normalized: bool
     """This device's shard of the train split as the loops iterate it: an image folder is
     streamed from disk (``toolkit.core.data.stream``, docs/data.md), any other source is
     loaded whole (:func:`load_training_data`)."""
+    if cfg.live:
+        return _open_live(manifest, cfg, normalized)
     if not is_image_folder(cfg.data):
         if cfg.augment:
             raise HiertrainError(
@@ -154,6 +157,25 @@ def open_training_data(manifest: Manifest, cfg: TrainConfig, *, normalized: bool
             f"{data.name} has {len(data)} training samples on this device, fewer than one batch "
             f"of {manifest.batch_size}; use more data, fewer shards or a smaller exported batch")
     return data
+
+
+def _open_live(manifest: Manifest, cfg: TrainConfig, normalized: bool) -> TrainingData:
+    if not cfg.data:
+        raise HiertrainError("--live needs --data DIR, the directory the frames arrive in")
+    if cfg.resume:
+        raise HiertrainError("--live trains on frames as they arrive and cannot --resume; "
+                             "drop --resume")
+    if cfg.shard != "0/1" or cfg.limit is not None:
+        raise HiertrainError("--shard and --limit do not apply to --live; drop them")
+    c, h, w = manifest.input_shape
+    if c not in (1, 3):
+        raise HiertrainError(f"the model expects {c} input channels; frames give 1 or 3")
+    norm = manifest.data["model"]["normalization"] if normalized else {}
+    decode = Decode("L" if c == 1 else "RGB", (h, w), norm.get("mean"), norm.get("std"),
+                    cfg.augment)
+    return LiveFolder(cfg.data, decode, LiveConfig(labels=cfg.labels, replay=cfg.replay,
+                                                   idle_timeout=cfg.idle_timeout),
+                      num_classes=manifest.num_classes, seed=cfg.seed)
 
 
 def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[str, Any]:
@@ -194,6 +216,11 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
     scheme = QuantScheme.from_dict(manifest.data["quantization"])
     if cfg.max_batches is not None and cfg.max_batches < 1:
         raise HiertrainError(f"--max-batches must be >= 1, got {cfg.max_batches}")
+    if cfg.live and mode != "ht":
+        raise HiertrainError(f"--live applies to --mode ht only, not {mode}; drop it")
+    if cfg.live and cfg.epochs != 1:
+        raise HiertrainError("--live trains one open-ended pass over the frames as they come; "
+                             "drop --epochs (it ends after --idle-timeout or --max-batches)")
     if cfg.max_batches is not None and mode != "ht":
         raise HiertrainError(f"--max-batches applies to --mode ht only, not {mode}; drop it")
     ds = open_training_data(manifest, cfg, normalized=mode != "cloud")

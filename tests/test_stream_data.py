@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import threading
 from pathlib import Path
 
@@ -18,9 +19,10 @@ import torch
 from PIL import Image
 
 from edge_runtime.train import TrainConfig, open_training_data, run_training
-from tests.conftest import wait_until
+from tests.conftest import REPO, wait_until
 from toolkit.core.data.augment import Augment
 from toolkit.core.data.datasets import Dataset, batches, load_dataset, normalize, shard
+from toolkit.core.data.live import ReplayBuffer, SidecarLabels
 from toolkit.core.data.stream import FolderStream
 from toolkit.core.errors import HiertrainError
 from toolkit.core.protocol.codec import decode
@@ -257,3 +259,86 @@ def test_cli_bad_data_folder_is_one_line(artifacts, cli_in_process, tmp_path):
         assert res.returncode in (2, 3), (extra, res.stderr)
         lines = res.stderr.strip().splitlines()
         assert words in lines[-1] and "Traceback" not in res.stderr, (extra, res.stderr)
+
+
+# --------------------------------------------------------------------------- live source
+
+
+def test_replay_buffer_is_a_bounded_uniform_sample() -> None:
+    buf = ReplayBuffer(10, np.random.default_rng(0))
+    for i in range(1000):
+        buf.offer((torch.zeros(1), i))
+        assert len(buf) <= 10
+    kept = [label for _, label in buf.items]
+    assert buf.peak == 10 and len(set(kept)) == 10
+    assert max(kept) > 100  # not just the first ten: later items replace earlier ones
+    assert len({label for _, label in buf.draw(10)}) == 10  # distinct draws
+    none = ReplayBuffer(0, np.random.default_rng(0))
+    none.offer((torch.zeros(1), 0))
+    assert len(none) == 0
+
+
+def test_sidecar_labels_are_read_as_the_file_grows(tmp_path: Path) -> None:
+    side = tmp_path / "labels.csv"
+    side.write_text("file,label\na.png,1\nb.png,")  # b's line is still being written
+    labels = SidecarLabels(side)
+    assert labels(tmp_path / "a.png") == 1 and labels(tmp_path / "b.png") is None
+    with side.open("a") as f:
+        f.write("2\n")
+    assert labels(tmp_path / "b.png") == 2
+    jsonl = tmp_path / "labels.jsonl"
+    jsonl.write_text('{"file": "c.png", "label": 3}\n')
+    assert SidecarLabels(jsonl)(tmp_path / "c.png") == 3
+    side.write_text("d.png,cat\n")
+    with pytest.raises(HiertrainError, match="not an integer"):
+        SidecarLabels(side)(tmp_path / "d.png")
+
+
+@pytest.mark.mqtt
+def test_live_training_follows_a_growing_folder(artifacts, broker, tmp_path, procs):
+    """``edge-runtime train --live``: a writer process keeps adding frames (and their labels
+    to labels.csv) while the edge trains; the edge trains on frames written after its first
+    batch, mixes in replayed ones, never holds more than --replay of them, and ends once the
+    frames stop for --idle-timeout."""
+    ds = load_dataset("digits", "train")
+    n, first = 160, BATCH
+    frames = tmp_path / "frames.npz"
+    np.savez(frames, x=(ds.x[:n, 0].numpy() * 255).round().astype(np.uint8),
+             y=ds.y[:n].numpy())
+    live = tmp_path / "live"
+    live.mkdir()
+    for i in range(first):  # the frames there before the edge starts
+        Image.fromarray((ds.x[i, 0].numpy() * 255).round().astype(np.uint8)).save(
+            live / f"f{i:05d}.png")
+    (live / "labels.csv").write_text("".join(f"f{i:05d}.png,{int(ds.y[i])}\n"
+                                             for i in range(first)))
+    run, dev, replay = _uid("run"), "cam-live", 40
+    acts = Acts(broker.url, run, dev)
+    try:
+        edge = procs.start("edge", [
+            "edge_runtime", "train", "--artifacts", str(artifacts), "--broker", broker.url,
+            "--device-id", dev, "--run-id", run, "--data", str(live), "--live",
+            "--replay", str(replay), "--idle-timeout", "6", "--report",
+            str(tmp_path / "edge.json"), "--state-dir", str(tmp_path), "--threads", "1",
+            "--confirm-timeout", "0", "--quiet"])
+        procs.wait_until(lambda: acts.by_seq(), 120, "the edge's first batch", ("edge",))
+        writer = procs.start_command("writer", [
+            sys.executable, str(REPO / "tests/frame_writer.py"), str(frames), str(live),
+            "--first", str(first), "--per-tick", "8", "--tick", "0.3"])
+        procs.wait_all(timeout=180)
+        assert writer.returncode == 0 and edge.returncode == 0, procs.tails(["edge", "writer"])
+        report = json.loads((tmp_path / "edge.json").read_text())
+        wait_until(lambda: len(acts.by_seq()) >= report["batches_published"], 20,
+                   "every activation")
+        got = acts.by_seq()
+    finally:
+        acts.close()
+    data = report["data"]
+    assert data["kind"] == "live folder" and data["frames_found"] == n
+    # trained on frames the writer added after the edge's first batch
+    assert data["frames_trained"] > first and int(data["last_frame"][1:6]) >= first
+    assert 0 < data["replay_peak"] <= replay and data["replayed"] > 0
+    assert report["batches_published"] == len(got) == data["batches"] >= 2
+    assert data["frames_trained"] + data["replayed"] == BATCH * len(got)
+    # the first batch is the frames that were there, in name order, labelled by the sidecar
+    assert got[0].labels.tolist() == ds.y[:first].tolist()
