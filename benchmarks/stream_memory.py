@@ -18,7 +18,11 @@ the index and a few batches, whatever N. This runs the real thing and measures i
    sums their PSS (shared pages split between the processes: the machine's real cost).
    The full index is built, so the folder's size counts, but only B batches are decoded.
 
-One row per folder size (``--images``, repeatable: the default measures 2,000 and 20,000
+A ``data-only`` row per folder runs the data path alone (the index and the DataLoader
+workers decoding ``B`` batches, no model, no broker): what streaming itself costs, since at
+224 px the exported program's own buffers dominate the edge's figure.
+
+Two rows per folder size (``--images``, repeatable: the default measures 2,000 and 20,000
 images, which shows whether memory grows with the folder), appended to
 ``benchmarks/results/stream_memory.json`` as each finishes, next to what the in-memory
 float32 load would need (computed, never attempted). A rerun skips the rows already there
@@ -169,6 +173,47 @@ def run_edge(folder: Path, artifacts: Path, url: str, work: Path, batches: int,
             "command": shlex.join(["edge-runtime", *argv[3:]])}
 
 
+DATA_ONLY = """
+import sys, time
+from toolkit.core.data.stream import FolderStream
+stream = FolderStream(sys.argv[1], input_shape=(3, SIZE, SIZE), mean=MEAN, std=STD)
+t = time.monotonic()
+for i, (x, y) in enumerate(stream.batches(BATCH, epoch=0, seed=0)):
+    if i + 1 == BATCHES:
+        break
+print(f"{i + 1} batches in {time.monotonic() - t:.1f} s, workers {stream.workers}")
+"""
+
+
+def run_data_only(folder: Path, size: int, batches: int, interval: float, timeout: float
+                  ) -> dict:
+    """The data path alone (index + DataLoader workers, no model): what streaming costs."""
+    code = (DATA_ONLY.replace("SIZE", str(size)).replace("MEAN", repr(CIFAR_MEAN))
+            .replace("STD", repr(CIFAR_STD)).replace("BATCHES", str(batches))
+            .replace("BATCH", str(BATCH)))
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = Sampler(proc.pid)
+    while proc.poll() is None:
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise RuntimeError(f"the data-only run did not finish in {timeout:.0f} s")
+        sampler.sample()
+        time.sleep(interval)
+    out = proc.stdout.read() if proc.stdout else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"the data-only run exited {proc.returncode}:\n{out[-2000:]}")
+    mb = 1 << 20
+    return {"peak_rss_mb": round(sampler.peak_rss / mb, 1),
+            "peak_pss_mb": round(sampler.peak_pss / mb, 1),
+            "peak_trainer_rss_mb": round(sampler.peak_root_rss / mb, 1),
+            "worker_processes": sampler.max_children, "batches": batches,
+            "wall_s": round(time.monotonic() - t0, 1), "output": out.strip()[-200:],
+            "command": "FolderStream(...).batches(...) alone, see DATA_ONLY in this script"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work-dir", type=Path,
@@ -191,25 +236,29 @@ def main() -> None:
         "what": __doc__.splitlines()[0], "rows": []}
 
     def key(r: dict) -> tuple:
-        return r["images"], r["size"], r["batches_asked"], tuple(r["edge_args"])
+        return (r.get("kind", "edge"), r["images"], r["size"], r["batches_asked"],
+                tuple(r["edge_args"]))
 
     artifacts = export_for(args.work_dir, args.size)
     broker = MosquittoBroker() if find_mosquitto() else EmbeddedBroker()
     with broker.start(timeout=10) as b:
-        for n in sizes:
-            row_key = (n, args.size, args.batches, tuple(args.edge_arg))
+        for n, kind in [(n, kind) for n in sizes for kind in ("edge", "data-only")]:
+            row_key = (kind, n, args.size, args.batches, tuple(args.edge_arg))
             if not args.redo and any(key(r) == row_key for r in doc["rows"]):
-                print(f"{n} images: measured already (--redo to measure again)")
+                print(f"{kind}, {n} images: measured already (--redo to measure again)")
                 continue
             folder = args.work_dir / f"frames-{n}-{args.size}px"
             info = build_folder(folder, n, args.size)
-            row = {"images": n, "size": args.size, "batches_asked": args.batches,
+            measured = (run_edge(folder, artifacts, b.url, args.work_dir, args.batches,
+                                 args.interval, args.timeout, args.edge_arg)
+                        if kind == "edge" else
+                        run_data_only(folder, args.size, args.batches, args.interval,
+                                      args.timeout))
+            row = {"kind": kind, "images": n, "size": args.size, "batches_asked": args.batches,
                    "edge_args": args.edge_arg, "batch": BATCH, "origin": info["origin"],
                    "folder_mb": round(info["bytes"] / (1 << 20), 1),
                    "float32_in_memory_mb": round(n * 3 * args.size ** 2 * 4 / (1 << 20)),
-                   **run_edge(folder, artifacts, b.url, args.work_dir, args.batches,
-                              args.interval, args.timeout, args.edge_arg),
-                   "broker": type(broker).__name__,
+                   **measured, "broker": type(broker).__name__,
                    "machine": {"arch": platform.machine(), "cpus": os.cpu_count(),
                                "ram_mb": round(psutil.virtual_memory().total / (1 << 20))},
                    "benchmark_command": shlex.join(["python", "benchmarks/stream_memory.py",
