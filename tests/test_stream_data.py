@@ -22,7 +22,7 @@ from edge_runtime.train import TrainConfig, open_training_data, run_training
 from tests.conftest import REPO, wait_until
 from toolkit.core.data.augment import Augment
 from toolkit.core.data.datasets import Dataset, batches, load_dataset, normalize, shard
-from toolkit.core.data.live import ReplayBuffer, SidecarLabels
+from toolkit.core.data.live import ReplayBuffer, SidecarLabels, label_source
 from toolkit.core.data.stream import FolderStream
 from toolkit.core.errors import HiertrainError
 from toolkit.core.protocol.codec import decode
@@ -342,3 +342,13 @@ def test_live_training_follows_a_growing_folder(artifacts, broker, tmp_path, pro
     assert data["frames_trained"] + data["replayed"] == BATCH * len(got)
     # the first batch is the frames that were there, in name order, labelled by the sidecar
     assert got[0].labels.tolist() == ds.y[:first].tolist()
+
+
+def test_labels_from_a_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "camlabels.py").write_text(
+        "def label(path):\n    return None if 'x' in path else len(path) % 10\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = label_source(tmp_path, "camlabels:label")
+    assert fn(Path("/a/b.png")) == len("/a/b.png") % 10 and fn(Path("/x.png")) is None
+    with pytest.raises(HiertrainError, match="cannot import it"):
+        label_source(tmp_path, "camlabels:nope")
