@@ -14,7 +14,13 @@ from collections.abc import Sequence
 
 from edge_runtime import cluster_run, personal_cli
 from edge_runtime.board import apply_board
-from edge_runtime.cli_args import add_common_args, positive_int, setup
+from edge_runtime.cli_args import (
+    add_common_args,
+    add_data_args,
+    add_live_args,
+    positive_int,
+    setup,
+)
 from edge_runtime.config import DEFAULT_GRAD_TIMEOUT, DEFAULT_MODE, MODES, TrainConfig
 from toolkit.core.entry import new_parser, run
 
@@ -79,7 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         artifacts=args.artifacts, broker=args.broker, device_id=args.device_id, data=args.data,
-        run_id=args.run_id, epochs=args.epochs, backend=args.backend, shard=args.shard,
+        run_id=args.run_id, epochs=1 if args.live else args.epochs,  # live: one open pass
+        backend=args.backend, shard=args.shard,
         seed=args.seed, limit=args.limit, quiet=args.quiet,
         connect_timeout=args.connect_timeout, report=args.report, state_dir=args.state_dir,
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms,
@@ -87,7 +94,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         security=args.security,
         codec=args.codec, resume=args.resume, spool_dir=args.spool_dir, spool_mb=args.spool_mb,
         checkpoint_every=args.checkpoint_every, confirm_timeout=args.confirm_timeout,
-        board=args.board,
+        board=args.board, workers=args.workers, augment=args.augment,
+        max_batches=args.max_batches, live=args.live, labels=args.labels,
+        replay=args.replay, idle_timeout=args.idle_timeout,
     )
 
 
@@ -197,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "batch; batches still unconfirmed end the run with exit code 5 and "
                          "stay in the spool for --resume; 0: do not wait, exit 0 "
                          "(docs/delivery.md)")
+    add_data_args(sp)
+    add_live_args(sp)
     # --backend: executorch for ht, torch for split, none for cloud (resolve_backend)
     sp.set_defaults(func=cmd_train, backend=None)
 

@@ -83,6 +83,60 @@ def add_common_args(sp: argparse.ArgumentParser, *, cloud: bool = True,
     add_security_args(sp)
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def augment_list(text: str):
+    """``--augment flip,crop``: parsed once here into an ``Augment`` (docs/data.md)."""
+    from toolkit.core.data.augment import Augment
+    from toolkit.core.errors import HiertrainError
+
+    try:
+        return Augment.parse(text)
+    except HiertrainError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_data_args(sp: argparse.ArgumentParser) -> None:
+    """How ``train`` reads its data: streaming image folders (docs/data.md)."""
+    sp.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
+                    help="image folders: processes decoding the next batches while the edge "
+                         "trains (0: decode in the training process); unset: the cores this "
+                         "process may use minus one")
+    sp.add_argument("--augment", type=augment_list, default="none", metavar="LIST",
+                    help="image folders: comma-separated augmentations, each image drawn anew "
+                         "every epoch: flip (horizontal), crop (random shift by 1/8 of the "
+                         "size), color (brightness/contrast/saturation +-20%%); none: off")
+    sp.add_argument("--max-batches", type=positive_int, default=None, metavar="N",
+                    help="ht: stop after N batches in all, mid-epoch if need be (the checkpoint "
+                         "keeps the position for --resume); unset: every epoch")
+
+
+def add_live_args(sp: argparse.ArgumentParser) -> None:
+    """``train --live``: online learning from a directory that keeps growing (docs/data.md)."""
+    sp.add_argument("--live", action="store_true",
+                    help="--data DIR keeps receiving frames: train on each new frame as it "
+                         "arrives (mixed with replayed ones) until --idle-timeout passes "
+                         "without one or --max-batches; --epochs does not apply")
+    sp.add_argument("--labels", default=None, metavar="PATH|MODULE:FUNCTION",
+                    help="--live: the frames' labels, a sidecar labels.csv (file,label) or "
+                         "labels.jsonl ({\"file\", \"label\"}), or a function called with "
+                         "each frame's path returning its label or None (not yet); unset: "
+                         "DIR/labels.csv or DIR/labels.jsonl")
+    sp.add_argument("--replay", type=non_negative_int, default=512, metavar="N",
+                    help="--live: replay buffer capacity in frames (reservoir sampling); half "
+                         "of each batch is replayed once it holds that many; 0: new frames only")
+    sp.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                    help="--live: end the run after S seconds without a new frame")
+
+
 def add_runtime_only_args(sp: argparse.ArgumentParser) -> None:
     """The flags of the sub-commands that run without a broker (personalise)."""
     sp.add_argument("--backend", choices=BACKENDS, default="executorch", help=BACKEND_HELP)

@@ -6,9 +6,10 @@ fast; ``edge_runtime.train`` and ``edge_runtime.infer`` re-export them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from toolkit.core.data.augment import Augment
 from toolkit.core.protocol.modes import DEFAULT_MODE, MODES
 from toolkit.core.security import LinkSecurity
 
@@ -60,6 +61,18 @@ class TrainConfig:
     confirm_timeout: float = 300.0  # at the end, wait this long for the cloud's acks
     # board profile (name or .yaml path; edge_runtime.board): spool budget and a batch check
     board: str | None = None
+    # Streaming data (docs/data.md): image folders are decoded on the fly by `workers`
+    # processes (None: cores - 1), augmented as `augment` says; `max_batches` ends the run
+    # after that many batches (None: every epoch)
+    workers: int | None = None
+    augment: Augment = field(default_factory=Augment)
+    max_batches: int | None = None
+    # --live (docs/data.md): `data` is a directory that keeps growing; labels from a sidecar
+    # or a callback, a replay buffer of `replay` frames, the end after `idle_timeout` s idle
+    live: bool = False
+    labels: str | None = None
+    replay: int = 512
+    idle_timeout: float = 60.0
 
 
 @dataclass

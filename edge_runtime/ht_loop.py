@@ -35,7 +35,7 @@ from edge_runtime.session import (
 from edge_runtime.spool import Spool
 from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
 from toolkit.core.artifacts.manifest import MANIFEST_NAME, Manifest, sha256_file
-from toolkit.core.data.datasets import Dataset, batches
+from toolkit.core.data.source import TrainingData
 from toolkit.core.errors import HiertrainError, WireError
 from toolkit.core.privacy import cut_transform
 from toolkit.core.protocol.codec import BatchMeta, Codec
@@ -88,9 +88,9 @@ def start_state(cfg: TrainConfig, manifest: Manifest, backend, spool: Spool, run
 
 
 def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantScheme,
-                ds: Dataset, backend, link: Link, run: str, device: str) -> dict[str, Any]:
+                ds: TrainingData, backend, link: Link, run: str, device: str) -> dict[str, Any]:
     bs = manifest.batch_size
-    per_epoch = len(ds) // bs
+    per_epoch = 0 if cfg.live else len(ds) // bs  # a live source: open-ended, no total
     topic = act_topic(run, device)
     spool = open_spool(cfg, manifest, run, device)
     p = start_state(cfg, manifest, backend, spool, run, device)
@@ -139,13 +139,14 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
             act_bytes_before = publisher.stats.by_kind.get("act")
             act_bytes_before = act_bytes_before.bytes if act_bytes_before else 0
             first = p.batch if epoch == p.epoch else 0
-            bar = progress_bar(cfg.quiet, total=per_epoch, initial=first,
+            bar = progress_bar(cfg.quiet, total=per_epoch or None, initial=first,
                                desc=f"{device} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                                leave=True)
             with bar:
-                for i, (x, y) in enumerate(batches(ds, bs, epoch=epoch, seed=cfg.seed)):
-                    if i < first:
-                        continue  # trained before the checkpoint this run resumed from
+                # from the batch after the checkpoint this run resumed from: the source
+                # starts there without producing (decoding) the batches before it
+                for i, (x, y) in enumerate(ds.batches(bs, epoch=epoch, seed=cfg.seed,
+                                                      start=first), start=first):
                     t = time.monotonic()
                     res = backend.step(x, y)
                     p.train_s += time.monotonic() - t
@@ -162,6 +163,8 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                     if p.seq % cfg.checkpoint_every == 0:
                         save()
                     bar.update(1)
+                    if cfg.max_batches is not None and p.seq >= cfg.max_batches:
+                        break  # --max-batches: the run ends here, mid-epoch if need be
                     if i % 10 == 0 or i == per_epoch - 1:
                         sent = publisher.stats.by_kind.get("act")
                         rate = ((sent.bytes if sent else 0) - act_bytes_before) / 1024 / max(
@@ -169,9 +172,11 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                         bar.set_postfix(loss=f"{res.loss:.3f}",
                                         exit_acc=f"{p.correct / max(p.seen, 1):.3f}",
                                         KBps=f"{rate:.0f}", refresh=False)
+            # --max-batches ended the run inside this epoch (a live epoch has no end)
+            stopped = p.batch < per_epoch
             p.exit_accuracy = p.correct / max(p.seen, 1)
-            p.history.append({"epoch": epoch, "batches": per_epoch,
-                              "loss": p.loss_sum / per_epoch,
+            p.history.append({"epoch": epoch, "batches": p.batch,
+                              "loss": p.loss_sum / max(p.batch, 1),
                               "exit_accuracy": p.exit_accuracy,
                               "seconds": round(time.monotonic() - t_epoch, 3)})
             publish_epoch_weights(publisher, backend, run, device, epoch, p.seq)
@@ -180,6 +185,11 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                             last_seq=p.seq - 1, exit_accuracy=p.exit_accuracy)
             publisher.submit(status_topic(run, device), status.encode(), retain=True,
                              kind="status")
+            if stopped:  # the checkpoint keeps the position: --resume continues mid-epoch
+                save()
+                log.info("stopped after %d batch(es) (--max-batches), in epoch %d at batch %d",
+                         p.seq, epoch + 1, p.batch)
+                break
             p.epoch, p.batch, p.correct, p.seen, p.loss_sum = epoch + 1, 0, 0, 0, 0.0
             save()
             log.info("epoch %d/%d: loss %.4f, exit accuracy %.3f", epoch + 1, cfg.epochs,

@@ -38,7 +38,7 @@ from edge_runtime.progress import progress_bar
 from edge_runtime.publisher import Publisher
 from edge_runtime.session import flush_outbox, publish_done, publish_epoch_weights, weights_path
 from toolkit.core.artifacts.manifest import Manifest
-from toolkit.core.data.datasets import Dataset, batches
+from toolkit.core.data.source import TrainingData
 from toolkit.core.errors import HiertrainError, RunIncompleteError, WireError
 from toolkit.core.models.rewrites import host_stat_layers
 from toolkit.core.protocol.codec import BatchMeta, Codec, DecodedBatch, decode, parse_codec
@@ -152,7 +152,7 @@ class GradInbox:
 
 
 def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantScheme,
-               ds: Dataset, backend: TorchBackend, link: Link, run: str, device: str
+               ds: TrainingData, backend: TorchBackend, link: Link, run: str, device: str
                ) -> dict[str, Any]:
     """Train ``cfg.epochs`` epochs of split learning; returns the edge report.
 
@@ -186,7 +186,7 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
                                desc=f"{device} split {epoch + 1}/{cfg.epochs}", unit="batch",
                                leave=True)
             with bar:
-                for i, (x, y) in enumerate(batches(ds, bs, epoch=epoch, seed=cfg.seed)):
+                for i, (x, y) in enumerate(ds.batches(bs, epoch=epoch, seed=cfg.seed)):
                     x, y = backend.check_batch(x, y)
                     t = time.monotonic()
                     backend.optimizer.zero_grad(set_to_none=True)

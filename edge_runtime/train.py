@@ -66,7 +66,10 @@ from edge_runtime.session import (
 )
 from toolkit.core.artifacts.boards import load_board
 from toolkit.core.artifacts.manifest import Manifest, load_manifest
-from toolkit.core.data.datasets import Dataset, load_dataset, normalize, shard
+from toolkit.core.data.datasets import Dataset, is_image_folder, load_dataset, normalize, shard
+from toolkit.core.data.live import LiveConfig, LiveFolder
+from toolkit.core.data.source import InMemory, TrainingData
+from toolkit.core.data.stream import Decode, FolderStream
 from toolkit.core.errors import HiertrainError, RunIncompleteError
 from toolkit.core.protocol.codec import parse_codec
 from toolkit.core.protocol.messages import Status
@@ -79,8 +82,8 @@ from toolkit.core.transport import LinkShape
 log = logging.getLogger("edge_runtime")
 
 # flush_outbox, publish_done and weights_path moved to edge_runtime.session; still importable
-__all__ = ["TrainConfig", "flush_outbox", "load_training_data", "parse_shard", "publish_done",
-           "resolve_backend", "run_training", "weights_path"]
+__all__ = ["TrainConfig", "flush_outbox", "load_training_data", "open_training_data",
+           "parse_shard", "publish_done", "resolve_backend", "run_training", "weights_path"]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -126,6 +129,55 @@ def load_training_data(
     return ds
 
 
+def open_training_data(manifest: Manifest, cfg: TrainConfig, *, normalized: bool = True
+                       ) -> TrainingData:
+    """This device's shard of the train split as the loops iterate it: an image folder is
+    streamed from disk (``toolkit.core.data.stream``, docs/data.md), any other source is
+    loaded whole (:func:`load_training_data`)."""
+    if cfg.live:
+        return _open_live(manifest, cfg, normalized)
+    if not is_image_folder(cfg.data):
+        if cfg.augment:
+            raise HiertrainError(
+                f"--augment applies to image folders (decoded per batch); {cfg.data or 'digits'}"
+                " is loaded whole into memory: drop --augment or train on an image folder")
+        return InMemory(load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit,
+                                           seed=cfg.seed, normalized=normalized))
+    norm = manifest.data["model"]["normalization"] if normalized else {}
+    data = FolderStream(cfg.data, input_shape=manifest.input_shape, mean=norm.get("mean"),
+                        std=norm.get("std"), augment=cfg.augment, limit=cfg.limit,
+                        seed=cfg.seed, shard=parse_shard(cfg.shard), workers=cfg.workers)
+    if data.max_label() >= manifest.num_classes:
+        raise HiertrainError(
+            f"{data.name} has labels up to {data.max_label()} but the artifacts were exported "
+            f"for {manifest.num_classes} classes; re-export with --num-classes "
+            f"{data.max_label() + 1}")
+    if len(data) < manifest.batch_size:
+        raise HiertrainError(
+            f"{data.name} has {len(data)} training samples on this device, fewer than one batch "
+            f"of {manifest.batch_size}; use more data, fewer shards or a smaller exported batch")
+    return data
+
+
+def _open_live(manifest: Manifest, cfg: TrainConfig, normalized: bool) -> TrainingData:
+    if not cfg.data:
+        raise HiertrainError("--live needs --data DIR, the directory the frames arrive in")
+    if cfg.resume:
+        raise HiertrainError("--live trains on frames as they arrive and cannot --resume; "
+                             "drop --resume")
+    if cfg.shard != "0/1" or cfg.limit is not None:
+        raise HiertrainError("--shard and --limit do not apply to --live; drop them")
+    c, h, w = manifest.input_shape
+    if c not in (1, 3):
+        raise HiertrainError(f"the model expects {c} input channels; frames give 1 or 3")
+    norm = manifest.data["model"]["normalization"] if normalized else {}
+    decode = Decode("L" if c == 1 else "RGB", (h, w), norm.get("mean"), norm.get("std"),
+                    cfg.augment)
+    return LiveFolder(cfg.data, decode, LiveConfig(labels=cfg.labels, replay=cfg.replay,
+                                                   idle_timeout=cfg.idle_timeout),
+                      num_classes=manifest.num_classes, seed=cfg.seed)
+
+
 def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[str, Any]:
     """Train, publish, report; returns the summary dict (also written to ``cfg.report``).
 
@@ -162,8 +214,16 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
         log.warning("%s", warning)
     codec = parse_codec(cfg.codec or manifest.codec_name)
     scheme = QuantScheme.from_dict(manifest.data["quantization"])
-    ds = load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit, seed=cfg.seed,
-                            normalized=mode != "cloud")
+    if cfg.max_batches is not None and cfg.max_batches < 1:
+        raise HiertrainError(f"--max-batches must be >= 1, got {cfg.max_batches}")
+    if cfg.live and mode != "ht":
+        raise HiertrainError(f"--live applies to --mode ht only, not {mode}; drop it")
+    if cfg.live and cfg.epochs != 1:
+        raise HiertrainError("--live trains one open-ended pass over the frames as they come; "
+                             "drop --epochs (it ends after --idle-timeout or --max-batches)")
+    if cfg.max_batches is not None and mode != "ht":
+        raise HiertrainError(f"--max-batches applies to --mode ht only, not {mode}; drop it")
+    ds = open_training_data(manifest, cfg, normalized=mode != "cloud")
     if backend is None and backend_name:
         backend = make_backend(backend_name, manifest)
     log.info("device %s: %d samples of %s, mode %s, %s backend, batch %d", device, len(ds),
@@ -180,6 +240,7 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
         summary = mode_loop(mode)(cfg, manifest, codec, scheme, ds, backend, link, run,
                                    device)
         summary["setup_s"] = round(setup_s, 3)
+        summary["data"] = ds.describe()  # streamed or in memory, workers, augmentation
         summary["machine"] = platform.machine()  # the board's architecture, e.g. aarch64
         # Wall-clock stamps (not monotonic): toolkit bench lines them up with the
         # cloud trainer's on the same machine to time a whole run.

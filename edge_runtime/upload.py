@@ -20,7 +20,7 @@ from edge_runtime.progress import progress_bar
 from edge_runtime.publisher import Publisher
 from edge_runtime.session import flush_outbox, publish_done
 from toolkit.core.artifacts.manifest import Manifest
-from toolkit.core.data.datasets import Dataset, batches
+from toolkit.core.data.source import TrainingData
 from toolkit.core.protocol.codec import IMAGE_CODEC, BatchMeta, Codec
 from toolkit.core.protocol.messages import Status
 from toolkit.core.protocol.quant import QuantScheme
@@ -33,7 +33,8 @@ MODE = "cloud"
 
 
 def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantScheme,
-                ds: Dataset, backend: None, link: Link, run: str, device: str) -> dict[str, Any]:
+                ds: TrainingData, backend: None, link: Link, run: str, device: str
+                ) -> dict[str, Any]:
     """Publish ``cfg.epochs`` epochs of images; returns the edge report.
 
     The images go losslessly whatever ``codec`` says: the codec is for cut
@@ -54,7 +55,7 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
                                desc=f"{device} upload {epoch + 1}/{cfg.epochs}", unit="batch",
                                leave=True)
             with bar:
-                for i, (x, y) in enumerate(batches(ds, bs, epoch=epoch, seed=cfg.seed)):
+                for i, (x, y) in enumerate(ds.batches(bs, epoch=epoch, seed=cfg.seed)):
                     raw_batches += not IMAGE_CODEC.on_grid(x)
                     publisher.submit(topic, IMAGE_CODEC.encode(
                         x, y, BatchMeta(run, device, seq, epoch, i)), kind="act")

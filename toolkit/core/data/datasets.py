@@ -598,43 +598,55 @@ def _load_cifar_batches(root: Path, split: str, limit: int | None, seed: int) ->
 # --------------------------------------------------------------------------- ImageFolder
 
 
-def _load_image_folder(
-    root: Path, split: str, input_shape: tuple[int, int, int] | None, limit: int | None, seed: int
-) -> Dataset:
-    """Load an ImageFolder tree: ``root/train`` + ``root/test`` if present, else an 80/20 hold-out.
+@dataclass
+class FolderIndex:
+    """The samples of one split of an ImageFolder tree, found without decoding an image.
 
-    ``input_shape`` is applied while decoding (PIL resize, "L" for one channel)
-    so that images of mixed sizes and modes can be stacked at all.
+    ``paths[i]`` has label ``targets[i]``; the rows are those :func:`load_dataset` would load,
+    in the same order (hold-out, then ``limit``), so an in-memory load and a stream
+    (``toolkit.core.data.stream``) of one folder agree sample for sample.
     """
+
+    tree: Path
+    paths: list[str]
+    targets: np.ndarray
+    classes: list[str]
+    mode: str  # PIL mode the images are converted to: "L" (1 channel) or "RGB"
+
+
+def is_image_folder(source: str | os.PathLike[str] | None) -> bool:
+    """Whether :func:`load_dataset` would read ``source`` as an ImageFolder tree."""
+    if source is None or str(source) == "digits":
+        return False
+    path = Path(source).expanduser()
+    return (path.is_dir() and not (path / "cifar-10-batches-py").is_dir()
+            and not (path / "data_batch_1").exists() and not (path / "test_batch").exists())
+
+
+def image_folder_index(
+    root: Path, split: str, channels: int = 3, limit: int | None = None, seed: int = 0
+) -> FolderIndex:
+    """Index ``split`` of an ImageFolder tree: ``root/train`` + ``root/test`` if present,
+    else an 80/20 hold-out (:data:`SPLIT_SEED`), then ``limit`` samples picked with ``seed``."""
     require("torchvision", "images", "reading an image folder")
-    from PIL import Image
-    from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
+    if split not in SPLITS:
+        raise HiertrainError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if not root.is_dir():
+        raise HiertrainError(f"dataset {str(root)!r} is not a directory; {_ACCEPTED}")
     has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
     if has_test and not has_train:
         raise HiertrainError(f"{root} has test/ but no train/; add {root}/train/<class>/ images")
     tree = root / split if has_train and has_test else (root / "train" if has_train else root)
     if not any(p.is_dir() for p in tree.iterdir()):
         raise HiertrainError(f"{root} is not a dataset folder layout; {_ACCEPTED}")
-
-    channels = input_shape[0] if input_shape is not None else 3
     if channels not in (1, 3):
         raise HiertrainError(
             f"the model expects {channels} input channels; image folders give 1 (gray) or 3 (RGB)"
         )
-    mode = "L" if channels == 1 else "RGB"
-    steps: list[Any] = []
-    if input_shape is not None:
-        steps.append(transforms.Resize(input_shape[1:], antialias=True))
-    steps.append(transforms.ToTensor())
-
-    def loader(p: str) -> Image.Image:
-        with Image.open(p) as im:
-            return im.convert(mode)
-
-    try:
-        folder = ImageFolder(str(tree), transform=transforms.Compose(steps), loader=loader)
+    try:  # the loader is never called here: only the listing is used
+        folder = ImageFolder(str(tree), loader=lambda p: p)
     except FileNotFoundError as e:  # no class folders / no image files
         raise HiertrainError(f"{tree} has no usable images ({e}); {_ACCEPTED}") from e
 
@@ -644,23 +656,44 @@ def _load_image_folder(
     pick = _pick(len(idx), limit, seed)
     if pick is not None:
         idx = idx[pick]
+    return FolderIndex(tree=tree, paths=[folder.samples[i][0] for i in idx.tolist()],
+                       targets=targets[idx], classes=list(folder.classes),
+                       mode="L" if channels == 1 else "RGB")
+
+
+def _load_image_folder(
+    root: Path, split: str, input_shape: tuple[int, int, int] | None, limit: int | None, seed: int
+) -> Dataset:
+    """Load an ImageFolder tree whole (:func:`image_folder_index` picks the samples).
+
+    ``input_shape`` is applied while decoding (PIL resize, "L" for one channel)
+    so that images of mixed sizes and modes can be stacked at all.
+    """
+    from PIL import Image
+    from torchvision import transforms
+
+    index = image_folder_index(root, split, input_shape[0] if input_shape else 3, limit, seed)
+    steps: list[Any] = []
+    if input_shape is not None:
+        steps.append(transforms.Resize(input_shape[1:], antialias=True))
+    steps.append(transforms.ToTensor())
+    transform = transforms.Compose(steps)
 
     images: list[torch.Tensor] = []
-    for i in idx.tolist():
+    for path in index.paths:
         try:
-            images.append(folder[i][0])
+            with Image.open(path) as im:
+                images.append(transform(im.convert(index.mode)))
         except Exception as e:  # undecodable image: name the file
-            raise HiertrainError(f"cannot read image {folder.samples[i][0]} ({e})") from e
+            raise HiertrainError(f"cannot read image {path} ({e})") from e
     sizes = {tuple(t.shape[1:]) for t in images}
     if len(sizes) > 1:
         raise HiertrainError(
-            f"images in {tree} have different sizes ({len(sizes)} kinds, e.g. "
+            f"images in {index.tree} have different sizes ({len(sizes)} kinds, e.g. "
             f"{sorted(sizes)[:2]}); pass input_shape to resize them all"
         )
     x = torch.stack(images).to(torch.float32)
-    return Dataset(
-        x=x, y=torch.from_numpy(targets[idx]), classes=list(folder.classes), name=root.name
-    )
+    return Dataset(x=x, y=torch.from_numpy(index.targets), classes=index.classes, name=root.name)
 
 
 __all__ = [
@@ -670,8 +703,11 @@ __all__ = [
     "SPLIT_SEED",
     "TEST_FRACTION",
     "Dataset",
+    "FolderIndex",
     "batches",
     "digits_stats",
+    "image_folder_index",
+    "is_image_folder",
     "load_dataset",
     "normalize",
     "shard",
