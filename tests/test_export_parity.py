@@ -19,6 +19,7 @@ from toolkit.build.lowering import DEFAULT_LOWERING, lower_train_step
 from toolkit.build.parity import (
     GATE_FACTOR,
     ParityReport,
+    check_batches,
     check_program,
     eager_gradients,
     gate_failure,
@@ -116,8 +117,10 @@ def trajectory_case(request):
 
 def test_one_step_gradients_match_eager(case):
     step, buffer, batch, shape = case
-    x, y = _data(batch, shape, 1)
-    report = check_program(TrainingProgram(buffer), step, x, y)
+    # the median of three batches, as the exporter judges (parity.check_batches: one ReLU
+    # mask flipped by float32 rounding can move one small batch's gradients by ~1e-2)
+    report = check_batches(TrainingProgram(buffer), step,
+                           [_data(batch, shape, i) for i in (1, 2, 3)])
     assert report.loss_abs_error < TOL * max(1.0, abs(report.loss_eager))
     assert report.global_error < TOL, report.worst()
     assert report.max_rel_grad_error < TENSOR_TOL, report.worst()

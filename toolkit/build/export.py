@@ -256,10 +256,13 @@ def _write(cfg: ExportConfig, plan: _Plan, built: BuiltSegments, tmp: Path,
               "loss_abs_error": None}
     if cfg.verify:
         progress("checking gradient parity against eager PyTorch")
-        from toolkit.build.parity import check_program, gate_failure
+        from toolkit.build.parity import GATE_BATCHES, check_batches, gate_failure
         from toolkit.core.et_program import TrainingProgram
 
-        report = check_program(TrainingProgram(train.buffer), built.step, x, y)
+        more = [(torch.randn(batch, *shape, generator=gen),
+                 torch.randint(0, cfg.num_classes, (batch,), generator=gen))
+                for _ in range(GATE_BATCHES - 1)]
+        report = check_batches(TrainingProgram(train.buffer), built.step, [(x, y), *more])
         failure = gate_failure(report)
         if failure is not None:
             raise ExportError(
