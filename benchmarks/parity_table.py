@@ -1,17 +1,20 @@
 """The gradient-parity gate on every shipped torchvision model and split point.
 
-For each model in ``toolkit.core.models.zoo.TORCHVISION_SPLITS`` and each of its
-named split points, ``toolkit export`` as a user runs it (default lowering,
-verification on, native 224x224 input, ``--batch`` images): the figures are the
-ones the export writes into the manifest's ``parity`` record, or the one-line
-refusal when the gate (``toolkit.build.parity.gate_failure``) says no.
+For each shipped model and each of its named split points, ``toolkit export`` as
+a user runs it (default lowering, verification on, the model's native input):
+torchvision's networks (``toolkit.core.models.zoo.TORCHVISION_SPLITS``) at
+224x224 with ``--batch`` images on ``--board``, the built-in CIFAR models at
+32x32 with the rpi4's default batch of 32. The figures are the ones the export
+writes into the manifest's ``parity`` record (the median of three batches,
+``toolkit.build.parity.check_batches``), or the one-line refusal when the gate
+(``toolkit.build.parity.gate_failure``) says no.
 
 Each row is appended to ``benchmarks/results/parity.json`` as it finishes (a rerun
 skips rows already there for the same settings, so an interrupted run resumes), and
 ``benchmarks/results/parity.md`` is rewritten from all rows: the table docs/export.md
 quotes.
 
-    python benchmarks/parity_table.py                     # all (about an hour here)
+    python benchmarks/parity_table.py                     # all (about two hours here)
     python benchmarks/parity_table.py --models torchvision:resnet18 --batch 8
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from toolkit.build.export import ExportConfig, export_artifacts
 from toolkit.core.errors import HiertrainError
+from toolkit.core.models import MODELS, get_spec
 from toolkit.core.models.zoo import TORCHVISION_PREFIX, TORCHVISION_SPLITS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,15 +46,27 @@ def save_rows(path: Path, rows: list[dict], command: str) -> None:
     tmp.replace(path)
 
 
+BUILTIN_BATCH, BUILTIN_BOARD = 32, "rpi4"
+
+
+def settings(model: str, args: argparse.Namespace) -> tuple[int, str]:
+    """(batch, board): torchvision's at --batch/--board, the built-ins at the rpi4 default."""
+    if model.startswith(TORCHVISION_PREFIX):
+        return args.batch, args.board
+    return BUILTIN_BATCH, BUILTIN_BOARD
+
+
 def export_row(model: str, split: str, args: argparse.Namespace) -> dict:
-    row: dict = {"model": model, "split": split, "batch": args.batch, "board": args.board,
-                 "input": "3x224x224", "lowering": args.lowering}
+    batch, board = settings(model, args)
+    shape = get_spec(model).input_shape
+    row: dict = {"model": model, "split": split, "batch": batch, "board": board,
+                 "input": "x".join(map(str, shape)), "lowering": args.lowering}
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         try:
             m = export_artifacts(ExportConfig(
-                model=model, out=Path(tmp) / "a", split=split, board=args.board,
-                batch=args.batch, lowering=args.lowering))
+                model=model, out=Path(tmp) / "a", split=split, board=board,
+                batch=batch, lowering=args.lowering))
         except HiertrainError as exc:
             row.update(passed=False, refusal=str(exc))
         else:
@@ -67,29 +83,31 @@ def export_row(model: str, split: str, args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | split | cut | vs eager f32 | worst tensor | vs float64 | "
+    lines = ["| model | input | batch | split | cut | vs eager f32 | worst tensor | vs float64 | "
              "eager f32 vs float64 | gate | export s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['model']} | {r['input']} | {r['batch']} | {r['split']} |"
         if r["passed"]:
             lines.append(
-                f"| {r['model']} | {r['split']} | {'x'.join(map(str, r['cut']))} | "
+                f"{head} {'x'.join(map(str, r['cut']))} | "
                 f"{r['vs_eager']:.1e} | {r['worst_tensor_vs_eager']:.1e} | "
                 f"{r['vs_float64']:.1e} | {r['eager_vs_float64']:.1e} | passed | "
                 f"{r['export_s']:.0f} |")
         else:
-            lines.append(f"| {r['model']} | {r['split']} | | | | | | refused: "
+            lines.append(f"{head} | | | | | refused: "
                          f"{r['refusal']} | {r['export_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models",
-                    default=",".join(TORCHVISION_PREFIX + a for a in TORCHVISION_SPLITS))
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--models", default=",".join(
+        [TORCHVISION_PREFIX + a for a in TORCHVISION_SPLITS] + list(MODELS)))
+    ap.add_argument("--batch", type=int, default=8, help="torchvision models' batch")
     ap.add_argument("--board", default="jetson-orin-nano",
-                    help="board profile (its memory budget must admit the batch at 224 px)")
+                    help="torchvision models' board profile (its memory budget must admit the "
+                         "batch at 224 px)")
     ap.add_argument("--lowering", default="xnnpack")
     ap.add_argument("--out", default=str(RESULTS / "parity.json"))
     args = ap.parse_args(argv)
@@ -97,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rows = load_rows(out)
     for model in args.models.split(","):
-        arch = model.removeprefix(TORCHVISION_PREFIX)
-        for split in TORCHVISION_SPLITS[arch][0]:
-            key = (model, split, args.batch, args.board, args.lowering)
+        batch, board = settings(model, args)
+        for split in get_spec(model).splits:
+            key = (model, split, batch, board, args.lowering)
             if any((r["model"], r["split"], r["batch"], r["board"], r["lowering"]) == key
                    for r in rows):
                 continue
@@ -108,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[parity]   {json.dumps(row)}", flush=True)
             rows.append(row)
             save_rows(out, rows, command)
-    out.with_suffix(".md").write_text(
-        f"Written by `{command}` (input 3x224x224).\n\n" + table(rows))
+    out.with_suffix(".md").write_text(f"Written by `{command}`.\n\n" + table(rows))
     print(table(rows))
     return 0
 

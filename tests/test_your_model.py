@@ -106,6 +106,24 @@ def test_torchvision_models_cut_at_their_named_points_and_recompose(arch):
         assert set(model_state_dict(seg.edge, seg.cloud)) == set(full.state_dict()), point
 
 
+def test_the_planner_sees_a_traced_model_as_blocks_between_its_split_points():
+    """``toolkit plan`` times a torchvision model block by block, as a built-in's stages."""
+    from toolkit.core.models.graph_split import chain
+
+    name = "torchvision:resnet50"
+    full = build_model(name, num_classes=10, input_shape=SMALL).eval()
+    blocks = chain(full, list(get_spec(name).splits), name)
+    assert [n for n, _ in blocks] == ["maxpool", "layer1", "layer2", "layer3", "head"]
+    x = torch.randn(2, *SMALL)
+    h = x
+    with torch.no_grad():
+        for _, block in blocks:
+            h = block(h)
+        assert torch.equal(h, full(x))
+    with pytest.raises(HiertrainError, match="not in forward order"):
+        chain(full, ["layer2", "layer1"], name)
+
+
 def test_a_split_point_that_a_skip_connection_crosses_is_refused_with_the_valid_ones():
     full = build_model("torchvision:resnet18", num_classes=10, input_shape=SMALL)
     with pytest.raises(HiertrainError) as exc:

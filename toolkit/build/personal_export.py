@@ -170,6 +170,12 @@ def lower_with_exit_weights(module: nn.Module, names: list[str], x: torch.Tensor
 
 def _resolve_spec(cfg: PersonalExportConfig) -> tuple[PersonalSpec, tuple, tuple]:
     spec = get_spec(cfg.model)
+    if spec.kind != "stages":
+        raise HiertrainError(
+            f"--personalise attaches exits after the stages of a built-in model (smallcnn, "
+            f"vgg16, resnet18); {cfg.model} is not one yet: use hierarchical training "
+            "(toolkit export without --personalise) for it"
+        )
     shape = tuple(cfg.input_shape or spec.input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise HiertrainError(f"input shape must be C,H,W with positive sizes, got {shape}")

@@ -364,8 +364,14 @@ def profile_model(
     try:
         torch.manual_seed(seed)
         full = build_model(model, num_classes=num_classes, input_shape=shape).train()
-        names = [n for n, _ in full.named_children()]
-        children = dict(full.named_children())
+        if spec.kind == "graph":  # a traced model: the blocks between its split points
+            from toolkit.core.models.graph_split import chain
+
+            blocks = chain(full, list(spec.splits), model)
+        else:
+            blocks = list(full.named_children())
+        names = [n for n, _ in blocks]
+        children = dict(blocks)
         first_cut = names.index(spec.splits[0]) + 1
         last_cut = names.index(spec.splits[-1]) + 1
         gen = torch.Generator().manual_seed(seed + 1)

@@ -161,23 +161,47 @@ def split_at(model: nn.Module, point: str, what: str) -> tuple[fx.GraphModule, f
             f"{', '.join(listed)} (deeper module paths work too where the cut is one tensor)"
         )
     gm, end = cut.graph, cut.ends[point]
+    edge, cloud = _pieces(gm, [end])
+    return edge, cloud
+
+
+def _pieces(gm: fx.GraphModule, ends: list[fx.Node]) -> list[fx.GraphModule]:
+    """The graph cut after each of ``ends`` (in forward order): ``len(ends) + 1`` modules,
+    each taking the previous one's output (the first: the model's input)."""
     nodes = list(gm.graph.nodes)
-    stop = nodes.index(end)
+    bounds = [nodes.index(e) for e in ends]
+    getattrs = [n for n in nodes if n.op == "get_attr"]
+    out, start, before = [], 0, None
+    for stop in [*bounds, len(nodes) - 1]:
+        graph, env = fx.Graph(), {}
+        lookup = env.__getitem__
+        if before is not None:
+            env[before] = graph.placeholder("cut")
+        for n in getattrs:  # parameters and buffers may be read anywhere
+            if nodes.index(n) < start:
+                env[n] = graph.node_copy(n, lookup)
+        for n in nodes[start: stop + 1]:
+            env[n] = graph.node_copy(n, lookup)
+        if stop < len(nodes) - 1:
+            graph.output(env[nodes[stop]])
+        out.append(_keep(gm, graph))
+        start, before = stop + 1, nodes[stop]
+    return out
 
-    edge_graph, env = fx.Graph(), {}
-    for n in nodes[: stop + 1]:
-        env[n] = edge_graph.node_copy(n, lambda a: env[a])
-    edge_graph.output(env[end])
 
-    cloud_graph, env = fx.Graph(), {}
-    env[end] = cloud_graph.placeholder("cut")
-    for n in nodes[: stop + 1]:
-        if n.op == "get_attr":  # parameters and buffers may be read on both sides
-            env[n] = cloud_graph.node_copy(n, lambda a: env[a])
-    for n in nodes[stop + 1:]:
-        env[n] = cloud_graph.node_copy(n, lambda a: env[a])
-    return _keep(gm, edge_graph), _keep(gm, cloud_graph)
-
+def chain(model: nn.Module, points: list[str], what: str) -> list[tuple[str, fx.GraphModule]]:
+    """``model`` as consecutive blocks ending at each of ``points`` plus the rest ("head"):
+    what the planner's profiler times block by block, as it does a built-in's stages."""
+    cut = analyse(model, what)
+    bad = [p for p in points if p not in cut.ends]
+    if bad:
+        split_at(model, bad[0], what)  # raises the error that explains it
+    order = {n: i for i, n in enumerate(cut.graph.graph.nodes)}
+    ends = [cut.ends[p] for p in points]
+    if [order[e] for e in ends] != sorted({order[e] for e in ends}):
+        raise HiertrainError(f"split points {', '.join(points)} of {what} are not in forward "
+                             "order, or two of them cut at the same place")
+    return list(zip([*points, "head"], _pieces(cut.graph, ends), strict=True))
 
 def feature_map_points(model: nn.Module, input_shape: tuple[int, ...], what: str) -> list[str]:
     """Valid split points (up to :data:`LISTED_DEPTH`) whose output is a feature map,
