@@ -114,18 +114,25 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/parity_table.py " + shlex.join(argv or sys.argv[1:])
     out = Path(args.out)
     rows = load_rows(out)
-    for model in args.models.split(","):
+    models = args.models.split(",")
+    # every model's default split first, then the others: an interrupted run has covered
+    # every model (rows are appended as they finish; a rerun resumes)
+    jobs = [(m, get_spec(m).default_split) for m in models]
+    jobs += [(m, s) for m in models for s in get_spec(m).splits if (m, s) not in jobs]
+    for model, split in jobs:
         batch, board = settings(model, args)
-        for split in get_spec(model).splits:
-            key = (model, split, batch, board, args.lowering)
-            if any((r["model"], r["split"], r["batch"], r["board"], r["lowering"]) == key
-                   for r in rows):
-                continue
-            print(f"[parity] {model} at {split}, batch {args.batch} ...", flush=True)
-            row = export_row(model, split, args)
-            print(f"[parity]   {json.dumps(row)}", flush=True)
-            rows.append(row)
-            save_rows(out, rows, command)
+        key = (model, split, batch, board, args.lowering)
+        if any((r["model"], r["split"], r["batch"], r["board"], r["lowering"]) == key
+               for r in rows):
+            continue
+        print(f"[parity] {model} at {split}, batch {batch} ...", flush=True)
+        row = export_row(model, split, args)
+        print(f"[parity]   {json.dumps(row)}", flush=True)
+        rows.append(row)
+        save_rows(out, rows, command)
+    order = {m: i for i, m in enumerate(models)}
+    rows = sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"],
+                                       get_spec(r["model"]).splits.index(r["split"])))
     out.with_suffix(".md").write_text(f"Written by `{command}`.\n\n" + table(rows))
     print(table(rows))
     return 0

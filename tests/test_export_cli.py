@@ -229,3 +229,24 @@ def test_board_profile_from_a_path_and_its_errors(tmp_path):
         load_board(str(p))
     p.write_text(good.read_text())
     assert load_board(str(p)).name == "rpi4"
+
+
+def test_a_program_with_wrong_gradients_is_refused_in_one_line(cli_in_process, tmp_path,
+                                                                monkeypatch):
+    """The parity gate end to end through the CLI: without torch's decomposition of the
+    max-pool backward, ExecuTorch 1.5.1's kernel gives wrong gradients (docs/export.md), and
+    `toolkit export` refuses the program, naming what is wrong, and writes nothing."""
+    import toolkit.build.lowering as lowering
+
+    monkeypatch.setattr(lowering, "BACKWARD_DECOMPOSITIONS", [])
+    out = tmp_path / "out"
+    r = cli_in_process("toolkit", "export", "--model", "smallcnn", "--split", "block2",
+                       "--input-shape", "3,16,16", "--batch", "4", "--exit-channels", "8",
+                       "--lowering", "portable", "--out", str(out))
+    assert r.returncode == 3, r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr  # one line, after the export's progress lines
+    assert errors[0].startswith("error: the lowered training program's gradients are wrong")
+    assert "from float64" in errors[0] and "move the split point" in errors[0]
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
