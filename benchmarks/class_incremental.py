@@ -233,12 +233,14 @@ def stream(method: str, k: int, incs: list[Dataset], everything: Dataset, h: Hie
            s: Settings, bs: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Increment ``k``'s ``steps`` batches for ``method``."""
     if method == "joint":  # one endless shuffled stream of everything, increment k's slice
-        per_epoch = len(everything) // bs
+        n = len(everything)
+        per_epoch = n // bs
         first = k * steps
         for j in range(first, first + steps):
-            epoch, i = divmod(j, per_epoch)
-            yield next(itertools.islice(batches(everything, bs, epoch=epoch, seed=s.seed), i,
-                                        None))
+            epoch, i = divmod(j, per_epoch)  # batches()'s order, without producing batches 0..i-1
+            idx = torch.from_numpy(np.random.default_rng([s.seed, epoch]).permutation(n))
+            idx = idx[i * bs:(i + 1) * bs]
+            yield everything.x[idx], everything.y[idx]
         return
     ds = incs[k]
     if method == "naive":
