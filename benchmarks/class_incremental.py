@@ -423,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", type=int, default=Settings.replay)
     p.add_argument("--test-per-class", type=int, default=Settings.test_per_class)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--threads", type=int, default=2)
+    # one thread: on shared cores a threaded tiny step waits for its other thread (here an
+    # increment took 184 s with 2 threads, 34 s with 1)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny sizes, class_incremental_quick.json")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--table", action="store_true", help="print the table of the results file")

@@ -169,6 +169,56 @@ def test_replay_keeps_old_classes_in_batches_after_new_ones_arrive(tmp_path: Pat
         assert src.describe()["replay_peak"] <= replay
 
 
+def test_cloud_learns_its_classes_from_the_labels_it_trains(artifacts, manifest,
+                                                          tmp_path: Path) -> None:
+    """The cloud's learner, fed decoded batches as the ingest queues them (no broker):
+    the seen set grows with the labels, scores only those classes, and survives a
+    checkpoint."""
+    from cloud_trainer.config import CloudConfig
+    from cloud_trainer.ingest import ActItem
+    from cloud_trainer.learner import CloudLearner
+    from cloud_trainer.modes.registry import strategy_for
+    from toolkit.core.protocol.codec import BatchMeta, codec_for, decode
+    from toolkit.core.protocol.quant import QuantScheme
+
+    cfg = CloudConfig(artifacts=artifacts, broker="mqtt://127.0.0.1:1", run_dir=tmp_path,
+                      run_id="cil", eval_limit=200)
+    learner = CloudLearner(cfg, strategy_for(cfg))
+    scheme = QuantScheme.from_dict(manifest.data["quantization"])
+    bs = manifest.batch_size
+
+    def feed(seq: int, labels: list[int]) -> None:
+        y = torch.tensor(labels * (bs // len(labels)), dtype=torch.int64)
+        cut = torch.rand(bs, *manifest.cut_shape)
+        msg = codec_for(scheme).encode(cut, y, BatchMeta("cil", "cam", seq, 0, seq), base=scheme)
+        learner.train_batch(ActItem(batch=decode(msg), nbytes=len(msg)))
+
+    assert learner.seen.sorted() == []
+    feed(0, [0, 1])
+    assert learner.seen.sorted() == [0, 1]
+    rec = learner.evaluate(None, "test")
+    x, y = _digits(manifest)
+    keep = y < 2
+    learner.step.eval()
+    learner.cloud.eval()
+    with torch.no_grad():
+        ref = float((learner.seen.apply(learner.cloud(learner.step.edge(x[keep]))).argmax(1)
+                     == y[keep]).float().mean())
+    learner.cloud.train()
+    assert rec["full_accuracy"] == pytest.approx(ref)
+    feed(1, [2, 3])
+    assert learner.seen.sorted() == [0, 1, 2, 3]
+    learner.checkpoint()
+    again = CloudLearner(cfg, strategy_for(cfg))
+    assert again.seen.sorted() == [0, 1, 2, 3]
+    # cloud-trainer serve masks with the finished run's summary
+    from cloud_trainer.serve import run_seen_classes
+
+    assert run_seen_classes(tmp_path, 10) is None  # no summary yet: no mask
+    (tmp_path / "cloud_summary.json").write_text(json.dumps({"seen_classes": [0, 1, 2, 3]}))
+    assert run_seen_classes(tmp_path, 10).sorted() == [0, 1, 2, 3]
+
+
 @pytest.mark.mqtt
 def test_a_run_records_its_classes_and_inference_masks_the_rest(artifacts, manifest, broker,
                                                                 tmp_path: Path) -> None:
