@@ -34,7 +34,7 @@ finishes; a rerun skips the rows there with the same settings, continuing a meth
 checkpoint its last finished increment left in ``benchmarks/work/class_incremental`` (the
 edge's SGD momentum restarts there: ExecuTorch does not expose it).
 
-    python benchmarks/class_incremental.py            # about 15 minutes on 2 busy cores
+    python benchmarks/class_incremental.py            # about 12 minutes on a busy core
     python benchmarks/class_incremental.py --quick    # a smoke run into ..._quick.json
     python benchmarks/class_incremental.py --table    # the docs' table from the results
 
