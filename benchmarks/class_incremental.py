@@ -31,8 +31,9 @@ accuracy now, averaged over the groups before the current one.
 
 Rows go to ``benchmarks/results/class_incremental.json`` as each (method, increment)
 finishes; a rerun skips the rows there with the same settings, continuing a method from the
-checkpoint its last finished increment left in ``benchmarks/work/class_incremental`` (the
-edge's SGD momentum restarts there: ExecuTorch does not expose it).
+checkpoint its last finished increment left in ``benchmarks/work/class_incremental``, or
+beside a results file given with ``--out`` (the edge's SGD momentum restarts there:
+ExecuTorch does not expose it).
 
     python benchmarks/class_incremental.py            # about 12 minutes on a busy core
     python benchmarks/class_incremental.py --quick    # a smoke run into ..._quick.json
@@ -295,7 +296,9 @@ def run_method(method: str, manifest: Manifest, incs: list[Dataset], everything:
     done = [k for k in range(len(INCREMENTS)) if res.has(method, k)]
     if len(done) == len(INCREMENTS):
         return
-    ckpt = WORK / f"{res.path.stem}-{method}.pt"
+    # beside a results file elsewhere (--out: a test's temporary directory), else in WORK
+    where = res.path.resolve().parent
+    ckpt = (WORK if where == RESULTS else where) / f"{res.path.stem}-{method}.pt"
     h = Hierarchy(manifest, s)
     start = 0
     if done:
