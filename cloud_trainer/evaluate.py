@@ -5,6 +5,10 @@ The cloud never sees edge weights during training; they arrive on the
 the whole network, ``FullModel(edge, cloud)``, and measure what the
 hierarchy has learned, next to what the edge's exit head achieves alone.
 
+A run whose classes arrive over time (``toolkit.core.classes``) is scored on the test
+images of the classes seen so far, with the logits of the others masked: the accuracy of
+class-incremental learning, and the plain accuracy once every class has been seen.
+
 The held-out set goes through the same loader and the manifest's
 normalisation as the edge's training data (``toolkit.core.data.datasets``), so an accuracy
 here means the same thing as the edge's.
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from toolkit.core.artifacts.manifest import Manifest
+from toolkit.core.classes import SeenClasses, mask_unseen
 from toolkit.core.data.datasets import load_dataset, normalize
 from toolkit.core.errors import HiertrainError
 from toolkit.core.models.edge_program import EdgeTrainStep
@@ -50,19 +55,28 @@ class Evaluator:
         return len(self.y)
 
     @torch.no_grad()
-    def evaluate(self, step: EdgeTrainStep, cloud: nn.Module) -> tuple[float, float]:
-        """(full-model accuracy, exit accuracy) in eval mode; training modes are restored."""
+    def evaluate(self, step: EdgeTrainStep, cloud: nn.Module,
+                 seen: SeenClasses | None = None) -> tuple[float, float]:
+        """(full-model accuracy, exit accuracy) in eval mode; training modes are restored.
+
+        With ``seen``: on the test images of the seen classes, the others masked.
+        """
         modes = [(m, m.training) for m in (step, cloud)]
         step.eval()
         cloud.eval()
+        x, y = self.x, self.y
+        if seen is not None and len(seen):
+            keep = seen.covers(y)
+            x, y = x[keep], y[keep]
+        mask = seen.mask() if seen is not None else None
         full_correct = exit_correct = 0
         try:
-            for xb, yb in zip(self.x.split(EVAL_BATCH), self.y.split(EVAL_BATCH), strict=True):
+            for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH), strict=True):
                 cut = step.edge(xb)  # shared by both heads: FullModel(edge, cloud)(x) == cloud(cut)
-                full_correct += int((cloud(cut).argmax(1) == yb).sum())
-                exit_correct += int((step.exit(cut).argmax(1) == yb).sum())
+                full_correct += int((mask_unseen(cloud(cut), mask).argmax(1) == yb).sum())
+                exit_correct += int((mask_unseen(step.exit(cut), mask).argmax(1) == yb).sum())
         finally:
             for module, mode in modes:
                 module.train(mode)
-        n = max(1, len(self.y))
+        n = max(1, len(y))
         return full_correct / n, exit_correct / n

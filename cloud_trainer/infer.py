@@ -10,6 +10,9 @@ step, at the cost of waiting for at most one step (milliseconds); a copy
 would cost a full parameter copy per refresh and answer with stale weights in
 between. The worker, not paho's thread, takes the lock, so a long step never
 stalls the MQTT connection.
+
+Classes not seen in training yet (``toolkit.core.classes``) are masked: the trainer's set
+is read at each request, so a class is answered from the batch after its first label on.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from cloud_trainer.ingest import InferItem
+from toolkit.core.classes import SeenClasses, mask_unseen
 from toolkit.core.protocol.messages import encode_infer_reply
 from toolkit.core.transport import Link
 
@@ -33,12 +37,15 @@ _STOP = object()
 
 
 @torch.no_grad()
-def cloud_predict(cloud: nn.Module, x: torch.Tensor) -> tuple[list[int], list[list[float]]]:
-    """Predictions and softmax probabilities of the cloud segment in eval mode."""
+def cloud_predict(cloud: nn.Module, x: torch.Tensor, seen: SeenClasses | None = None
+                  ) -> tuple[list[int], list[list[float]]]:
+    """Predictions and softmax probabilities of the cloud segment in eval mode, over the
+    ``seen`` classes (all when None or empty)."""
     was_training = cloud.training
     cloud.eval()
     try:
-        probs = torch.softmax(cloud(x), dim=1)
+        mask = seen.mask() if seen is not None else None
+        probs = torch.softmax(mask_unseen(cloud(x), mask), dim=1)
     finally:
         cloud.train(was_training)
     return probs.argmax(dim=1).tolist(), probs.tolist()
@@ -55,8 +62,10 @@ class InferenceServer:
         model_lock: threading.Lock | None = None,
         maxsize: int = 64,
         publish_timeout: float = 30.0,
+        seen: SeenClasses | None = None,
     ) -> None:
         self.cloud = cloud
+        self.seen = seen
         self.link = link
         self.model_lock = model_lock
         self.publish_timeout = publish_timeout
@@ -86,7 +95,7 @@ class InferenceServer:
             return encode_infer_reply([], [], error=item.error or "bad request")
         x = item.batch.tensor
         with self.model_lock or nullcontext():
-            preds, probs = cloud_predict(self.cloud, x)
+            preds, probs = cloud_predict(self.cloud, x, self.seen)
         return encode_infer_reply(preds, probs)
 
     def _run(self) -> None:

@@ -28,6 +28,7 @@ from cloud_trainer.metrics import MetricsLog, TrainWindow
 from cloud_trainer.modes.base import EdgeState, ModeContext, ModeStrategy, Reply
 from cloud_trainer.optim import make_optimizer
 from toolkit.core.artifacts.manifest import MANIFEST_NAME, load_manifest, sha256_file
+from toolkit.core.classes import SeenClasses
 from toolkit.core.errors import HiertrainError
 from toolkit.core.models.segments import load_segments
 from toolkit.core.protocol import topics
@@ -62,6 +63,9 @@ class CloudLearner:
         self.optimizer = make_optimizer(self.model.parameters(), self.manifest)
         self.model_lock = threading.Lock()
         self.evaluator = Evaluator(self.manifest, cfg.eval_data, limit=cfg.eval_limit)
+        # classes in the labels trained so far (toolkit.core.classes): evaluation and
+        # inference mask the others, so a head provisioned ahead grows without a restart
+        self.seen = SeenClasses(self.manifest.num_classes)
         self.metrics = MetricsLog(self.run_dir)
 
         self.ledger = Ledger()
@@ -101,6 +105,7 @@ class CloudLearner:
                 f"({str(exc).splitlines()[0]}); use another --run-dir"
             ) from None
         self.registry.restore(list(ckpt.get("devices", [])))
+        self.seen.update(ckpt.get("seen_classes", []))
         self.drops = DropCounter(ckpt.get("dropped", {}))
         self.fleet.failed = dict(ckpt.get("failed", {}))
         self.batches_trained = self.resumed_batches = int(ckpt["batches_trained"])
@@ -129,6 +134,7 @@ class CloudLearner:
                               if isinstance(v, (int, float, str)) or v is None},
                 "time": time.time(),
                 "mode": self.mode,
+                "seen_classes": self.seen.sorted(),
                 **self.strategy.extra_state_locked(),
             }
             save_checkpoint(self.run_dir, state)
@@ -165,6 +171,8 @@ class CloudLearner:
             self.ledger.mark_trained(b.device_id, b.seq)
             return []
         self.ledger.mark_trained(b.device_id, b.seq)
+        for k in self.seen.update(y):
+            log.info("class %d seen for the first time (batch %d of %s)", k, b.seq, b.device_id)
         self.batches_trained += 1
         self.samples_trained += len(y)
         self.since_checkpoint += 1
@@ -199,7 +207,7 @@ class CloudLearner:
         self.step.load_state_dict(state)
         with self.model_lock:
             cloud = copy.deepcopy(self.cloud)  # evaluate outside the lock
-        full_acc, exit_acc = self.evaluator.evaluate(self.step, cloud)
+        full_acc, exit_acc = self.evaluator.evaluate(self.step, cloud, self.seen)
         if not self.strategy.trains_exit:
             exit_acc = None  # the head was never trained: its score would mean nothing
         taken = self.window.take()

@@ -119,7 +119,7 @@ class CloudRun:
         link.set_will(topics.status_topic(self.run_id, CLOUD_DEVICE),
                       Status(role="cloud", device=CLOUD_DEVICE, run=self.run_id,
                              state="offline").encode(), retain=True)
-        server = InferenceServer(lr.cloud, link, model_lock=lr.model_lock)
+        server = InferenceServer(lr.cloud, link, model_lock=lr.model_lock, seen=lr.seen)
         max_batch = MAX_BATCH_FACTOR * lr.manifest.batch_size
         ingest = Ingest(
             self.run_id, cut_shape=lr.strategy.wire_shape(lr.manifest),
@@ -308,6 +308,7 @@ class CloudRun:
             evaluator=lr.evaluator, wall_s=wall_s, last_batch_unix=lr.last_batch_unix,
             ingest=ingest, link=link, bytes_down=self.bytes_down,
         )
+        summary["seen_classes"] = lr.seen.sorted()  # what evaluation and inference masked to
         write_summary(self.run_dir, summary)
         return summary
 

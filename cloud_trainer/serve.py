@@ -7,6 +7,7 @@ requests only and hands them to the :class:`InferenceServer`, which loads
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cloud_trainer.checkpoint import CLOUD_FINAL
+from cloud_trainer.checkpoint import CLOUD_FINAL, SUMMARY
 from cloud_trainer.cloud_link import client_id
 from cloud_trainer.config import MAX_BATCH_FACTOR
 from cloud_trainer.infer import InferenceServer
@@ -24,6 +25,7 @@ from cloud_trainer.ingest import DeviceRegistry, DropCounter, Ingest
 from cloud_trainer.ledger import Ledger
 from toolkit.core.artifacts.manifest import load_manifest
 from toolkit.core.artifacts.safeload import load_weights
+from toolkit.core.classes import SeenClasses
 from toolkit.core.errors import HiertrainError
 from toolkit.core.models.segments import load_segments
 from toolkit.core.protocol import topics
@@ -72,6 +74,16 @@ def load_cloud(artifacts: str | Path, run_dir: str | Path) -> tuple[Any, torch.n
     return manifest, cloud.eval()
 
 
+def run_seen_classes(run_dir: str | Path, num_classes: int) -> SeenClasses | None:
+    """The classes the run trained on (its summary's ``seen_classes``); None: no mask."""
+    path = Path(run_dir).expanduser() / SUMMARY
+    try:
+        seen = json.loads(path.read_text()).get("seen_classes")
+    except (OSError, ValueError):
+        return None
+    return None if seen is None else SeenClasses(num_classes, seen)
+
+
 def serve_cloud(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     """Serve until ``stop`` is set or ``cfg.duration`` passes; returns request counts."""
     topics.validate_id(cfg.run_id, "run id")
@@ -84,7 +96,8 @@ def serve_cloud(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[s
                                 security=cfg.security, on_reject=drops.drop), shape)
     link.set_will(status_topic, Status(role="cloud", device=CLOUD_DEVICE, run=cfg.run_id,
                                        state="offline").encode(), retain=True)
-    server = InferenceServer(cloud, link)
+    server = InferenceServer(cloud, link, seen=run_seen_classes(cfg.run_dir,
+                                                                manifest.num_classes))
     ingest = Ingest(
         cfg.run_id, cut_shape=manifest.cut_shape, num_classes=manifest.num_classes,
         max_batch=MAX_BATCH_FACTOR * manifest.batch_size, ledger=Ledger(),

@@ -35,6 +35,7 @@ from edge_runtime.session import (
 from edge_runtime.spool import Spool
 from toolkit.core.artifacts.boards import DEFAULT_SPOOL_MB, load_board
 from toolkit.core.artifacts.manifest import MANIFEST_NAME, Manifest, sha256_file
+from toolkit.core.classes import SeenClasses, classes_path, save_seen
 from toolkit.core.data.source import TrainingData
 from toolkit.core.errors import HiertrainError, WireError
 from toolkit.core.privacy import cut_transform
@@ -103,6 +104,8 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                         progress=p)
 
     publisher = Publisher(link, spool=spool, device=device)
+    # classes whose labels have passed (toolkit.core.classes): inference masks the others
+    seen = SeenClasses(manifest.num_classes, p.seen_classes)
     # the defence chosen at export (toolkit.core.privacy): applied here, on the board, to the
     # copy that leaves it; the exit head trained on the clean cut inside the step
     protect = cut_transform(manifest.privacy)
@@ -148,6 +151,9 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                 for i, (x, y) in enumerate(ds.batches(bs, epoch=epoch, seed=cfg.seed,
                                                       start=first), start=first):
                     t = time.monotonic()
+                    for k in seen.update(y):
+                        log.info("class %d seen for the first time (batch %d)", k, p.seq)
+                        p.seen_classes = seen.sorted()
                     res = backend.step(x, y)
                     p.train_s += time.monotonic() - t
                     msg = codec.encode(protect(res.cut), y, BatchMeta(run, device, p.seq, epoch, i),
@@ -179,7 +185,8 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                               "loss": p.loss_sum / max(p.batch, 1),
                               "exit_accuracy": p.exit_accuracy,
                               "seconds": round(time.monotonic() - t_epoch, 3)})
-            publish_epoch_weights(publisher, backend, run, device, epoch, p.seq)
+            publish_epoch_weights(publisher, backend, run, device, epoch, p.seq,
+                                  seen_classes=seen.sorted())
             status = Status(role="edge", device=device, run=run, state="training", epoch=epoch,
                             batches_published=p.seq, samples_published=p.samples,
                             last_seq=p.seq - 1, exit_accuracy=p.exit_accuracy)
@@ -198,6 +205,7 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
         wall_s = time.monotonic() - start
         path = weights_path(cfg.state_dir, device)
         torch.save(backend.state_dict(), path)
+        save_seen(classes_path(path), seen)
         stats = publisher.stats
         extra = {"wall_s": round(wall_s, 3), "bytes_sent": link.bytes_sent,
                  "publish_wait_s": round(stats.publish_wait_s, 4),
@@ -249,6 +257,7 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
         "weights_path": str(path),
         "link": link_summary(link),
         "history": p.history,
+        "seen_classes": seen.sorted(),
         "delivery": {"resumed": resumed, "confirmed": confirmed,
                      "confirm_wait_s": round(confirm_wait_s, 3), "acks_seen": publisher.acks_seen,
                      "batches_confirmed": stats.confirmed, "resent": stats.resent,

@@ -13,6 +13,13 @@ three timeouts in a row abort the run, since the cloud is evidently not serving.
 Weights (``InferConfig.weights``): ``None`` uses the manifest's initial weights,
 a path loads a file written by ``edge-runtime train`` (``edge_weights-<device>.pt``),
 and ``"retained"`` takes the device's retained weights message from the broker.
+
+Classes (``toolkit.core.classes``): a head provisioned ahead for classes that have not
+arrived yet never predicts them. Training records the classes its labels covered, beside
+a weights file (``edge_weights-<device>.classes.json``) and in the retained weights'
+metadata; the exit's logits of every other class are masked before the softmax, so the
+confidence is over the seen classes too. Initial weights, or weights without that record,
+are not masked.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from edge_runtime.link import connect_edge
 from edge_runtime.progress import progress_bar
 from toolkit.core.artifacts.manifest import Manifest, load_manifest
 from toolkit.core.artifacts.safeload import load_weights
+from toolkit.core.classes import SeenClasses, classes_path, load_seen, mask_unseen
 from toolkit.core.data.datasets import load_dataset, normalize
 from toolkit.core.errors import HiertrainError, RunIncompleteError, WireError
 from toolkit.core.privacy import cut_transform
@@ -67,13 +75,15 @@ class InferEngine:
     by the names the manifest lists (``edge_runtime.host_state`` says why).
     """
 
-    def __init__(self, backend: str, manifest: Manifest, state: Mapping[str, torch.Tensor]):
+    def __init__(self, backend: str, manifest: Manifest, state: Mapping[str, torch.Tensor],
+                 *, seen: SeenClasses | None = None):
         if backend not in BACKENDS:
             raise HiertrainError(
                 f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}"
             )
         check_state(initial_state(manifest), state, f"the edge state for {manifest.root}")
         self.backend = backend
+        self.mask = seen.mask() if seen is not None else None  # None: every class
         if backend == "executorch":
             from toolkit.core.et_program import InferenceProgram
 
@@ -89,11 +99,12 @@ class InferEngine:
 
     @torch.no_grad()
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cut and the exit's logits, unseen classes at ``-inf``."""
         if self.backend == "executorch":
             cut, logits = self.program.run(x.contiguous(), *self.weights)[:2]
-            return cut, logits
-        cut, logits = self.module(x)
-        return cut, logits
+        else:
+            cut, logits = self.module(x)
+        return cut, mask_unseen(logits, self.mask)
 
 
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -163,11 +174,13 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
 
     meta: dict[str, Any] = {"source": "initial"}
     state: dict[str, torch.Tensor] | None = None
+    seen: SeenClasses | None = None
     if cfg.weights is None:
         state = initial_state(manifest)
     elif str(cfg.weights) != RETAINED:
         state = _load_weights_file(Path(cfg.weights))
         meta = {"source": str(cfg.weights)}
+        seen = load_seen(classes_path(cfg.weights), manifest.num_classes)
 
     link = connect_edge(cfg.broker, run, device, role="infer", timeout=cfg.connect_timeout,
                         will=False, shape=shape, security=cfg.security)
@@ -175,12 +188,15 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
         if state is None:
             wmeta, state = fetch_retained_weights(link, run, device, cfg.timeout)
             meta = {"source": RETAINED, **wmeta}
-        engine = InferEngine(cfg.backend, manifest, state)
+            if wmeta.get("seen_classes") is not None:
+                seen = SeenClasses(manifest.num_classes, wmeta["seen_classes"])
+        engine = InferEngine(cfg.backend, manifest, state, seen=seen)
         result = _serve(cfg, link, engine, scheme, x_all, ds.y, run, device,
                             protect=cut_transform(manifest.privacy))
     finally:
         link.close()
     result.update({"weights": meta, "data": ds.name, "backend": cfg.backend,
+                   "seen_classes": seen.sorted() if seen is not None else None,
                    "threshold": cfg.threshold, "device": device, "run": run,
                    "link": link_summary(link)})
     if cfg.report:

@@ -55,6 +55,7 @@ class Progress:
     loss_sum: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     exit_accuracy: float = 0.0
+    seen_classes: list[int] = field(default_factory=list)  # toolkit.core.classes
 
 
 def save_checkpoint(path: Path, *, run: str, device: str, manifest_sha: str, backend: Any,

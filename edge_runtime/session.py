@@ -62,9 +62,13 @@ def flush_outbox(publisher: Publisher, link: Link) -> None:
 
 
 def publish_epoch_weights(publisher: Publisher, backend: EdgeBackend, run: str, device: str,
-                          epoch: int, seq: int) -> None:
-    """Retained edge weights at an epoch's end: the cloud assembles and scores the full model."""
-    meta = {"run": run, "device": device, "epoch": epoch, "last_seq": seq - 1}
+                          epoch: int, seq: int, *, seen_classes: list[int] | None = None
+                          ) -> None:
+    """Retained edge weights at an epoch's end: the cloud assembles and scores the full model;
+    ``seen_classes`` lets ``edge-runtime infer --weights retained`` mask the others."""
+    meta: dict[str, Any] = {"run": run, "device": device, "epoch": epoch, "last_seq": seq - 1}
+    if seen_classes is not None:
+        meta["seen_classes"] = seen_classes
     # without the proxy decoder of an adversarial defence: it stays on the board
     state = public_state(backend.state_dict())
     publisher.submit(weights_topic(run, device), encode_weights(state, meta), retain=True,

@@ -211,7 +211,8 @@ def test_training_publishes_every_batch_once_with_weights_and_status(
     assert done.extra["backend"] == "executorch"
 
     meta, state = decode_weights(weights[-1])
-    assert meta == {"run": run, "device": dev, "epoch": 1, "last_seq": n - 1}
+    assert meta == {"run": run, "device": dev, "epoch": 1, "last_seq": n - 1,
+                    "seen_classes": list(range(10))}  # inference masks the others
     saved = torch.load(summary["weights_path"], weights_only=True)
     assert Path(summary["weights_path"]) == tmp_path / f"edge_weights-{dev}.pt"
     assert list(state) == list(saved) and all(torch.equal(state[k], saved[k]) for k in saved)

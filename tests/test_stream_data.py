@@ -342,6 +342,8 @@ def test_live_training_follows_a_growing_folder(artifacts, broker, tmp_path, pro
     assert data["frames_trained"] + data["replayed"] == BATCH * len(got)
     # the first batch is the frames that were there, in name order, labelled by the sidecar
     assert got[0].labels.tolist() == ds.y[:first].tolist()
+    # the classes the edge saw are those of its batches: inference masks the rest
+    assert report["seen_classes"] == sorted({c for a in got.values() for c in a.labels.tolist()})
 
 
 def test_labels_from_a_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
