@@ -262,7 +262,14 @@ def _write(cfg: ExportConfig, plan: _Plan, built: BuiltSegments, tmp: Path,
         more = [(torch.randn(batch, *shape, generator=gen),
                  torch.randint(0, cfg.num_classes, (batch,), generator=gen))
                 for _ in range(GATE_BATCHES - 1)]
-        report = check_batches(TrainingProgram(train.buffer), built.step, [(x, y), *more])
+        try:
+            report = check_batches(TrainingProgram(train.buffer), built.step, [(x, y), *more])
+        except RuntimeError as exc:  # e.g. an operator the runtime has no kernel for
+            raise ExportError(
+                f"the lowered training program does not run in ExecuTorch's runtime "
+                f"({str(exc).strip().splitlines()[0]}; its log names the operator); move the "
+                "split point before the module that needs it"
+            ) from None
         failure = gate_failure(report)
         if failure is not None:
             raise ExportError(

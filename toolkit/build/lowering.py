@@ -55,6 +55,16 @@ def _new_empty_strided(self, size, stride, *, dtype=None, layout=None, device=No
     return torch.empty(size, dtype=dtype or self.dtype, device=device or self.device)
 
 
+def _empty_permuted(size, physical_layout, *, dtype=None, layout=None, device=None,
+                    pin_memory=None):
+    """``empty_permuted`` (a fresh buffer in a given memory order; EfficientNet's joint graph
+    has it) has no ExecuTorch kernel, and the program then fails at its first run; the
+    program's tensors are contiguous, and a fresh buffer holds no values, so a contiguous one
+    of the same shape is the same thing to every op that writes it."""
+    del physical_layout, layout, pin_memory
+    return torch.empty(size, dtype=dtype, device=device)
+
+
 @contextlib.contextmanager
 def _quiet():
     """ExecuTorch and export are loud (experimental-API warnings, pytree notices)."""
@@ -169,6 +179,7 @@ def lower_train_step(
             ep = export(step, (x, y), strict=False)
             ep = _export_forward_backward(ep)
             decomps = {torch.ops.aten.new_empty_strided.default: _new_empty_strided,
+                       torch.ops.aten.empty_permuted.default: _empty_permuted,
                        **DECOMPOSITIONS}
             if decompose:
                 decomps.update(get_decompositions(BACKWARD_DECOMPOSITIONS))
