@@ -16,6 +16,7 @@ quotes.
 
     python benchmarks/parity_table.py                     # all (about two hours here)
     python benchmarks/parity_table.py --models torchvision:resnet18 --batch 8
+    python benchmarks/parity_table.py --retry-refused     # after a fix: the refused rows again
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def export_row(model: str, split: str, args: argparse.Namespace) -> dict:
         else:
             p = m.data["parity"]
             row.update(passed=True, cut=m.data["cut"]["shape"],
+                       program=m.data["programs"]["edge_train"]["lowering"]["convolutions"],
+                       xnnpack_refused=p.get("xnnpack_refused"),
                        rewrites=sorted({r["to"] for r in m.data["rewrites"]}),
                        vs_eager=p["global_rel_grad_error"],
                        worst_tensor_vs_eager=p["max_rel_grad_error"],
@@ -89,10 +92,12 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         head = f"| {r['model']} | {r['input']} | {r['batch']} | {r['split']} |"
         if r["passed"]:
+            gate = ("passed without XNNPACK (matmul; XNNPACK's program refused)"
+                    if r.get("xnnpack_refused") else "passed")
             lines.append(
                 f"{head} {'x'.join(map(str, r['cut']))} | "
                 f"{r['vs_eager']:.1e} | {r['worst_tensor_vs_eager']:.1e} | "
-                f"{r['vs_float64']:.1e} | {r['eager_vs_float64']:.1e} | passed | "
+                f"{r['vs_float64']:.1e} | {r['eager_vs_float64']:.1e} | {gate} | "
                 f"{r['export_s']:.0f} |")
         else:
             lines.append(f"{head} | | | | | refused: "
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                          "batch at 224 px)")
     ap.add_argument("--lowering", default="xnnpack")
     ap.add_argument("--out", default=str(RESULTS / "parity.json"))
+    ap.add_argument("--retry-refused", action="store_true",
+                    help="export again the rows the gate refused (after a fix), replacing them")
     args = ap.parse_args(argv)
     command = "python benchmarks/parity_table.py " + shlex.join(argv or sys.argv[1:])
     out = Path(args.out)
@@ -122,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     for model, split in jobs:
         batch, board = settings(model, args)
         key = (model, split, batch, board, args.lowering)
-        if any((r["model"], r["split"], r["batch"], r["board"], r["lowering"]) == key
-               for r in rows):
+        done = [r for r in rows
+                if (r["model"], r["split"], r["batch"], r["board"], r["lowering"]) == key]
+        if done and not (args.retry_refused and not done[0]["passed"]):
             continue
+        rows = [r for r in rows if r not in done]
         print(f"[parity] {model} at {split}, batch {batch} ...", flush=True)
         row = export_row(model, split, args)
         print(f"[parity]   {json.dumps(row)}", flush=True)

@@ -11,6 +11,7 @@ import pytest
 
 from toolkit.core.artifacts.manifest import load_manifest, schema, sha256_file, validate
 from toolkit.core.errors import ManifestError
+from toolkit.core.models.exits import ExitHeadConfig
 
 SMALL = ["--model", "smallcnn", "--batch", "4", "--input-shape", "3,16,16"]
 
@@ -250,3 +251,26 @@ def test_a_program_with_wrong_gradients_is_refused_in_one_line(cli_in_process, t
     assert "from float64" in errors[0] and "move the split point" in errors[0]
     assert "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_xnnpack_program_refused_by_the_gate_falls_back_to_matmul(tmp_path, monkeypatch):
+    """When the gate refuses the XNNPACK program (an XNNPACK kernel less precise than
+    ExecuTorch's own: EfficientNet-B0 at 224 px), the export lowers the same program without
+    XNNPACK, checks it again, and records why."""
+    import toolkit.build.export as export
+
+    real_gate, seen = export._gate, []
+
+    def gate(buffer, built, batches):
+        report, failure = real_gate(buffer, built, batches)
+        seen.append(failure)
+        return report, ("pretend: XNNPACK imprecise" if len(seen) == 1 else failure)
+
+    monkeypatch.setattr(export, "_gate", gate)
+    m = export.export_artifacts(export.ExportConfig(
+        model="smallcnn", out=tmp_path / "a", split="block1", batch=4,
+        input_shape=(3, 16, 16), exit=ExitHeadConfig(channels=8)))
+    assert seen == [None, None]  # both programs were checked, and both are right
+    assert m.data["parity"]["xnnpack_refused"] == "pretend: XNNPACK imprecise"
+    assert m.data["programs"]["edge_train"]["lowering"]["convolutions"] == "matmul"
+    assert m.data["parity"]["checked"]

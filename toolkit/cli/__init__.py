@@ -114,6 +114,9 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"batch {d['batch_size']}, cut {d['cut']['shape']}, "
           f"~{d['board']['estimated_train_mb']:.0f} MB of {d['board']['budget_mb']} MB "
           f"({d['board']['name']}); {check}")
+    if parity.get("xnnpack_refused"):
+        print(f"note: the XNNPACK program failed the parity gate ({parity['xnnpack_refused']}); "
+              "this program is the same lowering without XNNPACK (--lowering matmul)")
     size = d["cut"]["codec"]
     bound = "exact" if size["size"] == "exact" else "at most; deflate is data-dependent"
     print(f"codec {size['name']}: {size['message_bytes_per_sample']:.1f} bytes per sample on the "
