@@ -17,6 +17,7 @@ quotes.
     python benchmarks/parity_table.py                     # all (about two hours here)
     python benchmarks/parity_table.py --models torchvision:resnet18 --batch 8
     python benchmarks/parity_table.py --retry-refused     # after a fix: the refused rows again
+    python benchmarks/parity_table.py --table             # parity.md from the rows so far
 """
 
 from __future__ import annotations
@@ -115,18 +116,22 @@ def main(argv: list[str] | None = None) -> int:
                          "batch at 224 px)")
     ap.add_argument("--lowering", default="xnnpack")
     ap.add_argument("--out", default=str(RESULTS / "parity.json"))
+    ap.add_argument("--table", action="store_true",
+                    help="only write parity.md from the rows already in the results file")
     ap.add_argument("--retry-refused", action="store_true",
                     help="export again the rows the gate refused (after a fix), replacing them")
     args = ap.parse_args(argv)
     command = "python benchmarks/parity_table.py " + shlex.join(argv or sys.argv[1:])
     out = Path(args.out)
     rows = load_rows(out)
+    if args.table and out.exists():  # the rows' own command, not this one
+        command = json.loads(out.read_text())["command"]
     models = args.models.split(",")
     # every model's default split first, then the others: an interrupted run has covered
     # every model (rows are appended as they finish; a rerun resumes)
     jobs = [(m, get_spec(m).default_split) for m in models]
     jobs += [(m, s) for m in models for s in get_spec(m).splits if (m, s) not in jobs]
-    for model, split in jobs:
+    for model, split in [] if args.table else jobs:
         batch, board = settings(model, args)
         key = (model, split, batch, board, args.lowering)
         done = [r for r in rows
@@ -142,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     order = {m: i for i, m in enumerate(models)}
     rows = sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"],
                                        get_spec(r["model"]).splits.index(r["split"])))
-    out.with_suffix(".md").write_text(f"Written by `{command}`.\n\n" + table(rows))
+    missing = [f"{m} {s}" for m, s in jobs
+               if not any((r["model"], r["split"]) == (m, s) for r in rows)]
+    note = (f"\n\nNot measured yet ({len(missing)}; a rerun adds them): {', '.join(missing)}."
+            if missing else "")
+    out.with_suffix(".md").write_text(f"Written by `{command}`.{note}\n\n" + table(rows))
     print(table(rows))
     return 0
 
