@@ -253,6 +253,7 @@ def test_a_program_with_wrong_gradients_is_refused_in_one_line(cli_in_process, t
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # two lowerings and two gates, ~20 s: .ci/run runs it (-m slow)
 def test_an_xnnpack_program_refused_by_the_gate_falls_back_to_matmul(tmp_path, monkeypatch):
     """When the gate refuses the XNNPACK program (an XNNPACK kernel less precise than
     ExecuTorch's own: EfficientNet-B0 at 224 px), the export lowers the same program without

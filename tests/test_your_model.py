@@ -207,6 +207,7 @@ def test_your_factory_is_checked_in_one_line(user_package):
 
 
 @pytest.mark.mqtt
+@pytest.mark.slow  # an export with the gate and a run over MQTT, ~45 s: .ci/run runs it (-m slow)
 def test_your_factory_exports_with_the_gate_and_trains_end_to_end(user_package, tmp_path, cli,
                                                                    procs):
     """``toolkit export --model mynets.nets:make_net --split block2``, then one edge on its
