@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import fx, nn
@@ -94,10 +95,7 @@ def analyse(model: nn.Module, what: str = "the model") -> GraphCut:
     for n, last in last_use.items():
         births[index[n]] += 1
         deaths[last] += 1
-    live, running = [], 0
-    for i in range(len(nodes)):
-        running += births[i] - deaths[i]
-        live.append(running)
+    live = list(accumulate(b - d for b, d in zip(births, deaths[:-1], strict=False)))
     ends: dict[str, fx.Node] = {}
     for n in nodes:
         for path in n.meta.get("nn_module_stack") or {}:
@@ -112,10 +110,7 @@ def analyse(model: nn.Module, what: str = "the model") -> GraphCut:
     for calls in spans.values():
         straddle[min(calls)] += 1
         straddle[max(calls)] -= 1
-    shared, running = [], 0
-    for i in range(len(nodes)):
-        running += straddle[i]
-        shared.append(running)
+    shared = list(accumulate(straddle[:-1]))
     valid = {}
     for path, end in ends.items():
         i = index[end]
@@ -169,7 +164,8 @@ def _pieces(gm: fx.GraphModule, ends: list[fx.Node]) -> list[fx.GraphModule]:
     """The graph cut after each of ``ends`` (in forward order): ``len(ends) + 1`` modules,
     each taking the previous one's output (the first: the model's input)."""
     nodes = list(gm.graph.nodes)
-    bounds = [nodes.index(e) for e in ends]
+    index = {n: i for i, n in enumerate(nodes)}
+    bounds = [index[e] for e in ends]
     getattrs = [n for n in nodes if n.op == "get_attr"]
     out, start, before = [], 0, None
     for stop in [*bounds, len(nodes) - 1]:
@@ -178,7 +174,7 @@ def _pieces(gm: fx.GraphModule, ends: list[fx.Node]) -> list[fx.GraphModule]:
         if before is not None:
             env[before] = graph.placeholder("cut")
         for n in getattrs:  # parameters and buffers may be read anywhere
-            if nodes.index(n) < start:
+            if index[n] < start:
                 env[n] = graph.node_copy(n, lookup)
         for n in nodes[start: stop + 1]:
             env[n] = graph.node_copy(n, lookup)
