@@ -82,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout, threads=args.threads,
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms, mode=args.mode,
         grad_bits=args.grad_bits, security=security, session_expiry=args.session_expiry,
+        device=args.device, amp=args.amp, eval_interval=args.eval_interval,
+        infer_max_age=args.infer_max_age,
     )
     try:
         with _stop_on_sigterm() as stop:
@@ -185,6 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, metavar="N",
                    help="torch threads (None: torch's choice; use 1 on a machine shared with "
                         "edges)")
+    t.add_argument("--device", default="auto", metavar="DEV",
+                   help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
+    t.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                   help="mixed precision of the cloud's step: bf16 (CPU or recent GPUs) or fp16 "
+                        "(GPU, loss-scaled); off trains in float32 like the edge")
+    t.add_argument("--eval-interval", type=float, default=0.0, metavar="S",
+                   help="at least S seconds between the starts of two evaluations (they run "
+                        "on their own thread, one per edge at most pending)")
+    t.add_argument("--infer-max-age", type=float, default=1.0, metavar="S",
+                   help="inference answers use a copy of the cloud segment at most S seconds "
+                        "old")
     t.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                    help="ht: train the cloud segment on the edges' activations; "
                         "split: classic split learning, send each activation's gradient back; "

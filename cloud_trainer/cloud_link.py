@@ -25,13 +25,16 @@ def session_client_id(run_id: str, run_dir: Path) -> str:
 
 
 def open_cloud_link(cfg: CloudConfig, run_dir: Path, on_reject: Any = None) -> Any:
-    """The trainer's link: a persistent session on MQTT when ``session_expiry`` > 0;
-    credentials, TLS and signature checks from ``cfg.security``."""
-    if cfg.session_expiry > 0 and cfg.broker.strip().lower().startswith(("mqtt:", "mqtts:")):
-        link = open_link(cfg.broker, session_client_id(cfg.run_id, run_dir),
-                         security=cfg.security, on_reject=on_reject,
-                         session_expiry=cfg.session_expiry)
-    else:
-        link = open_link(cfg.broker, client_id("cloud", cfg.run_id),
-                         security=cfg.security, on_reject=on_reject)
+    """The trainer's link: a persistent session on MQTT when ``session_expiry`` > 0, a
+    receive maximum of ``queue_size`` unacknowledged messages; credentials, TLS and
+    signature checks from ``cfg.security``."""
+    kw: dict[str, Any] = {}
+    if cfg.broker.strip().lower().startswith(("mqtt:", "mqtts:")):
+        # flow control by the broker, never by blocking paho's thread (cloud_trainer.ingest)
+        kw["receive_maximum"] = cfg.queue_size
+        if cfg.session_expiry > 0:
+            kw["session_expiry"] = cfg.session_expiry
+    cid = (session_client_id(cfg.run_id, run_dir) if "session_expiry" in kw
+           else client_id("cloud", cfg.run_id))
+    link = open_link(cfg.broker, cid, security=cfg.security, on_reject=on_reject, **kw)
     return shape_link(link, LinkShape.from_options(cfg.link_kbps, cfg.link_latency_ms))

@@ -20,6 +20,8 @@ from toolkit.core.transport import LinkShape
 MAX_BATCH_FACTOR = 8
 """Largest accepted activation batch, in multiples of the manifest's batch size."""
 GRAD_BITS = (32, 8)
+AMP_MODES = ("off", "bf16", "fp16")
+"""--amp: float32, bfloat16 autocast, float16 autocast with loss scaling (cloud_trainer.device)."""
 
 
 @dataclass
@@ -63,6 +65,16 @@ class CloudConfig:
     security: LinkSecurity | None = None
     """Broker credentials, TLS files, and the run's HMAC key (``toolkit.core.security``): with a
     key, unsigned and badly signed messages are dropped (``unsigned``, ``bad_signature``)."""
+    device: str = "auto"
+    """Where the cloud computes: auto (a GPU when torch sees one), cpu, cuda or cuda:N
+    (``cloud_trainer.device``)."""
+    amp: str = "off"
+    """Mixed precision of the training step: off, bf16 or fp16 (GPU, loss-scaled)."""
+    eval_interval: float = 0.0
+    """Seconds between the starts of two evaluations (0: back to back); evaluations run on
+    their own thread and coalesce per edge (``cloud_trainer.eval_worker``)."""
+    infer_max_age: float = 1.0
+    """Seconds an inference answer's copy of the cloud segment may lag the trained one."""
     session_expiry: int = 3600
     """Seconds the broker keeps this trainer's MQTT session (and the batches queued for
     it) after it disconnects or dies; 0: clean sessions (``docs/delivery.md``)."""
@@ -95,5 +107,9 @@ class CloudConfig:
         if self.session_expiry < 0:
             raise HiertrainError(f"--session-expiry must be >= 0 seconds, got "
                                  f"{self.session_expiry}")
+        if self.amp not in AMP_MODES:
+            raise HiertrainError(f"--amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
+        if self.eval_interval < 0 or self.infer_max_age < 0:
+            raise HiertrainError("--eval-interval and --infer-max-age must be >= 0 seconds")
         if not self.idle_timeout > 0:
             raise HiertrainError(f"--idle-timeout must be > 0 seconds, got {self.idle_timeout}")

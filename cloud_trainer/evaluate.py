@@ -71,7 +71,9 @@ class Evaluator:
         mask = seen.mask() if seen is not None else None
         full_correct = exit_correct = 0
         try:
+            device = next(cloud.parameters()).device
             for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH), strict=True):
+                xb, yb = xb.to(device), yb.to(device)
                 cut = step.edge(xb)  # shared by both heads: FullModel(edge, cloud)(x) == cloud(cut)
                 full_correct += int((mask_unseen(cloud(cut), mask).argmax(1) == yb).sum())
                 exit_correct += int((mask_unseen(step.exit(cut), mask).argmax(1) == yb).sum())

@@ -1,15 +1,14 @@
 """Hierarchical inference: run the cloud segment on an edge's cut activation and reply.
 
 Requests are queued by the ingest (paho's thread) and answered by one worker
-thread. The cloud segment is shared with the trainer, guarded by
-``model_lock``: the trainer holds it for each optimizer step, the worker for
-one forward pass in eval mode (and restores train mode before releasing).
-
-Why a lock and not a copy: a reply always uses the weights of the latest
-step, at the cost of waiting for at most one step (milliseconds); a copy
-would cost a full parameter copy per refresh and answer with stale weights in
-between. The worker, not paho's thread, takes the lock, so a long step never
-stalls the MQTT connection.
+thread. While the trainer trains, the worker answers with a
+:class:`~cloud_trainer.snapshot.Snapshot` of the cloud segment: a copy refreshed from
+the live model (one parameter copy under the trainer's ``model_lock``) when it is
+older than ``max_age`` seconds. Why a copy: a fleet asks all the time, and a worker
+computing under the lock would hold every training step up for the length of a
+forward pass; with the copy, replies are at most ``max_age`` seconds stale and the
+trainer waits for a parameter copy at most once per ``max_age``. ``cloud-trainer
+serve`` (nothing trains) answers with its model directly.
 
 Classes not seen in training yet (``toolkit.core.classes``) are masked: the trainer's set
 is read at each request, so a class is answered from the batch after its first label on.
@@ -20,13 +19,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from contextlib import nullcontext
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from cloud_trainer.device import eval_mode
 from cloud_trainer.ingest import InferItem
+from cloud_trainer.snapshot import Snapshot
 from toolkit.core.classes import SeenClasses, mask_unseen
 from toolkit.core.protocol.messages import encode_infer_reply
 from toolkit.core.transport import Link
@@ -41,13 +42,10 @@ def cloud_predict(cloud: nn.Module, x: torch.Tensor, seen: SeenClasses | None = 
                   ) -> tuple[list[int], list[list[float]]]:
     """Predictions and softmax probabilities of the cloud segment in eval mode, over the
     ``seen`` classes (all when None or empty)."""
-    was_training = cloud.training
-    cloud.eval()
-    try:
+    with eval_mode(cloud):
         mask = seen.mask() if seen is not None else None
-        probs = torch.softmax(mask_unseen(cloud(x), mask), dim=1)
-    finally:
-        cloud.train(was_training)
+        x = x.to(next(cloud.parameters()).device)
+        probs = torch.softmax(mask_unseen(cloud(x).float(), mask), dim=1).cpu()
     return probs.argmax(dim=1).tolist(), probs.tolist()
 
 
@@ -60,14 +58,16 @@ class InferenceServer:
         link: Link,
         *,
         model_lock: threading.Lock | None = None,
+        max_age: float = 1.0,
         maxsize: int = 64,
         publish_timeout: float = 30.0,
         seen: SeenClasses | None = None,
     ) -> None:
-        self.cloud = cloud
+        # With a lock the model is live (training): answer from a copy (module docstring).
+        self._model: Callable[[], nn.Module] = (
+            Snapshot(cloud, model_lock, max_age).get if model_lock is not None else lambda: cloud)
         self.seen = seen
         self.link = link
-        self.model_lock = model_lock
         self.publish_timeout = publish_timeout
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
         self._closing = threading.Event()
@@ -93,9 +93,7 @@ class InferenceServer:
     def _answer(self, item: InferItem) -> bytes:
         if item.batch is None:
             return encode_infer_reply([], [], error=item.error or "bad request")
-        x = item.batch.tensor
-        with self.model_lock or nullcontext():
-            preds, probs = cloud_predict(self.cloud, x, self.seen)
+        preds, probs = cloud_predict(self._model(), item.batch.tensor, self.seen)
         return encode_infer_reply(preds, probs)
 
     def _run(self) -> None:

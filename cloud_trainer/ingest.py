@@ -5,11 +5,19 @@ message before it can be trusted: decode, validate against the manifest,
 admit the device, claim the ``(device, seq)`` in the :class:`Ledger`, and put
 the result on one bounded queue that the training loop (main thread) drains.
 
-Why a *blocking* put on a *bounded* queue: when the trainer falls behind, the
-handler blocks, paho stops reading the socket, TCP's window fills and the
-broker stops sending -- QoS 1 keeps the messages at the broker, so nothing is
-lost and memory stays bounded by ``queue_size`` batches. An unbounded queue
-would instead grow until the process is killed.
+Flow control without blocking paho's thread: every queued message keeps its MQTT
+acknowledgement (``Link.defer_ack``) until the training loop takes it from the queue
+(:meth:`Ingest.take`), and the trainer's link asks the broker for a *receive maximum*
+of ``queue_size`` (MQTT 5). The broker then sends at most ``queue_size`` unacknowledged
+messages; the rest wait at the broker (QoS 1, nothing lost) and memory stays bounded,
+while paho's thread keeps reading -- PINGs, PUBACKs of the trainer's own publishes --
+however far training falls behind. (It used to block on a full queue, and a trainer
+that stopped draining for 1.5x the keepalive lost its connection.) On a broker without
+MQTT 5 the receive maximum does not exist; there the handler still blocks on a full
+queue, as the bound of last resort.
+
+The queue is a :class:`~cloud_trainer.fair_queue.FairQueue`: control messages first,
+then batches round-robin over the edges, so one fast robot cannot starve the others.
 
 Every malformed or foreign message is dropped and counted by a short reason
 (``WireError.reason`` -- ``crc``, ``truncated``, ``magic``, ``run_id``,
@@ -30,12 +38,14 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from cloud_trainer.fair_queue import FairQueue
 from cloud_trainer.ledger import Ledger, SeqSet
 from toolkit.core.errors import WireError
 from toolkit.core.protocol import topics
@@ -63,18 +73,24 @@ REGISTER_STATES = ("online", "training")
 are what a retained status of a finished or dead edge from an earlier run says."""
 
 
+def _no_ack() -> None:
+    """The release of a message whose acknowledgement was not held back."""
+
+
 @dataclass
 class ActItem:
     """One activation batch, checked and claimed, waiting to be trained."""
 
     batch: DecodedBatch
     nbytes: int
+    release: Callable[[], None] = field(default=_no_ack, repr=False, compare=False)
 
 
 @dataclass
 class StatusItem:
     device: str
     status: Status
+    release: Callable[[], None] = field(default=_no_ack, repr=False, compare=False)
 
 
 @dataclass
@@ -83,6 +99,7 @@ class WeightsItem:
     meta: dict[str, Any]
     state: dict[str, torch.Tensor]
     received: float = field(default_factory=time.time)
+    release: Callable[[], None] = field(default=_no_ack, repr=False, compare=False)
 
 
 @dataclass
@@ -97,6 +114,47 @@ class InferItem:
 
 
 QueueItem = ActItem | StatusItem | WeightsItem
+
+
+class QueueWaits:
+    """How long batches waited in the queue: per edge (last, max) and recent percentiles.
+
+    The figure that shows whether training keeps up and whether anything (an evaluation,
+    a fast edge) holds batches back.
+    """
+
+    RECENT = 2048
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._recent: deque[float] = deque(maxlen=self.RECENT)
+        self.per_device: dict[str, dict[str, float]] = {}
+        self.max_s = 0.0
+
+    def add(self, device: str, waited: float) -> None:
+        with self._lock:
+            self._recent.append(waited)
+            self.max_s = max(self.max_s, waited)
+            d = self.per_device.setdefault(device, {"last_s": 0.0, "max_s": 0.0})
+            d["last_s"] = waited
+            d["max_s"] = max(d["max_s"], waited)
+
+    def summary(self) -> dict[str, float | None]:
+        """p50/p99 of the last batches' waits, and the longest since the start (seconds)."""
+        with self._lock:
+            recent = sorted(self._recent)
+            peak = self.max_s
+        if not recent:
+            return {"p50_s": None, "p99_s": None, "max_s": None}
+
+        def pct(q: float) -> float:
+            return round(recent[min(len(recent) - 1, int(q * len(recent)))], 4)
+
+        return {"p50_s": pct(0.5), "p99_s": pct(0.99), "max_s": round(peak, 4)}
+
+    def device(self, device: str) -> dict[str, float]:
+        with self._lock:
+            return dict(self.per_device.get(device, {}))
 
 
 class DropCounter:
@@ -232,7 +290,8 @@ class Ingest:
         self.ledger = ledger
         self.registry = registry
         self.drops = drops
-        self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self.queue = FairQueue()
         self.infer_sink = infer_sink
         self.train = train
         self.mode = mode
@@ -241,13 +300,16 @@ class Ingest:
         self._closing = threading.Event()
         self._stats_lock = threading.Lock()
         self.max_queue_depth = 0
-        self.blocked_s = 0.0  # time paho's thread spent waiting for queue space
+        self.blocked_s = 0.0  # time paho's thread waited for queue space (MQTT 3.1.1 only)
+        self.waits = QueueWaits()
+        self._defer_ack: Callable[[], Callable[[], None]] = lambda: _no_ack
         self.last_message = time.monotonic()
         self.messages = 0
 
     # ------------------------------------------------------------------ wiring
     def subscribe(self, link: Link) -> None:
         """Register the handlers; call before ``link.connect()`` so nothing is missed."""
+        self._defer_ack = link.defer_ack
         if self.train:
             link.subscribe(topics.act_wildcard(self.run_id), self.on_act)
             link.subscribe(topics.status_wildcard(self.run_id), self.on_status)
@@ -314,23 +376,39 @@ class Ingest:
             return False
         return True
 
-    def _put(self, item: QueueItem) -> bool:
-        """Blocking put (back-pressure), given up only when the ingest is closing."""
+    def _put(self, item: QueueItem, lane: str | None = None) -> bool:
+        """Queue ``item`` with its broker acknowledgement held back (module docstring).
+
+        Blocks only when the queue is full, which a broker honouring the receive
+        maximum never lets happen; given up when the ingest is closing.
+        """
         start = time.monotonic()
-        while True:
-            if self._closing.is_set():
-                return False
-            try:
-                self.queue.put(item, timeout=0.2)
+        while self.queue.qsize() >= self.queue_size:
+            if self._closing.wait(0.05):
                 break
-            except queue.Full:
-                continue
+        if self._closing.is_set():
+            self._defer_ack()  # never acked: the broker keeps it for the next session
+            return False
+        item.release = self._defer_ack()
+        self.queue.put(item, lane)
         waited = time.monotonic() - start
         depth = self.queue.qsize()
         with self._stats_lock:
             self.blocked_s += waited
             self.max_queue_depth = max(self.max_queue_depth, depth)
         return True
+
+    def take(self, timeout: float) -> QueueItem | None:
+        """The next item for the training loop (None after ``timeout``); its broker
+        acknowledgement goes out now, which lets the broker send the next message."""
+        try:
+            item, waited = self.queue.get_timed(timeout)
+        except queue.Empty:
+            return None
+        item.release()
+        if isinstance(item, ActItem):
+            self.waits.add(item.batch.device_id, waited)
+        return item
 
     # ----------------------------------------------------------------- handlers
     def on_act(self, topic: str, payload: bytes, props: dict[str, Any]) -> None:
@@ -355,7 +433,7 @@ class Ingest:
         if not self.ledger.claim(device, batch.seq):
             log.debug("duplicate seq %d from %s", batch.seq, device)
             return
-        if not self._put(ActItem(batch, len(payload))):
+        if not self._put(ActItem(batch, len(payload)), lane=device):
             self.ledger.release(device, batch.seq)
             self.drops.drop("shutdown", topic, "arrived while the trainer was shutting down")
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from cloud_trainer.checkpoint import ensure_run_dir, load_checkpoint, save_checkpoint
 from cloud_trainer.config import CloudConfig
+from cloud_trainer.device import Placement
+from cloud_trainer.eval_worker import EvalWorker
 from cloud_trainer.evaluate import Evaluator
 from cloud_trainer.fleet import Fleet
 from cloud_trainer.ingest import ActItem, DeviceRegistry, DropCounter, StatusItem, WeightsItem
@@ -54,15 +56,22 @@ class CloudLearner:
             torch.set_num_threads(cfg.threads)
         self.manifest = load_manifest(cfg.artifacts)
         self.manifest_sha = sha256_file(self.manifest.path(MANIFEST_NAME))
+        self.place = Placement.from_options(cfg.device, cfg.amp)
         built = load_segments(self.manifest)
-        self.cloud = built.cloud.train()
-        self.step = built.step  # host copy of the edge, only ever loaded with received weights
-        self.init_edge_state = copy.deepcopy(self.step.state_dict())
+        self.init_edge_state = copy.deepcopy(built.step.state_dict())
+        self.cloud = built.cloud.to(self.place.device).train()
+        self.step = built.step.to(self.place.device)  # host edge copy (--mode cloud trains it)
         # What trains: the cloud segment, or (--mode cloud) the whole network.
         self.model = strategy.bind(ModeContext(self.run_id, self.manifest, self.cloud, self.step))
         self.optimizer = make_optimizer(self.model.parameters(), self.manifest)
         self.model_lock = threading.Lock()
         self.evaluator = Evaluator(self.manifest, cfg.eval_data, limit=cfg.eval_limit)
+        # Evaluations read copies (cloud_trainer.snapshot), never the live edge copy
+        self._eval_step = copy.deepcopy(self.step).eval()
+        self._eval_cloud = copy.deepcopy(self.cloud).eval()
+        self._eval_lock = threading.Lock()  # one evaluation at a time (worker or final)
+        self._check_step = copy.deepcopy(self.step).cpu()  # validates received edge weights
+        self.eval_worker: EvalWorker | None = None
         # classes in the labels trained so far (toolkit.core.classes): evaluation and
         # inference mask the others, so a head provisioned ahead grows without a restart
         self.seen = SeenClasses(self.manifest.num_classes)
@@ -99,6 +108,7 @@ class CloudLearner:
             self.ledger.load_state_dict(ckpt["ledger"])
             self.checkpointed = dict(ckpt["ledger"]["trained"])
             self.strategy.load_extra_state(ckpt)
+            self.place.load_scaler_state(ckpt.get("grad_scaler"))
         except (KeyError, RuntimeError, ValueError) as exc:
             raise HiertrainError(
                 f"checkpoint {self.run_dir / 'checkpoint.pt'} does not fit these artifacts "
@@ -135,6 +145,7 @@ class CloudLearner:
                 "time": time.time(),
                 "mode": self.mode,
                 "seen_classes": self.seen.sorted(),
+                "grad_scaler": self.place.scaler_state(),
                 **self.strategy.extra_state_locked(),
             }
             save_checkpoint(self.run_dir, state)
@@ -144,13 +155,15 @@ class CloudLearner:
     # ---------------------------------------------------------------- training
     def _train_step(self, b: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor, list[Reply]]:
         """One SGD step on one batch; (loss, logits, what goes back to the edge)."""
-        x = self.strategy.inputs(b)
+        place = self.place
+        x = self.strategy.inputs(b, place)
+        y = place.labels(b)
         with self.model_lock:
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, b.labels)
+            with place.autocast():
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            place.backward_step(loss, self.optimizer)
             self.strategy.after_step_locked()
         return loss, logits, self.strategy.replies(b, x)
 
@@ -176,7 +189,7 @@ class CloudLearner:
         self.batches_trained += 1
         self.samples_trained += len(y)
         self.since_checkpoint += 1
-        self.window.add(loss.item(), int((logits.argmax(1) == y).sum()), len(y))
+        self.window.add(loss.item(), int((logits.argmax(1).cpu() == y).sum()), len(y))
         return replies
 
     def log_train_line(self) -> None:
@@ -197,31 +210,68 @@ class CloudLearner:
     def latest_weights_device(self) -> str | None:
         if not self.strategy.uses_edge_weights:
             return None
-        admitted = [d for d in self.weights if self.registry.is_admitted(d)]
-        pool = admitted or list(self.weights)
-        return max(pool, key=lambda d: self.weights[d].received) if pool else None
+        weights = dict(self.weights)  # the training thread may add to it meanwhile
+        admitted = [d for d in weights if self.registry.is_admitted(d)]
+        pool = admitted or list(weights)
+        return max(pool, key=lambda d: weights[d].received) if pool else None
+
+    def start_evaluations(self) -> None:
+        """Evaluations requested from now on run on their own thread (cloud_trainer.eval_worker)."""
+        if self.eval_worker is None:
+            self.eval_worker = EvalWorker(lambda req: self.evaluate(req.device, req.trigger),
+                                          min_interval=self.cfg.eval_interval)
+
+    def stop_evaluations(self, timeout: float) -> None:
+        """Finish the requested evaluations (bounded), then stop the thread."""
+        worker, self.eval_worker = self.eval_worker, None
+        if worker is None:
+            return
+        if not worker.drain(timeout):
+            log.warning("%d evaluation(s) still pending after %g s; skipped", worker.pending(),
+                        timeout)
+        worker.close()
+
+    def request_evaluation(self, device: str | None, trigger: str) -> None:
+        """An evaluation with ``device``'s weights: on the worker when it runs, else now."""
+        if self.eval_worker is not None:
+            self.eval_worker.request(device, trigger)
+        else:
+            self.evaluate(device, trigger)
 
     def evaluate(self, device: str | None, trigger: str) -> dict[str, Any]:
-        """Score the cloud with ``device``'s latest edge weights (initial ones if none)."""
-        state, source, epoch = self._edge_state(device)
-        self.step.load_state_dict(state)
-        with self.model_lock:
-            cloud = copy.deepcopy(self.cloud)  # evaluate outside the lock
-        full_acc, exit_acc = self.evaluator.evaluate(self.step, cloud, self.seen)
-        if not self.strategy.trains_exit:
-            exit_acc = None  # the head was never trained: its score would mean nothing
-        taken = self.window.take()
-        if taken is not None:  # keep the train curve aligned with the evaluation
-            self.metrics.append("train", self.batches_trained, loss=taken[0], train_acc=taken[1])
-        rec = self.metrics.append(
-            "eval", self.batches_trained, full_accuracy=full_acc, exit_accuracy=exit_acc,
-            edge_device=source, edge_epoch=epoch, trigger=trigger,
-        )
-        self.last_eval = rec
+        """Score the cloud with ``device``'s latest edge weights (initial ones if none).
+
+        Runs on copies (``None``: the latest weights): the cloud segment is copied under
+        the model lock, the edge weights go into an evaluation-only edge copy, so the
+        training thread is held for one parameter copy, not for the held-out set.
+        """
+        with self._eval_lock:
+            if device is None:
+                device = self.latest_weights_device()
+            with self.model_lock:
+                state, source, epoch = self._edge_state(device)
+                self._eval_step.load_state_dict(state)
+                self._eval_cloud.load_state_dict(self.cloud.state_dict())
+                batches = self.batches_trained
+                seen = SeenClasses(self.manifest.num_classes)
+                seen.update(self.seen.sorted())
+            full_acc, exit_acc = self.evaluator.evaluate(self._eval_step, self._eval_cloud, seen)
+            if not self.strategy.trains_exit:
+                exit_acc = None  # the head was never trained: its score would mean nothing
+            rec = self.metrics.append(
+                "eval", batches, full_accuracy=full_acc, exit_accuracy=exit_acc,
+                edge_device=source, edge_epoch=epoch, trigger=trigger,
+            )
+            self.last_eval = rec
         log.info("eval after %d batches (edge weights of %s): full %.3f, exit %s",
-                 self.batches_trained, source, full_acc,
-                 "-" if exit_acc is None else f"{exit_acc:.3f}")
+                 batches, source, full_acc, "-" if exit_acc is None else f"{exit_acc:.3f}")
         return rec
+
+    @property
+    def evaluated_edge(self) -> torch.nn.Module:
+        """The edge segment of the last evaluation (after :meth:`final_evaluations`: the
+        final model's)."""
+        return self._eval_step.edge
 
     def final_evaluations(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The final evaluation record (latest edge weights) and full accuracy per edge."""
@@ -230,7 +280,7 @@ class CloudLearner:
         for d in sorted(self.weights):
             if self.registry.is_admitted(d) and d != device:
                 per_device_acc[d] = self.evaluate(d, "final")["full_accuracy"]
-        final = self.evaluate(device, "final")  # last, so self.step holds these weights
+        final = self.evaluate(device, "final")
         if device is not None:
             per_device_acc[device] = final["full_accuracy"]
         return final, per_device_acc
@@ -240,16 +290,16 @@ class CloudLearner:
         if not self.strategy.uses_edge_weights:
             return  # the mode check refuses such edges; ignore any weights that slip through
         try:
-            self.step.load_state_dict(item.state)  # validate before keeping them
+            self._check_step.load_state_dict(item.state)  # validate before keeping them
         except RuntimeError as exc:
             self.drops.drop("weights", topics.weights_topic(self.run_id, item.device),
                             f"weights do not fit the edge model: {str(exc).splitlines()[0]}")
             return
         self.weights[item.device] = item
         if self.registry.is_admitted(item.device):
-            self.evaluate(item.device, "weights")
+            self.request_evaluation(item.device, "weights")
 
     def on_status(self, item: StatusItem) -> None:
         self.fleet.on_status(item)
         if self.strategy.evaluate_on_status(item):
-            self.evaluate(None, "epoch")
+            self.request_evaluation(None, "epoch")

@@ -40,7 +40,6 @@ drops the duplicates, so at-least-once delivery trains every batch once.
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import sys
 import threading
@@ -64,6 +63,9 @@ from toolkit.core.protocol.messages import CLOUD_DEVICE, Ack, Status
 
 log = logging.getLogger(__name__)
 
+EVAL_DRAIN_S = 120.0
+"""Longest the end of a run waits for requested evaluations (the final ones follow anyway)."""
+
 
 class CloudRun:
     """One training run: build with a config and a mode strategy (no network yet), then
@@ -79,7 +81,9 @@ class CloudRun:
         self.instance = f"{random.getrandbits(32):08x}"  # tells edges this process restarted
         self._outbox: Outbox | None = None
         self._link: Any = None
-        self._acked_connects = 0
+        self._acked_connects = -1  # the first post_ack goes to every known edge
+        self._acked: dict[str, Any] = {}  # per edge: the checkpointed set its last ack carried
+        self.ack_bytes: dict[str, int] = {}  # ack payload bytes sent to each edge
         # Edges that said "done" and are owed an ack of their whole run (_ack_finished_edges)
         self._owed: set[str] = set()
 
@@ -88,18 +92,34 @@ class CloudRun:
         self.learner.checkpoint()
         self.post_ack()
 
-    def post_ack(self) -> None:
-        """Tell the edges what is trained and checkpointed (``toolkit.core.protocol.messages.Ack``).
+    def post_ack(self, devices: list[str] | None = None) -> None:
+        """Tell each edge what of it is trained and checkpointed
+        (``toolkit.core.protocol.messages.Ack``), on its own topic.
 
         Only checkpointed seqs: an edge deletes acked batches from its spool, and
-        a batch trained after the last checkpoint dies with a killed trainer.
+        a batch trained after the last checkpoint dies with a killed trainer. Each
+        edge gets an ack when its own set changed, so ack bytes per edge do not grow
+        with the fleet; after a (re)connect every known edge gets one (it tells them
+        to resend what the broker may have lost). ``devices``: these edges, changed
+        or not (an edge that is done asks again).
         """
         if self._outbox is None or self._link is None:
             return
+        reconnected = self._link.connects != self._acked_connects
         self._acked_connects = self._link.connects
-        ack = Ack(run=self.run_id, instance=self.instance, connects=self._acked_connects,
-                  trained=self.learner.checkpointed)
-        self._outbox.post(topics.ack_topic(self.run_id), ack.encode(), retain=False)
+        trained = self.learner.checkpointed
+        if devices is None:
+            known = set(trained) | set(self.learner.registry.admitted())
+            devices = sorted(d for d in known if reconnected or d not in self._acked
+                             or self._acked[d] != trained.get(d))
+        for device in devices:
+            mine = trained.get(device)
+            ack = Ack(run=self.run_id, instance=self.instance, connects=self._acked_connects,
+                      trained={device: mine} if mine is not None else {})
+            payload = ack.encode()
+            self._outbox.post(topics.ack_topic(self.run_id, device), payload, retain=False)
+            self._acked[device] = mine
+            self.ack_bytes[device] = self.ack_bytes.get(device, 0) + len(payload)
 
     def status(self, state: str, message: str = "", **extra: Any) -> Status:
         lr = self.learner
@@ -119,7 +139,8 @@ class CloudRun:
         link.set_will(topics.status_topic(self.run_id, CLOUD_DEVICE),
                       Status(role="cloud", device=CLOUD_DEVICE, run=self.run_id,
                              state="offline").encode(), retain=True)
-        server = InferenceServer(lr.cloud, link, model_lock=lr.model_lock, seen=lr.seen)
+        server = InferenceServer(lr.cloud, link, model_lock=lr.model_lock, seen=lr.seen,
+                                 max_age=cfg.infer_max_age)
         max_batch = MAX_BATCH_FACTOR * lr.manifest.batch_size
         ingest = Ingest(
             self.run_id, cut_shape=lr.strategy.wire_shape(lr.manifest),
@@ -137,8 +158,10 @@ class CloudRun:
             self.post_ack()
             log.info("cloud trainer online: run %r, broker %s, run dir %s",
                      self.run_id, link.address.url, self.run_dir)
+            lr.start_evaluations()
             end = self._loop(ingest, outbox, stop)
             ingest.close()  # from here on paho's thread must stay free for PUBACKs
+            lr.stop_evaluations(timeout=EVAL_DRAIN_S)
             summary = self._finish(end, ingest, link, time.monotonic() - start)
             missing = summary["missing"]
             state = "done" if not missing else "error"
@@ -171,6 +194,7 @@ class CloudRun:
             raise
         finally:
             ingest.close()
+            lr.stop_evaluations(timeout=0.0)
             server.close()
             if outbox is not None:
                 outbox.close(5.0)
@@ -197,10 +221,7 @@ class CloudRun:
             while True:
                 if stop is not None and stop.is_set():
                     return "stopped"
-                try:
-                    item = ingest.queue.get(timeout=0.2)
-                except queue.Empty:
-                    item = None
+                item = ingest.take(timeout=0.2)
                 if item is not None:
                     self._dispatch(item, bar)
                 if lr.fleet.complete():
@@ -263,7 +284,7 @@ class CloudRun:
                 continue  # resends still on the way
             self._owed.discard(device)
             if _covers(lr.checkpointed.get(device), st.batches_published):
-                self.post_ack()
+                self.post_ack([device])
             else:
                 log.info("edge %s is done and complete: checkpoint and ack", device)
                 self.checkpoint()
@@ -276,9 +297,8 @@ class CloudRun:
         """
         deadline = time.monotonic() + max_s
         while time.monotonic() < deadline:
-            try:
-                item = ingest.queue.get(timeout=quiet_s)
-            except queue.Empty:
+            item = ingest.take(timeout=quiet_s)
+            if item is None:
                 return
             self._dispatch(item, bar)
 
@@ -287,7 +307,7 @@ class CloudRun:
         if lr.batches_trained % cfg.log_every == 0:
             lr.log_train_line()
         if cfg.eval_every and lr.batches_trained % cfg.eval_every == 0:
-            lr.evaluate(lr.latest_weights_device(), "eval_every")
+            lr.request_evaluation(None, "eval_every")
         if lr.since_checkpoint >= cfg.checkpoint_every:
             self.checkpoint()
 
@@ -297,7 +317,7 @@ class CloudRun:
         missing = [] if end == "complete" else lr.fleet.incomplete()
         final, per_device_acc = lr.final_evaluations()
         self.checkpoint()
-        save_final_models(self.run_dir, lr.step.edge, lr.cloud, lr.model_lock)
+        save_final_models(self.run_dir, lr.evaluated_edge, lr.cloud, lr.model_lock)
         save_curves(self.run_dir, lr.metrics.records,
                     title=f"{lr.manifest.model_name} run {self.run_id}")
         summary = build_summary(

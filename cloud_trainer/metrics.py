@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / METRICS
+        self._lock = threading.Lock()  # the training and the evaluation thread both append
         self.records: list[dict[str, Any]] = []
         if self.path.exists():  # resumed run: keep the earlier part of the curves
             for line in self.path.read_text().splitlines():
@@ -62,14 +64,15 @@ class MetricsLog:
             "time": time.time(),
             **fields,
         }
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        except OSError as exc:
-            raise HiertrainError(
-                f"cannot write {self.path} ({exc.strerror or exc}); check the run directory"
-            ) from None
-        self.records.append(rec)
+        with self._lock:
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as exc:
+                raise HiertrainError(
+                    f"cannot write {self.path} ({exc.strerror or exc}); check the run directory"
+                ) from None
+            self.records.append(rec)
         return rec
 
 

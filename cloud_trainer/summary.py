@@ -34,9 +34,11 @@ def save_final_models(run_dir: Path, edge: nn.Module, cloud: nn.Module,
     """``cloud_final.pt`` (what ``serve`` loads) and ``full_model.pt``: edge + cloud under the
     original model's own names, so it loads into the model the run was exported from
     (``toolkit.core.models.build_model``, or ``torchvision.models.<arch>``)."""
-    with model_lock:
-        atomic_torch_save(run_dir / CLOUD_FINAL, cloud.state_dict())
-        atomic_torch_save(run_dir / FULL_MODEL, model_state_dict(edge, cloud))
+    with model_lock:  # saved from the CPU: the files load on a machine without the GPU
+        cloud_state = {k: v.cpu() for k, v in cloud.state_dict().items()}
+        full_state = {k: v.cpu() for k, v in model_state_dict(edge, cloud).items()}
+    atomic_torch_save(run_dir / CLOUD_FINAL, cloud_state)
+    atomic_torch_save(run_dir / FULL_MODEL, full_state)
 
 
 def save_curves(run_dir: Path, records: list[dict[str, Any]], title: str) -> None:

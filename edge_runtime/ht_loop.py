@@ -120,7 +120,7 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
             publisher.on_ack(ack)
 
     try:
-        link.subscribe(ack_topic(run), on_ack)
+        link.subscribe(ack_topic(run, device), on_ack)
     except HiertrainError as exc:  # e.g. an ACL without read access to the acks
         log.warning("no acks from the cloud trainer (%s); batches leave the spool at the "
                     "broker's PUBACK", exc)

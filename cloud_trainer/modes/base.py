@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cloud_trainer.device import Placement
 from cloud_trainer.ingest import StatusItem
 from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.models.edge_program import EdgeTrainStep
@@ -64,10 +65,10 @@ class ModeStrategy:
         """Per-sample shape of the training batches the edges send: the cut activation."""
         return manifest.cut_shape
 
-    def inputs(self, batch: DecodedBatch) -> torch.Tensor:
-        """The model input of one received batch; ValueError if it cannot be one (a failed
-        step, counted, not a crash)."""
-        return batch.tensor
+    def inputs(self, batch: DecodedBatch, place: Placement) -> torch.Tensor:
+        """The model input of one received batch, on ``place``'s device; ValueError if it
+        cannot be one (a failed step, counted, not a crash)."""
+        return place.activation(batch)
 
     def after_step_locked(self) -> None:
         """After the optimizer step, still under the model lock."""

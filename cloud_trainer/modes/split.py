@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from cloud_trainer.device import Placement
 from cloud_trainer.modes.base import ModeStrategy, Reply
 from toolkit.core.protocol import topics
 from toolkit.core.protocol.codec import BatchMeta, Codec, DecodedBatch, parse_codec
@@ -37,13 +38,13 @@ class SplitMode(ModeStrategy):
     def _grad_codec(self) -> Codec:
         return parse_codec("float32" if self.grad_bits == 32 else "int8")
 
-    def inputs(self, batch: DecodedBatch) -> torch.Tensor:
-        return batch.tensor.detach().requires_grad_(True)
+    def inputs(self, batch: DecodedBatch, place: Placement) -> torch.Tensor:
+        return place.activation(batch).detach().requires_grad_(True)
 
     def replies(self, batch: DecodedBatch, inputs: torch.Tensor) -> list[Reply]:
         """The gradient of the loss with respect to the activation, to its edge."""
         assert inputs.grad is not None
-        payload = self._grad_codec().encode(inputs.grad, None, BatchMeta(
+        payload = self._grad_codec().encode(inputs.grad.float().cpu(), None, BatchMeta(
             self.ctx.run_id, batch.device_id, batch.seq, batch.epoch, batch.batch_index),
             base=GRAD_SCHEME)
         return [(topics.grad_topic(self.ctx.run_id, batch.device_id), payload)]

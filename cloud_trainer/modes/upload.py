@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cloud_trainer.device import Placement
 from cloud_trainer.ingest import StatusItem
 from cloud_trainer.modes.base import EdgeState, ModeContext, ModeStrategy
 from toolkit.core.artifacts.manifest import Manifest
@@ -53,9 +54,9 @@ class UploadMode(ModeStrategy):
     def wire_shape(self, manifest: Manifest) -> tuple[int, ...]:
         return manifest.input_shape
 
-    def inputs(self, batch: DecodedBatch) -> torch.Tensor:
+    def inputs(self, batch: DecodedBatch, place: Placement) -> torch.Tensor:
         try:
-            return normalize(batch.images(), self.mean, self.std)
+            return normalize(place.put(batch.images()), self.mean, self.std)
         except WireError as exc:  # counted as a failed step by the loop
             raise ValueError(f"not an image upload: {exc}") from None
 

@@ -17,11 +17,18 @@ An edge's ``done`` status carries ``batches_published``: the cloud knows it has
 everything from that device when it has trained that many distinct sequence
 numbers. The edge's MQTT last will is the same topic with ``state: offline``.
 
-Ack (JSON, *not* retained, on ``hiertrain/<run>/cloud/ack``; published by the cloud
-trainer when it comes online, after each checkpoint and after each reconnect)::
+Ack (JSON, *not* retained, on the device's own ``hiertrain/<run>/<device>/ack``;
+published by the cloud trainer when it comes online, after each checkpoint that
+trained something of that device, and after each reconnect)::
 
-    {"schema": "hiertrain.ack", "v": 1, "run": "r1", "instance": "9f2c01ab",
+    {"schema": "hiertrain.ack", "v": 2, "run": "r1", "instance": "9f2c01ab",
      "connects": 1, "trained": {"robot-7": {"low": 120, "above": [122]}}, "time": ...}
+
+Version 2 (this one) carries the one device whose topic it is on: each edge receives
+only its own acks, so ack traffic per edge stays the same however large the fleet, an
+ACL can give each device read access to its own topics only, and no device learns the
+others' ids. Version 1 went to every edge on ``hiertrain/<run>/cloud/ack`` with every
+device's sets.
 
 ``trained`` holds, per device, the sequence numbers the cloud has trained *and
 checkpointed*: seqs ``< low`` plus ``above``. Those survive any crash of the
@@ -123,7 +130,7 @@ def decode_status(data: bytes) -> Status:
 # --- delivery acknowledgements ---------------------------------------------------
 
 ACK_SCHEMA = "hiertrain.ack"
-ACK_VERSION = 1
+ACK_VERSION = 2
 
 
 @dataclass

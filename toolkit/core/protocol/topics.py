@@ -18,6 +18,8 @@ exactly its own run with a single ``+`` wildcard over devices::
     message: the
                                                                        gradient of one cut
                                                                        activation (--mode split)
+    ack          hiertrain/<run>/<device>/ack           cloud -> edge  JSON: its seqs trained and
+                                                                       checkpointed
 
     subscription wildcards over devices: hiertrain/<run>/+/<suffix>, e.g.
     act_wildcard(run) == "hiertrain/<run>/+/act"; wildcard(run, kind) for any kind
@@ -114,11 +116,11 @@ def grad_topic(run: str, device: str) -> str:
     return topic(run, device, GRAD)
 
 
-def ack_topic(run: str) -> str:
-    """``hiertrain/<run>/cloud/ack``: what the cloud trainer has trained *and checkpointed*,
-    per device (``toolkit.core.protocol.messages.Ack``), cloud to edges; edges free their spool
-    with it."""
-    return topic(run, "cloud", ACK)
+def ack_topic(run: str, device: str) -> str:
+    """``hiertrain/<run>/<device>/ack``: what the cloud trainer has trained *and
+    checkpointed* of this device (``toolkit.core.protocol.messages.Ack``), cloud to that edge;
+    the edge frees its spool with it."""
+    return topic(run, device, ACK)
 
 
 def act_wildcard(run: str) -> str:

@@ -32,6 +32,10 @@ from toolkit.core.errors import HiertrainError
 
 _L = TypeVar("_L", bound="Link")
 
+
+def _no_op() -> None:
+    """What :meth:`Link.defer_ack` returns where there is nothing to hold back."""
+
 #: Default TCP port per accepted URL scheme.
 DEFAULT_PORTS: dict[str, int] = {"mqtt": 1883, "mqtts": 8883}
 
@@ -294,6 +298,17 @@ class Link(ABC):
         joining later still sees that a peer is gone.
         """
 
+    def defer_ack(self) -> Callable[[], None]:
+        """Inside a message handler: hold back this message's acknowledgement to the broker
+        until the returned callable runs (any thread, once; later calls do nothing).
+
+        The broker counts unacknowledged messages against the receiver's receive
+        maximum, so a receiver that releases a message only when it has room for the
+        next one gets flow control without blocking its network thread. Transports
+        without it (or a call outside a handler) return a no-op.
+        """
+        return _no_op
+
     def flush(self, timeout: float) -> None:
         """Wait until every published message was handed to the broker.
 
@@ -390,6 +405,9 @@ class LinkWrapper(Link):
 
     def set_will(self, topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> None:
         self.inner.set_will(topic, payload, retain=retain, qos=qos)
+
+    def defer_ack(self) -> Callable[[], None]:
+        return self.inner.defer_ack()
 
     def flush(self, timeout: float) -> None:
         self.inner.flush(timeout)

@@ -34,7 +34,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from toolkit.core.errors import BrokerUnreachableError, HiertrainError
@@ -42,6 +42,7 @@ from toolkit.core.transport.base import (
     BrokerAddress,
     Link,
     MessageHandler,
+    _no_op,
     check_properties,
     parse_url,
     topic_matches,
@@ -167,6 +168,7 @@ class MqttLink(Link):
         username: str | None = None,
         password: str | None = None,
         session_expiry: int | None = None,
+        receive_maximum: int | None = None,
     ) -> None:
         """Create an unconnected link.
 
@@ -180,7 +182,13 @@ class MqttLink(Link):
         ``session_expiry`` (seconds > 0): a persistent session (MQTT 5 clean start
         off + Session Expiry Interval; 3.1.1 clean session off, kept until the
         broker's own limit); None: clean sessions.
+        ``receive_maximum`` (> 0): acknowledge incoming QoS 1 messages manually
+        (:meth:`defer_ack`; a handler that does not defer is acknowledged when it
+        returns) and ask an MQTT 5 broker to send at most this many unacknowledged
+        ones; None: paho acknowledges each message when its handlers return.
         """
+        if receive_maximum is not None and not 0 < receive_maximum <= 65535:
+            raise ValueError("receive_maximum must be 1..65535 (None: automatic acks)")
         if session_expiry is not None and session_expiry <= 0:
             raise ValueError("session_expiry must be > 0 seconds (None: clean sessions)")
         if isinstance(address, str):
@@ -198,6 +206,7 @@ class MqttLink(Link):
         self.publish_timeout = publish_timeout
         self._tls_context = tls_context
         self.session_expiry = session_expiry
+        self.receive_maximum = receive_maximum
         self.end_session = False
         self._will: tuple[str, bytes, int, bool] | None = None
         self._subs: dict[str, tuple[int, MessageHandler]] = {}
@@ -276,6 +285,7 @@ class MqttLink(Link):
             client_id=f"{self.client_id}-probe" if probe else self.client_id,
             protocol=self._protocol,
             clean_session=None if v5 else not persistent,
+            manual_ack=self.receive_maximum is not None and not probe,
         )
         client.enable_logger(_paho_log)
         client.max_inflight_messages_set(self._max_inflight)
@@ -325,15 +335,16 @@ class MqttLink(Link):
         remaining = max(0.1, deadline - time.monotonic())
         client.connect_timeout = min(remaining, 5.0)
         try:
-            if self._protocol == mqtt.MQTTv5 and self.session_expiry is not None and not probe:
+            if self._protocol == mqtt.MQTTv5:
+                persistent = self.session_expiry is not None and not probe
                 props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = int(self.session_expiry)
+                if persistent:
+                    props.SessionExpiryInterval = int(self.session_expiry or 0)
+                if self.receive_maximum is not None and not probe:
+                    props.ReceiveMaximum = int(self.receive_maximum)
                 client.connect(self.address.host, self.address.port, self._keepalive,
-                               clean_start=False, properties=props)
-            elif self._protocol == mqtt.MQTTv5:
-                client.connect(
-                    self.address.host, self.address.port, self._keepalive, clean_start=True
-                )
+                               clean_start=not persistent,
+                               properties=props if (persistent or self.receive_maximum) else None)
             else:
                 client.connect(self.address.host, self.address.port, self._keepalive)
         except ssl.SSLCertVerificationError as exc:
@@ -545,7 +556,10 @@ class MqttLink(Link):
             handlers = [h for f, (_, h) in self._subs.items() if topic_matches(f, topic)]
         if not handlers:
             log.debug("message on %s matches no handler", topic)
+        manual = self.receive_maximum is not None and msg.qos > 0
         self._in_callback.active = True
+        self._in_callback.message = (client, msg.mid, msg.qos) if manual else None
+        self._in_callback.deferred = False
         try:
             for handler in handlers:
                 try:
@@ -554,6 +568,26 @@ class MqttLink(Link):
                     log.exception("handler for %s raised; message dropped", topic)
         finally:
             self._in_callback.active = False
+            self._in_callback.message = None
+            if manual and not self._in_callback.deferred:
+                client.ack(msg.mid, msg.qos)
+
+    def defer_ack(self) -> Callable[[], None]:
+        """See :meth:`Link.defer_ack`. The release acknowledges on the connection the
+        message came on; after a reconnect the broker resends what was not acknowledged
+        (the receiver's ledger drops the duplicate)."""
+        message = getattr(self._in_callback, "message", None)
+        if message is None:
+            return _no_op
+        self._in_callback.deferred = True
+        client, mid, qos = message
+        once = threading.Lock()
+
+        def release() -> None:
+            if once.acquire(blocking=False):
+                client.ack(mid, qos)
+
+        return release
 
     # -------------------------------------------------------------- messaging
     def _wait_suback(self, mid: int, timeout: float) -> list[ReasonCode]:
