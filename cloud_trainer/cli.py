@@ -24,7 +24,7 @@ from toolkit.core.entry import new_parser, run
 from toolkit.core.protocol.modes import DEFAULT_MODE, MODES
 from toolkit.core.security import add_security_args, security_from_args
 
-COMMANDS = ("train", "serve")
+COMMANDS = ("train", "serve", "status")
 
 
 def _ids(text: str) -> list[str]:
@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms, mode=args.mode,
         grad_bits=args.grad_bits, security=security, session_expiry=args.session_expiry,
         device=args.device, amp=args.amp, eval_interval=args.eval_interval,
-        infer_max_age=args.infer_max_age,
+        infer_max_age=args.infer_max_age, tensorboard=args.tensorboard,
     )
     try:
         with _stop_on_sigterm() as stop:
@@ -126,6 +126,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from cloud_trainer.fleet_status import format_status, read_status
+
+    status = read_status(args.run_dir)
+    if args.json:
+        _print_json(status)
+    else:
+        print(format_status(status))
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     """The flags ``train`` and ``serve`` share. Required flags show no default."""
     p.add_argument("--artifacts", required=True, default=argparse.SUPPRESS, metavar="DIR",
@@ -158,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                "4 broker unreachable, 5 run incomplete (devices missing at the idle timeout), "
                "130 interrupted",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,serve,status}")
     t = sub.add_parser("train", help="train (the default when no command is given)",
                        description="Train the cloud segment until every expected edge is done "
                                    "(or --idle-timeout passes); --json prints the summary.")
@@ -198,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--infer-max-age", type=float, default=1.0, metavar="S",
                    help="inference answers use a copy of the cloud segment at most S seconds "
                         "old")
+    t.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="no TensorBoard event files in run-dir/tensorboard (they are written "
+                        "when the tensorboard package is installed)")
     t.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                    help="ht: train the cloud segment on the edges' activations; "
                         "split: classic split learning, send each activation's gradient back; "
@@ -216,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--duration", type=float, metavar="S",
                    help="stop after S seconds (None: until SIGTERM or Ctrl-C)")
     s.set_defaults(func=cmd_serve)
+    st = sub.add_parser("status", help="the fleet of a run at a glance (run-dir/fleet_status.json)",
+                        description="Print the fleet status a running (or finished) trainer "
+                                    "writes every few seconds: per edge batches trained, lag, "
+                                    "queue wait, last seen, accuracy.")
+    st.add_argument("--run-dir", required=True, metavar="DIR", help="the trainer's --run-dir")
+    st.add_argument("--json", action="store_true", help="print the file's JSON")
+    st.set_defaults(func=cmd_status)
     return parser
 
 

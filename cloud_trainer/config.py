@@ -75,6 +75,9 @@ class CloudConfig:
     their own thread and coalesce per edge (``cloud_trainer.eval_worker``)."""
     infer_max_age: float = 1.0
     """Seconds an inference answer's copy of the cloud segment may lag the trained one."""
+    tensorboard: bool = True
+    """Mirror the metrics and fleet figures to ``<run-dir>/tensorboard`` (when the package is
+    installed; ``cloud_trainer.tensorboard``)."""
     session_expiry: int = 3600
     """Seconds the broker keeps this trainer's MQTT session (and the batches queued for
     it) after it disconnects or dies; 0: clean sessions (``docs/delivery.md``)."""

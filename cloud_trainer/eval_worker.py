@@ -57,12 +57,10 @@ class EvalWorker:
         with self._cond:
             if self._closing:
                 return
-            old = self._pending.pop(device, None)
-            if old is not None:
-                self.coalesced += 1
-            # keep the older request time: the edge has been waiting since then
+            old = self._pending.get(device)
             req = EvalRequest(device, trigger)
-            if old is not None:
+            if old is not None:  # same place in the line, newest weights
+                self.coalesced += 1
                 req.requested = old.requested
             self._pending[device] = req
             self._cond.notify()

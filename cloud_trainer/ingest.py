@@ -302,6 +302,8 @@ class Ingest:
         self.max_queue_depth = 0
         self.blocked_s = 0.0  # time paho's thread waited for queue space (MQTT 3.1.1 only)
         self.waits = QueueWaits()
+        self._last_seen: dict[str, float] = {}  # wall clock of each device's last message
+        self._link: Any = None
         self._defer_ack: Callable[[], Callable[[], None]] = lambda: _no_ack
         self.last_message = time.monotonic()
         self.messages = 0
@@ -310,6 +312,7 @@ class Ingest:
     def subscribe(self, link: Link) -> None:
         """Register the handlers; call before ``link.connect()`` so nothing is missed."""
         self._defer_ack = link.defer_ack
+        self._link = link
         if self.train:
             link.subscribe(topics.act_wildcard(self.run_id), self.on_act)
             link.subscribe(topics.status_wildcard(self.run_id), self.on_status)
@@ -331,6 +334,10 @@ class Ingest:
             self.last_message = time.monotonic()
             self.messages += 1
 
+    def last_seen_by_device(self) -> dict[str, float]:
+        with self._stats_lock:
+            return dict(self._last_seen)
+
     def idle_for(self) -> float:
         with self._stats_lock:
             return time.monotonic() - self.last_message
@@ -346,6 +353,7 @@ class Ingest:
             return None
         with self._stats_lock:
             self.bytes_by_device[device] = self.bytes_by_device.get(device, 0) + nbytes
+            self._last_seen[device] = time.time()
         return device
 
     def _refused(self, device: str, topic: str) -> bool:
@@ -383,7 +391,10 @@ class Ingest:
         maximum never lets happen; given up when the ingest is closing.
         """
         start = time.monotonic()
-        while self.queue.qsize() >= self.queue_size:
+        # MQTT 5: the broker bounds the queue (mosquitto 2 lets one or two more through
+        # than the receive maximum, hence the slack); MQTT 3.1.1: this loop bounds it.
+        limit = 2 * self.queue_size if self._flow_controlled() else self.queue_size
+        while self.queue.qsize() >= limit:
             if self._closing.wait(0.05):
                 break
         if self._closing.is_set():
@@ -397,6 +408,14 @@ class Ingest:
             self.blocked_s += waited
             self.max_queue_depth = max(self.max_queue_depth, depth)
         return True
+
+    def _flow_controlled(self) -> bool:
+        """Whether the broker honours a receive maximum (an MQTT 5 session)."""
+        link = self._link
+        while link is not None and not hasattr(link, "receive_maximum"):
+            link = getattr(link, "inner", None)
+        return (link is not None and link.receive_maximum is not None
+                and link.protocol_version == "5")
 
     def take(self, timeout: float) -> QueueItem | None:
         """The next item for the training loop (None after ``timeout``); its broker

@@ -29,6 +29,7 @@ from cloud_trainer.ledger import Ledger
 from cloud_trainer.metrics import MetricsLog, TrainWindow
 from cloud_trainer.modes.base import EdgeState, ModeContext, ModeStrategy, Reply
 from cloud_trainer.optim import make_optimizer
+from cloud_trainer.tensorboard import TensorBoardSink
 from toolkit.core.artifacts.manifest import MANIFEST_NAME, load_manifest, sha256_file
 from toolkit.core.classes import SeenClasses
 from toolkit.core.errors import HiertrainError
@@ -72,10 +73,12 @@ class CloudLearner:
         self._eval_lock = threading.Lock()  # one evaluation at a time (worker or final)
         self._check_step = copy.deepcopy(self.step).cpu()  # validates received edge weights
         self.eval_worker: EvalWorker | None = None
+        self._device_acc: dict[str, float] = {}  # full accuracy of the last eval per edge
         # classes in the labels trained so far (toolkit.core.classes): evaluation and
         # inference mask the others, so a head provisioned ahead grows without a restart
         self.seen = SeenClasses(self.manifest.num_classes)
-        self.metrics = MetricsLog(self.run_dir)
+        self.tensorboard = TensorBoardSink(self.run_dir, cfg.tensorboard)
+        self.metrics = MetricsLog(self.run_dir, sink=self.tensorboard.record)
 
         self.ledger = Ledger()
         self.registry = DeviceRegistry(cfg.device_ids, cfg.devices)
@@ -263,9 +266,14 @@ class CloudLearner:
                 edge_device=source, edge_epoch=epoch, trigger=trigger,
             )
             self.last_eval = rec
+            self._device_acc[source] = full_acc
         log.info("eval after %d batches (edge weights of %s): full %.3f, exit %s",
                  batches, source, full_acc, "-" if exit_acc is None else f"{exit_acc:.3f}")
         return rec
+
+    def per_device_accuracy(self) -> dict[str, float]:
+        """Full-model accuracy of the last evaluation with each edge's weights."""
+        return dict(self._device_acc)
 
     @property
     def evaluated_edge(self) -> torch.nn.Module:

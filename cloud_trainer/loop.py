@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from cloud_trainer.cloud_link import open_cloud_link
 from cloud_trainer.config import MAX_BATCH_FACTOR, CloudConfig
+from cloud_trainer.fleet_status import Throughput, build_status, fleet_scalars, write_status
 from cloud_trainer.infer import InferenceServer
 from cloud_trainer.ingest import ActItem, Ingest, StatusItem, WeightsItem
 from cloud_trainer.learner import CloudLearner
@@ -84,6 +85,7 @@ class CloudRun:
         self._acked_connects = -1  # the first post_ack goes to every known edge
         self._acked: dict[str, Any] = {}  # per edge: the checkpointed set its last ack carried
         self.ack_bytes: dict[str, int] = {}  # ack payload bytes sent to each edge
+        self._throughput = Throughput()
         # Edges that said "done" and are owed an ack of their whole run (_ack_finished_edges)
         self._owed: set[str] = set()
 
@@ -131,6 +133,18 @@ class CloudRun:
                    **self.cfg.extra_status, **extra},
         )
 
+    def write_fleet_status(self, ingest: Ingest, state: str) -> None:
+        """``fleet_status.json`` and its TensorBoard scalars (``cloud_trainer.fleet_status``)."""
+        lr = self.learner
+        self._throughput.update(lr.batches_trained, lr.samples_trained)
+        doc = build_status(run_id=self.run_id, mode=self.mode, state=state, learner=lr,
+                           ingest=ingest, throughput=self._throughput, ack_bytes=self.ack_bytes)
+        try:
+            write_status(self.run_dir, doc)
+        except OSError as exc:
+            log.warning("could not write the fleet status: %s", exc)
+        lr.tensorboard.scalars(lr.batches_trained, fleet_scalars(doc))
+
     # --------------------------------------------------------------------- run
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
         cfg, lr = self.cfg, self.learner
@@ -159,6 +173,7 @@ class CloudRun:
             log.info("cloud trainer online: run %r, broker %s, run dir %s",
                      self.run_id, link.address.url, self.run_dir)
             lr.start_evaluations()
+            self.write_fleet_status(ingest, "training")
             end = self._loop(ingest, outbox, stop)
             ingest.close()  # from here on paho's thread must stay free for PUBACKs
             lr.stop_evaluations(timeout=EVAL_DRAIN_S)
@@ -241,6 +256,7 @@ class CloudRun:
                 if now - last_status >= cfg.status_every:
                     outbox.post(status_topic, self.status(
                         "training", queue_depth=ingest.queue.qsize()).encode(), retain=True)
+                    self.write_fleet_status(ingest, "training")
                     last_status = now
         finally:
             bar.close()
@@ -329,7 +345,12 @@ class CloudRun:
             ingest=ingest, link=link, bytes_down=self.bytes_down,
         )
         summary["seen_classes"] = lr.seen.sorted()  # what evaluation and inference masked to
+        summary["compute"] = lr.place.describe()
+        summary["queue_wait"] = ingest.waits.summary()
+        summary["ack_bytes"] = dict(sorted(self.ack_bytes.items()))
         write_summary(self.run_dir, summary)
+        self.write_fleet_status(ingest, "done" if not missing else "incomplete")
+        lr.tensorboard.close()
         return summary
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ CURVES = "curves.png"
 class MetricsLog:
     """Appends records to ``metrics.jsonl`` and keeps them for the plot."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path,
+                 sink: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = run_dir / METRICS
+        self.sink = sink  # e.g. TensorBoard (cloud_trainer.tensorboard): sees each new record
         self._lock = threading.Lock()  # the training and the evaluation thread both append
         self.records: list[dict[str, Any]] = []
         if self.path.exists():  # resumed run: keep the earlier part of the curves
@@ -73,6 +76,8 @@ class MetricsLog:
                     f"cannot write {self.path} ({exc.strerror or exc}); check the run directory"
                 ) from None
             self.records.append(rec)
+        if self.sink is not None:
+            self.sink(rec)
         return rec
 
 
