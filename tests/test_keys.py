@@ -285,3 +285,50 @@ def test_a_version_1_envelope_is_refused_with_its_own_reason() -> None:
     with pytest.raises(TypeError, match="key ring"):
         SignedLink(_BusLink(_Bus(), "x"), RUN_KEY)  # type: ignore[arg-type]
     assert LinkSecurity(hmac_key=RUN_KEY).key_ring().__class__ is RunKeys
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_toolkit_keys_derive(cli_in_process: Any, tmp_path: Path) -> None:
+    run_key = tmp_path / "r1.key"
+    run_key.write_text(RUN_KEY.decode() + "\n")
+    run_key.chmod(0o600)
+    out = tmp_path / "robot-7.key"
+    argv = ["toolkit", "keys", "derive", "--run-key-file", str(run_key), "--run-id", RUN,
+            "--device-id", "robot-7"]
+    expected = DeviceKey.derive(RUN_KEY, RUN, "robot-7")
+    r = cli_in_process(*argv, "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert DeviceKey.parse(out.read_text()) == expected
+    assert expected.key.hex() not in r.stdout + r.stderr  # the key never goes to the terminal
+    assert "robot-7" in r.stdout and "0600" in r.stdout
+
+    r = cli_in_process(*argv, "-o", str(out))  # exists: refused, untouched
+    assert r.returncode == 3 and "exists; give --force" in r.stderr, r.stderr
+    r = cli_in_process(*argv[:-1], "robot-8", "-o", str(out), "--force")
+    assert r.returncode == 0 and DeviceKey.parse(out.read_text()).device_id == "robot-8"
+
+    r = cli_in_process(*argv, "-o", "-")  # asked for: on stdout
+    assert r.returncode == 0 and DeviceKey.parse(r.stdout) == expected
+    for bad, message in ((["--run-key-file", str(out)], "is a device key file, not a run key"),
+                         (["--device-id", "cloud"], "cloud trainer's own id"),
+                         (["--run-id", "a b"], "invalid run id")):
+        r = cli_in_process(*argv, *bad, "-o", "-")
+        assert r.returncode == 3 and message in r.stderr and not r.stdout, (bad, r.stderr)
+
+
+def test_the_runtimes_refuse_the_wrong_kind_of_key(cli_in_process: Any, tmp_path: Path) -> None:
+    """An edge given another device's key file, and a cloud trainer given a device key file,
+    stop in a second with one line, before anything is loaded or connected."""
+    key = DeviceKey.derive(RUN_KEY, RUN, "robot-7").save(tmp_path / "robot-7.key")
+    common = ["--artifacts", str(tmp_path / "none"), "--broker", "mqtt://127.0.0.1:9",
+              "--run-id", RUN, "--hmac-key-file", str(key)]
+    r = cli_in_process("edge-runtime", "train", *common, "--device-id", "robot-8")
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 3 and len(errors) == 1, r.stderr
+    assert "for device 'robot-7' of run 'r1', not 'robot-8'" in errors[0], r.stderr
+    r = cli_in_process("cloud-trainer", *common, "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 3 and "cloud-trainer needs the run key" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
