@@ -67,6 +67,7 @@ def _print_json(result: dict[str, Any]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     _check_link(args)
     security = security_from_args(args)
+    security.require_run_key("cloud-trainer")  # in a second, before torch is imported
     from cloud_trainer.checkpoint import SUMMARY, ensure_run_dir
 
     ensure_run_dir(args.run_dir)  # seconds before torch is imported
@@ -108,6 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     _check_link(args)
     security = security_from_args(args)
+    security.require_run_key("cloud-trainer serve")
     from cloud_trainer.serve import ServeConfig, serve_cloud
 
     _setup_logging(args.quiet)
@@ -157,7 +159,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "packets (None: unlimited; docs/runtime.md 'Link shaping')")
     p.add_argument("--link-latency-ms", type=float, default=0.0, metavar="MS",
                    help="one-way latency added to every message the cloud publishes")
-    add_security_args(p)
+    add_security_args(p)  # --hmac-key-file: the run key (each device's key is derived from it)
 
 
 def build_parser() -> argparse.ArgumentParser:

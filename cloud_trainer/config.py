@@ -63,8 +63,10 @@ class CloudConfig:
     grad_bits: int = 32
     """Split mode: gradients sent back as raw float32 (32) or int8 codes (8)."""
     security: LinkSecurity | None = None
-    """Broker credentials, TLS files, and the run's HMAC key (``toolkit.core.security``): with a
-    key, unsigned and badly signed messages are dropped (``unsigned``, ``bad_signature``)."""
+    """Broker credentials, TLS files, and the run key (``toolkit.core.security``): with it,
+    each device's messages are checked with that device's key derived from the run key
+    (``toolkit.core.keys``), and unsigned and badly signed ones are dropped (``unsigned``,
+    ``bad_signature``). A device key file is refused: the cloud must derive every key."""
     device: str = "auto"
     """Where the cloud computes: auto (a GPU when torch sees one), cpu, cuda or cuda:N
     (``cloud_trainer.device``)."""
@@ -88,6 +90,8 @@ class CloudConfig:
             raise HiertrainError(f"--grad-bits must be one of {list(GRAD_BITS)}, "
                                  f"got {self.grad_bits}")
         topics.validate_id(self.run_id, "run id")
+        if self.security is not None:
+            self.security.require_run_key("cloud-trainer")
         LinkShape.from_options(self.link_kbps, self.link_latency_ms)
         if self.device_ids is not None:
             if not self.device_ids:

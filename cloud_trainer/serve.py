@@ -50,7 +50,8 @@ class ServeConfig:
     """Model a slow downlink for the replies (toolkit.core.transport.shaping)."""
     link_latency_ms: float = 0.0
     security: LinkSecurity | None = None
-    """Broker credentials, TLS files and the run's HMAC key (``toolkit.core.security``)."""
+    """Broker credentials, TLS files and the run key (``toolkit.core.security``): each reply is
+    signed with the asking device's key, derived from it."""
 
 
 def load_cloud(artifacts: str | Path, run_dir: str | Path) -> tuple[Any, torch.nn.Module]:
@@ -87,6 +88,8 @@ def run_seen_classes(run_dir: str | Path, num_classes: int) -> SeenClasses | Non
 def serve_cloud(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     """Serve until ``stop`` is set or ``cfg.duration`` passes; returns request counts."""
     topics.validate_id(cfg.run_id, "run id")
+    if cfg.security is not None:
+        cfg.security.require_run_key("cloud-trainer serve")
     shape = LinkShape.from_options(cfg.link_kbps, cfg.link_latency_ms)
     manifest, cloud = load_cloud(cfg.artifacts, cfg.run_dir)
     stop = stop or threading.Event()

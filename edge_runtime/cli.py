@@ -34,10 +34,13 @@ def _check_link(args: argparse.Namespace) -> None:
 
 def _security(args: argparse.Namespace) -> None:
     """--username/--password-file/--ca-file/.../--hmac-key-file (and the environment) checked
-    once and kept in ``args.security``; a password inside --broker is refused here."""
+    once and kept in ``args.security``; a password inside --broker is refused here, and so
+    is a device key file made for another device or run (in a second, before torch)."""
     from toolkit.core.security import security_from_args
 
     args.security = security_from_args(args, args.broker)
+    if args.device_id:
+        args.security = args.security.for_device(args.run_id, args.device_id)
 
 
 def _broker(args: argparse.Namespace) -> str:

@@ -240,7 +240,8 @@ def cmd_cluster(args) -> int:
         run_id=args.run_id, epochs=args.epochs, backend="torch", seed=args.seed,
         limit=args.limit, quiet=args.quiet, connect_timeout=args.connect_timeout,
         report=args.report, state_dir=args.state_dir,
-        security=security_from_args(args, args.broker))
+        security=security_from_args(args, args.broker).for_device(args.run_id,
+                                                                   args.device_id))
     cfg = ClusterConfig(
         train=train, world_size=args.world_size, rank=args.rank, master_addr=args.master_addr,
         master_port=args.master_port, grid=args.grid, groups=args.groups, board=args.board,

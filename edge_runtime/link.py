@@ -31,11 +31,15 @@ def connect_edge(
 
     With ``shape`` the link's publishes go through a modelled slow uplink
     (:class:`~toolkit.core.transport.shaping.ShapedLink`), so wall-clock time reflects it.
-    ``security`` adds credentials, TLS files and message signing (:mod:`toolkit.core.security`).
+    ``security`` adds credentials, TLS files and message signing (:mod:`toolkit.core.security`):
+    a device key file made for another device or run is refused here, and a run key is
+    narrowed to this device's own key (:meth:`LinkSecurity.for_device`).
 
     ``Link.connect`` retries with backoff, logging each retry, and raises
     HiertrainError naming the URL once ``timeout`` has passed.
     """
+    if security is not None:
+        security = security.for_device(run, device)
     link = shape_link(open_link(broker, client_id(role, run, device), security=security), shape)
     if will:
         offline = Status(role="edge", device=device, run=run, state="offline",

@@ -33,7 +33,7 @@ directory), for ``edge-runtime infer --weights PATH``.
 
 Delivery and resume (``ht``; docs/delivery.md): the publisher's outbox is an on-disk
 :class:`~edge_runtime.spool.Spool` that keeps each batch until the cloud trainer's ack on
-``hiertrain/<run>/cloud/ack`` says it is trained and checkpointed; the loop checkpoints
+``hiertrain/<run>/<device>/ack`` says it is trained and checkpointed; the loop checkpoints
 itself (``edge_runtime.resume``) every ``checkpoint_every`` batches, and ``--resume``
 continues from there. After "done", the edge waits up to ``confirm_timeout`` s until the
 cloud acked every batch in its spool (``edge_runtime.confirm``); batches still unconfirmed

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cloud_trainer.ingest import DeviceRegistry, DropCounter, Ingest, Ledger  # noqa: E402
+from toolkit.core.keys import RunKeys, device_key  # noqa: E402
 from toolkit.core.protocol import topics  # noqa: E402
 from toolkit.core.protocol.quant import QuantScheme, quantize  # noqa: E402
 from toolkit.core.protocol.wire import MAGIC, ActivationBatch, encode  # noqa: E402
@@ -42,7 +43,8 @@ RUN, DEVICE = "fz", "e0"
 TOPIC = topics.act_topic(RUN, DEVICE)
 CUT = (6, 3, 3)
 NUM_CLASSES = 10
-KEY = b"fuzzing-run-key-0123456789abcdef"
+KEY = b"fuzzing-run-key-0123456789abcdef"  # the run key: the cloud derives each device's
+DEVICE_KEY = device_key(KEY, RUN, DEVICE)  # what the edge signs with
 
 FUZZ = settings(derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -149,7 +151,7 @@ class Harness:
                              ledger=Ledger(), registry=DeviceRegistry([DEVICE]),
                              drops=self.drops, queue_size=10_000)
         self.loop = LoopbackLink()
-        link: Link = SignedLink(self.loop, KEY, self.drops.drop) if signed else self.loop
+        link: Link = SignedLink(self.loop, RunKeys(KEY), self.drops.drop) if signed else self.loop
         self.ingest.subscribe(link)
         self.fed = 0
 
@@ -179,7 +181,7 @@ def test_the_harness_accepts_every_real_message() -> None:
     assert h.dropped() == 0 and h.ingest.queue.qsize() == len(BASE)
     hs = Harness(signed=True)
     for msg in BASE:
-        hs.loop.deliver(TOPIC, sign(KEY, TOPIC, msg))
+        hs.loop.deliver(TOPIC, sign(DEVICE_KEY, TOPIC, msg))
     assert hs.dropped() == 0 and hs.ingest.queue.qsize() == len(BASE)
     while not hs.ingest.queue.empty():
         hs.ingest.queue.get_nowait()
@@ -353,7 +355,7 @@ def test_garbage_and_forged_headers_are_all_dropped() -> None:
 
 def test_mutated_signed_messages_are_all_dropped() -> None:
     """With signing on, any change to a signed message -- or its topic -- is a bad signature."""
-    signed = [sign(KEY, TOPIC, m) for m in BASE]
+    signed = [sign(DEVICE_KEY, TOPIC, m) for m in BASE]
 
     def make(data: st.DataObject) -> bytes | tuple[bytes, str]:
         msg = data.draw(st.sampled_from(signed), "base")

@@ -26,12 +26,15 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import REPO, run_cli
 from toolkit.core.errors import HiertrainError
+from toolkit.core.keys import DeviceKey, device_key
 from toolkit.core.protocol import topics
+from toolkit.core.protocol.wire import decode, encode
 from toolkit.core.security import LinkSecurity, load_security, redact
 from toolkit.core.transport import Link, open_link
-from toolkit.core.transport.signing import sign
-from toolkit.lab.broker import MosquittoBroker, MosquittoSecurity, find_mosquitto
+from toolkit.core.transport.signing import OVERHEAD, sign
+from toolkit.lab.broker import HIERTRAIN_ACL, MosquittoBroker, MosquittoSecurity, find_mosquitto
 from toolkit.lab.launch import ProcessGroup
 
 pytestmark = [pytest.mark.security, pytest.mark.mqtt, pytest.mark.mosquitto]
@@ -137,17 +140,16 @@ def make_password_file(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
-def make_acl(path: Path, runs: list[str]) -> Path:
-    """The recipe of docs/security.md: the cloud owns the runs, each device its own topics."""
-    lines = ["# the cloud trainer: the whole run", "user cloud"]
-    lines += [f"topic readwrite hiertrain/{run}/#" for run in runs]
-    lines += ["", "# every other user is a device whose user name is its device id"]
-    for run in runs:
-        lines += [f"pattern readwrite hiertrain/{run}/%u/#",
-                  f"pattern read hiertrain/{run}/cloud/status",
-                  f"pattern read hiertrain/{run}/cloud/ack"]
-    path.write_text("\n".join(lines) + "\n")
+def make_acl(path: Path) -> Path:
+    """The recipe of docs/security.md, for any run id: the cloud owns every run, each device
+    its own topics (``toolkit.lab.broker.HIERTRAIN_ACL``)."""
+    path.write_text(HIERTRAIN_ACL)
     return path
+
+
+def test_the_docs_show_the_tested_acl() -> None:
+    doc = (REPO / "docs" / "security.md").read_text()
+    assert f"```\n{HIERTRAIN_ACL}```" in doc, "docs/security.md's ACL differs from the tested one"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -166,7 +168,7 @@ def secure_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory
         pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI installs it")
     d = tmp_path_factory.mktemp("mosq")
     sec = MosquittoSecurity(password_file=str(make_password_file(d / "passwd", USERS)),
-                            acl_file=str(make_acl(d / "acl", [RUN])), cafile=str(pki.ca),
+                            acl_file=str(make_acl(d / "acl")), cafile=str(pki.ca),
                             certfile=str(pki.server_cert), keyfile=str(pki.server_key))
     with MosquittoBroker(security=sec).start(timeout=15) as broker:
         assert broker.url.startswith("mqtts://127.0.0.1:")
@@ -260,7 +262,7 @@ def test_a_device_cannot_publish_into_another_devices_topics(
         secure_broker: MosquittoBroker, pki: Pki, protocol: str) -> None:
     got: queue.Queue[str] = queue.Queue()
     cloud = _link(secure_broker, _security(pki, "cloud"), "cloud")
-    cloud.subscribe(f"hiertrain/{RUN}/#", lambda t, p, props: got.put(f"{t} {p.decode()}"))
+    cloud.subscribe("hiertrain/#", lambda t, p, props: got.put(f"{t} {p.decode()}"))
     cloud.connect(timeout=10)
     robot_a = _link(secure_broker, _security(pki, "robot-a", cert_file=str(pki.client_cert),
                                              key_file=str(pki.client_key)),
@@ -269,8 +271,12 @@ def test_a_device_cannot_publish_into_another_devices_topics(
         robot_a.connect(timeout=10)
         robot_a.publish(topics.act_topic(RUN, "robot-a"), b"mine")
         assert got.get(timeout=5) == f"hiertrain/{RUN}/robot-a/act mine"
-        for victim in (topics.act_topic(RUN, "robot-b"), topics.status_topic(RUN, "cloud"),
-                       topics.act_topic("other-run", "robot-a")):
+        # another device's topics, the cloud's broadcasts, and what only the cloud sends
+        # robot-a (its gradients, replies and acks), in this run and in one the ACL never names
+        for victim in (topics.act_topic(RUN, "robot-b"), topics.status_topic(RUN, "robot-b"),
+                       topics.status_topic(RUN, "cloud"),
+                       topics.grad_topic(RUN, "robot-a"), topics.infer_reply_topic(RUN, "robot-a"),
+                       topics.ack_topic(RUN, "robot-a"), topics.act_topic("other-run", "robot-b")):
             if protocol == "5":  # MQTT 5: the PUBACK says "Not authorized"
                 with pytest.raises(HiertrainError, match="refused the publish.*ACL"):
                     robot_a.publish(victim, b"forged")
@@ -283,6 +289,57 @@ def test_a_device_cannot_publish_into_another_devices_topics(
     finally:
         robot_a.close()
         cloud.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_device_reads_only_its_own_topics_and_the_clouds_in_any_run(
+        secure_broker: MosquittoBroker, pki: Pki, protocol: str) -> None:
+    """With the ACL for any run id, robot-a reads what the cloud sends it alone and the
+    cloud's broadcasts, and nothing of robot-b's -- also in a run the ACL never names, and
+    also through a wildcard subscription."""
+    mine: list[str] = []
+    theirs: list[str] = []
+    for run in (RUN, "any-run-7"):
+        mine += [topics.grad_topic(run, "robot-a"), topics.infer_reply_topic(run, "robot-a"),
+                 topics.status_topic(run, "robot-a"),
+                 topics.weights_topic(run, "robot-a"), topics.status_topic(run, "cloud"),
+                 topics.ack_topic(run, "robot-a")]
+        theirs += [topics.act_topic(run, "robot-b"), topics.grad_topic(run, "robot-b"),
+                   topics.infer_reply_topic(run, "robot-b"), topics.ack_topic(run, "robot-b"),
+                   topics.status_topic(run, "robot-b"), topics.weights_topic(run, "robot-b"),
+                   topics.infer_request_topic(run, "robot-b"),
+                   topics.act_topic(run, "robot-a")]  # its own uploads are the cloud's to read
+    got: queue.Queue[str] = queue.Queue()
+    robot_a = _link(secure_broker, _security(pki, "robot-a"), "robot-a", protocol=protocol)
+    cloud = _link(secure_broker, _security(pki, "cloud"), "cloud")
+    try:
+        robot_a.connect(timeout=10)
+        for t in mine:
+            robot_a.subscribe(t, lambda t, p, props: got.put(t))
+        refused = []
+        for t in [*theirs, "hiertrain/#"]:
+            try:
+                robot_a.subscribe(t, lambda t, p, props: got.put(t))
+            except HiertrainError:  # mosquitto may refuse the SUBSCRIBE itself
+                refused.append(t)
+        assert "hiertrain/#" not in refused  # so delivery is filtered message by message
+        cloud.connect(timeout=10)
+        for t in [*theirs, *mine]:
+            cloud.publish(t, t.encode())
+        seen: set[str] = set()
+        deadline = time.monotonic() + 10
+        while not set(mine) <= seen and time.monotonic() < deadline:
+            try:
+                seen.add(got.get(timeout=0.5))
+            except queue.Empty:
+                pass
+        time.sleep(0.5)
+        while not got.empty():
+            seen.add(got.get_nowait())
+    finally:
+        robot_a.close()
+        cloud.close()
+    assert seen == set(mine), {"missing": set(mine) - seen, "leaked": seen - set(mine)}
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -299,7 +356,8 @@ def test_signed_request_and_reply_with_properties(secure_broker: MosquittoBroker
     cloud.subscribe(topics.infer_request_wildcard(RUN),
                     lambda t, p, props: requests.put((p, props)))
     edge = _link(secure_broker, LinkSecurity("robot-a", USERS["robot-a"], str(pki.ca),
-                                             hmac_key=key), "robot-a", protocol=protocol)
+                                             hmac_key=key).for_device(RUN, "robot-a"),
+                 "robot-a", protocol=protocol)
     reply_topic = topics.infer_reply_topic(RUN, "robot-a")
     edge.subscribe(reply_topic, lambda t, p, props: replies.put(p))
     try:
@@ -322,26 +380,39 @@ def test_signed_request_and_reply_with_properties(secure_broker: MosquittoBroker
 
 
 def _secret_files(d: Path, user: str) -> tuple[Path, Path]:
-    pw, key = d / f"{user}.pw", d / "run.key"
+    """``user``'s broker password file and its signing key: the run key for the cloud, a
+    device key file made by ``toolkit keys derive`` (a real process) for a device."""
+    pw, run_key = d / f"{user}.pw", d / "run.key"
     pw.write_text(USERS[user] + "\n")
-    key.write_text(HMAC_KEY + "\n")
-    for p in (pw, key):
+    run_key.write_text(HMAC_KEY + "\n")
+    for p in (pw, run_key):
         p.chmod(0o600)
+    if user == "cloud":
+        return pw, run_key
+    key = d / f"{user}.key"
+    r = run_cli("toolkit", "keys", "derive", "--run-key-file", str(run_key), "--run-id", RUN,
+                "--device-id", user, "-o", str(key), timeout=120)
+    assert r.returncode == 0, r.stderr
     return pw, key
 
 
 def test_signed_training_over_tls_end_to_end(secure_broker: MosquittoBroker, pki: Pki,
                                              artifacts: Path, tmp_path: Path,
                                              procs: ProcessGroup) -> None:
-    """edge-runtime -> mosquitto (TLS, password, ACL) -> cloud-trainer, every message signed.
+    """edge-runtime -> mosquitto (TLS, password, ACL) -> cloud-trainer, every message signed:
+    the cloud with the run key, the edge with its own device key file.
 
     While the two train, an attacker holding the cloud's broker account (say, a compromised
-    broker) injects a tampered copy, an unsigned message and a signed message replayed under
-    robot-b's topic: the cloud drops each with its reason and trains everything real.
+    broker) injects a tampered copy, an unsigned message, a signed message replayed under
+    robot-b's topic, and a new batch for robot-a signed with robot-b's device key (a rogue
+    robot-b signing as robot-a): the cloud drops each with its reason, trains none of them
+    and trains everything real.
     """
     run = RUN
     cloud_pw, key = _secret_files(tmp_path, "cloud")
-    edge_pw, _ = _secret_files(tmp_path, "robot-a")
+    edge_pw, edge_key = _secret_files(tmp_path, "robot-a")
+    rogue_key = DeviceKey.parse(_secret_files(tmp_path, "robot-b")[1].read_text()).key
+    assert rogue_key == device_key(HMAC_KEY.encode(), run, "robot-b")
     tls = ["--ca-file", str(pki.ca)]
     run_dir = tmp_path / "cloud"
     attacker = _link(secure_broker, _security(pki, "cloud"), "attacker")
@@ -357,13 +428,14 @@ def test_signed_training_over_tls_end_to_end(secure_broker: MosquittoBroker, pki
     # still importing torch has a session to queue its batches in.
     procs.wait_until(lambda: "cloud trainer online" in procs.output("cloud"), 120,
                      "the cloud trainer did not come online", must_live=("cloud",))
-    # The edge takes its password and key from the environment, the other supported way.
+    # The edge takes its password from the environment, the other supported way.
     edge = procs.start("edge", [
         "edge_runtime", "train", "--artifacts", str(artifacts), "--broker", secure_broker.url,
         "--device-id", "robot-a", "--run-id", run, "--epochs", "1", "--limit", "96",
         "--backend", "torch", "--report", str(tmp_path / "edge.json"), "--state-dir",
-        str(tmp_path), "--threads", "1", "--username", "robot-a", *tls],
-        env={"HIERTRAIN_MQTT_PASSWORD": USERS["robot-a"], "HIERTRAIN_HMAC_KEY": HMAC_KEY})
+        str(tmp_path), "--threads", "1", "--username", "robot-a",
+        "--hmac-key-file", str(edge_key), *tls],
+        env={"HIERTRAIN_MQTT_PASSWORD": USERS["robot-a"]})
     try:
         real = captured.get(timeout=120)  # a signed activation batch of robot-a
         tampered = bytearray(real)
@@ -374,6 +446,11 @@ def test_signed_training_over_tls_end_to_end(secure_broker: MosquittoBroker, pki
         forged = sign(b"a key that is not the run's key!", victim, real[37:])
         attacker.publish(victim, forged)  # -> bad_signature
         attacker.publish(topics.act_topic(run, "robot-b"), real)  # replay elsewhere -> bad_sig.
+        # robot-b signing as robot-a: a batch robot-a never made (a fresh seq), which the
+        # cloud would train as robot-a's if it took robot-b's key for robot-a's
+        batch = decode(real[OVERHEAD:], expected_run_id=run)
+        batch.seq = 10_000
+        attacker.publish(victim, sign(rogue_key, victim, encode(batch)))  # -> bad_signature
         procs.wait_all(["edge", "cloud"], 240)
     finally:
         attacker.close()
@@ -383,13 +460,16 @@ def test_signed_training_over_tls_end_to_end(secure_broker: MosquittoBroker, pki
     report = json.loads((tmp_path / "edge.json").read_text())
     assert report["batches_published"] >= 5  # 96 samples, batch 16
     assert summary["per_device"]["robot-a"]["trained"] == report["batches_published"]
-    assert summary["dropped"] == {"bad_signature": 3, "unsigned": 1}, summary["dropped"]
-    assert report["config"]["security"]["hmac_key"] == "<redacted>"
+    assert summary["dropped"] == {"bad_signature": 4, "unsigned": 1}, summary["dropped"]
+    assert report["config"]["security"]["device_key"] == "<redacted>"
+    assert report["config"]["security"]["hmac_key"] is None  # the edge never had the run key
     assert report["config"]["security"]["password"] == "<redacted>"
     # No secret in any log, report, summary or file the run wrote.
     written = [*logs.values(), *(p.read_text(errors="replace") for p in run_dir.rglob("*")
                                  if p.is_file() and p.suffix in (".json", ".jsonl", ".csv",
                                                                  ".log", ".txt"))]
     written.append(json.dumps(report))
-    for secret in SECRETS:
+    secrets = [*SECRETS, *(DeviceKey.derive(HMAC_KEY.encode(), run, d).key.hex()
+                           for d in ("robot-a", "robot-b"))]
+    for secret in secrets:
         assert not any(secret in text for text in written), secret

@@ -489,9 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "installs hiertrain from a package index instead)")
     sp.set_defaults(func=cmd_bundle)
 
+    from toolkit.cli.keys import add_keys_parser
     from toolkit.cli.personal import add_bake_parser
 
     add_bake_parser(sub)
+    add_keys_parser(sub)
     return p
 
 

@@ -12,6 +12,10 @@ it checks the broker and its peers (docs/security.md has the threat model):
   ``--cert-file``/``--key-file`` for a client certificate).
 * **Signing** (``--hmac-key-file`` or ``HIERTRAIN_HMAC_KEY``): every message
   is signed, every incoming one verified (:mod:`toolkit.core.transport.signing`).
+  The cloud trainer takes the run key; a board takes its device key file
+  (``toolkit keys derive``, :mod:`toolkit.core.keys`). An edge given the run key
+  derives its own key from it and drops the run key (:meth:`LinkSecurity.for_device`),
+  with a warning: fine in a lab, but a deployed board should hold only its own key.
 
 Secrets live in :class:`LinkSecurity` fields that are left out of its repr,
 and :func:`redact` scrubs them from any config dict a run writes to a report,
@@ -30,23 +34,25 @@ import os
 import ssl
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from toolkit.core.errors import HiertrainError
+from toolkit.core.keys import DeviceKey, DeviceKeys, KeyRing, RunKeys, is_device_key_text
 
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "HIERTRAIN_MQTT_PASSWORD"
 """Environment variable holding the broker password (when no ``--password-file``)."""
 HMAC_KEY_ENV = "HIERTRAIN_HMAC_KEY"
-"""Environment variable holding the run's signing key (when no ``--hmac-key-file``)."""
+"""Environment variable holding the run key or a device key file's content (when no
+``--hmac-key-file``)."""
 
 MIN_HMAC_KEY_BYTES = 16
 """Shortest signing key accepted; ``openssl rand -hex 32`` makes a 64-character one."""
 
-SECRET_FIELDS = frozenset({"password", "hmac_key"})
+SECRET_FIELDS = frozenset({"password", "hmac_key", "device_key"})
 """Keys :func:`redact` blanks wherever they occur in a config dict."""
 REDACTED = "<redacted>"
 
@@ -55,8 +61,9 @@ REDACTED = "<redacted>"
 class LinkSecurity:
     """How a link authenticates and what it checks; the default is an open link.
 
-    ``password`` and ``hmac_key`` stay out of ``repr`` (and so out of logs);
-    reports go through :func:`redact`.
+    ``password``, ``hmac_key`` (the run key) and ``device_key`` (a board's key file,
+    :mod:`toolkit.core.keys`) stay out of ``repr`` (and so out of logs); reports go
+    through :func:`redact`. At most one of the two keys is set.
     """
 
     username: str | None = None
@@ -65,6 +72,7 @@ class LinkSecurity:
     cert_file: str | None = None
     key_file: str | None = None
     hmac_key: bytes | None = field(default=None, repr=False)
+    device_key: DeviceKey | None = field(default=None, repr=False)
 
     @property
     def uses_tls_files(self) -> bool:
@@ -88,9 +96,50 @@ class LinkSecurity:
             ) from None
         return ctx
 
+    @property
+    def signs(self) -> bool:
+        return self.hmac_key is not None or self.device_key is not None
+
+    def key_ring(self) -> KeyRing | None:
+        """Which key signs and checks each topic (``SignedLink``); None: no signing."""
+        if self.device_key is not None:
+            return DeviceKeys(self.device_key)
+        if self.hmac_key is not None:
+            return RunKeys(self.hmac_key)
+        return None
+
+    def for_device(self, run_id: str, device_id: str) -> LinkSecurity:
+        """This security as an edge ``device_id`` of ``run_id`` holds it (before connecting).
+
+        A device key file made for another device or run is refused in one line. The run
+        key is accepted for labs and tests: the edge derives its own key from it and keeps
+        only that (so it behaves exactly like a provisioned board), with a warning.
+        """
+        if self.device_key is not None:
+            self.device_key.check_for(run_id, device_id)
+            return self
+        if self.hmac_key is None:
+            return self
+        log.warning("deriving the signing key of device %s from the run key: fine in a lab, "
+                    "but a deployed board should hold only its own key (toolkit keys derive "
+                    "--run-id %s --device-id %s, docs/security.md)", device_id, run_id,
+                    device_id)
+        return replace(self, hmac_key=None,
+                       device_key=DeviceKey.derive(self.hmac_key, run_id, device_id))
+
+    def require_run_key(self, who: str) -> None:
+        """Refuse a device key file where the run key is needed (the cloud trainer)."""
+        if self.device_key is not None:
+            raise HiertrainError(
+                f"{who} needs the run key, not a device key file (this one is device "
+                f"{self.device_key.device_id!r}'s of run {self.device_key.run_id!r}); give "
+                "--hmac-key-file the run key")
+
     def check(self, url: str) -> None:
         """Refuse combinations that cannot work, before anything connects."""
         scheme = url.strip().split(":", 1)[0].lower() if isinstance(url, str) else ""
+        if self.hmac_key is not None and self.device_key is not None:
+            raise ValueError("give a LinkSecurity the run key or a device key, not both")
         if bool(self.cert_file) != bool(self.key_file):
             raise HiertrainError("give --cert-file and --key-file together (a client "
                                  "certificate needs its private key)")
@@ -109,7 +158,9 @@ class LinkSecurity:
         """What a summary or log may say about the link's security: no secrets."""
         return {"username": self.username, "password": self.password is not None,
                 "ca_file": self.ca_file, "client_cert": self.cert_file is not None,
-                "signing": self.hmac_key is not None}
+                "signing": self.signs,
+                "signs_as": (None if self.device_key is None
+                             else f"{self.device_key.device_id}@{self.device_key.run_id}")}
 
 
 def _safe_url(url: str) -> str:
@@ -145,6 +196,21 @@ def read_secret_file(path: str | os.PathLike[str], what: str) -> str:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("%s file %s is readable by other users; chmod 600 it", what, p)
     return secret
+
+
+def run_key_from_text(text: str, source: str = "the HMAC key") -> bytes:
+    """The run key in a key file's text (its utf-8 bytes, as every build has used them);
+    a device key file or a key too short to be secret is refused in one line."""
+    if is_device_key_text(text):
+        raise HiertrainError(f"{source} is a device key file, not a run key; give the run "
+                             "key (the file the cloud trainer reads)")
+    key = text.strip().encode("utf-8")
+    if len(key) < MIN_HMAC_KEY_BYTES:
+        raise HiertrainError(
+            f"{source} is {len(key)} bytes; use at least {MIN_HMAC_KEY_BYTES} "
+            "(e.g. openssl rand -hex 32 > run.key)"
+        )
+    return key
 
 
 def _secret(file: str | None, env_name: str, env: Mapping[str, str], what: str) -> str | None:
@@ -200,17 +266,16 @@ def load_security(
             raise HiertrainError("--password-file needs --username")
         password = None  # a password in the environment for another tool: not ours to use
     key: bytes | None = None
+    device: DeviceKey | None = None
     if signing:
         text = _secret(hmac_key_file, HMAC_KEY_ENV, env, "HMAC key")
-        if text is not None:
-            key = text.encode("utf-8")
-            if len(key) < MIN_HMAC_KEY_BYTES:
-                raise HiertrainError(
-                    f"the HMAC key is {len(key)} bytes; use at least {MIN_HMAC_KEY_BYTES} "
-                    "(e.g. openssl rand -hex 32 > run.key)"
-                )
+        if text is not None and is_device_key_text(text):
+            device = DeviceKey.parse(text, f"device key file {hmac_key_file}" if hmac_key_file
+                                     else f"the device key in {HMAC_KEY_ENV}")
+        elif text is not None:
+            key = run_key_from_text(text)
     sec = LinkSecurity(username=user, password=password, ca_file=ca_file, cert_file=cert_file,
-                       key_file=key_file, hmac_key=key)
+                       key_file=key_file, hmac_key=key, device_key=device)
     sec.check(url)
     return sec
 
@@ -233,8 +298,9 @@ def add_security_args(parser: argparse.ArgumentParser, *, signing: bool = True) 
                    help="with mqtts://: the client certificate's private key (PEM)")
     if signing:
         g.add_argument("--hmac-key-file", default=None, metavar="PATH",
-                       help="sign every message and check every incoming one with this run "
-                            f"key (unset: ${HMAC_KEY_ENV}; no signing if neither)")
+                       help="sign every message and check every incoming one: the run key "
+                            "(cloud trainer), or a board's device key file from 'toolkit "
+                            f"keys derive' (unset: ${HMAC_KEY_ENV}; no signing if neither)")
 
 
 def security_from_args(args: argparse.Namespace, url: str | None = None) -> LinkSecurity:
@@ -255,8 +321,8 @@ def security_from_args(args: argparse.Namespace, url: str | None = None) -> Link
 def redact(value: Any) -> Any:
     """``value`` (a config dict, possibly nested) with every secret field blanked.
 
-    For reports that dump a whole config (``asdict(cfg)``): ``password`` and
-    ``hmac_key`` become ``"<redacted>"`` when set, wherever they are.
+    For reports that dump a whole config (``asdict(cfg)``): ``password``, ``hmac_key``
+    and ``device_key`` become ``"<redacted>"`` when set, wherever they are.
     """
     if isinstance(value, Mapping):
         return {k: (REDACTED if k in SECRET_FIELDS and v is not None else redact(v))

@@ -301,6 +301,29 @@ def find_mosquitto() -> str | None:
     return None
 
 
+HIERTRAIN_ACL = """\
+# the cloud trainer: every run
+user cloud
+topic readwrite hiertrain/#
+
+# every other user is a device whose user name is its device id, in any run:
+# it writes its own activations, inference requests, status and weights,
+pattern write hiertrain/+/%u/act
+pattern write hiertrain/+/%u/infer
+pattern readwrite hiertrain/+/%u/status
+pattern readwrite hiertrain/+/%u/weights
+# reads what the cloud sends to it alone,
+pattern read hiertrain/+/%u/grad
+pattern read hiertrain/+/%u/infer/reply
+pattern read hiertrain/+/%u/ack
+# and reads the cloud's broadcasts; nothing of any other device
+pattern read hiertrain/+/cloud/status
+"""
+"""The Mosquitto ACL of docs/security.md, for any run id: device ids are broker user names
+(``%u``), the cloud's account is ``cloud``. Tests write this very text (and check that the
+docs show it), so the recipe is the one that is tested."""
+
+
 @dataclass(frozen=True)
 class MosquittoSecurity:
     """Access control for a :class:`MosquittoBroker` (docs/security.md has a recipe).
@@ -313,7 +336,7 @@ class MosquittoSecurity:
     """
 
     password_file: str | None = None
-    acl_file: str | None = None
+    acl_file: str | None = None  # e.g. a file with HIERTRAIN_ACL
     cafile: str | None = None
     certfile: str | None = None
     keyfile: str | None = None

@@ -52,8 +52,8 @@ import torch
 
 from toolkit.core.artifacts.safeload import describe_load_error
 from toolkit.core.errors import WireError
+from toolkit.core.protocol.topics import CLOUD_DEVICE as CLOUD_DEVICE  # the cloud's device id
 
-CLOUD_DEVICE = "cloud"
 STATUS_SCHEMA = "hiertrain.status"
 STATUS_VERSION = 1
 STATES = ("online", "training", "done", "offline", "error")

@@ -37,6 +37,9 @@ from toolkit.core.errors import HiertrainError, WireError
 
 PREFIX = "hiertrain"
 
+CLOUD_DEVICE = "cloud"
+"""The cloud trainer's own device id: its broadcasts (status, acks) live under it."""
+
 ACT = "act"
 WEIGHTS = "weights"
 STATUS = "status"
@@ -157,3 +160,21 @@ def parse_topic(value: str) -> tuple[str, str, str]:
         if _ID_RE.fullmatch(ident) is None:
             raise WireError(f"invalid {what} {ident!r} in topic {value!r}.", reason="topic")
     return run, device, kind
+
+
+def topic_owner(value: str) -> tuple[str, str]:
+    """``(run, device)`` of any ``hiertrain/<run>/<device>/...`` topic; WireError otherwise.
+
+    Unlike :func:`parse_topic` it does not insist on a known kind: message signing picks
+    its key by run and device alone (:mod:`toolkit.core.keys`), so a new kind of topic is
+    signed like the others without touching the keys.
+    """
+    if not isinstance(value, str):
+        raise WireError(f"topic must be a string, got {type(value).__name__}.", reason="topic")
+    parts = value.split("/")
+    if len(parts) < 4 or parts[0] != PREFIX or not all(parts[3:]):
+        raise WireError(f"not a hiertrain topic: {value!r}.", reason="topic")
+    for what, ident in (("run id", parts[1]), ("device id", parts[2])):
+        if _ID_RE.fullmatch(ident) is None:
+            raise WireError(f"invalid {what} {ident!r} in topic {value!r}.", reason="topic")
+    return parts[1], parts[2]

@@ -66,8 +66,9 @@ def open_link(
     """Create an unconnected link for ``url``; call ``connect()`` on it next.
 
     ``security`` (:mod:`toolkit.core.security`) adds broker credentials and TLS
-    files to an MQTT link and, with an HMAC key, wraps the link in a
-    :class:`~toolkit.core.transport.signing.SignedLink` whose rejected incoming
+    files to an MQTT link and, with a run key or a device key, wraps the link in a
+    :class:`~toolkit.core.transport.signing.SignedLink` (keyed per topic by
+    :meth:`~toolkit.core.security.LinkSecurity.key_ring`) whose rejected incoming
     messages go to ``on_reject(reason, topic, detail)``. Other keyword
     arguments go to the transport's constructor (for MQTT see
     :class:`toolkit.core.transport.mqtt.MqttLink`).
@@ -92,6 +93,7 @@ def open_link(
     module_name, factory_name = target.split(":")
     factory = getattr(importlib.import_module(module_name), factory_name)
     link: Link = factory(address, client_id, **kw)
-    if security is not None and security.hmac_key is not None:
-        link = SignedLink(link, security.hmac_key, on_reject)
+    keys = security.key_ring() if security is not None else None
+    if keys is not None:
+        link = SignedLink(link, keys, on_reject)
     return link
