@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         link_kbps=args.link_kbps, link_latency_ms=args.link_latency_ms, mode=args.mode,
         grad_bits=args.grad_bits, security=security, session_expiry=args.session_expiry,
         device=args.device, amp=args.amp, eval_interval=args.eval_interval,
-        infer_max_age=args.infer_max_age, tensorboard=args.tensorboard,
+        infer_max_age=args.infer_max_age, tensorboard=args.tensorboard, trace=args.trace,
     )
     try:
         with _stop_on_sigterm() as stop:
@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--infer-max-age", type=float, default=1.0, metavar="S",
                    help="inference answers use a copy of the cloud segment at most S seconds "
                         "old")
+    t.add_argument("--trace", metavar="FILE",
+                   help="append a JSON line per trained batch (device, seq, n, trained: unix "
+                        "time) to FILE, e.g. for publish-to-trained latency")
     t.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                    help="no TensorBoard event files in run-dir/tensorboard (they are written "
                         "when the tensorboard package is installed)")

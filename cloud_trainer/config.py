@@ -77,6 +77,9 @@ class CloudConfig:
     their own thread and coalesce per edge (``cloud_trainer.eval_worker``)."""
     infer_max_age: float = 1.0
     """Seconds an inference answer's copy of the cloud segment may lag the trained one."""
+    trace: str | None = None
+    """Append one JSON line per trained batch to this file (device, seq, samples, wall-clock
+    time trained): publish-to-trained latency for benchmarks and debugging."""
     tensorboard: bool = True
     """Mirror the metrics and fleet figures to ``<run-dir>/tensorboard`` (when the package is
     installed; ``cloud_trainer.tensorboard``)."""

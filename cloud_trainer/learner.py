@@ -10,6 +10,7 @@ what the checkpoint adds, which edge weights an evaluation uses).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 import time
@@ -93,6 +94,7 @@ class CloudLearner:
         self.last_eval: dict[str, Any] = {}
         self.since_checkpoint = 0
         self.checkpointed: dict[str, Any] = {}  # the ledger's trained sets at the last checkpoint
+        self._trace = open(cfg.trace, "a", buffering=1) if cfg.trace else None  # noqa: SIM115
         self._resume()
 
     # ------------------------------------------------------------------ resume
@@ -128,6 +130,13 @@ class CloudLearner:
         log.info("resumed from %s: %d batches already trained (%s)", self.run_dir,
                  self.batches_trained,
                  ", ".join(f"{d}: {self.ledger.trained_count(d)}" for d in self.ledger.devices()))
+
+    def close(self) -> None:
+        """Close the files a run keeps open (trace, TensorBoard)."""
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
+        self.tensorboard.close()
 
     def checkpoint(self) -> None:
         """Save everything trained (atomically); ``checkpointed`` is then what may be acked."""
@@ -187,6 +196,9 @@ class CloudLearner:
             self.ledger.mark_trained(b.device_id, b.seq)
             return []
         self.ledger.mark_trained(b.device_id, b.seq)
+        if self._trace is not None:
+            self._trace.write(json.dumps({"device": b.device_id, "seq": b.seq, "n": len(y),
+                                          "trained": time.time()}) + "\n")
         for k in self.seen.update(y):
             log.info("class %d seen for the first time (batch %d of %s)", k, b.seq, b.device_id)
         self.batches_trained += 1

@@ -210,6 +210,7 @@ class CloudRun:
         finally:
             ingest.close()
             lr.stop_evaluations(timeout=0.0)
+            lr.close()
             server.close()
             if outbox is not None:
                 outbox.close(5.0)
@@ -350,7 +351,6 @@ class CloudRun:
         summary["ack_bytes"] = dict(sorted(self.ack_bytes.items()))
         write_summary(self.run_dir, summary)
         self.write_fleet_status(ingest, "done" if not missing else "incomplete")
-        lr.tensorboard.close()
         return summary
 
 
