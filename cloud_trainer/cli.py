@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -66,6 +67,11 @@ def _print_json(result: dict[str, Any]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _check_link(args)
+    if args.workers > 1 and "WORLD_SIZE" not in os.environ:  # start the group: workers.py
+        from cloud_trainer.workers import launch_workers, strip_workers
+
+        _setup_logging(args.quiet)
+        return launch_workers(args.workers, strip_workers(_ARGV), max_restarts=args.max_restarts)
     security = security_from_args(args)
     security.require_run_key("cloud-trainer")  # in a second, before torch is imported
     from cloud_trainer.checkpoint import SUMMARY, ensure_run_dir
@@ -94,6 +100,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.json and summary is not None:
             _print_json(summary)
         raise
+    if "worker" in s:  # one worker of a group that is not the leader: the leader reports
+        if not args.json:
+            print(f"worker {s['worker']}: trained {s['batches_trained_here']} batches ({s['end']})")
+        return 0
     if args.json:
         _print_json(s)
         return 0
@@ -211,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--infer-max-age", type=float, default=1.0, metavar="S",
                    help="inference answers use a copy of the cloud segment at most S seconds "
                         "old")
+    t.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="train with N local worker processes that share the activations (MQTT 5 "
+                        "shared subscription; a mosquitto 2 broker) and keep one model in sync "
+                        "(torch.distributed); several machines: torchrun (docs/fleet.md)")
+    t.add_argument("--max-restarts", type=int, default=3, metavar="N",
+                   help="--workers: restart the group up to N times when a worker dies")
     t.add_argument("--trace", metavar="FILE",
                    help="append a JSON line per trained batch (device, seq, n, trained: unix "
                         "time) to FILE, e.g. for publish-to-trained latency")
@@ -252,9 +268,14 @@ def _with_default_command(argv: Sequence[str]) -> list[str]:
     return args
 
 
+_ARGV: list[str] = []
+"""The command line being run (``--workers`` hands it, less that flag, to each worker)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args: Any = sys.argv[1:] if argv is None else argv
-    return run(_with_default_command(args), build_parser)
+    _ARGV[:] = _with_default_command(args)
+    return run(list(_ARGV), build_parser)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def session_client_id(run_id: str, run_dir: Path) -> str:
     return f"hiertrain-cloud-{run_id}-{where}"
 
 
-def open_cloud_link(cfg: CloudConfig, run_dir: Path, on_reject: Any = None) -> Any:
+def open_cloud_link(cfg: CloudConfig, run_dir: Path, on_reject: Any = None,
+                    worker: int | None = None) -> Any:
     """The trainer's link: a persistent session on MQTT when ``session_expiry`` > 0, a
     receive maximum of ``queue_size`` unacknowledged messages; credentials, TLS and
     signature checks from ``cfg.security``."""
@@ -36,5 +37,7 @@ def open_cloud_link(cfg: CloudConfig, run_dir: Path, on_reject: Any = None) -> A
             kw["session_expiry"] = cfg.session_expiry
     cid = (session_client_id(cfg.run_id, run_dir) if "session_expiry" in kw
            else client_id("cloud", cfg.run_id))
+    if worker is not None:  # each worker of a group has its own session
+        cid = f"{cid}-w{worker}"
     link = open_link(cfg.broker, cid, security=cfg.security, on_reject=on_reject, **kw)
     return shape_link(link, LinkShape.from_options(cfg.link_kbps, cfg.link_latency_ms))

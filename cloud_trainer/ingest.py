@@ -280,6 +280,7 @@ class Ingest:
         infer_sink: Callable[[InferItem], bool] | None = None,
         train: bool = True,
         mode: str = DEFAULT_MODE,
+        act_filter: str | None = None,
     ) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be >= 1")
@@ -295,6 +296,8 @@ class Ingest:
         self.infer_sink = infer_sink
         self.train = train
         self.mode = mode
+        # a group's workers share the activations: $share/... (cloud_trainer.group)
+        self.act_filter = act_filter or topics.act_wildcard(run_id)
         self.bytes_by_device: dict[str, int] = {}  # payload bytes on each edge's topics
         self._own_status = topics.status_topic(run_id, CLOUD_DEVICE)
         self._closing = threading.Event()
@@ -314,7 +317,7 @@ class Ingest:
         self._defer_ack = link.defer_ack
         self._link = link
         if self.train:
-            link.subscribe(topics.act_wildcard(self.run_id), self.on_act)
+            link.subscribe(self.act_filter, self.on_act)
             link.subscribe(topics.status_wildcard(self.run_id), self.on_status)
             link.subscribe(topics.wildcard(self.run_id, topics.WEIGHTS), self.on_weights)
         if self.infer_sink is not None:
@@ -337,6 +340,10 @@ class Ingest:
     def last_seen_by_device(self) -> dict[str, float]:
         with self._stats_lock:
             return dict(self._last_seen)
+
+    def last_message_unix(self) -> float:
+        """Wall-clock time of the last message (comparable across a group's machines)."""
+        return time.time() - self.idle_for()
 
     def idle_for(self) -> float:
         with self._stats_lock:

@@ -25,6 +25,7 @@ from cloud_trainer.device import Placement
 from cloud_trainer.eval_worker import EvalWorker
 from cloud_trainer.evaluate import Evaluator
 from cloud_trainer.fleet import Fleet
+from cloud_trainer.group import Group
 from cloud_trainer.ingest import ActItem, DeviceRegistry, DropCounter, StatusItem, WeightsItem
 from cloud_trainer.ledger import Ledger
 from cloud_trainer.metrics import MetricsLog, TrainWindow
@@ -45,8 +46,12 @@ class CloudLearner:
     """One run's training state; built from a config and a mode strategy, resumed from the
     run directory's checkpoint if there is one."""
 
-    def __init__(self, cfg: CloudConfig, strategy: ModeStrategy) -> None:
+    def __init__(self, cfg: CloudConfig, strategy: ModeStrategy,
+                 group: Group | None = None) -> None:
         cfg.check()
+        self.group = group
+        self.rank = group.rank if group is not None else 0
+        self.is_leader = group is None or group.is_leader
         if strategy.name != cfg.mode:
             raise ValueError(f"a --mode {strategy.name} strategy for a --mode {cfg.mode} run")
         self.cfg = cfg
@@ -78,10 +83,13 @@ class CloudLearner:
         # classes in the labels trained so far (toolkit.core.classes): evaluation and
         # inference mask the others, so a head provisioned ahead grows without a restart
         self.seen = SeenClasses(self.manifest.num_classes)
-        self.tensorboard = TensorBoardSink(self.run_dir, cfg.tensorboard)
-        self.metrics = MetricsLog(self.run_dir, sink=self.tensorboard.record)
+        # the run's files are the leader's (cloud_trainer.group); the other workers only train
+        self.tensorboard = TensorBoardSink(self.run_dir, cfg.tensorboard and self.is_leader)
+        self.metrics = MetricsLog(self.run_dir, sink=self.tensorboard.record,
+                                  enabled=self.is_leader)
 
         self.ledger = Ledger()
+        self.ledger.shared = group
         self.registry = DeviceRegistry(cfg.device_ids, cfg.devices)
         self.fleet = Fleet(self.registry, self.ledger)
         self.drops = DropCounter()
@@ -90,6 +98,10 @@ class CloudLearner:
         self.last_batch_unix: float | None = None  # wall clock of the last trained batch
         self.samples_trained = 0
         self.resumed_batches = 0
+        self.resumed_samples = 0
+        self.local_batches = 0  # trained by this process (a group's worker: its share)
+        self.local_samples = 0
+        self.checkpointed_batches = 0
         self.window = TrainWindow()
         self.last_eval: dict[str, Any] = {}
         self.since_checkpoint = 0
@@ -124,7 +136,8 @@ class CloudLearner:
         self.drops = DropCounter(ckpt.get("dropped", {}))
         self.fleet.failed = dict(ckpt.get("failed", {}))
         self.batches_trained = self.resumed_batches = int(ckpt["batches_trained"])
-        self.samples_trained = int(ckpt["samples_trained"])
+        self.checkpointed_batches = self.batches_trained
+        self.samples_trained = self.resumed_samples = int(ckpt["samples_trained"])
         self.last_eval = dict(ckpt.get("last_eval", {}))
         self.metrics.truncate_after(self.batches_trained)
         log.info("resumed from %s: %d batches already trained (%s)", self.run_dir,
@@ -162,6 +175,7 @@ class CloudLearner:
             }
             save_checkpoint(self.run_dir, state)
             self.checkpointed = state["ledger"]["trained"]
+            self.checkpointed_batches = self.batches_trained
         self.since_checkpoint = 0
 
     # ---------------------------------------------------------------- training
@@ -187,25 +201,65 @@ class CloudLearner:
         try:
             loss, logits, replies = self._train_step(b)
         except (RuntimeError, ValueError) as exc:
-            # E.g. a batch of one through a BatchNorm over 1x1 maps. Retrying the
-            # same batch would fail the same way, so it counts as processed.
-            failed = self.fleet.failed
-            failed[b.device_id] = failed.get(b.device_id, 0) + 1
-            self.drops.drop("step", topics.act_topic(self.run_id, b.device_id),
-                            f"training step failed: {str(exc).splitlines()[0]}")
-            self.ledger.mark_trained(b.device_id, b.seq)
+            self._failed_step(b, exc)
             return []
+        self._trained(b, loss, logits)
+        return replies
+
+    def _trained(self, b: DecodedBatch, loss: torch.Tensor, logits: torch.Tensor) -> None:
+        """The bookkeeping of one trained batch: ledger, trace, seen classes, counters."""
+        y = b.labels
+        assert y is not None
         self.ledger.mark_trained(b.device_id, b.seq)
         if self._trace is not None:
             self._trace.write(json.dumps({"device": b.device_id, "seq": b.seq, "n": len(y),
-                                          "trained": time.time()}) + "\n")
+                                          "trained": time.time(), "worker": self.rank})
+                              + "\n")
         for k in self.seen.update(y):
             log.info("class %d seen for the first time (batch %d of %s)", k, b.seq, b.device_id)
         self.batches_trained += 1
         self.samples_trained += len(y)
+        self.local_batches += 1
+        self.local_samples += len(y)
         self.since_checkpoint += 1
         self.window.add(loss.item(), int((logits.argmax(1).cpu() == y).sum()), len(y))
-        return replies
+
+    def group_tick(self, item: ActItem | None, samples: int, total: int) -> None:
+        """One lock-step tick of a group of workers (``cloud_trainer.group``): this worker's
+        batch (or nothing) forward and backward, then the group's averaged step."""
+        group = self.group
+        assert group is not None
+        loss = logits = None
+        if item is not None:
+            b = item.batch
+            try:
+                x = self.strategy.inputs(b, self.place)
+                y = self.place.labels(b)
+                with self.model_lock:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    with self.place.autocast():
+                        logits = self.model(x)
+                        loss = F.cross_entropy(logits.float(), y)
+                    loss.backward()
+            except (RuntimeError, ValueError) as exc:
+                self._failed_step(b, exc)
+                samples = 0  # the group still steps: contribute zeros
+                item = None
+        with self.model_lock:
+            if item is None:
+                self.optimizer.zero_grad(set_to_none=True)
+            group.averaged_step(self.model, self.optimizer, samples, total)
+        if item is not None and loss is not None and logits is not None:
+            self._trained(item.batch, loss, logits)
+
+    def _failed_step(self, b: DecodedBatch, exc: Exception) -> None:
+        # E.g. a batch of one through a BatchNorm over 1x1 maps. Retrying the
+        # same batch would fail the same way, so it counts as processed.
+        failed = self.fleet.failed
+        failed[b.device_id] = failed.get(b.device_id, 0) + 1
+        self.drops.drop("step", topics.act_topic(self.run_id, b.device_id),
+                        f"training step failed: {str(exc).splitlines()[0]}")
+        self.ledger.mark_trained(b.device_id, b.seq)
 
     def log_train_line(self) -> None:
         taken = self.window.take()
@@ -248,6 +302,8 @@ class CloudLearner:
 
     def request_evaluation(self, device: str | None, trigger: str) -> None:
         """An evaluation with ``device``'s weights: on the worker when it runs, else now."""
+        if not self.is_leader:
+            return  # a group's leader evaluates
         if self.eval_worker is not None:
             self.eval_worker.request(device, trigger)
         else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -79,6 +80,9 @@ class Ledger:
     """Thread-safe per-device ``claimed``/``trained`` seq sets and duplicate counts."""
 
     def __init__(self) -> None:
+        self.shared: Any = None
+        """A group's claim store (``cloud_trainer.group.Group``): with several trainer
+        workers, a seq is trained by the first worker to claim it there."""
         self._lock = threading.Lock()
         self._claimed: dict[str, SeqSet] = {}
         self._trained: dict[str, SeqSet] = {}
@@ -88,15 +92,20 @@ class Ledger:
         """Accept ``(device, seq)`` for training; False (and counted) if seen before."""
         with self._lock:
             fresh = self._claimed.setdefault(device, SeqSet()).add(seq)
-            if not fresh:
+        if fresh and self.shared is not None and not self.shared.claim(device, seq):
+            fresh = False  # another worker of the group has it (the local claim stays)
+        if not fresh:
+            with self._lock:
                 self._duplicates[device] = self._duplicates.get(device, 0) + 1
-            return fresh
+        return fresh
 
     def release(self, device: str, seq: int) -> None:
         """Undo a claim whose batch was not trained (shutdown), so a replay is accepted."""
         with self._lock:
             if device in self._claimed and seq not in self._trained.get(device, SeqSet()):
                 self._claimed[device].discard(seq)
+        if self.shared is not None:
+            self.shared.release(device, seq)
 
     def mark_trained(self, device: str, seq: int) -> None:
         with self._lock:
@@ -123,6 +132,27 @@ class Ledger:
     def devices(self) -> list[str]:
         with self._lock:
             return sorted(set(self._trained) | set(self._claimed) | set(self._duplicates))
+
+    def trained_sets(self) -> dict[str, dict]:
+        """The trained sets alone (what a group's workers exchange)."""
+        with self._lock:
+            return {d: s.to_dict() for d, s in self._trained.items()}
+
+    def merge_trained(self, sets: dict[str, dict]) -> None:
+        """Add another worker's trained sets (``trained_sets``) to this ledger's."""
+        with self._lock:
+            for d, raw in sets.items():
+                other = SeqSet.from_dict(raw)
+                for target in (self._trained.setdefault(d, SeqSet()),
+                               self._claimed.setdefault(d, SeqSet())):
+                    if other.low > target.low:
+                        target.above = {v for v in target.above if v >= other.low}
+                        target.low = other.low
+                        while target.low in target.above:
+                            target.above.discard(target.low)
+                            target.low += 1
+                    for v in other.above:
+                        target.add(v)
 
     def state_dict(self) -> dict:
         """The trained sets and duplicate counts (claims are transient, see module doc)."""

@@ -51,6 +51,7 @@ from tqdm import tqdm
 from cloud_trainer.cloud_link import open_cloud_link
 from cloud_trainer.config import MAX_BATCH_FACTOR, CloudConfig
 from cloud_trainer.fleet_status import Throughput, build_status, fleet_scalars, write_status
+from cloud_trainer.group import Group, share_filter
 from cloud_trainer.infer import InferenceServer
 from cloud_trainer.ingest import ActItem, Ingest, StatusItem, WeightsItem
 from cloud_trainer.learner import CloudLearner
@@ -64,6 +65,12 @@ from toolkit.core.protocol.messages import CLOUD_DEVICE, Ack, Status
 
 log = logging.getLogger(__name__)
 
+GROUP_TICK_S = 0.02
+"""Longest a worker of a group waits for a batch before its tick goes ahead without one."""
+GROUP_SYNC_TICKS = 25
+"""Ticks between two exchanges of the workers' ledgers (the leader's duties follow each)."""
+COMPLETE, IDLE, STOPPED = 1, 2, 3
+GROUP_ENDS = {COMPLETE: "complete", IDLE: "idle", STOPPED: "stopped"}
 EVAL_DRAIN_S = 120.0
 """Longest the end of a run waits for requested evaluations (the final ones follow anyway)."""
 
@@ -72,8 +79,11 @@ class CloudRun:
     """One training run: build with a config and a mode strategy (no network yet), then
     :meth:`run`."""
 
-    def __init__(self, cfg: CloudConfig, strategy: ModeStrategy) -> None:
-        self.learner = CloudLearner(cfg, strategy)  # checks cfg, resumes from the run dir
+    def __init__(self, cfg: CloudConfig, strategy: ModeStrategy,
+                 group: Group | None = None) -> None:
+        self.learner = CloudLearner(cfg, strategy, group)  # checks cfg, resumes from the run dir
+        self.group = group
+        self.leader = group is None or group.is_leader
         self.cfg = cfg
         self.mode = strategy.name
         self.run_id = cfg.run_id
@@ -91,6 +101,8 @@ class CloudRun:
 
     # ---------------------------------------------------------- what goes out
     def checkpoint(self) -> None:
+        if not self.leader:
+            return  # the leader checkpoints the group's model and union ledger
         self.learner.checkpoint()
         self.post_ack()
 
@@ -105,7 +117,7 @@ class CloudRun:
         to resend what the broker may have lost). ``devices``: these edges, changed
         or not (an edge that is done asks again).
         """
-        if self._outbox is None or self._link is None:
+        if self._outbox is None or self._link is None or not self.leader:
             return
         reconnected = self._link.connects != self._acked_connects
         self._acked_connects = self._link.connects
@@ -149,18 +161,24 @@ class CloudRun:
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
         cfg, lr = self.cfg, self.learner
         start = time.monotonic()
-        link = self._link = open_cloud_link(cfg, self.run_dir, on_reject=lr.drops.drop)
-        link.set_will(topics.status_topic(self.run_id, CLOUD_DEVICE),
-                      Status(role="cloud", device=CLOUD_DEVICE, run=self.run_id,
-                             state="offline").encode(), retain=True)
-        server = InferenceServer(lr.cloud, link, model_lock=lr.model_lock, seen=lr.seen,
-                                 max_age=cfg.infer_max_age)
+        leader = self.leader
+        link = self._link = open_cloud_link(cfg, self.run_dir, on_reject=lr.drops.drop,
+                                            worker=self.group.rank if self.group else None)
+        server: InferenceServer | None = None
+        if leader:  # the cloud's status and inference answers are the leader's
+            link.set_will(topics.status_topic(self.run_id, CLOUD_DEVICE),
+                          Status(role="cloud", device=CLOUD_DEVICE, run=self.run_id,
+                                 state="offline").encode(), retain=True)
+            server = InferenceServer(lr.cloud, link, model_lock=lr.model_lock, seen=lr.seen,
+                                     max_age=cfg.infer_max_age)
         max_batch = MAX_BATCH_FACTOR * lr.manifest.batch_size
         ingest = Ingest(
             self.run_id, cut_shape=lr.strategy.wire_shape(lr.manifest),
             num_classes=lr.manifest.num_classes, max_batch=max_batch, ledger=lr.ledger,
             registry=lr.registry, drops=lr.drops, queue_size=cfg.queue_size,
-            infer_sink=server.submit, mode=self.mode,
+            infer_sink=server.submit if server else None, mode=self.mode,
+            act_filter=(share_filter(self.run_id, topics.act_wildcard(self.run_id))
+                        if self.group else None),
         )
         ingest.subscribe(link)
         outbox: Outbox | None = None
@@ -168,13 +186,16 @@ class CloudRun:
         try:
             link.connect(timeout=cfg.connect_timeout)
             outbox = self._outbox = Outbox(link)
-            outbox.post(status_topic, self.status("online").encode(), retain=True)
-            self.post_ack()
-            log.info("cloud trainer online: run %r, broker %s, run dir %s",
+            who = f" (worker {self.group.rank} of {self.group.world})" if self.group else ""
+            log.info("cloud trainer online%s: run %r, broker %s, run dir %s", who,
                      self.run_id, link.address.url, self.run_dir)
-            lr.start_evaluations()
-            self.write_fleet_status(ingest, "training")
-            end = self._loop(ingest, outbox, stop)
+            if self.group is not None:
+                end = self._group_run(ingest, outbox, stop)
+                if not leader:
+                    return self._worker_summary(end, ingest)
+            else:
+                self._online(ingest, outbox)
+                end = self._loop(ingest, outbox, stop)
             ingest.close()  # from here on paho's thread must stay free for PUBACKs
             lr.stop_evaluations(timeout=EVAL_DRAIN_S)
             summary = self._finish(end, ingest, link, time.monotonic() - start)
@@ -197,12 +218,12 @@ class CloudRun:
             inner.end_session = not missing
         except BaseException as exc:
             ingest.close()
-            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: keep what was trained
+            if isinstance(exc, KeyboardInterrupt) and leader:  # Ctrl-C: keep what was trained
                 try:
                     self.checkpoint()
                 except HiertrainError as disk:
                     log.warning("no checkpoint on interrupt: %s", disk)
-            if outbox is not None:
+            if outbox is not None and leader:
                 outbox.post(status_topic, self.status("error", f"{type(exc).__name__}: "
                                                       f"{exc}").encode(), retain=True)
                 outbox.flush(5.0)
@@ -211,7 +232,8 @@ class CloudRun:
             ingest.close()
             lr.stop_evaluations(timeout=0.0)
             lr.close()
-            server.close()
+            if server is not None:
+                server.close()
             if outbox is not None:
                 outbox.close(5.0)
             link.close()
@@ -225,6 +247,87 @@ class CloudRun:
             incomplete.summary = summary  # type: ignore[attr-defined]  # for --json
             raise incomplete
         return summary
+
+    def _online(self, ingest: Ingest, outbox: Outbox) -> None:
+        """The leader comes online: status, acks, evaluations, the first fleet status."""
+        outbox.post(topics.status_topic(self.run_id, CLOUD_DEVICE),
+                    self.status("online").encode(), retain=True)
+        self.post_ack()
+        self.learner.start_evaluations()
+        self.write_fleet_status(ingest, "training")
+
+    # ------------------------------------------------------------ group of workers
+    def _group_run(self, ingest: Ingest, outbox: Outbox, stop: threading.Event | None) -> str:
+        """Lock-step ticks of a group of workers (``cloud_trainer.group``) until the leader
+        says the run is over; then the final exchange, so the leader finishes with the union."""
+        group, lr = self.group, self.learner
+        assert group is not None
+        if self.leader:
+            self._online(ingest, outbox)
+        decided, tick = 0, 0
+        last_status = time.monotonic()
+        while True:
+            item = ingest.take(timeout=GROUP_TICK_S)
+            act = item if isinstance(item, ActItem) else None
+            if item is not None and act is None:
+                self._dispatch(item, None)
+            flag = STOPPED if stop is not None and stop.is_set() else 0
+            if self.leader:
+                flag = max(flag, decided)
+            samples = len(act.batch.labels) if act is not None and act.batch.labels is not None \
+                else 0
+            total, flag, last_message = group.agree(samples, flag, ingest.last_message_unix())
+            if total:
+                lr.group_tick(act, samples, total)
+            if flag:
+                self._group_exchange()
+                return GROUP_ENDS[flag]
+            tick += 1
+            if tick % GROUP_SYNC_TICKS == 0:
+                self._group_exchange()
+                if self.leader:
+                    decided = self._leader_duties(ingest, outbox, last_message)
+                    now = time.monotonic()
+                    if now - last_status >= self.cfg.status_every:
+                        outbox.post(topics.status_topic(self.run_id, CLOUD_DEVICE), self.status(
+                            "training", queue_depth=ingest.queue.qsize()).encode(), retain=True)
+                        self.write_fleet_status(ingest, "training")
+                        last_status = now
+
+    def _group_exchange(self) -> None:
+        """Every worker's trained sets, counts and seen classes into every worker (collective)."""
+        group, lr = self.group, self.learner
+        assert group is not None
+        mine = {"trained": lr.ledger.trained_sets(), "batches": lr.local_batches,
+                "samples": lr.local_samples, "seen": lr.seen.sorted()}
+        everyone = group.gather(mine)
+        for other in everyone:
+            lr.ledger.merge_trained(other["trained"])
+            lr.seen.update(other["seen"])
+        lr.batches_trained = lr.resumed_batches + sum(o["batches"] for o in everyone)
+        lr.samples_trained = lr.resumed_samples + sum(o["samples"] for o in everyone)
+
+    def _leader_duties(self, ingest: Ingest, outbox: Outbox, last_message: float) -> int:
+        """Checkpoint and acks with the union ledger; whether the run is over (a flag)."""
+        cfg, lr = self.cfg, self.learner
+        if lr.batches_trained - lr.checkpointed_batches >= cfg.checkpoint_every:
+            self.checkpoint()
+        if self._owed:
+            self._ack_finished_edges()
+        if lr.fleet.complete():
+            return COMPLETE
+        if time.time() - last_message > cfg.idle_timeout:
+            log.warning("no message for %g s on any worker; finishing", cfg.idle_timeout)
+            return IDLE
+        return 0
+
+    def _worker_summary(self, end: str, ingest: Ingest) -> dict[str, Any]:
+        """What a non-leader worker reports: its own share (the leader writes the run's)."""
+        lr = self.learner
+        return {"worker": self.group.rank if self.group else 0, "end": end,
+                "batches_trained_here": lr.local_batches, "samples_trained_here": lr.local_samples,
+                "claims_lost": self.group.lost_claims if self.group else 0,
+                "queue_wait": ingest.waits.summary()}
 
     def _loop(self, ingest: Ingest, outbox: Outbox, stop: threading.Event | None) -> str:
         cfg, lr = self.cfg, self.learner
@@ -279,7 +382,7 @@ class CloudRun:
                 self._owed.add(item.device)
         elif isinstance(item, WeightsItem):
             lr.on_weights(item)
-        if self._owed:
+        if self._owed and self.group is None:  # a group's leader does it with the union
             self._ack_finished_edges()
 
     def _ack_finished_edges(self) -> None:

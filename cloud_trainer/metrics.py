@@ -33,12 +33,14 @@ class MetricsLog:
     """Appends records to ``metrics.jsonl`` and keeps them for the plot."""
 
     def __init__(self, run_dir: Path,
-                 sink: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 sink: Callable[[dict[str, Any]], None] | None = None,
+                 enabled: bool = True) -> None:
         self.path = run_dir / METRICS
+        self.enabled = enabled  # False: records are kept in memory only (a group's non-leader)
         self.sink = sink  # e.g. TensorBoard (cloud_trainer.tensorboard): sees each new record
         self._lock = threading.Lock()  # the training and the evaluation thread both append
         self.records: list[dict[str, Any]] = []
-        if self.path.exists():  # resumed run: keep the earlier part of the curves
+        if enabled and self.path.exists():  # resumed run: keep the earlier part of the curves
             for line in self.path.read_text().splitlines():
                 try:
                     rec = json.loads(line)
@@ -50,7 +52,7 @@ class MetricsLog:
     def truncate_after(self, batches_trained: int) -> None:
         """Forget records past a checkpoint, which a resumed run is about to redo."""
         keep = [r for r in self.records if r.get("batches_trained", 0) <= batches_trained]
-        if len(keep) == len(self.records):
+        if len(keep) == len(self.records) or not self.enabled:
             return
         self.records = keep
         text = "".join(json.dumps(r) + "\n" for r in keep)
@@ -68,13 +70,13 @@ class MetricsLog:
             **fields,
         }
         with self._lock:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            except OSError as exc:
-                raise HiertrainError(
-                    f"cannot write {self.path} ({exc.strerror or exc}); check the run directory"
-                ) from None
+            if self.enabled:
+                try:
+                    with open(self.path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                except OSError as exc:
+                    raise HiertrainError(f"cannot write {self.path} ({exc.strerror or exc}); "
+                                         "check the run directory") from None
             self.records.append(rec)
         if self.sink is not None:
             self.sink(rec)

@@ -12,16 +12,28 @@ import threading
 from typing import Any
 
 from cloud_trainer.config import CloudConfig
+from cloud_trainer.group import Group, GroupEnv
 from cloud_trainer.loop import CloudRun
 from cloud_trainer.modes.registry import strategy_for
+from toolkit.core.errors import HiertrainError
 
 __all__ = ["CloudConfig", "CloudRun", "build_run", "run_cloud"]
 
 
-def build_run(cfg: CloudConfig) -> CloudRun:
-    """The run of ``cfg`` with its mode's strategy: checked, resumed, not yet connected."""
+def build_run(cfg: CloudConfig, group: Group | None = None) -> CloudRun:
+    """The run of ``cfg`` with its mode's strategy: checked, resumed, not yet connected.
+
+    ``group``: this process is one worker of several (``cloud_trainer.group``).
+    """
     cfg.check()
-    return CloudRun(cfg, strategy_for(cfg))
+    if group is not None:
+        if cfg.mode != "ht":
+            raise HiertrainError(f"several trainer workers train --mode ht only, not "
+                                 f"--mode {cfg.mode}")
+        if cfg.amp == "fp16":
+            raise HiertrainError("several trainer workers: use --amp bf16 or off (fp16's loss "
+                                 "scaler is per worker)")
+    return CloudRun(cfg, strategy_for(cfg), group)
 
 
 def run_cloud(cfg: CloudConfig, stop: threading.Event | None = None) -> dict[str, Any]:
@@ -32,4 +44,12 @@ def run_cloud(cfg: CloudConfig, stop: threading.Event | None = None) -> dict[str
     when devices are missing or incomplete at the end, after writing everything that
     was trained.
     """
-    return build_run(cfg).run(stop)
+    env = GroupEnv.from_env()
+    if env is None:
+        return build_run(cfg).run(stop)
+    cfg.check()
+    group = Group(env)
+    try:
+        return build_run(cfg, group).run(stop)
+    finally:
+        group.close()

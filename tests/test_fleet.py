@@ -334,3 +334,134 @@ def test_status_command_without_a_run(tmp_path: Path, capsys) -> None:
 
     assert cloud_main(["status", "--run-dir", str(tmp_path)]) != 0
     assert "no fleet_status.json" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- several workers
+
+
+class LightEdges:
+    """Many edges on a few MQTT connections: replay real encoded batches, say online/done,
+    and (like the spool) send again whatever is not acked when a new trainer appears."""
+
+    def __init__(self, broker: Any, manifest: Any, run: str, devices: list[str],
+                 per_device: int, links: int = 4) -> None:
+        self.run, self.devices, self.per_device = run, devices, per_device
+        sampler = FakeEdge(broker, manifest, run, "sampler")
+        pool = sampler.sample(4)
+        sampler.close()
+        self.msgs = {d: [_encode_for(sampler, d, s, *pool[s % 4]) for s in range(per_device)]
+                     for d in devices}
+        self.links = [_link(broker, f"edges{i}") for i in range(links)]
+        self.acked: dict[str, int] = {d: 0 for d in devices}
+        self.instances: set[str] = set()
+        self.resends = 0
+        self._lock = threading.Lock()
+        for i, link in enumerate(self.links):
+            for d in devices[i::links]:
+                link.subscribe(topics.ack_topic(run, d), self._on_ack)
+            link.connect(timeout=10)
+
+    def _link_of(self, device: str) -> Any:
+        return self.links[self.devices.index(device) % len(self.links)]
+
+    def _on_ack(self, topic: str, payload: bytes, props: dict[str, Any]) -> None:
+        device = topics.parse_topic(topic)[1]
+        ack = decode_ack(payload)
+        low, _ = ack.confirmed(device)
+        with self._lock:
+            self.acked[device] = max(self.acked[device], low)
+            new = ack.instance not in self.instances
+            self.instances.add(ack.instance)
+        if new and len(self.instances) > 1:  # a restarted trainer: resend the unacked
+            threading.Thread(target=self._resend, args=(device,), daemon=True).start()
+
+    def _resend(self, device: str) -> None:
+        with self._lock:
+            start = self.acked[device]
+        for seq in range(start, self.per_device):
+            self.resends += 1
+            self._link_of(device).publish(topics.act_topic(self.run, device),
+                                          self.msgs[device][seq], timeout=30)
+
+    def status(self, device: str, state: str, published: int) -> None:
+        from toolkit.core.protocol.messages import Status
+
+        st = Status("edge", device, self.run, state, batches_published=published,
+                    last_seq=published - 1)
+        self._link_of(device).publish(topics.status_topic(self.run, device), st.encode(),
+                                      retain=True, timeout=30)
+
+    def publish(self, device: str, seq: int) -> None:
+        self._link_of(device).publish(topics.act_topic(self.run, device), self.msgs[device][seq],
+                                      timeout=30)
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+
+
+def _encode_for(edge: FakeEdge, device: str, seq: int, cut: torch.Tensor,
+                y: torch.Tensor) -> bytes:
+    from toolkit.core.protocol.quant import quantize
+    from toolkit.core.protocol.wire import ActivationBatch, encode
+
+    return encode(ActivationBatch(edge.run, device, seq, 0, seq,
+                                  quantized=quantize(cut, edge.scheme), labels=y))
+
+
+def _start_workers(artifacts: Path, broker: Any, run: str, run_dir: Path, devices: list[str],
+                   trace: Path, *extra: str) -> Any:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cloud_trainer", "train", "--workers", "2",
+           "--artifacts", str(artifacts), "--broker", broker.url, "--run-id", run,
+           "--run-dir", str(run_dir), "--device-ids", ",".join(devices), "--trace", str(trace),
+           "--checkpoint-every", "10", "--eval-limit", "100", "--idle-timeout", "60",
+           "--threads", "1", "--no-tensorboard", "--quiet", "--json", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _trace(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.mqtt
+def test_two_workers_share_20_edges_and_train_every_batch_once(artifacts, manifest, broker,
+                                                                tmp_path: Path) -> None:
+    """``--workers 2``: the broker spreads the batches over both workers (shared
+    subscription), each (device, seq) is trained by exactly one of them, and the leader's
+    summary counts every batch of every edge."""
+    run = _run_id()
+    devices = [f"r{i:02d}" for i in range(20)]
+    per_device = 6
+    edges = LightEdges(broker, manifest, run, devices, per_device)
+    trace = tmp_path / "trace.jsonl"
+    proc = _start_workers(artifacts, broker, run, tmp_path / "run", devices, trace)
+    try:
+        wait_until(lambda: (tmp_path / "run" / "fleet_status.json").exists()
+                   or proc.poll() is not None, 120, "the leader online")
+        time.sleep(1.0)  # both workers subscribed
+        for d in devices:
+            edges.status(d, "online", 0)
+        for seq in range(per_device):
+            for d in devices:
+                edges.publish(d, seq)
+        for d in devices:
+            edges.status(d, "done", per_device)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        edges.close()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert {d: v["trained"] for d, v in summary["per_device"].items()} == {
+        d: per_device for d in devices}
+    assert summary["dropped"] == {}
+    rows = _trace(trace)
+    keys = [(r["device"], r["seq"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 20 * per_device  # each batch once, fleet-wide
+    share = {w: sum(r["worker"] == w for r in rows) for w in (0, 1)}
+    assert share[0] > 0 and share[1] > 0, share  # the broker spread them
