@@ -71,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from cloud_trainer.workers import launch_workers, strip_workers
 
         _setup_logging(args.quiet)
-        return launch_workers(args.workers, strip_workers(_ARGV), max_restarts=args.max_restarts)
+        return launch_workers(args.workers, strip_workers(_ARGV), max_restarts=args.max_restarts,
+                              run_dir=args.run_dir)
     security = security_from_args(args)
     security.require_run_key("cloud-trainer")  # in a second, before torch is imported
     from cloud_trainer.checkpoint import SUMMARY, ensure_run_dir
@@ -99,6 +100,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = getattr(exc, "summary", None)
         if args.json and summary is not None:
             _print_json(summary)
+        if "WORLD_SIZE" in os.environ:
+            # In a group, any other exit code makes the launcher restart the workers; the
+            # run is over, and --workers reads exit code 5 from the summary (workers.py).
+            logging.getLogger("cloud_trainer").error("%s", exc)
+            return 0
         raise
     if "worker" in s:  # one worker of a group that is not the leader: the leader reports
         if not args.json:

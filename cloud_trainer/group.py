@@ -74,6 +74,22 @@ class GroupEnv:
         return cls(rank, world, local)
 
 
+def _launcher_store(env: GroupEnv, timeout: datetime.timedelta) -> Any:
+    """The key-value store of the group's launcher (``MASTER_ADDR:MASTER_PORT``): the agent
+    hosts it under torchrun and ``--workers``; otherwise rank 0 does."""
+    import torch.distributed as dist
+
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        port = int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
+        raise HiertrainError("a group of workers needs MASTER_ADDR and MASTER_PORT (torchrun "
+                             "or cloud-trainer --workers set them)") from None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return dist.TCPStore(host, port, world_size=None, is_master=env.rank == 0 and not agent,
+                         timeout=timeout, wait_for_workers=False)
+
+
 def share_filter(run_id: str, topic_filter: str) -> str:
     """``topic_filter`` as an MQTT 5 shared subscription of the run's trainer workers."""
     return f"$share/{SHARE_GROUP_PREFIX}{run_id}/{topic_filter}"
@@ -88,17 +104,28 @@ class Group:
         self.env = env
         self.rank, self.world = env.rank, env.world
         self.is_leader = env.rank == 0
+        self.generation = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        timeout = datetime.timedelta(seconds=timeout_s)
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            # Everything of this incarnation of the group under its own prefix: the
+            # launcher's store outlives a restart, and gloo's keys of the dead group
+            # (its peers' addresses) would otherwise make the new one wait for them.
+            self.store = dist.PrefixStore(f"hiertrain/{self.generation}/", _launcher_store(
+                env, timeout))
+            dist.init_process_group("gloo", store=self.store, rank=env.rank,
+                                    world_size=env.world, timeout=timeout)
+        else:
+            self.store = dist.distributed_c10d._get_default_store()
         self._dist = dist
-        self.store = dist.distributed_c10d._get_default_store()
         self.claims = 0
         self.lost_claims = 0
 
     # ------------------------------------------------------------------ claims
-    @staticmethod
-    def _key(device: str, seq: int) -> str:
-        return f"hiertrain/claim/{device}/{seq}"
+    def _key(self, device: str, seq: int) -> str:
+        # Claims belong to one incarnation of the group: after a restart the resumed ledger
+        # decides, and the claims of the dead group (batches never checkpointed) must not
+        # turn away their resends (the launcher's store outlives its workers).
+        return f"claim/{device}/{seq}"
 
     def claim(self, device: str, seq: int) -> bool:
         """True for the first worker of the group to claim ``(device, seq)``."""

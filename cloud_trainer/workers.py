@@ -10,11 +10,15 @@ train ...`` on each instead; the workers need nothing else.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
+from cloud_trainer.checkpoint import SUMMARY
+from toolkit.core.entry import ExitCode
 from toolkit.core.errors import HiertrainError
 from toolkit.core.transport.ports import free_port
 
@@ -39,8 +43,14 @@ def strip_workers(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def launch_workers(n: int, worker_argv: Sequence[str], *, max_restarts: int = 3) -> int:
-    """Run ``python -m cloud_trainer <worker_argv>`` as ``n`` workers; the exit code."""
+def launch_workers(n: int, worker_argv: Sequence[str], *, max_restarts: int = 3,
+                   run_dir: str | Path | None = None) -> int:
+    """Run ``python -m cloud_trainer <worker_argv>`` as ``n`` workers; the exit code.
+
+    Workers end with 0 also when the run is incomplete (any other code would make the
+    launcher restart them); the leader's ``cloud_summary.json`` then says what is missing,
+    and this returns 5, as one trainer would.
+    """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -61,4 +71,12 @@ def launch_workers(n: int, worker_argv: Sequence[str], *, max_restarts: int = 3)
         log.error("the workers failed after %d restart(s): exit code(s) %s", max_restarts,
                   codes)
         return next((c for c in codes if c and c > 0), 1)
+    if run_dir is not None:
+        summary = Path(run_dir).expanduser() / SUMMARY
+        try:
+            if json.loads(summary.read_text()).get("missing"):
+                return int(ExitCode.INCOMPLETE)
+        except (OSError, ValueError):
+            log.error("the workers ended without %s", summary)
+            return 1
     return 0

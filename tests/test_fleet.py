@@ -354,6 +354,7 @@ class LightEdges:
         self.links = [_link(broker, f"edges{i}") for i in range(links)]
         self.acked: dict[str, int] = {d: 0 for d in devices}
         self.instances: set[str] = set()
+        self.seen_by: dict[str, set[str]] = {}  # trainer instances each edge has seen
         self.resends = 0
         self._lock = threading.Lock()
         for i, link in enumerate(self.links):
@@ -370,9 +371,11 @@ class LightEdges:
         low, _ = ack.confirmed(device)
         with self._lock:
             self.acked[device] = max(self.acked[device], low)
-            new = ack.instance not in self.instances
+            seen = self.seen_by.setdefault(device, set())
+            new = ack.instance not in seen
+            seen.add(ack.instance)
             self.instances.add(ack.instance)
-        if new and len(self.instances) > 1:  # a restarted trainer: resend the unacked
+        if new and len(seen) > 1:  # a restarted trainer: resend the unacked
             threading.Thread(target=self._resend, args=(device,), daemon=True).start()
 
     def _resend(self, device: str) -> None:
@@ -419,7 +422,20 @@ def _start_workers(artifacts: Path, broker: Any, run: str, run_dir: Path, device
            "--run-dir", str(run_dir), "--device-ids", ",".join(devices), "--trace", str(trace),
            "--checkpoint-every", "10", "--eval-limit", "100", "--idle-timeout", "60",
            "--threads", "1", "--no-tensorboard", "--quiet", "--json", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own session: the test can end the launcher and its workers together (_stop)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _stop(proc: Any) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
 
 
 def _trace(path: Path) -> list[dict[str, Any]]:
@@ -451,9 +467,7 @@ def test_two_workers_share_20_edges_and_train_every_batch_once(artifacts, manife
             edges.status(d, "done", per_device)
         out, err = proc.communicate(timeout=240)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _stop(proc)
         edges.close()
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
@@ -465,3 +479,69 @@ def test_two_workers_share_20_edges_and_train_every_batch_once(artifacts, manife
     assert len(keys) == len(set(keys)) == 20 * per_device  # each batch once, fleet-wide
     share = {w: sum(r["worker"] == w for r in rows) for w in (0, 1)}
     assert share[0] > 0 and share[1] > 0, share  # the broker spread them
+
+
+def _worker_pids(launcher_pid: int) -> list[int]:
+    """The trainer workers under ``cloud-trainer --workers`` (python processes that run
+    cloud_trainer, below the launcher)."""
+    import psutil
+
+    out = []
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        if "cloud_trainer" in cmd and "--workers" not in cmd:
+            out.append(child.pid)
+    return out
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_a_killed_worker_costs_no_batch(artifacts, manifest, broker, tmp_path: Path) -> None:
+    """SIGKILL one of two workers mid-run: the launcher restarts the group from the leader's
+    checkpoint, the edges resend what was not acked (as their spool does), and every batch
+    of every edge ends up trained once in the final model."""
+    import os
+    import signal
+
+    run = _run_id()
+    devices = [f"k{i:02d}" for i in range(20)]
+    per_device = 10
+    edges = LightEdges(broker, manifest, run, devices, per_device)
+    trace = tmp_path / "trace.jsonl"
+    run_dir = tmp_path / "run"
+    proc = _start_workers(artifacts, broker, run, run_dir, devices, trace, "--max-restarts", "2")
+    try:
+        wait_until(lambda: (run_dir / "fleet_status.json").exists() or proc.poll() is not None,
+                   120, "the leader online")
+        time.sleep(1.0)
+        for d in devices:
+            edges.status(d, "online", 0)
+        for seq in range(5):
+            for d in devices:
+                edges.publish(d, seq)
+        wait_until(lambda: trace.exists() and len(_trace(trace)) >= 40, 120,
+                   "batches trained before the kill")
+        wait_until(lambda: (run_dir / "checkpoint.pt").exists(), 60, "a first checkpoint")
+        pids = _worker_pids(proc.pid)
+        assert len(pids) == 2, pids
+        os.kill(pids[-1], signal.SIGKILL)
+        wait_until(lambda: len(set(_worker_pids(proc.pid)) - set(pids)) == 2
+                   or proc.poll() is not None, 120, "the group restarted")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        for seq in range(5, per_device):
+            for d in devices:
+                edges.publish(d, seq)
+        for d in devices:
+            edges.status(d, "done", per_device)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        _stop(proc)
+        edges.close()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert {d: v["trained"] for d, v in summary["per_device"].items()} == {
+        d: per_device for d in devices}
+    assert len(edges.instances) >= 2  # the restarted group acked under a new instance
