@@ -173,6 +173,28 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15 of stat(5)
 
 
+def tree_cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds of ``pid`` and every live descendant (``--workers``: the launcher and its
+    worker processes); None once it is gone."""
+    import psutil
+
+    if pid is None:
+        return None
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 # --------------------------------------------------------------------------- publisher
 
 
@@ -326,18 +348,18 @@ def run_point(p: Point, artifacts: Path, work: Path) -> dict[str, Any]:
             procs.start_command(f"pub{k}", [sys.executable, str(Path(__file__).resolve()),
                                             "--publisher", str(spec)], _env())
             names.append(f"pub{k}")
-        cloud_cpu = cpu_seconds(cloud.pid) or 0.0
+        cloud_cpu = tree_cpu_seconds(cloud.pid) or 0.0
         cloud_cpu0 = cloud_cpu
         deadline = start + p.seconds + 90
         while procs.running(names) and time.time() < deadline:
-            cloud_cpu = cpu_seconds(cloud.pid) or cloud_cpu
+            cloud_cpu = tree_cpu_seconds(cloud.pid) or cloud_cpu
             time.sleep(0.5)
         pub_codes = {n: procs.stop(n) if procs.returncode(n) is None else procs.returncode(n)
                      for n in names}
         published_at = time.time()
         deadline = time.time() + p.drain_s
         while cloud.poll() is None and time.time() < deadline:
-            cloud_cpu = cpu_seconds(cloud.pid) or cloud_cpu
+            cloud_cpu = tree_cpu_seconds(cloud.pid) or cloud_cpu
             time.sleep(0.5)
         drained = cloud.poll() is not None
         code = cloud.returncode if drained else procs.stop("cloud", timeout=30)
