@@ -352,14 +352,14 @@ def run_point(p: Point, artifacts: Path, work: Path) -> dict[str, Any]:
         cloud_cpu0 = cloud_cpu
         deadline = start + p.seconds + 90
         while procs.running(names) and time.time() < deadline:
-            cloud_cpu = tree_cpu_seconds(cloud.pid) or cloud_cpu
+            cloud_cpu = max(cloud_cpu, tree_cpu_seconds(cloud.pid) or 0.0)
             time.sleep(0.5)
         pub_codes = {n: procs.stop(n) if procs.returncode(n) is None else procs.returncode(n)
                      for n in names}
         published_at = time.time()
         deadline = time.time() + p.drain_s
         while cloud.poll() is None and time.time() < deadline:
-            cloud_cpu = tree_cpu_seconds(cloud.pid) or cloud_cpu
+            cloud_cpu = max(cloud_cpu, tree_cpu_seconds(cloud.pid) or 0.0)
             time.sleep(0.5)
         drained = cloud.poll() is not None
         code = cloud.returncode if drained else procs.stop("cloud", timeout=30)
