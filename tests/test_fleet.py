@@ -398,9 +398,28 @@ class LightEdges:
         self._link_of(device).publish(topics.act_topic(self.run, device), self.msgs[device][seq],
                                       timeout=30)
 
+    def publish_seqs(self, seqs: range) -> None:
+        """Each edge's batches ``seqs``, edge after edge per seq (as a fleet sends)."""
+        for seq in seqs:
+            for d in self.devices:
+                self.publish(d, seq)
+
+    def all_done(self) -> None:
+        for d in self.devices:
+            self.status(d, "done", self.per_device)
+
     def close(self) -> None:
         for link in self.links:
             link.close()
+
+
+def _complete_summary(proc: Any, out: str, err: str, edges: LightEdges) -> dict[str, Any]:
+    """The leader's summary of a run that trained every batch of every edge."""
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert {d: v["trained"] for d, v in summary["per_device"].items()} == {
+        d: edges.per_device for d in edges.devices}
+    return summary
 
 
 def _encode_for(edge: FakeEdge, device: str, seq: int, cut: torch.Tensor,
@@ -460,20 +479,13 @@ def test_two_workers_share_20_edges_and_train_every_batch_once(artifacts, manife
         time.sleep(1.0)  # both workers subscribed
         for d in devices:
             edges.status(d, "online", 0)
-        for seq in range(per_device):
-            for d in devices:
-                edges.publish(d, seq)
-        for d in devices:
-            edges.status(d, "done", per_device)
+        edges.publish_seqs(range(per_device))
+        edges.all_done()
         out, err = proc.communicate(timeout=240)
     finally:
         _stop(proc)
         edges.close()
-    assert proc.returncode == 0, err[-3000:]
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert {d: v["trained"] for d, v in summary["per_device"].items()} == {
-        d: per_device for d in devices}
-    assert summary["dropped"] == {}
+    assert _complete_summary(proc, out, err, edges)["dropped"] == {}
     rows = _trace(trace)
     keys = [(r["device"], r["seq"]) for r in rows]
     assert len(keys) == len(set(keys)) == 20 * per_device  # each batch once, fleet-wide
@@ -519,9 +531,7 @@ def test_a_killed_worker_costs_no_batch(artifacts, manifest, broker, tmp_path: P
         time.sleep(1.0)
         for d in devices:
             edges.status(d, "online", 0)
-        for seq in range(5):
-            for d in devices:
-                edges.publish(d, seq)
+        edges.publish_seqs(range(5))
         wait_until(lambda: trace.exists() and len(_trace(trace)) >= 40, 120,
                    "batches trained before the kill")
         wait_until(lambda: (run_dir / "checkpoint.pt").exists(), 60, "a first checkpoint")
@@ -531,17 +541,11 @@ def test_a_killed_worker_costs_no_batch(artifacts, manifest, broker, tmp_path: P
         wait_until(lambda: len(set(_worker_pids(proc.pid)) - set(pids)) == 2
                    or proc.poll() is not None, 120, "the group restarted")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        for seq in range(5, per_device):
-            for d in devices:
-                edges.publish(d, seq)
-        for d in devices:
-            edges.status(d, "done", per_device)
+        edges.publish_seqs(range(5, per_device))
+        edges.all_done()
         out, err = proc.communicate(timeout=300)
     finally:
         _stop(proc)
         edges.close()
-    assert proc.returncode == 0, err[-3000:]
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert {d: v["trained"] for d, v in summary["per_device"].items()} == {
-        d: per_device for d in devices}
+    _complete_summary(proc, out, err, edges)
     assert len(edges.instances) >= 2  # the restarted group acked under a new instance
