@@ -192,6 +192,7 @@ class CloudRun:
             if self.group is not None:
                 end = self._group_run(ingest, outbox, stop)
                 if not leader:
+                    _end_session(link, end == "complete")
                     return self._worker_summary(end, ingest)
             else:
                 self._online(ingest, outbox)
@@ -211,11 +212,7 @@ class CloudRun:
             ).encode(), retain=True)
             if not outbox.flush(10.0):
                 log.warning("the final cloud status was not acknowledged within 10 s")
-            # A complete run needs no session any more: nothing it could still queue matters.
-            inner = link
-            while hasattr(inner, "inner"):  # through shaping (and other) wrappers
-                inner = inner.inner
-            inner.end_session = not missing
+            _end_session(link, not missing)
         except BaseException as exc:
             ingest.close()
             if isinstance(exc, KeyboardInterrupt) and leader:  # Ctrl-C: keep what was trained
@@ -455,6 +452,14 @@ class CloudRun:
         write_summary(self.run_dir, summary)
         self.write_fleet_status(ingest, "done" if not missing else "incomplete")
         return summary
+
+
+def _end_session(link: Any, complete: bool) -> None:
+    """A complete run needs no broker session any more: nothing it could still queue matters."""
+    inner = link
+    while hasattr(inner, "inner"):  # through shaping (and other) wrappers
+        inner = inner.inner
+    inner.end_session = complete
 
 
 def _covers(trained: Any, n: int) -> bool:
