@@ -21,6 +21,7 @@ import os
 import torch
 from torch import nn
 
+from cloud_trainer.device import eval_mode
 from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.classes import SeenClasses, mask_unseen
 from toolkit.core.data.datasets import load_dataset, normalize
@@ -61,24 +62,18 @@ class Evaluator:
 
         With ``seen``: on the test images of the seen classes, the others masked.
         """
-        modes = [(m, m.training) for m in (step, cloud)]
-        step.eval()
-        cloud.eval()
         x, y = self.x, self.y
         if seen is not None and len(seen):
             keep = seen.covers(y)
             x, y = x[keep], y[keep]
         mask = seen.mask() if seen is not None else None
         full_correct = exit_correct = 0
-        try:
-            device = next(cloud.parameters()).device
+        device = next(cloud.parameters()).device
+        with eval_mode(step, cloud):
             for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH), strict=True):
                 xb, yb = xb.to(device), yb.to(device)
                 cut = step.edge(xb)  # shared by both heads: FullModel(edge, cloud)(x) == cloud(cut)
                 full_correct += int((mask_unseen(cloud(cut), mask).argmax(1) == yb).sum())
                 exit_correct += int((mask_unseen(step.exit(cut), mask).argmax(1) == yb).sum())
-        finally:
-            for module, mode in modes:
-                module.train(mode)
         n = max(1, len(y))
         return full_correct / n, exit_correct / n

@@ -73,7 +73,7 @@ class CloudLearner:
         self.optimizer = make_optimizer(self.model.parameters(), self.manifest)
         self.model_lock = threading.Lock()
         self.evaluator = Evaluator(self.manifest, cfg.eval_data, limit=cfg.eval_limit)
-        # Evaluations read copies (cloud_trainer.snapshot), never the live edge copy
+        # Evaluations read copies refreshed under the model lock (evaluate), never the live models
         self._eval_step = copy.deepcopy(self.step).eval()
         self._eval_cloud = copy.deepcopy(self.cloud).eval()
         self._eval_lock = threading.Lock()  # one evaluation at a time (worker or final)
@@ -181,17 +181,20 @@ class CloudLearner:
     # ---------------------------------------------------------------- training
     def _train_step(self, b: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor, list[Reply]]:
         """One SGD step on one batch; (loss, logits, what goes back to the edge)."""
-        place = self.place
-        x = self.strategy.inputs(b, place)
-        y = place.labels(b)
+        x = self.strategy.inputs(b, self.place)
         with self.model_lock:
-            with place.autocast():
-                logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), y)
+            logits, loss = self._forward_locked(x, b)
             self.optimizer.zero_grad(set_to_none=True)
-            place.backward_step(loss, self.optimizer)
+            self.place.backward_step(loss, self.optimizer)
             self.strategy.after_step_locked()
         return loss, logits, self.strategy.replies(b, x)
+
+    def _forward_locked(self, x: torch.Tensor, b: DecodedBatch) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+        """(logits, loss) of one batch in the step's precision; the loss in float32."""
+        with self.place.autocast():
+            logits = self.model(x)
+            return logits, F.cross_entropy(logits.float(), self.place.labels(b))
 
     def train_batch(self, item: ActItem) -> list[Reply]:
         """Train one queued batch (once: the ledger marks it); the mode's replies to its edge."""
@@ -234,12 +237,9 @@ class CloudLearner:
             b = item.batch
             try:
                 x = self.strategy.inputs(b, self.place)
-                y = self.place.labels(b)
                 with self.model_lock:
                     self.optimizer.zero_grad(set_to_none=True)
-                    with self.place.autocast():
-                        logits = self.model(x)
-                        loss = F.cross_entropy(logits.float(), y)
+                    logits, loss = self._forward_locked(x, b)
                     loss.backward()
             except (RuntimeError, ValueError) as exc:
                 self._failed_step(b, exc)

@@ -32,6 +32,7 @@ import pytest
 import torch
 from filelock import FileLock
 
+from toolkit.core.transport.base import BrokerAddress, Link
 from toolkit.lab.launch import ProcessGroup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +51,28 @@ EXPORT_DEFAULTS: dict[str, Any] = {
 CLI_PACKAGES = {"toolkit": "toolkit", "edge-runtime": "edge_runtime",
                 "cloud-trainer": "cloud_trainer"}
 """Console entry point -> its package (``python -m <package>``; ``main`` in ``<package>.cli``)."""
+
+
+class InProcessLink(Link):
+    """A link with no broker behind it, for tests that hand messages to handlers
+    themselves: connecting, wills and closing do nothing; subclasses say what publish and
+    subscribe do."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(BrokerAddress("mqtt", "127.0.0.1", 1883), name)
+
+    def connect(self, timeout: float = 30.0) -> None:
+        pass
+
+    def set_will(self, topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def is_connected(self) -> bool:
+        return True
 
 
 def run_cli(

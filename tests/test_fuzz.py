@@ -30,11 +30,12 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cloud_trainer.ingest import DeviceRegistry, DropCounter, Ingest, Ledger  # noqa: E402
+from tests.conftest import InProcessLink  # noqa: E402
 from toolkit.core.keys import RunKeys, device_key  # noqa: E402
 from toolkit.core.protocol import topics  # noqa: E402
 from toolkit.core.protocol.quant import QuantScheme, quantize  # noqa: E402
 from toolkit.core.protocol.wire import MAGIC, ActivationBatch, encode  # noqa: E402
-from toolkit.core.transport.base import BrokerAddress, Link, MessageHandler  # noqa: E402
+from toolkit.core.transport.base import Link, MessageHandler  # noqa: E402
 from toolkit.core.transport.signing import SignedLink, sign  # noqa: E402
 
 pytestmark = pytest.mark.security
@@ -112,31 +113,18 @@ def _with_crc(body: bytearray) -> bytes:
     return bytes(body[:-4]) + struct.pack("<I", zlib.crc32(bytes(body[:-4])))
 
 
-class LoopbackLink(Link):
+class LoopbackLink(InProcessLink):
     """Delivers ``deliver(topic, payload)`` to the matching handler, as paho's thread would."""
 
     def __init__(self) -> None:
-        super().__init__(BrokerAddress("mqtt", "127.0.0.1", 1883), "fuzz")
+        super().__init__("fuzz")
         self.handlers: dict[str, MessageHandler] = {}
-
-    def connect(self, timeout: float = 30.0) -> None:
-        pass
 
     def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
         raise AssertionError("the ingest path never publishes")
 
     def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1) -> None:
         self.handlers[topic] = handler
-
-    def set_will(self, topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    @property
-    def is_connected(self) -> bool:
-        return True
 
     def deliver(self, topic: str, payload: bytes) -> None:
         self.handlers[topics.act_wildcard(RUN)](topic, payload, {})

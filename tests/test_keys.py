@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import InProcessLink
 from toolkit.core.errors import HiertrainError, WireError
 from toolkit.core.keys import (
     DeviceKey,
@@ -27,7 +28,7 @@ from toolkit.core.keys import (
 )
 from toolkit.core.protocol import topics
 from toolkit.core.security import LinkSecurity, load_security, redact
-from toolkit.core.transport.base import BrokerAddress, Link, MessageHandler
+from toolkit.core.transport.base import MessageHandler
 from toolkit.core.transport.signing import OVERHEAD, SignedLink, sign
 
 pytestmark = pytest.mark.security
@@ -204,29 +205,16 @@ class _Bus:
                 handler(topic, payload, {})
 
 
-class _BusLink(Link):
+class _BusLink(InProcessLink):
     def __init__(self, bus: _Bus, name: str) -> None:
-        super().__init__(BrokerAddress("mqtt", "127.0.0.1", 1883), name)
+        super().__init__(name)
         self.bus = bus
-
-    def connect(self, timeout: float = 30.0) -> None:
-        pass
 
     def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
         self.bus.deliver(topic, payload)
 
     def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1) -> None:
         self.bus.subs.append((topic, handler))
-
-    def set_will(self, topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    @property
-    def is_connected(self) -> bool:
-        return True
 
 
 def test_the_cloud_checks_each_device_with_its_own_key_and_signs_replies_with_it() -> None:
