@@ -68,8 +68,10 @@ def _print_json(result: dict[str, Any]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     _check_link(args)
     if args.workers > 1 and "WORLD_SIZE" not in os.environ:  # start the group: workers.py
+        from cloud_trainer.group import check_group_options
         from cloud_trainer.workers import launch_workers, strip_workers
 
+        check_group_options(args.mode, args.amp)  # before any worker starts (and restarts)
         _setup_logging(args.quiet)
         return launch_workers(args.workers, strip_workers(_ARGV), max_restarts=args.max_restarts,
                               run_dir=args.run_dir)

@@ -90,6 +90,15 @@ def _launcher_store(env: GroupEnv, timeout: datetime.timedelta) -> Any:
                          timeout=timeout, wait_for_workers=False)
 
 
+def check_group_options(mode: str, amp: str) -> None:
+    """What a group of workers cannot do yet, refused before any worker starts."""
+    if mode != "ht":
+        raise HiertrainError(f"several trainer workers train --mode ht only, not --mode {mode}")
+    if amp == "fp16":
+        raise HiertrainError("several trainer workers: use --amp bf16 or off (fp16's loss "
+                             "scaler is per worker)")
+
+
 def share_filter(run_id: str, topic_filter: str) -> str:
     """``topic_filter`` as an MQTT 5 shared subscription of the run's trainer workers."""
     return f"$share/{SHARE_GROUP_PREFIX}{run_id}/{topic_filter}"

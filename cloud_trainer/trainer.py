@@ -12,10 +12,9 @@ import threading
 from typing import Any
 
 from cloud_trainer.config import CloudConfig
-from cloud_trainer.group import Group, GroupEnv
+from cloud_trainer.group import Group, GroupEnv, check_group_options
 from cloud_trainer.loop import CloudRun
 from cloud_trainer.modes.registry import strategy_for
-from toolkit.core.errors import HiertrainError
 
 __all__ = ["CloudConfig", "CloudRun", "build_run", "run_cloud"]
 
@@ -27,12 +26,7 @@ def build_run(cfg: CloudConfig, group: Group | None = None) -> CloudRun:
     """
     cfg.check()
     if group is not None:
-        if cfg.mode != "ht":
-            raise HiertrainError(f"several trainer workers train --mode ht only, not "
-                                 f"--mode {cfg.mode}")
-        if cfg.amp == "fp16":
-            raise HiertrainError("several trainer workers: use --amp bf16 or off (fp16's loss "
-                                 "scaler is per worker)")
+        check_group_options(cfg.mode, cfg.amp)
     return CloudRun(cfg, strategy_for(cfg), group)
 
 

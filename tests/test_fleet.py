@@ -549,3 +549,30 @@ def test_a_killed_worker_costs_no_batch(artifacts, manifest, broker, tmp_path: P
         edges.close()
     _complete_summary(proc, out, err, edges)
     assert len(edges.instances) >= 2  # the restarted group acked under a new instance
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--mode", "split"], "several trainer workers train --mode ht only, not --mode split"),
+    (["--amp", "fp16"], "several trainer workers: use --amp bf16 or off"),
+])
+def test_workers_refuse_what_a_group_cannot_do_before_starting(tmp_path: Path, flags: list[str],
+                                                               says: str) -> None:
+    from tests.conftest import run_cli_in_process
+
+    r = run_cli_in_process("cloud-trainer", "--workers", "2", "--artifacts", str(tmp_path),
+                           "--broker", "mqtt://127.0.0.1:1", "--run-dir", str(tmp_path / "run"),
+                           *flags)
+    assert r.returncode == 3, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and says in lines[0], r.stderr
+
+
+def test_group_environment_is_checked() -> None:
+    from cloud_trainer.group import GroupEnv
+
+    assert GroupEnv.from_env({}) is None and GroupEnv.from_env({"WORLD_SIZE": "1"}) is None
+    assert GroupEnv.from_env({"WORLD_SIZE": "4", "RANK": "2"}) == GroupEnv(2, 4, 2)
+    with pytest.raises(HiertrainError, match="RANK 5 is outside 0..3"):
+        GroupEnv.from_env({"WORLD_SIZE": "4", "RANK": "5"})
+    with pytest.raises(HiertrainError, match="must be integers"):
+        GroupEnv.from_env({"WORLD_SIZE": "two"})
