@@ -189,7 +189,7 @@ def test_models_json_lists_models_and_split_costs(cli, cli_in_process):
     r = cli("toolkit", "models", "--json")
     assert r.returncode == 0, r.stderr
     models = {m["name"]: m for m in json.loads(r.stdout)}
-    assert set(models) == {"smallcnn", "vgg16", "resnet18"}
+    assert set(models) == {"smallcnn", "vgg16", "vgg11_quarter", "resnet18"}
     rn = {s["split"]: s for s in models["resnet18"]["splits"]}
     assert list(rn) == ["stem", "layer1", "layer2", "layer3"]
     assert rn["layer1"]["cut_shape"] == [64, 32, 32]

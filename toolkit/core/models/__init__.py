@@ -18,7 +18,7 @@ from torch import nn
 from toolkit.core.errors import HiertrainError
 from toolkit.core.models.resnet import resnet18_cifar
 from toolkit.core.models.small import small_cnn
-from toolkit.core.models.vgg import vgg16_cifar
+from toolkit.core.models.vgg import vgg11_quarter_cifar, vgg16_cifar
 from toolkit.core.models.zoo import (
     IMAGENET_MEAN,
     IMAGENET_SHAPE,
@@ -76,6 +76,16 @@ MODELS: dict[str, ModelSpec] = {
         splits=("stage1", "stage2", "stage3", "stage4"),
         default_split="stage2",
         exit_channels=64,
+        min_input=32,
+    ),
+    "vgg11_quarter": ModelSpec(
+        name="vgg11_quarter",
+        description="VGG-11 with BatchNorm at a quarter width (16-128 channels, 9.9 M MACs); "
+                    "trains to its plateau on a CPU, for the convergence benchmark",
+        builder=vgg11_quarter_cifar,
+        splits=("stage1", "stage2", "stage3", "stage4"),
+        default_split="stage2",
+        exit_channels=32,
         min_input=32,
     ),
     "resnet18": ModelSpec(
