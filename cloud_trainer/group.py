@@ -36,6 +36,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,11 +161,15 @@ class Group:
         return int(counts[0]), int(rest[0]), float(rest[1])
 
     def averaged_step(self, module: nn.Module, optimizer: torch.optim.Optimizer,
-                      samples: int, total: int) -> None:
+                      samples: int, total: int,
+                      set_lr: Callable[[float], None] | None = None,
+                      lr_factor: float = 1.0) -> None:
         """Average gradients and running statistics by sample count, then step everywhere.
 
         A worker without a batch (``samples`` 0) contributes zeros; every worker then
-        holds the same gradient and applies the same update.
+        holds the same gradient and applies the same update, at the same learning rate:
+        the sample-weighted mean of the workers' ``lr_factor`` (each batch's point of its
+        edge's schedule, ``toolkit.core.lr_schedule``), handed to ``set_lr``.
         """
         params = [p for p in module.parameters() if p.requires_grad]
         floats = [b for b in module.buffers() if b.is_floating_point()]
@@ -176,9 +181,14 @@ class Group:
             pieces.append((g.detach() * w).flatten())
         for b in floats:
             pieces.append((b.detach() * w).flatten())
-        flat = torch.cat(pieces) if pieces else torch.zeros(0)
+        ref = pieces[0] if pieces else torch.zeros(0)
+        # last: the group's learning-rate factor, summed with the same weights
+        pieces.append(torch.full((1,), lr_factor * w, dtype=ref.dtype, device=ref.device))
+        flat = torch.cat(pieces)
         self._dist.all_reduce(flat, op=self._dist.ReduceOp.SUM)
         flat /= float(total)
+        if set_lr is not None:
+            set_lr(float(flat[-1]))
         offset = 0
         for p in params:
             n = p.numel()

@@ -30,7 +30,7 @@ from cloud_trainer.ingest import ActItem, DeviceRegistry, DropCounter, StatusIte
 from cloud_trainer.ledger import Ledger
 from cloud_trainer.metrics import MetricsLog, TrainWindow
 from cloud_trainer.modes.base import EdgeState, ModeContext, ModeStrategy, Reply
-from cloud_trainer.optim import make_optimizer
+from cloud_trainer.optim import EdgeSchedules, make_optimizer, set_lr
 from cloud_trainer.tensorboard import TensorBoardSink
 from toolkit.core.artifacts.manifest import MANIFEST_NAME, load_manifest, sha256_file
 from toolkit.core.classes import SeenClasses
@@ -71,6 +71,7 @@ class CloudLearner:
         # What trains: the cloud segment, or (--mode cloud) the whole network.
         self.model = strategy.bind(ModeContext(self.run_id, self.manifest, self.cloud, self.step))
         self.optimizer = make_optimizer(self.model.parameters(), self.manifest)
+        self.schedules = EdgeSchedules()  # each edge's learning-rate schedule, from its status
         self.model_lock = threading.Lock()
         self.evaluator = Evaluator(self.manifest, cfg.eval_data, limit=cfg.eval_limit)
         # Evaluations read copies refreshed under the model lock (evaluate), never the live models
@@ -185,9 +186,14 @@ class CloudLearner:
         with self.model_lock:
             logits, loss = self._forward_locked(x, b)
             self.optimizer.zero_grad(set_to_none=True)
+            set_lr(self.optimizer, self.manifest, self._lr_factor(b))
             self.place.backward_step(loss, self.optimizer)
             self.strategy.after_step_locked()
         return loss, logits, self.strategy.replies(b, x)
+
+    def _lr_factor(self, b: DecodedBatch) -> float:
+        meta = b.meta
+        return self.schedules.factor(meta.device_id, meta.epoch, meta.batch_index)
 
     def _forward_locked(self, x: torch.Tensor, b: DecodedBatch) -> tuple[torch.Tensor,
                                                                           torch.Tensor]:
@@ -216,7 +222,8 @@ class CloudLearner:
         self.ledger.mark_trained(b.device_id, b.seq)
         if self._trace is not None:
             self._trace.write(json.dumps({"device": b.device_id, "seq": b.seq, "n": len(y),
-                                          "trained": time.time(), "worker": self.rank})
+                                          "trained": time.time(), "worker": self.rank,
+                                          "lr": self.optimizer.param_groups[0]["lr"]})
                               + "\n")
         for k in self.seen.update(y):
             log.info("class %d seen for the first time (batch %d of %s)", k, b.seq, b.device_id)
@@ -233,7 +240,9 @@ class CloudLearner:
         group = self.group
         assert group is not None
         loss = logits = None
+        factor = 0.0
         if item is not None:
+            factor = self._lr_factor(item.batch)
             b = item.batch
             try:
                 x = self.strategy.inputs(b, self.place)
@@ -248,7 +257,8 @@ class CloudLearner:
         with self.model_lock:
             if item is None:
                 self.optimizer.zero_grad(set_to_none=True)
-            group.averaged_step(self.model, self.optimizer, samples, total)
+            group.averaged_step(self.model, self.optimizer, samples, total,
+                                lambda f: set_lr(self.optimizer, self.manifest, f), factor)
         if item is not None and loss is not None and logits is not None:
             self._trained(item.batch, loss, logits)
 
@@ -377,5 +387,6 @@ class CloudLearner:
 
     def on_status(self, item: StatusItem) -> None:
         self.fleet.on_status(item)
+        self.schedules.on_status(item.device, item.status.extra)
         if self.strategy.evaluate_on_status(item):
             self.request_evaluation(None, "epoch")

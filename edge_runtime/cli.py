@@ -99,6 +99,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         checkpoint_every=args.checkpoint_every, confirm_timeout=args.confirm_timeout,
         board=args.board, workers=args.workers, augment=args.augment,
         max_batches=args.max_batches, live=args.live, labels=args.labels,
+        lr_schedule=args.lr_schedule,
         replay=args.replay, idle_timeout=args.idle_timeout,
     )
 

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from edge_runtime.config import BACKENDS
+from toolkit.core.lr_schedule import SCHEDULES
 from toolkit.core.security import add_security_args
 
 DATA_HELP = ("dataset: digits, an .npz file, a cifar-10-batches-py directory or an ImageFolder "
@@ -111,9 +112,13 @@ def add_data_args(sp: argparse.ArgumentParser) -> None:
                          "trains (0: decode in the training process); unset: the cores this "
                          "process may use minus one")
     sp.add_argument("--augment", type=augment_list, default="none", metavar="LIST",
-                    help="image folders: comma-separated augmentations, each image drawn anew "
-                         "every epoch: flip (horizontal), crop (random shift by 1/8 of the "
-                         "size), color (brightness/contrast/saturation +-20%%); none: off")
+                    help="comma-separated augmentations, each image drawn anew every epoch: "
+                         "flip (horizontal), crop (random shift by 1/8 of the size), color "
+                         "(brightness/contrast/saturation +-20%%; image folders only); none: off")
+    sp.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
+                    help="the exported learning rate over the run: constant, or cosine down to "
+                         "0 over --epochs (per batch); the cloud trainer follows the edge's "
+                         "schedule (default: constant)")
     sp.add_argument("--max-batches", type=positive_int, default=None, metavar="N",
                     help="ht: stop after N batches in all, mid-epoch if need be (the checkpoint "
                          "keeps the position for --resume); unset: every epoch")

@@ -67,6 +67,8 @@ class TrainConfig:
     workers: int | None = None
     augment: Augment = field(default_factory=Augment)
     max_batches: int | None = None
+    # toolkit.core.lr_schedule: the manifest's learning rate over the run; the cloud follows
+    lr_schedule: str = "constant"
     # --live (docs/data.md): `data` is a directory that keeps growing; labels from a sidecar
     # or a callback, a replay buffer of `replay` frames, the end after `idle_timeout` s idle
     live: bool = False

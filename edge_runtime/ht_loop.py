@@ -28,8 +28,10 @@ from edge_runtime.resume import (
 )
 from edge_runtime.session import (
     flush_outbox,
+    lr_schedule,
     publish_done,
     publish_epoch_weights,
+    schedule_extra,
     weights_path,
 )
 from edge_runtime.spool import Spool
@@ -92,6 +94,7 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                 ds: TrainingData, backend, link: Link, run: str, device: str) -> dict[str, Any]:
     bs = manifest.batch_size
     per_epoch = 0 if cfg.live else len(ds) // bs  # a live source: open-ended, no total
+    schedule = lr_schedule(cfg, 0 if cfg.live else len(ds), bs)
     topic = act_topic(run, device)
     spool = open_spool(cfg, manifest, run, device)
     p = start_state(cfg, manifest, backend, spool, run, device)
@@ -154,6 +157,7 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                     for k in seen.update(y):
                         log.info("class %d seen for the first time (batch %d)", k, p.seq)
                         p.seen_classes = seen.sorted()
+                    backend.set_lr_factor(schedule.factor(epoch, i))
                     res = backend.step(x, y)
                     p.train_s += time.monotonic() - t
                     msg = codec.encode(protect(res.cut), y, BatchMeta(run, device, p.seq, epoch, i),
@@ -189,7 +193,8 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                                   seen_classes=seen.sorted())
             status = Status(role="edge", device=device, run=run, state="training", epoch=epoch,
                             batches_published=p.seq, samples_published=p.samples,
-                            last_seq=p.seq - 1, exit_accuracy=p.exit_accuracy)
+                            last_seq=p.seq - 1, exit_accuracy=p.exit_accuracy,
+                            extra=schedule_extra(schedule))
             publisher.submit(status_topic(run, device), status.encode(), retain=True,
                              kind="status")
             if stopped:  # the checkpoint keeps the position: --resume continues mid-epoch
@@ -210,7 +215,8 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
         extra = {"wall_s": round(wall_s, 3), "bytes_sent": link.bytes_sent,
                  "publish_wait_s": round(stats.publish_wait_s, 4),
                  "train_s": round(p.train_s, 3), "backend": backend.name,
-                 "epochs": cfg.epochs, "mode": "ht", "codec": codec.name}
+                 "epochs": cfg.epochs, "mode": "ht", "codec": codec.name,
+                 **schedule_extra(schedule)}
         publish_done(link, run, device, epochs=cfg.epochs, seq=p.seq, samples=p.samples,
                      exit_accuracy=p.exit_accuracy, extra=extra)
         if publisher.device is None:
@@ -257,6 +263,7 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
         "weights_path": str(path),
         "link": link_summary(link),
         "history": p.history,
+        **schedule_extra(schedule),
         "seen_classes": seen.sorted(),
         "delivery": {"resumed": resumed, "confirmed": confirmed,
                      "confirm_wait_s": round(confirm_wait_s, 3), "acks_seen": publisher.acks_seen,

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.backends import EdgeBackend
+from edge_runtime.config import TrainConfig
 from edge_runtime.publisher import Publisher
+from toolkit.core.lr_schedule import STATUS_KEY, LrSchedule
 from toolkit.core.privacy import public_state
 from toolkit.core.protocol.messages import Status, encode_weights
 from toolkit.core.protocol.topics import status_topic, weights_topic
@@ -27,6 +29,17 @@ STATUS_TIMEOUT_S = 10.0
 def weights_path(state_dir: str | Path, device: str) -> Path:
     """Where training leaves the final edge weights of ``device``."""
     return Path(state_dir) / f"edge_weights-{device}.pt"
+
+
+def lr_schedule(cfg: TrainConfig, samples: int, batch_size: int) -> LrSchedule:
+    """The run's learning-rate schedule over ``cfg.epochs`` of ``samples`` (a live source,
+    ``samples`` 0, has no end to schedule towards: ``run_training`` refuses that)."""
+    return LrSchedule(cfg.lr_schedule, cfg.epochs, samples // batch_size)
+
+
+def schedule_extra(schedule: LrSchedule) -> dict[str, Any]:
+    """What every edge status carries so that the cloud follows the same schedule."""
+    return {STATUS_KEY: schedule.to_dict()}
 
 
 def publish_status(link: Link, status: Status) -> None:

@@ -36,7 +36,14 @@ from edge_runtime.backends import TorchBackend
 from edge_runtime.config import TrainConfig
 from edge_runtime.progress import progress_bar
 from edge_runtime.publisher import Publisher
-from edge_runtime.session import flush_outbox, publish_done, publish_epoch_weights, weights_path
+from edge_runtime.session import (
+    flush_outbox,
+    lr_schedule,
+    publish_done,
+    publish_epoch_weights,
+    schedule_extra,
+    weights_path,
+)
 from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.data.source import TrainingData
 from toolkit.core.errors import HiertrainError, RunIncompleteError, WireError
@@ -162,6 +169,7 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
     """
     bs = manifest.batch_size
     per_epoch = len(ds) // bs
+    schedule = lr_schedule(cfg, len(ds), bs)
     edge = backend.module.edge
     stat_layers = [m for _, m in host_stat_layers(edge)]
     act_codec = parse_codec("float32") if cfg.float_act else codec
@@ -190,6 +198,7 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
                     x, y = backend.check_batch(x, y)
                     t = time.monotonic()
                     backend.optimizer.zero_grad(set_to_none=True)
+                    backend.set_lr_factor(schedule.factor(epoch, i))
                     cut = edge(x)
                     act = cut.detach()
                     publisher.submit(topic, act_codec.encode(
@@ -215,7 +224,8 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
             publisher.submit(status_topic(run, device), Status(
                 role="edge", device=device, run=run, state="training", epoch=epoch,
                 batches_published=seq, samples_published=samples, last_seq=seq - 1,
-                extra={"mode": MODE}).encode(), retain=True, kind="status")
+                extra={"mode": MODE, **schedule_extra(schedule)}).encode(), retain=True,
+                kind="status")
             log.info("epoch %d/%d: %d batches, %.1f s waiting for gradients", epoch + 1,
                      cfg.epochs, per_epoch, epoch_wait)
         flush_outbox(publisher, link)
@@ -231,7 +241,8 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
                  exit_accuracy=None, extra={
                      "mode": MODE, "wall_s": round(wall_s, 3), "bytes_sent": link.bytes_sent,
                      "grad_wait_s": round(grad_wait_s, 3), "train_s": round(train_s, 3),
-                     "backend": backend.name, "epochs": cfg.epochs})
+                     "backend": backend.name, "epochs": cfg.epochs,
+                     **schedule_extra(schedule)})
     return {
         "device": device,
         "run": run,
@@ -255,4 +266,5 @@ def split_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quant
         "backend": backend.name,
         "weights_path": str(path),
         "history": history,
+        **schedule_extra(schedule),
     }

@@ -59,9 +59,11 @@ from edge_runtime.modes import mode_loop
 from edge_runtime.session import (
     flush_outbox,
     link_totals,
+    lr_schedule,
     publish_done,
     publish_status,
     report_failure,
+    schedule_extra,
     weights_path,
 )
 from toolkit.core.artifacts.boards import load_board
@@ -71,6 +73,7 @@ from toolkit.core.data.live import LiveConfig, LiveFolder
 from toolkit.core.data.source import InMemory, TrainingData
 from toolkit.core.data.stream import Decode, FolderStream
 from toolkit.core.errors import HiertrainError, RunIncompleteError
+from toolkit.core.lr_schedule import LrSchedule
 from toolkit.core.protocol.codec import parse_codec
 from toolkit.core.protocol.messages import Status
 from toolkit.core.protocol.modes import check_mode
@@ -137,12 +140,9 @@ def open_training_data(manifest: Manifest, cfg: TrainConfig, *, normalized: bool
     if cfg.live:
         return _open_live(manifest, cfg, normalized)
     if not is_image_folder(cfg.data):
-        if cfg.augment:
-            raise HiertrainError(
-                f"--augment applies to image folders (decoded per batch); {cfg.data or 'digits'}"
-                " is loaded whole into memory: drop --augment or train on an image folder")
         return InMemory(load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit,
-                                           seed=cfg.seed, normalized=normalized))
+                                           seed=cfg.seed, normalized=normalized),
+                        cfg.augment, normalized=normalized)
     norm = manifest.data["model"]["normalization"] if normalized else {}
     data = FolderStream(cfg.data, input_shape=manifest.input_shape, mean=norm.get("mean"),
                         std=norm.get("std"), augment=cfg.augment, limit=cfg.limit,
@@ -188,6 +188,7 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
     device = validate_id(cfg.device_id, "device id")
     if cfg.epochs < 1:
         raise HiertrainError(f"epochs must be >= 1, got {cfg.epochs}")
+    LrSchedule(cfg.lr_schedule)  # an unknown name fails here, before any loading
     shape = LinkShape.from_options(cfg.link_kbps, cfg.link_latency_ms)
     try:  # fail before training, not after it, if the weights cannot be saved
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,11 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
                              "drop --epochs (it ends after --idle-timeout or --max-batches)")
     if cfg.max_batches is not None and mode != "ht":
         raise HiertrainError(f"--max-batches applies to --mode ht only, not {mode}; drop it")
+    if cfg.live and cfg.lr_schedule != "constant":
+        raise HiertrainError(f"--lr-schedule {cfg.lr_schedule} needs a known number of batches; "
+                             "a --live source has none: drop --lr-schedule")
     ds = open_training_data(manifest, cfg, normalized=mode != "cloud")
+    schedule = lr_schedule(cfg, 0 if cfg.live else len(ds), manifest.batch_size)
     if backend is None and backend_name:
         backend = make_backend(backend_name, manifest)
     log.info("device %s: %d samples of %s, mode %s, %s backend, batch %d", device, len(ds),
@@ -234,7 +239,8 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
     try:
         publish_status(link, Status(role="edge", device=device, run=run, state="online",
                                      extra={"backend": backend.name if backend else "none",
-                                            "samples": len(ds), "mode": mode}))
+                                            "samples": len(ds), "mode": mode,
+                                            **schedule_extra(schedule)}))
         setup_s = time.monotonic() - t0
         started_unix = time.time()
         summary = mode_loop(mode)(cfg, manifest, codec, scheme, ds, backend, link, run,

@@ -18,7 +18,7 @@ from typing import Any
 from edge_runtime.config import TrainConfig
 from edge_runtime.progress import progress_bar
 from edge_runtime.publisher import Publisher
-from edge_runtime.session import flush_outbox, publish_done
+from edge_runtime.session import flush_outbox, lr_schedule, publish_done, schedule_extra
 from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.data.source import TrainingData
 from toolkit.core.protocol.codec import IMAGE_CODEC, BatchMeta, Codec
@@ -42,6 +42,7 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
     """
     bs = manifest.batch_size
     per_epoch = len(ds) // bs
+    schedule = lr_schedule(cfg, len(ds), bs)  # the cloud trains everything, on this schedule
     topic = act_topic(run, device)
     seq = samples = raw_batches = 0
     history: list[dict[str, Any]] = []
@@ -68,7 +69,8 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
             publisher.submit(status_topic(run, device), Status(
                 role="edge", device=device, run=run, state="training", epoch=epoch,
                 batches_published=seq, samples_published=samples, last_seq=seq - 1,
-                extra={"mode": MODE}).encode(), retain=True, kind="status")
+                extra={"mode": MODE, **schedule_extra(schedule)}).encode(), retain=True,
+                kind="status")
         flush_outbox(publisher, link)
     finally:
         publisher.close()
@@ -82,7 +84,8 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
     publish_done(link, run, device, epochs=cfg.epochs, seq=seq, samples=samples,
                  exit_accuracy=None, extra={
                      "mode": MODE, "wall_s": round(wall_s, 3), "bytes_sent": link.bytes_sent,
-                     "publish_wait_s": round(stats.publish_wait_s, 4), "epochs": cfg.epochs})
+                     "publish_wait_s": round(stats.publish_wait_s, 4), "epochs": cfg.epochs,
+                     **schedule_extra(schedule)})
     return {
         "device": device,
         "run": run,
@@ -101,4 +104,5 @@ def upload_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: Quan
         "batches_per_s": seq / max(wall_s, 1e-9),
         "backend": "none",
         "history": history,
+        **schedule_extra(schedule),
     }

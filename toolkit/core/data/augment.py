@@ -7,14 +7,19 @@ PIL image after the resize to the model's input, so they cost a few microseconds
 uint8 work per image.
 
 Randomness is per sample and reproducible: :class:`~toolkit.core.data.stream.FolderStream`
-seeds each image's draw from ``(seed, epoch, sample)``, so a run resumed mid-epoch sees the
-same flipped and cropped pixels as the run it continues, whatever the number of workers.
+and :class:`~toolkit.core.data.source.InMemory` seed each image's draw from
+``(seed, epoch, sample)`` (:func:`sample_seed`), so a run resumed mid-epoch sees the same
+flipped and cropped pixels as the run it continues, whatever the number of workers.
+In-memory data sets (``.npz``, CIFAR) hold tensors already normalised: ``flip`` and ``crop``
+(which only move pixels) apply to them exactly as to the raw image, ``color`` does not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import Any
+
+import numpy as np
 
 from toolkit.core.errors import HiertrainError
 
@@ -67,4 +72,9 @@ class Augment:
         return steps
 
 
-__all__ = ["CROP_PAD", "Augment"]
+def sample_seed(seed: int, epoch: int, row: int) -> int:
+    """The seed of one sample's draw: the same pixels on a resume, whatever reads them."""
+    return int(np.random.SeedSequence([seed, epoch, row]).generate_state(1)[0])
+
+
+__all__ = ["CROP_PAD", "Augment", "sample_seed"]

@@ -213,6 +213,14 @@ def batches(
     A dataset smaller than one batch is then an error rather than a silent
     epoch without a step.
     """
+    for idx in batch_rows(ds, batch_size, epoch=epoch, seed=seed, drop_last=drop_last):
+        yield ds.x.index_select(0, idx), ds.y.index_select(0, idx)
+
+
+def batch_rows(
+    ds: Dataset, batch_size: int, *, epoch: int, seed: int, drop_last: bool = True
+) -> Iterator[torch.Tensor]:
+    """The rows of each of :func:`batches`' batches, in its order."""
     if batch_size < 1:
         raise HiertrainError(f"batch size must be >= 1, got {batch_size}")
     if seed < 0 or epoch < 0:
@@ -226,8 +234,7 @@ def batches(
     order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
-        yield ds.x.index_select(0, idx), ds.y.index_select(0, idx)
+        yield order[start : start + batch_size]
 
 
 def digits_stats() -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -18,7 +18,9 @@ from typing import Any, Protocol
 
 import torch
 
-from toolkit.core.data.datasets import Dataset, batches
+from toolkit.core.data.augment import Augment, sample_seed
+from toolkit.core.data.datasets import Dataset, batch_rows, batches
+from toolkit.core.errors import HiertrainError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,23 +46,53 @@ class TrainingData(Protocol):
 
 
 class InMemory:
-    """A :class:`Dataset` already in memory, iterated by :func:`batches`."""
+    """A :class:`Dataset` already in memory, iterated by :func:`batches`, each sample
+    augmented as ``augment`` says (drawn from ``(seed, epoch, row)``, as an image folder's).
 
-    def __init__(self, ds: Dataset) -> None:
+    ``normalized``: the tensors are normalised already, which only the pixel-moving
+    augmentations (``flip``, ``crop``) commute with; ``color`` is refused then.
+    """
+
+    def __init__(self, ds: Dataset, augment: Augment | None = None, *,
+                 normalized: bool = True) -> None:
         self.ds = ds
         self.name = ds.name
         self.classes = ds.classes
+        self.augment = augment or Augment()
+        self._transform = None
+        if self.augment:
+            if self.augment.color and normalized:
+                raise HiertrainError(
+                    f"--augment color needs the raw pixels, and {ds.name} is held normalised in "
+                    "memory; use flip,crop, or an image folder")
+            from torchvision.transforms import v2
+
+            self._transform = v2.Compose(self.augment.transforms(tuple(ds.x.shape[-2:])))
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def batches(self, batch_size: int, *, epoch: int, seed: int, start: int = 0
                 ) -> Iterator[Batch]:
-        return itertools.islice(batches(self.ds, batch_size, epoch=epoch, seed=seed), start, None)
+        if self._transform is None:
+            return itertools.islice(batches(self.ds, batch_size, epoch=epoch, seed=seed),
+                                    start, None)
+        rows = batch_rows(self.ds, batch_size, epoch=epoch, seed=seed)
+        return (self._augmented(idx, epoch, seed) for idx in itertools.islice(rows, start, None))
+
+    def _augmented(self, idx: torch.Tensor, epoch: int, seed: int) -> Batch:
+        assert self._transform is not None
+        x = self.ds.x
+        with torch.random.fork_rng(devices=[]):  # per-sample draws, global RNG untouched
+            out = []
+            for row in idx.tolist():
+                torch.manual_seed(sample_seed(seed, epoch, row))
+                out.append(self._transform(x[row]))
+        return torch.stack(out), self.ds.y.index_select(0, idx)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "in-memory", "name": self.name, "samples": len(self.ds), "workers": 0,
-                "augment": []}
+                "augment": self.augment.names}
 
 
 __all__ = ["Batch", "InMemory", "TrainingData"]

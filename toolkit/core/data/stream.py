@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
-from toolkit.core.data.augment import Augment
+from toolkit.core.data.augment import Augment, sample_seed
 from toolkit.core.data.datasets import image_folder_index
 from toolkit.core.data.source import Batch
 from toolkit.core.errors import HiertrainError
@@ -148,7 +148,7 @@ class _EpochSampler(Sampler[list[tuple[int, int]]]):
     def _aug_seed(self, row: int) -> int:
         if not self.augment:
             return 0
-        return int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1)[0])
+        return sample_seed(self.seed, self.epoch, row)
 
 
 class FolderStream:
