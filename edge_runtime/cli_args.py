@@ -118,7 +118,7 @@ def add_data_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
                     help="the exported learning rate over the run: constant, or cosine down to "
                          "0 over --epochs (per batch); the cloud trainer follows the edge's "
-                         "schedule (default: constant)")
+                         "schedule")
     sp.add_argument("--max-batches", type=positive_int, default=None, metavar="N",
                     help="ht: stop after N batches in all, mid-epoch if need be (the checkpoint "
                          "keeps the position for --resume); unset: every epoch")
