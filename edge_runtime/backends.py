@@ -19,6 +19,7 @@ convolution or matrix kernels (they die with SIGILL on a Cortex-A72 with the ind
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch
 
 from edge_runtime.config import BACKENDS
 from edge_runtime.host_state import HostStats, check_state, initial_state
+from edge_runtime.sgd import HostSGD
 from toolkit.core.artifacts.manifest import Manifest
 from toolkit.core.errors import HiertrainError
 
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from toolkit.core.models.edge_program import EdgeTrainStep
 
 EDGE_TRAIN = "edge_train.pte"
+
+log = logging.getLogger("edge_runtime")
 
 
 @dataclass
@@ -114,10 +118,6 @@ class EdgeBackend(ABC):
                 group["lr"] = self.lr * self.lr_factor
 
 
-def make_sgd(params, backend: EdgeBackend) -> torch.optim.SGD:
-    """The edge's SGD with the manifest's hyper-parameters: torch's, on both backends."""
-    return torch.optim.SGD(params, lr=backend.lr * backend.lr_factor, momentum=backend.momentum,
-                           weight_decay=backend.weight_decay, nesterov=backend.nesterov)
 
 
 def _load_checked(module: EdgeTrainStep, state: Mapping[str, torch.Tensor], what: str) -> None:
@@ -139,7 +139,10 @@ class TorchBackend(EdgeBackend):
 
         super().__init__(manifest)
         self.module: EdgeTrainStep = load_segments(manifest, with_proxy=True).step.train()
-        self.optimizer = make_sgd(self.module.parameters(), self)
+        self.optimizer = torch.optim.SGD(
+            self.module.parameters(), lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, nesterov=self.nesterov,
+        )
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         x, y = self.check_batch(x, y)
@@ -172,11 +175,10 @@ class ExecuTorchBackend(EdgeBackend):
     state. ``state_dict()`` merges the two under the same keys, in the same order, as the
     torch backend's ``EdgeTrainStep.state_dict()``.
 
-    The update is ``torch.optim.SGD`` over the program's own parameter tensors (written in
-    place) with the program's gradients, not ExecuTorch's ``get_sgd_optimizer``: that one
-    exposes only ``step``, so its learning rate cannot follow a schedule and its momentum
-    cannot be checkpointed. Both compute the same update (3e-8 apart over five steps of
-    smallcnn here), and SGD is element-wise arithmetic, no convolution or matrix kernel.
+    The update is :class:`~edge_runtime.sgd.HostSGD` (torch's SGD, written out) on the
+    program's own parameter tensors, in place, with the program's gradients: ExecuTorch's
+    SGD binding exposes only ``step``, so its learning rate could not follow a schedule
+    nor its momentum be checkpointed (edge_runtime/sgd.py says why not ``torch.optim``).
     """
 
     name = "executorch"
@@ -198,8 +200,7 @@ class ExecuTorchBackend(EdgeBackend):
         # buffer); the parameters in here are the exported ones until the first step.
         self.host = initial_state(manifest)
         self.stats = HostStats.from_manifest(manifest, self.host)
-        self.optimizer: torch.optim.SGD | None = None  # needs named_parameters: after a run
-        self._params: dict[str, torch.Tensor] = {}
+        self.optimizer: HostSGD | None = None  # needs named_parameters: after a first run
         self._ran = False
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -210,11 +211,7 @@ class ExecuTorchBackend(EdgeBackend):
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         x, y = self.check_batch(x, y)
         outs = self._forward_backward(x, y)
-        optimizer = self._ensure_optimizer()
-        grads = self.program.named_gradients()
-        for name, param in self._params.items():
-            param.grad = grads[name]
-        optimizer.step()
+        self._ensure_optimizer().step(self.program.named_gradients())
         self.stats.apply(outs[3:])
         return StepResult(loss=float(outs[0]), cut=outs[1], exit_logits=outs[2])
 
@@ -229,20 +226,27 @@ class ExecuTorchBackend(EdgeBackend):
             y = torch.zeros(self.batch_shape[0], dtype=torch.int64)
             self._forward_backward(x, y)
 
-    def _ensure_optimizer(self) -> torch.optim.SGD:
+    def _ensure_optimizer(self) -> HostSGD:
         if self.optimizer is None:
             self._materialize()
-            self._params = dict(self.program.named_parameters())
-            self.optimizer = make_sgd(list(self._params.values()), self)
+            self.optimizer = HostSGD(
+                dict(self.program.named_parameters()), lr=self.lr * self.lr_factor,
+                momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
         return self.optimizer
 
     def optimizer_state(self) -> dict | None:
         return None if self.optimizer is None else self.optimizer.state_dict()
 
     def load_optimizer_state(self, state: dict | None) -> None:
-        if state is not None:
+        if state is None:
+            return
+        try:
             self._ensure_optimizer().load_state_dict(state)
-            self._apply_lr()  # the schedule's rate, not the checkpoint's
+        except (ValueError, TypeError, AttributeError):
+            log.warning("the checkpoint's optimizer state is not this program's (another "
+                        "backend, or an older hiertrain): momentum restarts from zero")
+            return
+        self._apply_lr()  # the schedule's rate, not the checkpoint's
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         # before the first step the program still holds the exported weights

@@ -86,13 +86,49 @@ def test_a_resumed_executorch_edge_keeps_its_momentum(manifest) -> None:
     first = ExecuTorchBackend(manifest)
     _weights_after(first, batches[:3], [1.0] * 3)
     weights, momentum = first.state_dict(), first.optimizer_state()
-    assert momentum is not None and momentum["state"]  # momentum buffers are reachable
+    assert momentum is not None and momentum["momentum_buffer"]  # the buffers are reachable
     resumed = ExecuTorchBackend(manifest)
     resumed.load_state_dict(weights)
     resumed.load_optimizer_state(momentum)
     after = _weights_after(resumed, batches[3:], [1.0] * 2)
     worst = max(float((after[k] - straight[k]).abs().max()) for k in after)
     assert worst < 1e-6, worst
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_boards_sgd_is_torchs_update(nesterov: bool) -> None:
+    from edge_runtime.sgd import HostSGD
+
+    g = torch.Generator().manual_seed(0)
+    ours = {"w": torch.randn(5, 3, generator=g), "b": torch.randn(3, generator=g)}
+    theirs = {k: v.clone().requires_grad_(True) for k, v in ours.items()}
+    opts = dict(momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+    host = HostSGD(ours, lr=0.1, **opts)
+    ref = torch.optim.SGD(list(theirs.values()), lr=0.1, foreach=False, **opts)
+    for lr in (0.1, 0.05, 0.01):
+        grads = {k: torch.randn(v.shape, generator=g) for k, v in ours.items()}
+        host.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = lr
+        for k, p in theirs.items():
+            p.grad = grads[k].clone()
+        host.step(grads)
+        ref.step()
+    for k in ours:
+        assert torch.allclose(ours[k], theirs[k].detach(), atol=1e-7, rtol=0), k
+
+
+def test_the_boards_sgd_does_not_import_dynamo() -> None:
+    """torch.optim would (sympy, seconds of start-up on a board): tests/test_aarch64.py's
+    board has no sympy."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from edge_runtime.sgd import HostSGD; "
+            "o = HostSGD({'w': torch.zeros(2)}, lr=0.1, momentum=0.9); "
+            "o.step({'w': torch.ones(2)}); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 def test_in_memory_augmentation_is_reproducible_and_only_moves_pixels() -> None:
