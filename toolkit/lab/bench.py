@@ -890,7 +890,9 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> None:
 def _sec(v: float | None, std: float | None = None) -> str:
     if v is None:
         return "-"
-    return f"{v:.1f}" if std is None or std == 0 else f"{v:.1f} ± {std:.1f}"
+    if std is None or std == 0:
+        return f"{v:.1f}"
+    return f"{v:.1f} ± {std:.2f}" if std < 0.1 else f"{v:.1f} ± {std:.1f}"
 
 
 def _pct(v: float | None) -> str:
