@@ -75,8 +75,8 @@ def test_bench_cli_refuses_unknown_model(cli, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bench_runs_ht_and_split_on_a_shaped_link(cli, tmp_path: Path) -> None:
     """Two real runs (ht on ExecuTorch; split with float32 gradients) at 2 Mbit/s: rows,
-    reductions, plots, from data. The cloud mode and int8 split gradients have end-to-end tests of their own
-    (tests/test_modes.py); the sweep's planning of them is tested above."""
+    reductions, plots, from data. The cloud mode and int8 split gradients have end-to-end
+    tests of their own (tests/test_modes.py); the sweep's planning of them is tested above."""
     r = cli("toolkit", "bench", "--models", "smallcnn", "--modes", "ht,split", "--rates", "2",
             "--samples", "64", "--repeats", "1",
             "--schedules", "runtime", "--data", "digits", "--broker", "embedded",

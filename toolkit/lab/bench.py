@@ -318,7 +318,7 @@ def _frames(cfg: BenchConfig, base: DataSource, shape: tuple[int, int, int], wor
     tag = Path(src).stem if src != "digits" else "digits"
     path = work / f"frames-{tag}-{c}x{h}x{w}-{train_n}-{cfg.eval_limit}.npz"
     if not path.is_file():
-        print(f"bench: writing {c}x{h}x{w} uint8 frames from {base.name} to {path}",
+        print(f"bench: writing {c}x{h}x{w} uint8 frames from {src} to {path}",
               file=sys.stderr)
         arrays = {}
         for split, n in (("train", train_n), ("test", cfg.eval_limit)):
@@ -333,8 +333,9 @@ def _frames(cfg: BenchConfig, base: DataSource, shape: tuple[int, int, int], wor
         x = f["x_train"].astype(np.float64) / 255.0
     mean = tuple(round(float(v), 4) for v in x.mean(axis=(0, 1, 2)))
     std = tuple(round(max(float(v), 1e-3), 4) for v in x.std(axis=(0, 1, 2)))
+    origin = "scikit-learn digits (8x8)" if src == "digits" else base.name
     return DataSource(str(path), shape, mean, std,
-                      f"{base.name} resized to {c}x{h}x{w} uint8 frames (made for this run: "
+                      f"{origin} resized to {c}x{h}x{w} uint8 frames (made for this run: "
                       "the runtime does not depend on the content)")
 
 
