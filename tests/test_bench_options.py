@@ -224,3 +224,18 @@ def test_executorch_thread_count_is_validated() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError):
             et_program.set_threads(bad)  # type: ignore[arg-type]
+
+
+def test_frames_are_uint8_at_the_asked_shape_so_images_travel_one_byte_a_pixel(tmp_path) -> None:
+    from toolkit.core.data.datasets import load_dataset
+    from toolkit.core.protocol.codec import IMAGE_CODEC
+
+    cfg = BenchConfig(samples=32, eval_limit=8, schedules=("runtime",))
+    base = bench.DataSource("digits", (1, 32, 32), (0.3,), (0.37,), "digits")
+    src = bench._frames(cfg, base, (3, 40, 48), tmp_path)
+    assert src.shape == (3, 40, 48) and len(src.mean) == len(src.std) == 3
+    assert "uint8 frames" in src.name and "made for this run" in src.name
+    train = load_dataset(src.source, "train")
+    assert tuple(train.x.shape) == (32, 3, 40, 48) and len(load_dataset(src.source, "test")) == 8
+    assert IMAGE_CODEC.on_grid(train.x[:4])  # on the uint8 grid: no float32 upload
+    assert bench._frames(cfg, base, (3, 40, 48), tmp_path) == src  # written once, reused
