@@ -657,6 +657,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                   "epoch(s) ...", file=sys.stderr, flush=True)
             try:
                 res = run_one(spec, artifacts, broker.url, work, data.source, cfg)
+                took = time.monotonic() - t  # the run, start-up to exit (no profiling)
                 row = _row(spec, res, data.name, f32, cfg, lowering)
             except HiertrainError as exc:  # keep going: one bad run must not lose the sweep
                 failed.append(spec.name)
@@ -667,8 +668,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             rows.append(row)
             print(f"    {row['wall_s']:.1f} s training (predicted {row['predicted_s']}), "
                   f"{row['bytes_per_sample_up']:.0f} B/sample up, {row['bytes_down']} B down, "
-                  f"full acc {row['full_accuracy']:.3f} ({time.monotonic() - t:.0f} s with "
-                  "start-up)", file=sys.stderr, flush=True)
+                  f"full acc {row['full_accuracy']:.3f} ({took:.0f} s with start-up)",
+                  file=sys.stderr, flush=True)
             write_results(rows, results)  # nothing lost if a later run fails
     write_report(rows, cfg.out)
     if failed:
