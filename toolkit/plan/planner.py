@@ -258,7 +258,8 @@ def render(plan: dict) -> str:
         lines.append(f"recommendation: split at {rec['split']}, ht epoch {fmt_s(rec['epoch_s'])}")
     lines += [f"  note: {n}" for n in rec["notes"]]
     lines.append(
-        "  note: edge times are eager PyTorch (edge-runtime --backend torch); ExecuTorch's "
-        "portable training kernels are several times slower (docs/plan.md)"
+        "  note: edge times are eager PyTorch (edge-runtime --backend torch); the exported "
+        "ExecuTorch program (default lowering) took 1.2-2.1x as long here "
+        "(benchmarks/results/et_speed.json): divide --edge-speed accordingly (docs/plan.md)"
     )
     return "\n".join(lines)
