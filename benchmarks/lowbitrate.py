@@ -32,7 +32,8 @@ COMMITTED = ["bench", "--models", "vgg16,resnet18", "--splits", "vgg16=stage2,re
 # --input-shape).
 CAMERA = ["bench", "--models", "torchvision:mobilenet_v3_small",
           "--splits", "torchvision:mobilenet_v3_small=plan", "--input-shape", "3,224,224",
-          "--links", "2/20,10/50,50/50", "--repeats", "3", "--schedules", "runtime",
+          "--links", "0.5/0.5,2/20,10/50,50/50", "--modes", "ht,cloud", "--repeats", "3",
+          "--schedules", "runtime",
           "--samples", "256", "--max-link-s", "200", "--eval-limit", "200",
           "--out", "benchmarks/results/camera"]
 QUICK = ["bench", "--models", "smallcnn", "--links", "0.5/0.5,2/20", "--samples", "128",
