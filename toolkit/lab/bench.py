@@ -910,8 +910,9 @@ def markdown_table(rows: list[dict[str, Any]], red: list[dict[str, Any]],
     points = aggregate(rows) if points is None else points
     data = sorted({r["data"] for r in rows})
     backends = sorted({r.get("edge_backend", "torch") for r in rows if r["mode"] == "ht"})
-    lines = [f"Data: {', '.join(data)}. Each figure is measured (see benchmarks/results/"
-             "lowbitrate.json); times are means over the repeats ± their standard deviation. "
+    lines = [f"Data: {', '.join(data)}. Each figure is measured (every run is a row of "
+             "lowbitrate.json beside this table); times are means over the repeats ± their "
+             "standard deviation. "
              f"HT edge backend: {', '.join(backends) or '-'}.", "",
              "| model | input | link up/down Mbit/s | split | samples | repeats | HT s | split s | "
              "split (int8 grad) s | cloud s | HT vs split | HT vs split (int8 grad) | "
