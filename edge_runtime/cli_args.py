@@ -39,7 +39,10 @@ def setup(args: argparse.Namespace) -> None:
     if args.threads is not None:
         import torch
 
+        from toolkit.core.et_program import set_threads
+
         torch.set_num_threads(args.threads)
+        set_threads(args.threads)  # ExecuTorch's own pool, else it takes every core
 
 
 def add_threads(sp: argparse.ArgumentParser) -> None:

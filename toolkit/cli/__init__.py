@@ -145,7 +145,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for m in models:
         cfg = PlanConfig(
             model=m, board=args.board, link_kbps=args.link_kbps,
-            link_latency_ms=args.link_latency_ms, batch=args.batch, samples=args.samples,
+            link_down_kbps=args.link_kbps_down, link_latency_ms=args.link_latency_ms,
+            batch=args.batch, samples=args.samples,
             bits=args.bits, input_shape=args.input_shape, num_classes=args.num_classes,
             threads=args.threads, repeats=args.repeats, max_seconds=args.max_profile_s,
             profile_cache=Path(args.profile_cache) if args.profile_cache else None,
@@ -205,26 +206,44 @@ def _split_map(text: str) -> dict[str, str]:
             f"expected model=split[,model=split], got {text!r}") from None
 
 
+def _bench_links(args: argparse.Namespace):
+    """``--links`` (UP/DOWN pairs) or ``--rates`` (symmetric), not both; the default sweep."""
+    from toolkit.core.errors import HiertrainError
+    from toolkit.lab.bench import BenchConfig, parse_links
+
+    if args.links is not None and args.rates is not None:
+        raise HiertrainError("give --links (UP/DOWN pairs) or --rates (symmetric), not both")
+    if args.links is not None:
+        return parse_links(args.links)
+    if args.rates is not None:
+        return parse_links(",".join(f"{r:g}" for r in args.rates))
+    return BenchConfig.links
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from toolkit.lab.bench import BenchConfig, reductions, run_bench
 
     rows = run_bench(BenchConfig(
         out=Path(args.out), work_dir=Path(args.work_dir) if args.work_dir else None,
         models=tuple(args.models.split(",")), splits=args.splits,
-        modes=tuple(args.modes.split(",")), rates_mbps=args.rates, latency_ms=args.latency_ms,
+        modes=tuple(args.modes.split(",")), links=_bench_links(args), latency_ms=args.latency_ms,
         codec=args.codec, extra_codecs=tuple(c for c in args.extra_codecs.split(",") if c),
         batch=args.batch, samples=args.samples, max_link_s=args.max_link_s,
         accuracy_samples=args.accuracy_samples, accuracy_epochs=args.accuracy_epochs,
         eval_limit=args.eval_limit, lr=args.lr, data=args.data, broker=args.broker,
         schedules=tuple(args.schedules.split(",")),
         split_grad_bits=tuple(int(b) for b in args.split_grad_bits), resume=args.resume,
-        report_only=args.report_only,
+        report_only=args.report_only, edge_backend=args.edge_backend, lowering=args.lowering,
+        cloud_threads=args.cloud_threads, cloud_device=args.cloud_device, repeats=args.repeats,
+        input_shape=args.input_shape,
     ))
     for e in reductions(rows):
         vs = ", ".join(f"{e[k] * 100:.0f} % vs {k.removeprefix('reduction_vs_')}"
                        for k in ("reduction_vs_split", "reduction_vs_split_g8",
                                  "reduction_vs_cloud") if e[k] is not None)
-        print(f"{e['model']} at {e['link_mbps']:g} Mbit/s: HT {e['ht_s']:.1f} s ({vs})")
+        shape = "x".join(map(str, e["input_shape"]))
+        print(f"{e['model']} ({shape}, {e['split']}) at {e['link']} Mbit/s: HT {e['ht_s']:.1f} s"
+              f" (mean of {e['repeats']}; {vs})")
     print(f"written to {Path(args.out) / 'lowbitrate.json'}")
     return 0
 
@@ -355,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model name, or several comma-separated; unset: every model")
     sp.add_argument("--board", default="rpi4", help="board profile name or .yaml path")
     sp.add_argument("--link-kbps", type=float, default=None,
-                    help="link rate in kbit/s; unset: the board's")
+                    help="link rate in kbit/s (the uplink, edge to cloud); unset: the board's")
+    sp.add_argument("--link-kbps-down", type=float, default=None,
+                    help="downlink rate in kbit/s (cloud to edge: split learning's gradients); "
+                         "unset: the same as the uplink")
     sp.add_argument("--link-latency-ms", type=float, default=None,
                     help="one-way link latency in ms; unset: the board's")
     sp.add_argument("--batch", type=int, default=None,
@@ -422,12 +444,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--work-dir", default=None, help="run dirs; unset: OUT/lowbitrate-runs")
     sp.add_argument("--models", default="vgg16,resnet18", help="models, comma-separated")
     sp.add_argument("--splits", type=_split_map, default={},
-                    help="split point per model, model=split,...; models not named: "
-                         "vgg16=stage2, resnet18=layer3")
+                    help="split point per model, model=split,...; model=plan: the split "
+                         "`toolkit plan` recommends for each link; models not named: "
+                         "vgg16=stage2, resnet18=layer3, smallcnn=block1, else the model's "
+                         "default")
     sp.add_argument("--modes", default="ht,split,cloud",
                     help="training modes to compare, comma-separated")
-    sp.add_argument("--rates", type=_floats, default=(0.5, 2.0, 10.0, 50.0),
-                    help="link bit rates in Mbit/s, comma-separated")
+    sp.add_argument("--links", default=None, metavar="UP/DOWN,...",
+                    help="links to measure, uplink/downlink in Mbit/s, comma-separated (e.g. "
+                         "0.5/0.5,2/2,2/20,10/50; one number: the same both ways); unset: "
+                         "0.5,2,10,50 symmetric")
+    sp.add_argument("--rates", type=_floats, default=None,
+                    help="symmetric links in Mbit/s, comma-separated (--links 2 = --rates 2)")
     sp.add_argument("--latency-ms", type=float, default=20.0, help="one-way link latency")
     sp.add_argument("--codec", default="int8", help="activation codec for ht and split")
     sp.add_argument("--extra-codecs", default="",
@@ -456,6 +484,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the runs already in OUT/lowbitrate.json, run only the others")
     sp.add_argument("--split-grad-bits", type=_floats, default=(32,),
                     help="split learning's gradients: 32 (float32, classic) and/or 8, e.g. 32,8")
+    sp.add_argument("--edge-backend", choices=("executorch", "torch"), default="executorch",
+                    help="the ht edge's engine: the exported ExecuTorch program (what a user "
+                         "gets) or eager PyTorch; split learning's edge runs torch either way, "
+                         "the cloud mode's trains nothing")
+    sp.add_argument("--lowering", choices=("xnnpack", "matmul", "portable"), default=None,
+                    help="the export's convolution lowering; unset: toolkit export's default "
+                         "(xnnpack) with an ExecuTorch edge, portable with --edge-backend torch")
+    sp.add_argument("--cloud-threads", type=int, default=None,
+                    help="the cloud trainer's torch threads; unset: the cores left after the "
+                         "edge's one (1 on a 2-core machine); more is refused")
+    sp.add_argument("--cloud-device", default="auto",
+                    help="the cloud trainer's --device: auto (a GPU when torch sees one), cpu, "
+                         "cuda[:N]")
+    sp.add_argument("--repeats", type=int, default=3,
+                    help="runtime runs: repeats per point (mean, std, min, max reported)")
+    sp.add_argument("--input-shape", type=_shape, default=None,
+                    help="model input C,H,W, e.g. 3,224,224: the data resized to it as uint8 "
+                         "frames; unset: the data's own (3,32,32, or 1,32,32 for digits)")
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("gateway", help="bridge a device's serial line to an MQTT broker")

@@ -92,16 +92,39 @@ class _Runtime(NamedTuple):
     sgd: Callable[..., Any]
 
 
+_threads: int | None = None
+
+
+def set_threads(n: int) -> None:
+    """Size ExecuTorch's CPU thread pool (XNNPACK's workers) to ``n`` threads.
+
+    Why: the pool is sized to the machine's cores when it is first used, whatever
+    ``torch.set_num_threads`` says, so an edge started with ``--threads 1`` ran its
+    XNNPACK kernels on every core and competed with the processes beside it. Resizing a
+    pool that programs have already used is unsafe (a step hung here), so the size is
+    applied when the runtime is first imported, before any program loads; a call after
+    that changes nothing and returns quietly.
+    """
+    global _threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"thread count must be a positive integer, got {n!r}")
+    _threads = n
+
+
 @functools.cache
 def _runtime() -> _Runtime:
     """The ExecuTorch runtime entry points (loaders, SGD), imported once, quietly, without
-    the build stack (:func:`_exir_init_skipped`)."""
+    the build stack (:func:`_exir_init_skipped`); the thread pool sized by
+    :func:`set_threads` if it was called."""
     with _quiet(), _exir_init_skipped():
         from executorch.extension.pybindings import portable_lib
         from executorch.extension.training import (
             _load_for_executorch_for_training_from_buffer,
             get_sgd_optimizer,
         )
+
+        if _threads is not None:
+            portable_lib._unsafe_reset_threadpool(_threads)
 
     return _Runtime(backends=portable_lib._get_registered_backend_names,
                     load=portable_lib._load_for_executorch_from_buffer,

@@ -33,6 +33,8 @@ class PlanConfig:
     model: str
     board: str = "rpi4"
     link_kbps: float | None = None
+    link_down_kbps: float | None = None
+    """Cloud-to-edge rate (split learning's gradients); None: the uplink's (symmetric)."""
     link_latency_ms: float | None = None
     batch: int | None = None
     samples: int = CIFAR10_TRAIN
@@ -88,7 +90,8 @@ def make_plan(cfg: PlanConfig, *, show_progress: bool = False,
     board = load_board(cfg.board)
     link = Link(kbps=board.link_kbps if cfg.link_kbps is None else cfg.link_kbps,
                 latency_ms=(board.link_latency_ms if cfg.link_latency_ms is None
-                            else cfg.link_latency_ms))
+                            else cfg.link_latency_ms),
+                down_kbps=cfg.link_down_kbps)
     batch = board.default_batch if cfg.batch is None else cfg.batch
     n = n_batches(cfg.samples, batch)
     shape = tuple(cfg.input_shape or spec.input_shape)
@@ -194,6 +197,12 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _rates(link: dict) -> str:
+    """``2000`` for a symmetric link, ``2000 up / 20000 down`` otherwise."""
+    down = link.get("down_kbps", link["kbps"])
+    return f"{link['kbps']:g}" if down == link["kbps"] else f"{link['kbps']:g} up / {down:g} down"
+
+
 def _pct(x: float) -> str:
     return f"{x * 100:+.0f}%"
 
@@ -204,7 +213,7 @@ def render(plan: dict) -> str:
     bits = "raw float32" if plan["bits"] == 32 else f"int{plan['bits']}"
     lines = [
         f"{plan['model']} on {b['name']} (training budget {b['budget_mb']} MB), link "
-        f"{link['kbps']:g} kbit/s, {link['latency_ms']:g} ms one way; batch {plan['batch']}, "
+        f"{_rates(link)} kbit/s, {link['latency_ms']:g} ms one way; batch {plan['batch']}, "
         f"{plan['samples']:,} samples = {plan['n_batches']:,} batches per epoch; {bits} "
         "activations",
         f"edge speed {plan['edge_speed']['value']:.3g}x this machine "
@@ -249,7 +258,8 @@ def render(plan: dict) -> str:
         lines.append(f"recommendation: split at {rec['split']}, ht epoch {fmt_s(rec['epoch_s'])}")
     lines += [f"  note: {n}" for n in rec["notes"]]
     lines.append(
-        "  note: edge times are eager PyTorch (edge-runtime --backend torch); ExecuTorch's "
-        "portable training kernels are several times slower (docs/plan.md)"
+        "  note: edge times are eager PyTorch (edge-runtime --backend torch); the exported "
+        "ExecuTorch program (default lowering) took 1.2-2.1x as long here "
+        "(benchmarks/results/et_speed.json): divide --edge-speed accordingly (docs/plan.md)"
     )
     return "\n".join(lines)

@@ -522,3 +522,93 @@ def load_or_profile(
         _write_cache(path, [*kept, profile.to_dict()])
         log(f"saved the profile to {path}")
     return profile, False
+
+
+# --------------------------------------------------------------------------- ExecuTorch edge step
+
+
+def executorch_step(artifacts: str | Path, threads: int = 1, steps: int = 10, warmup: int = 2,
+                    max_seconds: float = 30.0) -> dict:
+    """The exported edge program's training step in the ExecuTorch runtime, timed here.
+
+    Why a whole step and not blocks: the per-block profile above times eager modules, and
+    an ExecuTorch program runs as one, so the ExecuTorch figure is the whole ``ht`` edge
+    step (forward, backward, SGD on the program's parameters) of the program ``toolkit
+    export`` wrote, as the edge runtime's ``executorch`` backend runs it, less the host's
+    BatchNorm-statistics fold (a few element-wise ops per BN layer). The cut's
+    quantization is not in it (the profile's ``exits[split].quantize_s`` is).
+
+    Call it in a process that has not loaded an ExecuTorch program yet (:func:`measure_
+    executorch_step` starts one): the runtime's thread pool is sized on first use
+    (``toolkit.core.et_program.set_threads``). Returns the median and the spread of the
+    timed steps.
+    """
+    import torch
+
+    from toolkit.core.artifacts.manifest import load_manifest
+    from toolkit.core.et_program import TrainingProgram, set_threads
+
+    set_threads(threads)
+    torch.set_num_threads(threads)
+    manifest = load_manifest(Path(artifacts))
+    program = TrainingProgram.from_file(manifest.path("edge_train.pte"))
+    opt = manifest.data["optimizer"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(manifest.batch_size, *manifest.input_shape, generator=gen)
+    y = torch.randint(0, manifest.num_classes, (manifest.batch_size,), generator=gen)
+    program.forward_backward(x, y)
+    sgd = program.sgd(opt["lr"], opt.get("momentum", 0.0), opt.get("weight_decay", 0.0),
+                      opt.get("nesterov", False))
+
+    def step() -> float:
+        t = time.perf_counter()
+        program.forward_backward(x, y)
+        sgd.step(program.named_gradients())
+        return time.perf_counter() - t
+
+    for _ in range(warmup):
+        step()
+    deadline = time.perf_counter() + max_seconds
+    times = [step()]
+    while len(times) < steps and time.perf_counter() < deadline:
+        times.append(step())
+    lowering = manifest.data["programs"]["edge_train"].get("lowering", {})
+    return {"step_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "steps": len(times), "threads": threads, "batch": manifest.batch_size,
+            "lowering": lowering.get("convolutions"), "split": manifest.data["split"]["point"]}
+
+
+def measure_executorch_step(artifacts: str | Path, threads: int = 1,
+                            timeout: float = 600.0) -> dict:
+    """:func:`executorch_step` in a fresh Python process (its thread pool unused so far);
+    HiertrainError with the child's last words when it fails."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "toolkit.plan.profiling", "--executorch-step", str(artifacts),
+           "--threads", str(threads)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise HiertrainError(f"timing the ExecuTorch step of {artifacts} took over "
+                             f"{timeout:.0f} s") from None
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HiertrainError(f"timing the ExecuTorch step of {artifacts} failed: {last}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m toolkit.plan.profiling",
+                                description="time an exported edge program's ExecuTorch step")
+    p.add_argument("--executorch-step", required=True, metavar="ARTIFACTS")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    print(json.dumps(executorch_step(args.executorch_step, args.threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
