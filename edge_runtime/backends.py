@@ -117,7 +117,18 @@ class EdgeBackend(ABC):
             for group in optimizer.param_groups:
                 group["lr"] = self.lr * self.lr_factor
 
+    def reset_optimizer(self) -> None:
+        """Momentum restarts from zero at the next step (after loading the fleet's average:
+        the buffers are the velocity of weights this device no longer has)."""
+        optimizer = getattr(self, "optimizer", _NO_OPTIMIZER)
+        if optimizer is _NO_OPTIMIZER:
+            raise HiertrainError(f"the {self.name} backend cannot restart its optimizer, so it "
+                                 "cannot take the fleet's average; drop --fleet-average")
+        if optimizer is not None:  # None: no step yet, nothing to forget
+            optimizer.state.clear()  # SGD's momentum buffers; the next step makes new ones
 
+
+_NO_OPTIMIZER = object()
 
 
 def _load_checked(module: EdgeTrainStep, state: Mapping[str, torch.Tensor], what: str) -> None:
