@@ -117,6 +117,7 @@ class FleetAverager:
         self.latest: AverageRound | None = None
         self.rounds = 0
         self.skipped: list[int] = []
+        self.history: list[dict[str, Any]] = []  # per decided round: who, how long it waited
         self.attempts: dict[str, str] = {}  # device -> attempt of its latest weights
         self.sent: dict[str, tuple[int, str]] = {}  # device -> (epoch, attempt) last sent
         self._missed: set[str] = set()  # missed the last round and sent nothing since
@@ -163,6 +164,9 @@ class FleetAverager:
             del self._pending[epoch]
             roster, _ = self.expected()
             self.decided_epoch = epoch
+            self.history.append({"epoch": epoch, "devices": sorted(pending.items),
+                                 "waited_s": round(self.clock() - pending.first, 3),
+                                 "averaged": len(pending.items) >= self.quorum})
             if len(pending.items) < self.quorum:
                 self.skipped.append(epoch)
                 self._missed = set(roster) - set(pending.items)
@@ -212,14 +216,15 @@ class FleetAverager:
                 "last_epoch": None if avg is None else avg.epoch,
                 "last_devices": None if avg is None else list(avg.devices),
                 "last_samples": None if avg is None else sum(avg.samples.values()),
-                "pending_epochs": sorted(self._pending)}
+                "pending_epochs": sorted(self._pending), "history": list(self.history)}
 
     def state_dict(self) -> dict[str, Any]:
         """What a restarted trainer needs: the rounds decided and the latest average.
         Undelivered contributions are not kept: the edges' retained weights arrive again."""
         avg = self.latest
         return {"decided_epoch": self.decided_epoch, "rounds": self.rounds,
-                "skipped": list(self.skipped), "attempts": dict(self.attempts),
+                "skipped": list(self.skipped), "history": list(self.history),
+                "attempts": dict(self.attempts),
                 "sent": {d: [e, a] for d, (e, a) in self.sent.items()},
                 "latest": None if avg is None else {
                     "epoch": avg.epoch, "devices": list(avg.devices),
@@ -230,6 +235,7 @@ class FleetAverager:
         self.decided_epoch = int(state.get("decided_epoch", -1))
         self.rounds = int(state.get("rounds", 0))
         self.skipped = [int(e) for e in state.get("skipped", [])]
+        self.history = [dict(h) for h in state.get("history", [])]
         self.attempts = {str(d): str(a) for d, a in dict(state.get("attempts", {})).items()}
         self.sent = {str(d): (int(v[0]), str(v[1]))
                      for d, v in dict(state.get("sent", {})).items()}
