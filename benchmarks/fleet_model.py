@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skew", default="dirichlet:0.3",
                     help="--shard-skew of every robot (toolkit.core.data.skew)")
     ap.add_argument("--epochs", type=int, default=10, help="edge epochs per run")
-    ap.add_argument("--limit", type=int, default=12000,
+    ap.add_argument("--limit", type=int, default=16000,
                     help="training samples shared out among the robots")
     ap.add_argument("--model", default="smallcnn", help="built-in model to export")
     ap.add_argument("--batch", type=int, default=32, help="training batch (export option)")
