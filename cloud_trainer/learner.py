@@ -402,18 +402,24 @@ class CloudLearner:
         self._average = got
         return self.evaluate(AVERAGE_SOURCE, trigger)
 
-    def average_due(self) -> list[Reply]:
-        """``--fleet-average``: decide a round that is ready; the averages to publish
-        (retained), to every device that does not hold the latest one yet."""
+    def average_due(self) -> bool:
+        """``--fleet-average``: decide a round that is ready; whether one was decided
+        (averaged or skipped)."""
         averager = self.fleet_model.averager
         if averager is None:
-            return []
+            return False
+        before = averager.decided_epoch
         avg = averager.due()
         if avg is not None:
             self._average = (avg.state, avg.epoch)
             self.fleet_model.on_round(avg.devices)
             self.request_evaluation(AVERAGE_SOURCE, "average")
-        return averager.deliveries()
+        return averager.decided_epoch != before
+
+    def average_deliveries(self) -> list[Reply]:
+        """The latest average for every device that does not hold it yet (marked sent)."""
+        averager = self.fleet_model.averager
+        return [] if averager is None else averager.deliveries()
 
     def _device_state(self, device: str) -> str | None:
         if device in self.fleet.offline:

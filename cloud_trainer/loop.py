@@ -392,10 +392,16 @@ class CloudRun:
             self._ack_finished_edges()
 
     def _post_averages(self) -> None:
-        """``--fleet-average``: publish (retained) the averages the learner says are due."""
+        """``--fleet-average``: publish (retained) the averages the learner says are due.
+
+        A decided round is checkpointed at once: a restarted trainer must not decide it
+        again from the retained weights it finds, some of which are of later epochs by then.
+        """
         if self._outbox is None:
             return
-        for topic, payload in self.learner.average_due():
+        if self.learner.average_due():
+            self.checkpoint()
+        for topic, payload in self.learner.average_deliveries():
             self._outbox.post(topic, payload, retain=True)
             device = topics.parse_topic(topic)[1]
             self.bytes_down[device] = self.bytes_down.get(device, 0) + len(payload)

@@ -524,3 +524,56 @@ def test_edge_refuses_bad_fleet_options(cli_in_process, artifacts: Path, tmp_pat
     assert r.returncode == 3, r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and match in errors[0], r.stderr
+
+
+def test_the_cloud_checkpoint_keeps_the_rounds(artifacts: Path, manifest, tmp_path: Path) -> None:
+    """A restarted trainer resumes the rounds: the latest average is there to score and to send
+    late devices, and the retained weights it finds again decide no second round."""
+    from cloud_trainer.config import CloudConfig
+    from cloud_trainer.fleet_average import AVERAGE_SOURCE
+    from cloud_trainer.ingest import WeightsItem
+    from cloud_trainer.learner import CloudLearner
+    from cloud_trainer.modes.registry import strategy_for
+
+    def learner() -> CloudLearner:
+        cfg = CloudConfig(artifacts=artifacts, broker="mqtt://127.0.0.1:1", run_dir=tmp_path,
+                          run_id="ck", device_ids=["a", "b"], fleet_average=True,
+                          eval_limit=64)
+        lr = CloudLearner(cfg, strategy_for(cfg))
+        for d in ("a", "b"):
+            lr.registry.admit(d)
+        return lr
+
+    def weights(lr: CloudLearner, device: str, scale: float) -> WeightsItem:
+        state = {k: v * scale if v.is_floating_point() else v
+                 for k, v in lr.init_edge_state.items()}
+        counts = [0] * manifest.num_classes
+        counts[0] = 32
+        meta = {"run": "ck", "device": device, "epoch": 0, "last_seq": 1, "samples": 32,
+                "label_counts": counts, "attempt": f"at-{device}"}
+        return WeightsItem(device, meta, state)
+
+    lr = learner()
+    lr.on_weights(weights(lr, "a", 1.0))
+    assert not lr.average_due()
+    lr.on_weights(weights(lr, "b", 3.0))
+    assert lr.average_due()
+    sent = lr.average_deliveries()
+    assert [t for t, _ in sent] == [topics.average_topic("ck", d) for d in ("a", "b")]
+    lr.checkpoint()
+    lr.close()
+
+    again = learner()
+    averager = again.fleet_model.averager
+    assert averager is not None and averager.decided_epoch == 0 and averager.rounds == 1
+    key = next(k for k, v in again.init_edge_state.items() if v.is_floating_point())
+    assert torch.allclose(again._edge_state(AVERAGE_SOURCE)[0][key],
+                          2.0 * again.init_edge_state[key], atol=1e-6)
+    again.on_weights(weights(again, "a", 1.0))  # retained weights, delivered again
+    again.on_weights(weights(again, "b", 3.0))
+    assert not again.average_due() and again.average_deliveries() == []
+    again.evaluate_average("final")
+    report = again.fleet_model.report(["a", "b"])
+    assert report["average"]["kind"] == "rounds" and report["average"]["devices"] == ["a", "b"]
+    assert report["devices"]["a"]["label_share"][0] == 1.0
+    again.close()
