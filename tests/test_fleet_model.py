@@ -339,7 +339,8 @@ def _train_threads(cfgs: list[TrainConfig], backends: list[EdgeBackend | None],
 @pytest.mark.security
 def test_signed_fleet_average_is_the_weighted_mean_and_the_edges_start_from_it(
         artifacts: Path, manifest, broker, tmp_path: Path) -> None:
-    """Two edges (ExecuTorch and torch), label-skewed shards of different sizes, a signed run:
+    """Two edges (ExecuTorch and torch: one ExecuTorch program per process, see below),
+    label-skewed shards of different sizes, a signed run:
     each epoch's average equals the sample-weighted mean of the weights the edges sent, and
     each edge's next epoch starts from it (its first step sees the average's weights)."""
     run = _run_id()
@@ -432,8 +433,11 @@ def test_a_missing_device_does_not_stall_the_fleet_past_the_bound(
         wait_until(lambda: (tmp_path / "cloud" / "fleet_status.json").exists(), 30,
                    "the cloud trainer online")
         t0 = time.monotonic()
+        # torch backends: two ExecuTorch programs stepping on two threads of one process
+        # deadlocked here (each holds the GIL inside the runtime); real edges are processes
         cfgs = [_edge(artifacts, broker.url, run, d, tmp_path, shard=f"{i}/2", limit=320,
-                      fleet_average=True, fleet_average_wait=20, confirm_timeout=20)
+                      fleet_average=True, fleet_average_wait=20, confirm_timeout=20,
+                      backend="torch")
                 for i, d in enumerate(("a", "b"))]
         edges = _train_threads(cfgs, [None, None], timeout=90)
         elapsed = time.monotonic() - t0
