@@ -279,6 +279,9 @@ class SpyBackend(EdgeBackend):
         self.resets += 1
         self.inner.reset_optimizer()
 
+    def set_lr_factor(self, factor: float) -> None:
+        self.inner.set_lr_factor(factor)
+
 
 class Recorder:
     """Every message on some topics, verified with the run key (a signed run)."""
