@@ -120,15 +120,8 @@ class EdgeBackend(ABC):
     def reset_optimizer(self) -> None:
         """Momentum restarts from zero at the next step (after loading the fleet's average:
         the buffers are the velocity of weights this device no longer has)."""
-        optimizer = getattr(self, "optimizer", _NO_OPTIMIZER)
-        if optimizer is _NO_OPTIMIZER:
-            raise HiertrainError(f"the {self.name} backend cannot restart its optimizer, so it "
-                                 "cannot take the fleet's average; drop --fleet-average")
-        if optimizer is not None:  # None: no step yet, nothing to forget
-            optimizer.state.clear()  # SGD's momentum buffers; the next step makes new ones
-
-
-_NO_OPTIMIZER = object()
+        raise HiertrainError(f"the {self.name} backend cannot restart its optimizer, so it "
+                             "cannot take the fleet's average; drop --fleet-average")
 
 
 def _load_checked(module: EdgeTrainStep, state: Mapping[str, torch.Tensor], what: str) -> None:
@@ -176,6 +169,9 @@ class TorchBackend(EdgeBackend):
     def load_optimizer_state(self, state: dict | None) -> None:
         if state is not None:
             self.optimizer.load_state_dict(state)
+
+    def reset_optimizer(self) -> None:
+        self.optimizer.state.clear()  # the momentum buffers; the next step makes new ones
 
 
 class ExecuTorchBackend(EdgeBackend):
@@ -247,6 +243,10 @@ class ExecuTorchBackend(EdgeBackend):
 
     def optimizer_state(self) -> dict | None:
         return None if self.optimizer is None else self.optimizer.state_dict()
+
+    def reset_optimizer(self) -> None:
+        if self.optimizer is not None:  # None: no step yet, no momentum to forget
+            self.optimizer.momentum_buffer.clear()
 
     def load_optimizer_state(self, state: dict | None) -> None:
         if state is None:

@@ -19,9 +19,9 @@ Choices, and why:
 * **Momentum restarts from zero** after loading an average. The SGD buffers are the velocity of
   the weights this device had, not of the average: carried over they would push every device
   back along its own direction, undoing part of the average. With the reset every device
-  starts the epoch from the same point in the same state (both backends' SGD is
-  ``torch.optim.SGD``; the epoch-end checkpoint, written after the load, holds the cleared
-  buffers, so a resumed edge starts it alike). The learning-rate schedule is not touched.
+  starts the epoch from the same point in the same state, on either backend (the epoch-end
+  checkpoint, written after the load, holds the cleared buffers, so a resumed edge starts it
+  alike). The learning-rate schedule is not touched.
 * **Only an average for this attempt** (the id in the edge's checkpoint, new at every fresh
   start) and for this epoch or a later one: a retained average left on the broker by an earlier
   run with the same run id is never loaded.
