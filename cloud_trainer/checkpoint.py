@@ -24,6 +24,8 @@ SUMMARY = "cloud_summary.json"
 CLOUD_FINAL = "cloud_final.pt"
 """The trained cloud segment: what ``cloud-trainer serve`` loads."""
 FULL_MODEL = "full_model.pt"
+FLEET_MODEL = "fleet_model.pt"
+"""``--fleet-average``: the averaged edge with the cloud segment (``cloud_trainer.fleet_model``)."""
 
 
 def ensure_run_dir(path: str | os.PathLike[str]) -> Path:

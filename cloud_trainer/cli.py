@@ -71,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from cloud_trainer.group import check_group_options
         from cloud_trainer.workers import launch_workers, strip_workers
 
-        check_group_options(args.mode, args.amp)  # before any worker starts (and restarts)
+        # before any worker starts (and restarts)
+        check_group_options(args.mode, args.amp, args.fleet_average)
         _setup_logging(args.quiet)
         return launch_workers(args.workers, strip_workers(_ARGV), max_restarts=args.max_restarts,
                               run_dir=args.run_dir)
@@ -94,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         grad_bits=args.grad_bits, security=security, session_expiry=args.session_expiry,
         device=args.device, amp=args.amp, eval_interval=args.eval_interval,
         infer_max_age=args.infer_max_age, tensorboard=args.tensorboard, trace=args.trace,
+        fleet_average=args.fleet_average, fleet_average_wait=args.fleet_average_wait,
+        fleet_average_quorum=args.fleet_average_quorum,
     )
     try:
         with _stop_on_sigterm() as stop:
@@ -248,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "The edges must run the same --mode")
     t.add_argument("--grad-bits", type=int, choices=(32, 8), default=32,
                    help="split: gradients sent back as float32 (32) or int8 (8)")
+    t.add_argument("--fleet-average", action="store_true",
+                   help="the fleet's model: at each epoch end average the edges' segments "
+                        "(sample-weighted, BatchNorm statistics included) and send the average "
+                        "back to every device as its next start; the edges run with "
+                        "--fleet-average too (docs/fleet.md)")
+    t.add_argument("--fleet-average-wait", type=float, metavar="S",
+                   help="--fleet-average: after the first device delivers an epoch, wait at "
+                        "most S seconds for the others, then average those that delivered "
+                        "(None: 120)")
+    t.add_argument("--fleet-average-quorum", type=int, metavar="N",
+                   help="--fleet-average: fewest devices an average may have once the wait ran "
+                        "out; fewer skip that epoch's average (None: 1)")
     t.add_argument("--session-expiry", type=int, default=3600, metavar="S",
                    help="seconds the broker keeps this trainer's MQTT session and the batches "
                         "queued for it while it is down (0: clean sessions; docs/delivery.md)")

@@ -20,6 +20,8 @@ from toolkit.core.transport import LinkShape
 MAX_BATCH_FACTOR = 8
 """Largest accepted activation batch, in multiples of the manifest's batch size."""
 GRAD_BITS = (32, 8)
+DEFAULT_AVERAGE_WAIT_S = 120.0
+"""--fleet-average-wait: seconds a round waits after its first delivery for the other devices."""
 AMP_MODES = ("off", "bf16", "fp16")
 """--amp: float32, bfloat16 autocast, float16 autocast with loss scaling (cloud_trainer.device)."""
 
@@ -86,6 +88,23 @@ class CloudConfig:
     session_expiry: int = 3600
     """Seconds the broker keeps this trainer's MQTT session (and the batches queued for
     it) after it disconnects or dies; 0: clean sessions (``docs/delivery.md``)."""
+    fleet_average: bool = False
+    """Average the edges' segments at each epoch end (FedAvg, sample-weighted) and send the
+    average back to every device as its next start (``cloud_trainer.fleet_average``)."""
+    fleet_average_wait: float | None = None
+    """Seconds a round waits, after its first delivery, for the other expected devices
+    (None: ``DEFAULT_AVERAGE_WAIT_S``); then it averages those that delivered."""
+    fleet_average_quorum: int | None = None
+    """Fewest devices a round averages once the wait ran out; fewer skip the round (None: 1)."""
+
+    @property
+    def average_wait_s(self) -> float:
+        return DEFAULT_AVERAGE_WAIT_S if self.fleet_average_wait is None \
+            else self.fleet_average_wait
+
+    @property
+    def average_quorum(self) -> int:
+        return 1 if self.fleet_average_quorum is None else self.fleet_average_quorum
 
     def check(self) -> None:
         check_mode(self.mode)
@@ -123,3 +142,25 @@ class CloudConfig:
             raise HiertrainError("--eval-interval and --infer-max-age must be >= 0 seconds")
         if not self.idle_timeout > 0:
             raise HiertrainError(f"--idle-timeout must be > 0 seconds, got {self.idle_timeout}")
+        self._check_fleet_average()
+
+    def _check_fleet_average(self) -> None:
+        if not self.fleet_average:
+            for name in ("fleet_average_wait", "fleet_average_quorum"):
+                if getattr(self, name) is not None:
+                    raise HiertrainError(f"--{name.replace('_', '-')} only applies with "
+                                         "--fleet-average; add it or drop the option")
+            return
+        if self.mode != "ht":
+            raise HiertrainError(f"--fleet-average averages the edges of --mode ht runs, not "
+                                 f"--mode {self.mode}; drop it")
+        expected = len(self.device_ids) if self.device_ids is not None else self.devices
+        if expected is None:
+            raise HiertrainError("--fleet-average needs --devices N or --device-ids A,B: each "
+                                 "round waits for the devices it expects")
+        if not self.average_wait_s > 0:
+            raise HiertrainError(f"--fleet-average-wait must be > 0 seconds, got "
+                                 f"{self.fleet_average_wait}")
+        if not 1 <= self.average_quorum <= expected:
+            raise HiertrainError(f"--fleet-average-quorum must be between 1 and the {expected} "
+                                 f"expected device(s), got {self.fleet_average_quorum}")

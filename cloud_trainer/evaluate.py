@@ -17,6 +17,7 @@ here means the same thing as the edge's.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,6 +30,36 @@ from toolkit.core.errors import HiertrainError
 from toolkit.core.models.edge_program import EdgeTrainStep
 
 EVAL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class ClassScores:
+    """Correct answers of the full model and of the exit, and test images, per class."""
+
+    full_correct: list[int]
+    exit_correct: list[int]
+    count: list[int]
+
+    @property
+    def full_accuracy(self) -> float:
+        return sum(self.full_correct) / max(1, sum(self.count))
+
+    @property
+    def exit_accuracy(self) -> float:
+        return sum(self.exit_correct) / max(1, sum(self.count))
+
+    def weighted(self, weights: list[int] | tuple[int, ...], exit_head: bool = False
+                 ) -> float | None:
+        """Accuracy on a label distribution (``weights`` per class, e.g. a device's label
+        counts): the per-class accuracies weighted by it, over classes with test images;
+        None when no such class has a weight."""
+        correct = self.exit_correct if exit_head else self.full_correct
+        total = acc = 0.0
+        for w, c, n in zip(weights, correct, self.count, strict=False):
+            if n > 0 and w > 0:
+                total += w
+                acc += w * c / n
+        return acc / total if total > 0 else None
 
 
 class Evaluator:
@@ -51,29 +82,40 @@ class Evaluator:
         self.x = normalize(ds.x, norm["mean"], norm["std"])
         self.y = ds.y
         self.name = ds.name
+        self.num_classes = manifest.num_classes
 
     def __len__(self) -> int:
         return len(self.y)
 
-    @torch.no_grad()
     def evaluate(self, step: EdgeTrainStep, cloud: nn.Module,
                  seen: SeenClasses | None = None) -> tuple[float, float]:
         """(full-model accuracy, exit accuracy) in eval mode; training modes are restored.
 
         With ``seen``: on the test images of the seen classes, the others masked.
         """
+        scores = self.evaluate_classes(step, cloud, seen)
+        return scores.full_accuracy, scores.exit_accuracy
+
+    @torch.no_grad()
+    def evaluate_classes(self, step: EdgeTrainStep, cloud: nn.Module,
+                         seen: SeenClasses | None = None) -> ClassScores:
+        """:meth:`evaluate` per class: what an accuracy on another label distribution needs
+        (a device's own, ``cloud_trainer.fleet_model``)."""
         x, y = self.x, self.y
         if seen is not None and len(seen):
             keep = seen.covers(y)
             x, y = x[keep], y[keep]
         mask = seen.mask() if seen is not None else None
-        full_correct = exit_correct = 0
+        k = self.num_classes
+        full = torch.zeros(k, dtype=torch.int64)
+        exit_ = torch.zeros(k, dtype=torch.int64)
         device = next(cloud.parameters()).device
         with eval_mode(step, cloud):
             for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH), strict=True):
-                xb, yb = xb.to(device), yb.to(device)
-                cut = step.edge(xb)  # shared by both heads: FullModel(edge, cloud)(x) == cloud(cut)
-                full_correct += int((mask_unseen(cloud(cut), mask).argmax(1) == yb).sum())
-                exit_correct += int((mask_unseen(step.exit(cut), mask).argmax(1) == yb).sum())
-        n = max(1, len(y))
-        return full_correct / n, exit_correct / n
+                cut = step.edge(xb.to(device))  # FullModel(edge, cloud)(x) == cloud(cut)
+                full_hit = mask_unseen(cloud(cut), mask).argmax(1).cpu() == yb
+                exit_hit = mask_unseen(step.exit(cut), mask).argmax(1).cpu() == yb
+                full += torch.bincount(yb[full_hit], minlength=k)[:k]
+                exit_ += torch.bincount(yb[exit_hit], minlength=k)[:k]
+        count = torch.bincount(y, minlength=k)[:k]
+        return ClassScores(full.tolist(), exit_.tolist(), count.tolist())

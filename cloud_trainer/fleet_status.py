@@ -70,6 +70,7 @@ def build_status(*, run_id: str, mode: str, state: str, learner: Any, ingest: An
             "queue_wait_last_s": round(waits["last_s"], 4) if waits else None,
             "queue_wait_max_s": round(waits["max_s"], 4) if waits else None,
             "full_accuracy": per_acc.get(d),
+            "full_accuracy_on_own_labels": lr.fleet_model.accuracy_on_labels(d, d),
             "ack_bytes": ack_bytes.get(d, 0),
         }
     worker = lr.eval_worker
@@ -88,6 +89,7 @@ def build_status(*, run_id: str, mode: str, state: str, learner: Any, ingest: An
                       ("batches_trained", "full_accuracy", "exit_accuracy", "edge_device")},
         "dropped": lr.drops.snapshot(),
         "devices": devices,
+        "fleet_model": lr.fleet_model.status(list(devices)),
     }
 
 

@@ -91,8 +91,11 @@ def _launcher_store(env: GroupEnv, timeout: datetime.timedelta) -> Any:
                          timeout=timeout, wait_for_workers=False)
 
 
-def check_group_options(mode: str, amp: str) -> None:
+def check_group_options(mode: str, amp: str, fleet_average: bool = False) -> None:
     """What a group of workers cannot do yet, refused before any worker starts."""
+    if fleet_average:
+        raise HiertrainError("--fleet-average runs on one trainer worker (the rounds are the "
+                             "leader's and not shared yet); drop --workers or --fleet-average")
     if mode != "ht":
         raise HiertrainError(f"several trainer workers train --mode ht only, not --mode {mode}")
     if amp == "fp16":

@@ -25,6 +25,8 @@ from cloud_trainer.device import Placement
 from cloud_trainer.eval_worker import EvalWorker
 from cloud_trainer.evaluate import Evaluator
 from cloud_trainer.fleet import Fleet
+from cloud_trainer.fleet_average import AVERAGE_SOURCE, FleetAverager
+from cloud_trainer.fleet_model import FleetModel
 from cloud_trainer.group import Group
 from cloud_trainer.ingest import ActItem, DeviceRegistry, DropCounter, StatusItem, WeightsItem
 from cloud_trainer.ledger import Ledger
@@ -34,10 +36,11 @@ from cloud_trainer.optim import EdgeSchedules, make_optimizer, set_lr
 from cloud_trainer.tensorboard import TensorBoardSink
 from toolkit.core.artifacts.manifest import MANIFEST_NAME, load_manifest, sha256_file
 from toolkit.core.classes import SeenClasses
-from toolkit.core.errors import HiertrainError
+from toolkit.core.errors import HiertrainError, WireError
 from toolkit.core.models.segments import load_segments
 from toolkit.core.protocol import topics
 from toolkit.core.protocol.codec import DecodedBatch
+from toolkit.core.protocol.fleet_average import read_contribution
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,13 @@ class CloudLearner:
         self.fleet = Fleet(self.registry, self.ledger)
         self.drops = DropCounter()
         self.weights: dict[str, WeightsItem] = {}
+        # the fleet's model (cloud_trainer.fleet_model): label distributions, per-class
+        # scores, and with --fleet-average the rounds of averaged edges
+        self.fleet_model = FleetModel(FleetAverager(
+            cfg.run_id, wait_s=cfg.average_wait_s, quorum=cfg.average_quorum,
+            expected=lambda: (self.registry.expected(), self.registry.complete_roster()),
+            state_of=self._device_state) if cfg.fleet_average else None)
+        self._average: tuple[dict[str, torch.Tensor], int | None] | None = None
         self.batches_trained = 0
         self.last_batch_unix: float | None = None  # wall clock of the last trained batch
         self.samples_trained = 0
@@ -140,6 +150,11 @@ class CloudLearner:
         self.checkpointed_batches = self.batches_trained
         self.samples_trained = self.resumed_samples = int(ckpt["samples_trained"])
         self.last_eval = dict(ckpt.get("last_eval", {}))
+        averager = self.fleet_model.averager
+        if averager is not None and ckpt.get("fleet_average"):
+            averager.load_state_dict(ckpt["fleet_average"])
+            if averager.latest is not None:
+                self._average = (averager.latest.state, averager.latest.epoch)
         self.metrics.truncate_after(self.batches_trained)
         log.info("resumed from %s: %d batches already trained (%s)", self.run_dir,
                  self.batches_trained,
@@ -172,6 +187,8 @@ class CloudLearner:
                 "mode": self.mode,
                 "seen_classes": self.seen.sorted(),
                 "grad_scaler": self.place.scaler_state(),
+                "fleet_average": (self.fleet_model.averager.state_dict()
+                                  if self.fleet_model.averager is not None else None),
                 **self.strategy.extra_state_locked(),
             }
             save_checkpoint(self.run_dir, state)
@@ -281,6 +298,8 @@ class CloudLearner:
         own = self.strategy.own_edge_state()
         if own is not None:
             return own
+        if device == AVERAGE_SOURCE and self._average is not None:
+            return self._average[0], AVERAGE_SOURCE, self._average[1]
         if device is not None and device in self.weights:
             w = self.weights[device]
             return w.state, device, w.meta.get("epoch")
@@ -336,7 +355,9 @@ class CloudLearner:
                 batches = self.batches_trained
                 seen = SeenClasses(self.manifest.num_classes)
                 seen.update(self.seen.sorted())
-            full_acc, exit_acc = self.evaluator.evaluate(self._eval_step, self._eval_cloud, seen)
+            scores = self.evaluator.evaluate_classes(self._eval_step, self._eval_cloud, seen)
+            full_acc, exit_acc = scores.full_accuracy, scores.exit_accuracy
+            self.fleet_model.record(source, scores, epoch)
             if not self.strategy.trains_exit:
                 exit_acc = None  # the head was never trained: its score would mean nothing
             rec = self.metrics.append(
@@ -351,7 +372,7 @@ class CloudLearner:
 
     def per_device_accuracy(self) -> dict[str, float]:
         """Full-model accuracy of the last evaluation with each edge's weights."""
-        return dict(self._device_acc)
+        return {d: v for d, v in self._device_acc.items() if d != AVERAGE_SOURCE}
 
     @property
     def evaluated_edge(self) -> torch.nn.Module:
@@ -371,18 +392,59 @@ class CloudLearner:
             per_device_acc[device] = final["full_accuracy"]
         return final, per_device_acc
 
+    def evaluate_average(self, trigger: str) -> dict[str, Any] | None:
+        """Score the averaged edge with the cloud segment (``cloud_trainer.fleet_model``: the
+        latest round of ``--fleet-average``, else a one-shot average of the final edges)."""
+        admitted = {d: w for d, w in dict(self.weights).items() if self.registry.is_admitted(d)}
+        got = self.fleet_model.average_state(admitted)
+        if got is None:
+            return None
+        self._average = got
+        return self.evaluate(AVERAGE_SOURCE, trigger)
+
+    def average_due(self) -> bool:
+        """``--fleet-average``: decide a round that is ready; whether one was decided
+        (averaged or skipped)."""
+        averager = self.fleet_model.averager
+        if averager is None:
+            return False
+        before = averager.decided_epoch
+        avg = averager.due()
+        if avg is not None:
+            self._average = (avg.state, avg.epoch)
+            self.fleet_model.on_round(avg.devices)
+            self.request_evaluation(AVERAGE_SOURCE, "average")
+        return averager.decided_epoch != before
+
+    def average_deliveries(self) -> list[Reply]:
+        """The latest average for every device that does not hold it yet (marked sent)."""
+        averager = self.fleet_model.averager
+        return [] if averager is None else averager.deliveries()
+
+    def _device_state(self, device: str) -> str | None:
+        if device in self.fleet.offline:
+            return "offline"
+        st = self.fleet.statuses.get(device)
+        return None if st is None else st.state
+
     # ------------------------------------------------------ what the edges say
     def on_weights(self, item: WeightsItem) -> None:
         if not self.strategy.uses_edge_weights:
             return  # the mode check refuses such edges; ignore any weights that slip through
+        topic = topics.weights_topic(self.run_id, item.device)
         try:
             self._check_step.load_state_dict(item.state)  # validate before keeping them
+            contribution = read_contribution(item.meta, self.manifest.num_classes)
         except RuntimeError as exc:
-            self.drops.drop("weights", topics.weights_topic(self.run_id, item.device),
+            self.drops.drop("weights", topic,
                             f"weights do not fit the edge model: {str(exc).splitlines()[0]}")
+            return
+        except WireError as exc:
+            self.drops.drop(exc.reason, topic, str(exc))
             return
         self.weights[item.device] = item
         if self.registry.is_admitted(item.device):
+            self.fleet_model.on_contribution(item.device, contribution, item.state)
             self.request_evaluation(item.device, "weights")
 
     def on_status(self, item: StatusItem) -> None:

@@ -57,7 +57,13 @@ from cloud_trainer.ingest import ActItem, Ingest, StatusItem, WeightsItem
 from cloud_trainer.learner import CloudLearner
 from cloud_trainer.modes.base import ModeStrategy
 from cloud_trainer.outbox import Outbox
-from cloud_trainer.summary import build_summary, save_curves, save_final_models, write_summary
+from cloud_trainer.summary import (
+    build_summary,
+    save_curves,
+    save_final_models,
+    save_fleet_model,
+    write_summary,
+)
 from toolkit.core.entry import show_progress
 from toolkit.core.errors import HiertrainError, RunIncompleteError
 from toolkit.core.protocol import topics
@@ -141,6 +147,7 @@ class CloudRun:
             role="cloud", device=CLOUD_DEVICE, run=self.run_id, state=state, message=message,
             exit_accuracy=lr.last_eval.get("exit_accuracy"),
             extra={"mode": self.mode, "batches_trained": lr.batches_trained,
+                   "fleet_average": self.cfg.fleet_average,
                    "per_device": {d: v["trained"] for d, v in lr.fleet.per_device().items()},
                    **self.cfg.extra_status, **extra},
         )
@@ -340,6 +347,7 @@ class CloudRun:
                 item = ingest.take(timeout=0.2)
                 if item is not None:
                     self._dispatch(item, bar)
+                self._post_averages()  # --fleet-average: a round may be due by now
                 if lr.fleet.complete():
                     self._drain(ingest, bar)
                     return "complete"
@@ -379,8 +387,24 @@ class CloudRun:
                 self._owed.add(item.device)
         elif isinstance(item, WeightsItem):
             lr.on_weights(item)
+            self._post_averages()
         if self._owed and self.group is None:  # a group's leader does it with the union
             self._ack_finished_edges()
+
+    def _post_averages(self) -> None:
+        """``--fleet-average``: publish (retained) the averages the learner says are due.
+
+        A decided round is checkpointed at once: a restarted trainer must not decide it
+        again from the retained weights it finds, some of which are of later epochs by then.
+        """
+        if self._outbox is None:
+            return
+        if self.learner.average_due():
+            self.checkpoint()
+        for topic, payload in self.learner.average_deliveries():
+            self._outbox.post(topic, payload, retain=True)
+            device = topics.parse_topic(topic)[1]
+            self.bytes_down[device] = self.bytes_down.get(device, 0) + len(payload)
 
     def _ack_finished_edges(self) -> None:
         """Checkpoint and ack at once for an edge that is done and whose batches are all
@@ -432,6 +456,9 @@ class CloudRun:
         """Final evaluations, checkpoint, models, curves and ``cloud_summary.json``."""
         lr = self.learner
         missing = [] if end == "complete" else lr.fleet.incomplete()
+        # the averaged edge first: the final evaluations leave the final model's edge behind
+        if lr.evaluate_average("final") is not None and lr.fleet_model.averager is not None:
+            save_fleet_model(self.run_dir, lr.evaluated_edge, lr.cloud, lr.model_lock)
         final, per_device_acc = lr.final_evaluations()
         self.checkpoint()
         save_final_models(self.run_dir, lr.evaluated_edge, lr.cloud, lr.model_lock)
@@ -449,6 +476,7 @@ class CloudRun:
         summary["compute"] = lr.place.describe()
         summary["queue_wait"] = ingest.waits.summary()
         summary["ack_bytes"] = dict(sorted(self.ack_bytes.items()))
+        summary["fleet_model"] = lr.fleet_model.report(lr.registry.expected())
         write_summary(self.run_dir, summary)
         self.write_fleet_status(ingest, "done" if not missing else "incomplete")
         return summary

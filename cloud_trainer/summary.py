@@ -16,6 +16,7 @@ from torch import nn
 
 from cloud_trainer.checkpoint import (
     CLOUD_FINAL,
+    FLEET_MODEL,
     FULL_MODEL,
     SUMMARY,
     atomic_torch_save,
@@ -39,6 +40,15 @@ def save_final_models(run_dir: Path, edge: nn.Module, cloud: nn.Module,
         full_state = {k: v.cpu() for k, v in model_state_dict(edge, cloud).items()}
     atomic_torch_save(run_dir / CLOUD_FINAL, cloud_state)
     atomic_torch_save(run_dir / FULL_MODEL, full_state)
+
+
+def save_fleet_model(run_dir: Path, edge: nn.Module, cloud: nn.Module,
+                     model_lock: threading.Lock) -> None:
+    """``fleet_model.pt``: the averaged edge (``--fleet-average``) with the cloud segment, the
+    fleet's model, loadable like ``full_model.pt``."""
+    with model_lock:
+        state = {k: v.cpu() for k, v in model_state_dict(edge, cloud).items()}
+    atomic_torch_save(run_dir / FLEET_MODEL, state)
 
 
 def save_curves(run_dir: Path, records: list[dict[str, Any]], title: str) -> None:

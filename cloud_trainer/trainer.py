@@ -26,7 +26,7 @@ def build_run(cfg: CloudConfig, group: Group | None = None) -> CloudRun:
     """
     cfg.check()
     if group is not None:
-        check_group_options(cfg.mode, cfg.amp)
+        check_group_options(cfg.mode, cfg.amp, cfg.fleet_average)
     return CloudRun(cfg, strategy_for(cfg), group)
 
 

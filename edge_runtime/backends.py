@@ -117,7 +117,11 @@ class EdgeBackend(ABC):
             for group in optimizer.param_groups:
                 group["lr"] = self.lr * self.lr_factor
 
-
+    def reset_optimizer(self) -> None:
+        """Momentum restarts from zero at the next step (after loading the fleet's average:
+        the buffers are the velocity of weights this device no longer has)."""
+        raise HiertrainError(f"the {self.name} backend cannot restart its optimizer, so it "
+                             "cannot take the fleet's average; drop --fleet-average")
 
 
 def _load_checked(module: EdgeTrainStep, state: Mapping[str, torch.Tensor], what: str) -> None:
@@ -165,6 +169,9 @@ class TorchBackend(EdgeBackend):
     def load_optimizer_state(self, state: dict | None) -> None:
         if state is not None:
             self.optimizer.load_state_dict(state)
+
+    def reset_optimizer(self) -> None:
+        self.optimizer.state.clear()  # the momentum buffers; the next step makes new ones
 
 
 class ExecuTorchBackend(EdgeBackend):
@@ -236,6 +243,10 @@ class ExecuTorchBackend(EdgeBackend):
 
     def optimizer_state(self) -> dict | None:
         return None if self.optimizer is None else self.optimizer.state_dict()
+
+    def reset_optimizer(self) -> None:
+        if self.optimizer is not None:  # None: no step yet, no momentum to forget
+            self.optimizer.momentum_buffer.clear()
 
     def load_optimizer_state(self, state: dict | None) -> None:
         if state is None:

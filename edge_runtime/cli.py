@@ -100,7 +100,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         board=args.board, workers=args.workers, augment=args.augment,
         max_batches=args.max_batches, live=args.live, labels=args.labels,
         lr_schedule=args.lr_schedule,
-        replay=args.replay, idle_timeout=args.idle_timeout,
+        replay=args.replay, idle_timeout=args.idle_timeout, shard_skew=args.shard_skew,
+        fleet_average=args.fleet_average, fleet_average_wait=args.fleet_average_wait,
     )
 
 
@@ -171,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="passes over this device's shard")
     sp.add_argument("--shard", default="0/1",
                     help="INDEX/COUNT: this device's strided share of the dataset")
+    sp.add_argument("--shard-skew", default=None, metavar="SPEC",
+                    help="with --shard: a label-skewed share instead (a non-IID fleet from one "
+                         "data set): dirichlet:ALPHA (class shares drawn from a Dirichlet, "
+                         "e.g. 0.3) or classes:K (K classes per device), optionally :SEED; "
+                         "every device passes the same --data, --limit and --seed; unset: "
+                         "strided")
+    sp.add_argument("--fleet-average", action="store_true",
+                    help="ht: start each epoch from the fleet's averaged edge, which a "
+                         "cloud-trainer run with --fleet-average sends at every epoch end "
+                         "(docs/fleet.md)")
+    sp.add_argument("--fleet-average-wait", type=float, default=None, metavar="S",
+                    help="--fleet-average: wait at most S seconds for each average, then go on "
+                         "with this device's own weights; keep it above the trainer's "
+                         "--fleet-average-wait; unset: 180")
     sp.add_argument("--limit", type=positive_int, default=None,
                     help="use only this many training samples (before sharding); unset: all")
     sp.add_argument("--state-dir", default=".",

@@ -36,6 +36,9 @@ class TrainConfig:
     epochs: int = 3
     backend: str | None = None  # None: executorch for ht, torch for split (cloud: no compute)
     shard: str = "0/1"  # "index/count": this device's share of a dataset shared by devices
+    # a label-skewed shard instead of a strided one: "dirichlet:ALPHA" or "classes:K"
+    # (toolkit.core.data.skew); None: strided, every device a similar class mix
+    shard_skew: str | None = None
     seed: int = 0
     limit: int | None = None
     quiet: bool = False
@@ -75,6 +78,10 @@ class TrainConfig:
     labels: str | None = None
     replay: int = 512
     idle_timeout: float = 60.0
+    # --fleet-average (edge_runtime.fleet_average): start each epoch from the fleet's average,
+    # waiting at most fleet_average_wait s for it (None: its default)
+    fleet_average: bool = False
+    fleet_average_wait: float | None = None
 
 
 @dataclass

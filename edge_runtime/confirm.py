@@ -61,6 +61,8 @@ class TrainerWatch:
         self.detail: dict[str, Any] = {}  # the trainer's per-device counts, at "done"
         self.onlines = 0  # times the trainer was seen coming online
         self.subscribed_at: float | None = None  # None: not subscribed (e.g. refused by ACL)
+        # whether the running trainer averages the edges (--fleet-average); None: unknown
+        self.averages: bool | None = None
 
     def on_status(self, topic: str, payload: bytes, props: dict[str, Any]) -> None:
         try:
@@ -75,6 +77,8 @@ class TrainerWatch:
                 self.onlines += 1
             self.state = st.state
             self.detail = dict(st.extra.get("per_device_detail") or {})
+            if st.state in ("online", "training") and "fleet_average" in st.extra:
+                self.averages = bool(st.extra["fleet_average"])
 
     def snapshot(self) -> tuple[str | None, dict[str, Any], int]:
         with self._lock:

@@ -17,6 +17,7 @@ import torch
 
 from edge_runtime.config import TrainConfig
 from edge_runtime.confirm import TrainerWatch, wait_for_confirmation
+from edge_runtime.fleet_average import count_labels, follower_for
 from edge_runtime.progress import progress_bar
 from edge_runtime.publisher import Publisher
 from edge_runtime.resume import (
@@ -42,6 +43,7 @@ from toolkit.core.data.source import TrainingData
 from toolkit.core.errors import HiertrainError, WireError
 from toolkit.core.privacy import cut_transform
 from toolkit.core.protocol.codec import BatchMeta, Codec
+from toolkit.core.protocol.fleet_average import contribution_meta, new_attempt
 from toolkit.core.protocol.messages import CLOUD_DEVICE, Status, decode_ack
 from toolkit.core.protocol.quant import QuantScheme
 from toolkit.core.protocol.topics import ack_topic, act_topic, status_topic
@@ -99,6 +101,7 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
     spool = open_spool(cfg, manifest, run, device)
     p = start_state(cfg, manifest, backend, spool, run, device)
     resumed = {"epoch": p.epoch, "batch": p.batch, "seq": p.seq} if cfg.resume else None
+    p.attempt = p.attempt or new_attempt()  # the fleet's average is made for this attempt
     ckpt = checkpoint_path(cfg.state_dir, run, device)
     sha = sha256_file(manifest.path(MANIFEST_NAME))
 
@@ -134,6 +137,9 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
         trainer.subscribed_at = time.monotonic()
     except HiertrainError as exc:  # unknown then: the end waits up to --confirm-timeout
         log.warning("cannot follow the cloud trainer's status (%s)", exc)
+    # --fleet-average: each epoch starts from the fleet's average (edge_runtime.fleet_average)
+    follower = follower_for(cfg.fleet_average, cfg.fleet_average_wait, link, run, device,
+                            p.attempt, lambda: trainer.averages)
     start = time.monotonic()
     confirm_wait_s = 0.0
     confirmed = None
@@ -167,6 +173,7 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                     p.batch = i + 1
                     p.samples += len(y)
                     p.seen += len(y)
+                    p.label_counts = count_labels(p.label_counts, y, manifest.num_classes)
                     p.correct += int((res.exit_logits.argmax(dim=1) == y).sum())
                     p.loss_sum += res.loss
                     last_batch_unix = time.time()  # toolkit bench: end of training
@@ -190,7 +197,9 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                               "exit_accuracy": p.exit_accuracy,
                               "seconds": round(time.monotonic() - t_epoch, 3)})
             publish_epoch_weights(publisher, backend, run, device, epoch, p.seq,
-                                  seen_classes=seen.sorted())
+                                  seen_classes=seen.sorted(),
+                                  extra=contribution_meta(samples=p.seen, attempt=p.attempt,
+                                                          label_counts=p.label_counts))
             status = Status(role="edge", device=device, run=run, state="training", epoch=epoch,
                             batches_published=p.seq, samples_published=p.samples,
                             last_seq=p.seq - 1, exit_accuracy=p.exit_accuracy,
@@ -202,7 +211,10 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
                 log.info("stopped after %d batch(es) (--max-batches), in epoch %d at batch %d",
                          p.seq, epoch + 1, p.batch)
                 break
+            if follower is not None:
+                p.history[-1]["fleet_average"] = follower.after_epoch(backend, epoch, cfg.epochs)
             p.epoch, p.batch, p.correct, p.seen, p.loss_sum = epoch + 1, 0, 0, 0, 0.0
+            p.label_counts = []
             save()
             log.info("epoch %d/%d: loss %.4f, exit accuracy %.3f", epoch + 1, cfg.epochs,
                      p.history[-1]["loss"], p.exit_accuracy)
@@ -265,6 +277,7 @@ def ht_loop(cfg: TrainConfig, manifest: Manifest, codec: Codec, scheme: QuantSch
         "history": p.history,
         **schedule_extra(schedule),
         "seen_classes": seen.sorted(),
+        "fleet_average": follower.describe() if follower is not None else None,
         "delivery": {"resumed": resumed, "confirmed": confirmed,
                      "confirm_wait_s": round(confirm_wait_s, 3), "acks_seen": publisher.acks_seen,
                      "batches_confirmed": stats.confirmed, "resent": stats.resent,

@@ -56,6 +56,10 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     exit_accuracy: float = 0.0
     seen_classes: list[int] = field(default_factory=list)  # toolkit.core.classes
+    # the fleet's model (toolkit.core.protocol.fleet_average): this attempt's id, kept by
+    # --resume, and the labels trained in the current epoch, per class
+    attempt: str = ""
+    label_counts: list[int] = field(default_factory=list)
 
 
 def save_checkpoint(path: Path, *, run: str, device: str, manifest_sha: str, backend: Any,

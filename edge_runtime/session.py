@@ -75,11 +75,13 @@ def flush_outbox(publisher: Publisher, link: Link) -> None:
 
 
 def publish_epoch_weights(publisher: Publisher, backend: EdgeBackend, run: str, device: str,
-                          epoch: int, seq: int, *, seen_classes: list[int] | None = None
-                          ) -> None:
+                          epoch: int, seq: int, *, seen_classes: list[int] | None = None,
+                          extra: dict[str, Any] | None = None) -> None:
     """Retained edge weights at an epoch's end: the cloud assembles and scores the full model;
-    ``seen_classes`` lets ``edge-runtime infer --weights retained`` mask the others."""
-    meta: dict[str, Any] = {"run": run, "device": device, "epoch": epoch, "last_seq": seq - 1}
+    ``seen_classes`` lets ``edge-runtime infer --weights retained`` mask the others; ``extra``
+    adds meta fields (the epoch's samples and labels: toolkit.core.protocol.fleet_average)."""
+    meta: dict[str, Any] = {"run": run, "device": device, "epoch": epoch, "last_seq": seq - 1,
+                            **(extra or {})}
     if seen_classes is not None:
         meta["seen_classes"] = seen_classes
     # without the proxy decoder of an adversarial defence: it stays on the board

@@ -54,6 +54,7 @@ from typing import Any
 from edge_runtime.backends import EdgeBackend, make_backend
 from edge_runtime.board import check_batch
 from edge_runtime.config import TrainConfig
+from edge_runtime.fleet_average import check_options as check_fleet_average
 from edge_runtime.link import connect_edge
 from edge_runtime.modes import mode_loop
 from edge_runtime.session import (
@@ -70,6 +71,7 @@ from toolkit.core.artifacts.boards import load_board
 from toolkit.core.artifacts.manifest import Manifest, load_manifest
 from toolkit.core.data.datasets import Dataset, is_image_folder, load_dataset, normalize, shard
 from toolkit.core.data.live import LiveConfig, LiveFolder
+from toolkit.core.data.skew import LabelSkew, skewed_shard
 from toolkit.core.data.source import InMemory, TrainingData
 from toolkit.core.data.stream import Decode, FolderStream
 from toolkit.core.errors import HiertrainError, RunIncompleteError
@@ -107,13 +109,17 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def load_training_data(
     manifest: Manifest, source: str | None, shard_spec: str, *, limit: int | None, seed: int,
-    normalized: bool = True,
+    normalized: bool = True, skew: str | None = None,
 ) -> Dataset:
     """This device's shard of the train split, normalised as the model was exported
-    (``normalized=False``: the loader's ``[0, 1]`` images, which ``--mode cloud`` uploads)."""
+    (``normalized=False``: the loader's ``[0, 1]`` images, which ``--mode cloud`` uploads);
+    ``skew``: a label-skewed shard (``toolkit.core.data.skew``, ``--shard-skew``)."""
     index, count = parse_shard(shard_spec)
+    label_skew = LabelSkew.parse(skew) if skew else None
     ds = load_dataset(source, "train", input_shape=manifest.input_shape, limit=limit, seed=seed)
-    if count > 1:
+    if label_skew is not None:
+        ds = skewed_shard(ds, index, count, label_skew)
+    elif count > 1:
         ds = shard(ds, index, count)
     if normalized:
         norm = manifest.data["model"]["normalization"]
@@ -141,8 +147,12 @@ def open_training_data(manifest: Manifest, cfg: TrainConfig, *, normalized: bool
         return _open_live(manifest, cfg, normalized)
     if not is_image_folder(cfg.data):
         return InMemory(load_training_data(manifest, cfg.data, cfg.shard, limit=cfg.limit,
-                                           seed=cfg.seed, normalized=normalized),
+                                           seed=cfg.seed, normalized=normalized,
+                                           skew=cfg.shard_skew),
                         cfg.augment, normalized=normalized)
+    if cfg.shard_skew:
+        raise HiertrainError("--shard-skew splits data sets loaded whole (digits, .npz, CIFAR "
+                             "batches), not streamed image folders; drop it")
     norm = manifest.data["model"]["normalization"] if normalized else {}
     data = FolderStream(cfg.data, input_shape=manifest.input_shape, mean=norm.get("mean"),
                         std=norm.get("std"), augment=cfg.augment, limit=cfg.limit,
@@ -165,8 +175,9 @@ def _open_live(manifest: Manifest, cfg: TrainConfig, normalized: bool) -> Traini
     if cfg.resume:
         raise HiertrainError("--live trains on frames as they arrive and cannot --resume; "
                              "drop --resume")
-    if cfg.shard != "0/1" or cfg.limit is not None:
-        raise HiertrainError("--shard and --limit do not apply to --live; drop them")
+    if cfg.shard != "0/1" or cfg.limit is not None or cfg.shard_skew:
+        raise HiertrainError("--shard, --shard-skew and --limit do not apply to --live; drop "
+                             "them")
     c, h, w = manifest.input_shape
     if c not in (1, 3):
         raise HiertrainError(f"the model expects {c} input channels; frames give 1 or 3")
@@ -227,6 +238,7 @@ def run_training(cfg: TrainConfig, backend: EdgeBackend | None = None) -> dict[s
     if cfg.live and cfg.lr_schedule != "constant":
         raise HiertrainError(f"--lr-schedule {cfg.lr_schedule} needs a known number of batches; "
                              "a --live source has none: drop --lr-schedule")
+    check_fleet_average(cfg.fleet_average, cfg.fleet_average_wait, mode=mode, live=cfg.live)
     ds = open_training_data(manifest, cfg, normalized=mode != "cloud")
     schedule = lr_schedule(cfg, 0 if cfg.live else len(ds), manifest.batch_size)
     if backend is None and backend_name:

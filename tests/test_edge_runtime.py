@@ -211,8 +211,12 @@ def test_training_publishes_every_batch_once_with_weights_and_status(
     assert done.extra["backend"] == "executorch"
 
     meta, state = decode_weights(weights[-1])
+    # the epoch's samples, labels and the attempt id: the fleet's model (docs/fleet.md)
+    attempt, counts = meta.pop("attempt"), meta.pop("label_counts")
     assert meta == {"run": run, "device": dev, "epoch": 1, "last_seq": n - 1,
+                    "samples": n // 2 * BATCH,
                     "seen_classes": list(range(10))}  # inference masks the others
+    assert len(attempt) == 8 and sum(counts) == n // 2 * BATCH and len(counts) == 10
     saved = torch.load(summary["weights_path"], weights_only=True)
     assert Path(summary["weights_path"]) == tmp_path / f"edge_weights-{dev}.pt"
     assert list(state) == list(saved) and all(torch.equal(state[k], saved[k]) for k in saved)

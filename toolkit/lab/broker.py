@@ -316,6 +316,7 @@ pattern readwrite hiertrain/+/%u/weights
 pattern read hiertrain/+/%u/grad
 pattern read hiertrain/+/%u/infer/reply
 pattern read hiertrain/+/%u/ack
+pattern read hiertrain/+/%u/average
 # and reads the cloud's broadcasts; nothing of any other device
 pattern read hiertrain/+/cloud/status
 """

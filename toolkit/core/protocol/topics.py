@@ -20,6 +20,10 @@ exactly its own run with a single ``+`` wildcard over devices::
                                                                        activation (--mode split)
     ack          hiertrain/<run>/<device>/ack           cloud -> edge  JSON: its seqs trained and
                                                                        checkpointed
+    average      hiertrain/<run>/<device>/average       cloud -> edge  the fleet's averaged edge
+                                                                       (retained; --fleet-average,
+                                                                       toolkit.core.protocol.
+                                                                       fleet_average)
 
     subscription wildcards over devices: hiertrain/<run>/+/<suffix>, e.g.
     act_wildcard(run) == "hiertrain/<run>/+/act"; wildcard(run, kind) for any kind
@@ -47,6 +51,7 @@ INFER = "infer"
 INFER_REPLY = "infer_reply"
 GRAD = "grad"
 ACK = "ack"
+AVERAGE = "average"
 
 _SUFFIX: dict[str, str] = {
     ACT: "act",
@@ -56,6 +61,7 @@ _SUFFIX: dict[str, str] = {
     INFER_REPLY: "infer/reply",
     GRAD: "grad",
     ACK: "ack",
+    AVERAGE: "average",
 }
 _KIND_BY_SUFFIX = {suffix: kind for kind, suffix in _SUFFIX.items()}
 KINDS: tuple[str, ...] = tuple(_SUFFIX)
@@ -124,6 +130,14 @@ def ack_topic(run: str, device: str) -> str:
     checkpointed* of this device (``toolkit.core.protocol.messages.Ack``), cloud to that edge;
     the edge frees its spool with it."""
     return topic(run, device, ACK)
+
+
+def average_topic(run: str, device: str) -> str:
+    """``hiertrain/<run>/<device>/average``: the fleet's averaged edge weights for this device
+    (``--fleet-average``; retained), cloud to that edge. One topic per device rather than one
+    broadcast: each copy is signed with that device's key and names its training attempt, so
+    no device can forge the model of another, and an ACL gives each device its own only."""
+    return topic(run, device, AVERAGE)
 
 
 def act_wildcard(run: str) -> str:
