@@ -13,9 +13,9 @@ the checkpoint. A resumed edge trains them again from the checkpointed state
 are not sent again (``Publisher.submit`` skips them), so the cloud trains each
 seq once and the edge's weights have seen each batch once.
 
-The ExecuTorch backend's SGD keeps its momentum buffers inside the runtime,
-where Python cannot read them: a resumed ExecuTorch edge restarts momentum
-from zero (the torch backend restores it). ``docs/delivery.md`` lists this.
+Both backends' momentum buffers are in the checkpoint (the ExecuTorch backend's
+:class:`~edge_runtime.sgd.HostSGD` keeps them in Python), so a resumed edge continues
+with the velocity it had.
 """
 
 from __future__ import annotations
