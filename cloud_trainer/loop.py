@@ -266,6 +266,10 @@ class CloudRun:
         says the run is over; then the final exchange, so the leader finishes with the union."""
         group, lr = self.group, self.learner
         assert group is not None
+        # Every worker is connected and subscribed (link.connect) before the leader says
+        # "online", which is what edges and launchers wait for: otherwise the first batches
+        # all go to whichever workers happened to be subscribed already.
+        group.agree(0, 0, 0.0)
         if self.leader:
             self._online(ingest, outbox)
         decided, tick = 0, 0

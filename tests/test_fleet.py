@@ -476,7 +476,7 @@ def test_two_workers_share_20_edges_and_train_every_batch_once(artifacts, manife
     try:
         wait_until(lambda: (tmp_path / "run" / "fleet_status.json").exists()
                    or proc.poll() is not None, 120, "the leader online")
-        time.sleep(1.0)  # both workers subscribed
+        # online means every worker subscribed (a group barrier before the leader's status)
         for d in devices:
             edges.status(d, "online", 0)
         edges.publish_seqs(range(per_device))

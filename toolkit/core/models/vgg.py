@@ -24,19 +24,20 @@ from toolkit.core.optional import require
 
 
 def vgg16_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
-    return _vgg_cifar("D", 1, num_classes, in_channels)
+    return _vgg_cifar("D", 1, num_classes, in_channels, "vgg16")
 
 
 def vgg11_quarter_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
     """VGG-11 (torchvision's config "A") with BatchNorm at a quarter of the width (16-128
     channels, 9.9 M multiply-adds per 32x32 image against VGG-16's 313 M): a network that
     trains to its plateau on a 2-core CPU in hours, for the convergence benchmark."""
-    return _vgg_cifar("A", 4, num_classes, in_channels)
+    return _vgg_cifar("A", 4, num_classes, in_channels, "vgg11_quarter")
 
 
-def _vgg_cifar(config: str, divisor: int, num_classes: int, in_channels: int) -> nn.Sequential:
+def _vgg_cifar(config: str, divisor: int, num_classes: int, in_channels: int,
+               name: str) -> nn.Sequential:
     # lazy: torchvision costs ~1 s at start-up, and a board's install has none
-    tv_vgg = require("torchvision.models.vgg", "cloud", "the VGG models")
+    tv_vgg = require("torchvision.models.vgg", "cloud", f"the {name} model")
     cfg = [v if v == "M" else v // divisor for v in tv_vgg.cfgs[config]]
     features = tv_vgg.make_layers(cfg, batch_norm=True)
     for i, layer in enumerate(features):
