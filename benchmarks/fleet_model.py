@@ -53,6 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: import the toolkit of this checkout
     sys.path.insert(0, str(REPO))
 
+from benchmarks.fleet import load_rows, save_rows  # noqa: E402  (the fleet benchmark's rows)
+
 RESULTS = REPO / "benchmarks" / "results"
 RUN_TIMEOUT_S = 3600.0
 CACHE = Path(tempfile.gettempdir()) / "hiertrain-fleet-model-artifacts"
@@ -191,18 +193,6 @@ def run_one(spec: Spec, artifacts: Path, work: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- output
-
-
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    return json.loads(path.read_text()) if path.exists() else []
-
-
-def save_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """All rows, atomically: an interrupted sweep leaves a readable file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
