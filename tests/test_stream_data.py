@@ -250,6 +250,8 @@ def test_cli_bad_data_folder_is_one_line(artifacts, cli_in_process, tmp_path):
     Image.new("RGB", (4, 4)).save(flat / "x.png")
     for extra, words in [(["--data", str(flat)], "not a dataset folder layout"),
                          (["--augment", "color"], "--augment color needs the raw pixels"),
+                         (["--data", str(flat), "--live", "--lr-schedule", "cosine"],
+                          "needs a known number of batches"),
                          (["--augment", "blur"], "unknown augmentation 'blur'"),
                          (["--workers", "-1"], "expected an integer >= 0"),
                          (["--data", str(flat), "--max-batches", "0"], "positive integer")]:
