@@ -20,6 +20,12 @@ edge's epoch weights arrive) and at the end.
     python benchmarks/convergence.py                  # the committed setting; resumes
     python benchmarks/convergence.py --report-only    # tables and plot from the results
     python benchmarks/convergence.py --quick          # smallcnn on digits, a smoke run
+    python benchmarks/convergence.py --variant pool2 --seeds 0   # one of VARIANTS, HT only
+
+A variant changes one thing of HT's edge (``VARIANTS``: the levers the local-learning
+literature names for layers trained by an auxiliary loss alone: the exit head's capacity,
+the spatial information it keeps, where to cut) and is compared with the same seed's
+end-to-end run; its rows are stored beside the base runs (``"variant"``).
 
 Results go to ``benchmarks/results/convergence.json`` (one row per finished run, written
 as each finishes: an interrupted sweep loses only the run in progress and continues with
@@ -34,7 +40,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +73,30 @@ class Setting:
     seeds: tuple[int, ...] = (0, 1, 2)
     modes: tuple[str, ...] = MODES
     name: str = "convergence"
+    exit_channels: int | None = None  # None: the model's
+    exit_pool: int = 1
+    variant: str = ""  # "": the base setting; else a key of VARIANTS (HT runs only)
 
     def runs(self) -> list[tuple[str, int]]:
         """Seed by seed, so that every finished seed is a complete comparison."""
         return [(m, s) for s in self.seeds for m in self.modes]
+
+    def run_name(self, mode: str, seed: int) -> str:
+        return f"{mode}+{self.variant}-s{seed}" if self.variant else f"{mode}-s{seed}"
+
+
+# HT's levers against its gap to end-to-end; each changes only what trains the edge
+VARIANTS: dict[str, dict[str, Any]] = {
+    "exit128": {"exit_channels": 128},  # capacity: a 4x wider exit convolution
+    "pool2": {"exit_pool": 2},  # the exit keeps a 2x2 grid instead of global pooling
+    "stage1": {"split": "stage1"},  # cut earlier: fewer layers trained by the exit alone
+}
+
+
+def variant_of(setting: Setting, name: str) -> Setting:
+    if name not in VARIANTS:
+        raise HiertrainError(f"unknown variant {name!r}; choose one of: {', '.join(VARIANTS)}")
+    return replace(setting, variant=name, modes=("ht",), **VARIANTS[name])
 
 
 QUICK = Setting(model="smallcnn", split="block1", data="digits", samples=512, epochs=2,
@@ -116,14 +142,19 @@ def export(setting: Setting, seed: int, shape, mean, std, work: Path) -> Path:
     """The run's artifacts (initial weights from ``seed``), exported once per seed with
     the default lowering and the export's parity gate, as a user would."""
     from toolkit.build.export import ExportConfig, OptimizerConfig, export_artifacts
+    from toolkit.core.models import get_spec
+    from toolkit.core.models.exits import ExitHeadConfig
 
-    out = work / "artifacts" / f"{setting.model}-{setting.split}-seed{seed}"
+    tag = f"-{setting.variant}" if setting.variant else ""
+    out = work / "artifacts" / f"{setting.model}-{setting.split}{tag}-seed{seed}"
     if (out / "manifest.json").is_file():
         return out
     print(f"exporting {out.name} ...", file=sys.stderr, flush=True)
     export_artifacts(ExportConfig(
         model=setting.model, split=setting.split, out=out, input_shape=shape, mean=mean,
         std=std, batch=setting.batch, seed=seed, force=True,
+        exit=ExitHeadConfig(channels=setting.exit_channels or get_spec(setting.model).exit_channels,
+                            pool=setting.exit_pool),
         optimizer=OptimizerConfig(lr=setting.lr, momentum=setting.momentum,
                                   weight_decay=setting.weight_decay)))
     return out
@@ -131,7 +162,7 @@ def export(setting: Setting, seed: int, shape, mean, std, work: Path) -> Path:
 
 def run_one(setting: Setting, mode: str, seed: int, artifacts: Path, source: str, url: str,
             work: Path) -> dict[str, Any]:
-    run_dir = work / f"{mode}-s{seed}"
+    run_dir = work / setting.run_name(mode, seed)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -163,7 +194,9 @@ def run_one(setting: Setting, mode: str, seed: int, artifacts: Path, source: str
               "full_accuracy": e["full_accuracy"], "exit_accuracy": e.get("exit_accuracy"),
               "trigger": e.get("trigger")} for e in evals]
     return {
-        "run": f"{mode}-s{seed}", "mode": mode, "seed": seed,
+        "run": setting.run_name(mode, seed), "mode": mode, "seed": seed,
+        **({"variant": setting.variant, "variant_setting": VARIANTS[setting.variant]}
+           if setting.variant else {}),
         "full_accuracy": summary["full_accuracy"], "exit_accuracy": summary["exit_accuracy"],
         "test_samples": summary["eval_samples"], "eval_data": summary["eval_data"],
         "samples_trained": summary["samples_trained"],
@@ -191,27 +224,47 @@ def write_rows(path: Path, setting: Setting, meta: dict[str, Any], rows: list[di
     tmp.replace(path)
 
 
+def _spread(vals: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(vals), "values": vals,
+            "std": statistics.stdev(vals) if len(vals) > 1 else None}
+
+
+def _entry(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"seeds": [r["seed"] for r in rs]}
+    for key in ("full_accuracy", "exit_accuracy"):
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        if vals:
+            entry[key] = _spread(vals)
+    return entry
+
+
+def _gap_to_end_to_end(ht: list[dict[str, Any]], base: list[dict[str, Any]]
+                       ) -> dict[str, Any] | None:
+    """HT's full model minus end-to-end, paired by seed (same initial weights, data, draws)."""
+    gaps = [h["full_accuracy"] - c["full_accuracy"] for h in ht for c in base
+            if c["mode"] == "cloud" and c["seed"] == h["seed"]]
+    return _spread(gaps) if gaps else None
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per mode: mean, sample std and the per-seed values of the final accuracies."""
+    """Per mode: mean, sample std and the per-seed values of the final accuracies; then
+    per HT variant the same, each with its gap to the same seeds' end-to-end runs."""
     out: dict[str, dict[str, Any]] = {}
+    base = [r for r in rows if not r.get("variant")]
     for mode in MODES:
-        rs = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["seed"])
-        if not rs:
-            continue
-        entry: dict[str, Any] = {"seeds": [r["seed"] for r in rs]}
-        for key in ("full_accuracy", "exit_accuracy"):
-            vals = [r[key] for r in rs if r.get(key) is not None]
-            if vals:
-                entry[key] = {"mean": statistics.fmean(vals), "values": vals,
-                              "std": statistics.stdev(vals) if len(vals) > 1 else None}
-        out[mode] = entry
-    # HT's gap to end-to-end, paired by seed (same initial weights, data and draws)
-    pairs = [(h["full_accuracy"], c["full_accuracy"]) for h in rows if h["mode"] == "ht"
-             for c in rows if c["mode"] == "cloud" and c["seed"] == h["seed"]]
-    if pairs:
-        gaps = [h - c for h, c in pairs]
-        out["ht_minus_end_to_end"] = {"mean": statistics.fmean(gaps), "values": gaps,
-                                      "std": statistics.stdev(gaps) if len(gaps) > 1 else None}
+        rs = sorted((r for r in base if r["mode"] == mode), key=lambda r: r["seed"])
+        if rs:
+            out[mode] = _entry(rs)
+    gap = _gap_to_end_to_end([r for r in base if r["mode"] == "ht"], base)
+    if gap:
+        out["ht_minus_end_to_end"] = gap
+    variants = {}
+    for name in sorted({r["variant"] for r in rows if r.get("variant")}):
+        rs = sorted((r for r in rows if r.get("variant") == name), key=lambda r: r["seed"])
+        variants[name] = {**_entry(rs), "setting": rs[0]["variant_setting"],
+                          "minus_end_to_end": _gap_to_end_to_end(rs, base)}
+    if variants:
+        out["variants"] = variants
     return out
 
 
@@ -241,6 +294,16 @@ def markdown(setting: Setting, meta: dict[str, Any], stats: dict[str, Any]) -> s
     if "ht_minus_end_to_end" in stats:
         lines += ["", f"HT's full model minus end-to-end, paired by seed: "
                       f"{pct(stats['ht_minus_end_to_end'])} points."]
+    if "variants" in stats:
+        lines += ["", "HT variants (one change each to what trains the edge; gap to the same "
+                      "seeds' end-to-end runs):", "",
+                  "| variant | change | seeds | full model | early exit | minus end-to-end |",
+                  "|---|---|---|---|---|---|"]
+        for name, v in stats["variants"].items():
+            change = ", ".join(f"{k}={val}" for k, val in v["setting"].items())
+            lines.append(f"| {name} | {change} | {len(v['seeds'])} "
+                         f"| {pct(v.get('full_accuracy'))} | {pct(v.get('exit_accuracy'))} "
+                         f"| {pct(v.get('minus_end_to_end'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -252,17 +315,22 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"ht": "tab:blue", "split": "tab:orange", "cloud": "tab:green"}
-    for r in sorted(rows, key=lambda r: (r["mode"], r["seed"])):
+    extra = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
+    for r in sorted(rows, key=lambda r: (r["mode"], r.get("variant", ""), r["seed"])):
+        key = r["mode"] + (f"+{r['variant']}" if r.get("variant") else "")
+        if key not in colors:
+            colors[key] = next(extra, "tab:gray")
         pts = sorted((c["epochs_trained"], c["full_accuracy"]) for c in r["curve"])
-        first = r["seed"] == min(x["seed"] for x in rows if x["mode"] == r["mode"])
+        first = r["seed"] == min(x["seed"] for x in rows if x["mode"] == r["mode"]
+                                 and x.get("variant") == r.get("variant"))
         if pts:
-            ax.plot(*zip(*pts, strict=True), color=colors[r["mode"]], alpha=0.8, marker=".",
-                    label=f"{r['mode']} full" if first else None)
+            ax.plot(*zip(*pts, strict=True), color=colors[key], alpha=0.8, marker=".",
+                    label=f"{key} full" if first else None)
         ex = sorted((c["epochs_trained"], c["exit_accuracy"]) for c in r["curve"]
                     if c.get("exit_accuracy") is not None)
         if ex:
-            ax.plot(*zip(*ex, strict=True), color=colors[r["mode"]], alpha=0.6, ls="--",
-                    label="ht exit" if first else None)
+            ax.plot(*zip(*ex, strict=True), color=colors[key], alpha=0.6, ls="--",
+                    label=f"{key} exit" if first else None)
     ax.set(xlabel="epochs trained by the cloud", ylabel="test accuracy", title=title)
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -290,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="forget earlier results and rerun all")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     ap.add_argument("--modes", default=None, help="comma-separated modes (default all)")
+    ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
+                    help="run HT with one change (VARIANTS) instead of the base setting; "
+                         "compared with the same seeds' end-to-end runs")
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "convergence")
     args = ap.parse_args(argv)
     setting = QUICK if args.quick else Setting()
@@ -300,34 +371,38 @@ def main(argv: list[str] | None = None) -> int:
         setting = Setting(**{**asdict(setting), "modes": tuple(args.modes.split(","))})
     source, shape, mean, std, data_name = data_source(setting)
     meta = {"data_name": data_name, "cost": model_cost(setting, shape)}
+    base_setting = setting  # the file's header describes the base runs
+    if args.variant:
+        setting = variant_of(setting, args.variant)
     path = RESULTS / f"{setting.name}.json"
     rows = [] if args.fresh else load_rows(path)
     if args.report_only:
-        report(setting, meta, rows)
+        report(base_setting, meta, rows)
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = args.work / setting.name
     work.mkdir(parents=True, exist_ok=True)
     done = {r["run"] for r in rows}
-    todo = [(m, s) for m, s in setting.runs() if f"{m}-s{s}" not in done]
+    todo = [(m, s) for m, s in setting.runs() if setting.run_name(m, s) not in done]
     print(f"{len(done)} run(s) done, {len(todo)} to go; work dir {work}", file=sys.stderr)
-    from toolkit.lab.bench import BenchConfig, _broker
+    from toolkit.lab.broker import local_broker
 
-    with _broker(BenchConfig()) as broker:
+    with local_broker() as broker:
         for i, (mode, seed) in enumerate(todo, 1):
             artifacts = export(setting, seed, shape, mean, std, work)
             t = time.monotonic()
-            print(f"[{i}/{len(todo)}] {mode} seed {seed}: {setting.samples} x {setting.epochs} "
+            print(f"[{i}/{len(todo)}] {setting.run_name(mode, seed)}: {setting.samples} x "
+                  f"{setting.epochs} "
                   "epochs ...", file=sys.stderr, flush=True)
             row = run_one(setting, mode, seed, artifacts, source, broker.url, work)
             rows.append(row)
-            write_rows(path, setting, meta, rows)  # nothing lost if a later run fails
+            write_rows(path, base_setting, meta, rows)  # nothing lost if a later run fails
             ex = row["exit_accuracy"]
             print(f"    full {row['full_accuracy']:.4f}, exit "
                   f"{'-' if ex is None else f'{ex:.4f}'} ({time.monotonic() - t:.0f} s)",
                   file=sys.stderr, flush=True)
-    write_rows(path, setting, meta, rows)
-    report(setting, meta, rows)
+    write_rows(path, base_setting, meta, rows)
+    report(base_setting, meta, rows)
     return 0
 
 

@@ -323,10 +323,20 @@ class MatmulConv2d(nn.Module):
 
 
 class ChannelMajorGlobalAvgPool(nn.Module):
-    """``GlobalAvgPool`` on ``[C, N, H, W]``: returns ``[N, C]`` like the original."""
+    """``GlobalAvgPool`` on ``[C, N, H, W]``: returns ``[N, C * grid * grid]`` like the
+    original (the same feature order, so the linear layer's weights are unchanged)."""
+
+    def __init__(self, grid: int = 1):
+        super().__init__()
+        self.grid = grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3)).t()
+        if self.grid == 1:
+            return x.mean(dim=(2, 3)).t()
+        c, n, h, w = x.shape
+        g = self.grid
+        cells = x.reshape(c, n, g, h // g, g, w // g).mean(dim=(3, 5))
+        return cells.permute(1, 0, 2, 3).reshape(n, c * g * g)
 
 
 def convertible(conv: nn.Module) -> bool:
@@ -391,7 +401,7 @@ def to_channel_major(module: nn.Module) -> None:
         elif isinstance(child, HostStatsBatchNorm2d):
             child.channel_major = True
         elif isinstance(child, GlobalAvgPool):
-            setattr(module, name, ChannelMajorGlobalAvgPool())
+            setattr(module, name, ChannelMajorGlobalAvgPool(child.grid))
         elif isinstance(child, nn.ReLU):
             setattr(module, name, MaskReLU())
         elif _is_maxpool2x2(child):

@@ -94,7 +94,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         mean=args.mean, std=args.std,
         exit=ExitHeadConfig(
             channels=spec.exit_channels if args.exit_channels is None else args.exit_channels,
-            kernel=args.exit_kernel, stride=args.exit_stride,
+            kernel=args.exit_kernel, stride=args.exit_stride, pool=args.exit_pool,
         ),
         optimizer=OptimizerConfig(lr=args.lr, momentum=args.momentum,
                                   weight_decay=args.weight_decay),
@@ -337,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kernel size of the early-exit head's convolution")
     sp.add_argument("--exit-stride", type=int, default=1,
                     help="stride of the early-exit head's convolution")
+    sp.add_argument("--exit-pool", type=int, default=1,
+                    help="the early-exit head averages to a POOLxPOOL grid before its linear "
+                         "layer (1: global average pooling); in HT a grid keeps spatial "
+                         "information in what the exit trains the edge to send "
+                         "(docs/lowbitrate.md, 'Accuracy at convergence')")
     sp.add_argument("--lr", type=float, default=0.05,
                     help="edge SGD learning rate, baked into the training program")
     sp.add_argument("--momentum", type=float, default=0.9, help="edge SGD momentum")

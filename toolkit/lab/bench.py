@@ -369,17 +369,6 @@ def runtime_samples(cfg: BenchConfig, link: LinkRate, up_bytes: int, down_bytes:
 # ----------------------------------------------------------------------------- one run
 
 
-def _broker(cfg: BenchConfig):
-    from toolkit.lab.broker import EmbeddedBroker, MosquittoBroker
-
-    if cfg.broker in ("auto", "mosquitto") and (shutil.which("mosquitto")
-                                                 or Path("/usr/sbin/mosquitto").exists()):
-        return MosquittoBroker()
-    if cfg.broker == "mosquitto":
-        raise HiertrainError("mosquitto is not installed (apt-get install mosquitto)")
-    return EmbeddedBroker()
-
-
 def _link_args(spec: RunSpec, side: str) -> list[str]:
     """The shaping of what ``side`` sends: the edge the uplink, the cloud the downlink."""
     if spec.link is None:
@@ -645,7 +634,9 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     done = {r["run"] for r in rows}
     failed: list[str] = []
     profiles = _Profiles(work, cfg.batch)
-    with _broker(cfg) as broker:
+    from toolkit.lab.broker import local_broker
+
+    with local_broker(cfg.broker) as broker:
         for i, spec in enumerate(runs, 1):
             if spec.name in done:
                 continue

@@ -301,6 +301,19 @@ def find_mosquitto() -> str | None:
     return None
 
 
+def local_broker(kind: str = "auto") -> EmbeddedBroker | MosquittoBroker:
+    """A broker on 127.0.0.1 for a measurement (a context manager): mosquitto when
+    installed (``auto``: the faster broker, the one a deployment would run), else the
+    embedded one; ``mosquitto`` and ``embedded`` insist."""
+    if kind not in ("auto", "mosquitto", "embedded"):
+        raise HiertrainError(f"unknown broker {kind!r}; choose auto, mosquitto or embedded")
+    if kind in ("auto", "mosquitto") and find_mosquitto():
+        return MosquittoBroker()
+    if kind == "mosquitto":
+        raise HiertrainError("mosquitto is not installed (apt-get install mosquitto)")
+    return EmbeddedBroker()
+
+
 HIERTRAIN_ACL = """\
 # the cloud trainer: every run
 user cloud

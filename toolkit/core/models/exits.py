@@ -1,9 +1,16 @@
 """Early-exit heads: the small classifier that gives the edge its own loss.
 
-The head is deliberately cheap (one conv, global average pooling, one linear
-layer) because it runs on the board every training step and at inference.
-Global pooling is written as ``mean`` over H and W, which ExecuTorch
+The head is deliberately cheap (one conv, average pooling, one linear layer)
+because it runs on the board every training step and at inference. Pooling is
+written as ``mean`` over H and W (after a reshape into a grid), which ExecuTorch
 differentiates exactly (its adaptive-average-pool backward kernel is missing).
+
+In HT the exit's loss is the only thing that trains the edge's layers, so the head
+also decides what the cut activation learns to carry. Global pooling asks for
+features that are linearly separable once *where* things are is averaged away; the
+cloud's layers would have used that. ``pool=2`` keeps a 2x2 grid of averages, as the
+auxiliary heads of layer-wise ("decoupled greedy") training do (Belilovsky et al.,
+2020; Wang et al., InfoPro, 2021), at 4x the linear layer's weights.
 """
 
 from __future__ import annotations
@@ -16,19 +23,34 @@ from toolkit.core.errors import HiertrainError
 
 
 class GlobalAvgPool(nn.Module):
-    """``AdaptiveAvgPool2d(1)`` + flatten, as a plain mean (exact ExecuTorch backward)."""
+    """``AdaptiveAvgPool2d(grid)`` + flatten, as a reshape and a plain mean (exact
+    ExecuTorch backward). ``grid=1`` is global average pooling; a larger grid needs H and
+    W divisible by it (checked when the head is built, see ``exit_grid_check``)."""
+
+    def __init__(self, grid: int = 1):
+        super().__init__()
+        self.grid = grid
 
     def forward(self, x):
-        return x.mean(dim=(2, 3))
+        if self.grid == 1:
+            return x.mean(dim=(2, 3))
+        n, c, h, w = x.shape
+        g = self.grid
+        return x.reshape(n, c, g, h // g, g, w // g).mean(dim=(3, 5)).reshape(n, c * g * g)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}"
 
 
 @dataclass(frozen=True)
 class ExitHeadConfig:
-    """Shape of the early-exit head. ``channels=0`` drops the conv (pool + linear only)."""
+    """Shape of the early-exit head. ``channels=0`` drops the conv (pool + linear only);
+    ``pool``: the side of the grid the head averages to before its linear layer."""
 
     channels: int = 64
     kernel: int = 3
     stride: int = 1
+    pool: int = 1
 
     def __post_init__(self) -> None:
         if self.channels < 0:
@@ -37,14 +59,32 @@ class ExitHeadConfig:
             raise HiertrainError(f"exit head kernel must be odd and >= 1, got {self.kernel}")
         if self.stride < 1:
             raise HiertrainError(f"exit head stride must be >= 1, got {self.stride}")
+        if self.pool < 1:
+            raise HiertrainError(f"exit head pool must be >= 1, got {self.pool}")
+
+    def pooled_from(self, cut_hw: tuple[int, int]) -> tuple[int, int]:
+        """The (H, W) the pooling sees for a cut activation of ``cut_hw``; refuses a grid
+        that does not divide it (the reshape needs whole cells)."""
+        h, w = cut_hw if self.channels == 0 else ((d - 1) // self.stride + 1 for d in cut_hw)
+        if h % self.pool or w % self.pool:
+            raise HiertrainError(
+                f"exit head pool {self.pool} needs the exit's feature map to divide into a "
+                f"{self.pool}x{self.pool} grid; it is {h}x{w} (cut {cut_hw[0]}x{cut_hw[1]}, exit "
+                f"stride {self.stride}): choose a pool that divides both, or pool 1")
+        return h, w
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # pool 1 is left out: manifests stay readable by runtimes older than the field
+        d = asdict(self)
+        if d["pool"] == 1:
+            del d["pool"]
+        return d
 
 
 def build_exit_head(in_channels: int, num_classes: int, cfg: ExitHeadConfig) -> nn.Sequential:
+    cells = cfg.pool * cfg.pool
     if cfg.channels == 0:
-        return nn.Sequential(GlobalAvgPool(), nn.Linear(in_channels, num_classes))
+        return nn.Sequential(GlobalAvgPool(cfg.pool), nn.Linear(in_channels * cells, num_classes))
     return nn.Sequential(
         nn.Conv2d(
             in_channels, cfg.channels, cfg.kernel, stride=cfg.stride,
@@ -52,6 +92,6 @@ def build_exit_head(in_channels: int, num_classes: int, cfg: ExitHeadConfig) -> 
         ),
         nn.BatchNorm2d(cfg.channels),
         nn.ReLU(inplace=True),
-        GlobalAvgPool(),
-        nn.Linear(cfg.channels, num_classes),
+        GlobalAvgPool(cfg.pool),
+        nn.Linear(cfg.channels * cells, num_classes),
     )

@@ -1,0 +1,86 @@
+"""The exit head's grid pooling (``ExitHeadConfig.pool``, ``toolkit export --exit-pool``).
+
+The grid is a reshape and a mean (ExecuTorch lacks the adaptive-average-pool backward),
+so it must equal torch's adaptive pooling in eager, keep its gradients exact through the
+exported program on each lowering (the default one runs the head channel-major), reach
+the manifest and the cloud's rebuilt head, and refuse a grid the feature map cannot hold.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.build.lowering import fast_train_step, lower_train_step
+from toolkit.build.parity import check_batches
+from toolkit.core.artifacts.manifest import load_manifest
+from toolkit.core.errors import HiertrainError
+from toolkit.core.et_program import TrainingProgram
+from toolkit.core.models.exits import ExitHeadConfig, GlobalAvgPool
+from toolkit.core.models.segments import build_segments, load_segments
+
+SHAPE = (3, 32, 32)
+
+
+def _data(batch: int, i: int):
+    g = torch.Generator().manual_seed(40 + i)
+    return torch.randn(batch, *SHAPE, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+def test_grid_pool_equals_adaptive_average_pooling():
+    x = torch.randn(3, 5, 8, 12)
+    for grid in (1, 2, 4):
+        want = F.adaptive_avg_pool2d(x, grid).flatten(1)
+        assert torch.allclose(GlobalAvgPool(grid)(x), want, atol=1e-6)
+
+
+def test_a_pooled_head_has_a_grid_times_wider_linear_layer():
+    built = build_segments("smallcnn", "block1", num_classes=10, input_shape=SHAPE,
+                           exit_cfg=ExitHeadConfig(channels=16, pool=2), seed=0)
+    linear = list(built.step.exit.children())[-1]
+    assert linear.in_features == 16 * 4
+    x, y = _data(4, 0)
+    assert built.step.exit(built.step.edge(x)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("lowering", ["xnnpack", "portable"])
+def test_pooled_exit_gradients_match_eager(lowering):
+    built = build_segments("smallcnn", "block1", num_classes=10, input_shape=SHAPE,
+                           exit_cfg=ExitHeadConfig(channels=16, pool=2), seed=0)
+    if lowering == "xnnpack":  # the default lowering runs this head channel-major
+        assert fast_train_step(built.step)[1] == "channel_major"
+    x, y = _data(4, 0)
+    program = lower_train_step(copy.deepcopy(built.step), x, y, lowering=lowering)
+    report = check_batches(TrainingProgram(program.buffer), built.step,
+                           [_data(4, i) for i in (1, 2, 3)])
+    assert report.global_error < 1e-4, report.worst()
+    exit_grads = [k for k in report.grad_errors if k.startswith("exit.")]
+    assert exit_grads and max(report.grad_errors[k] for k in exit_grads) < 1e-3
+
+
+def test_an_impossible_grid_is_refused_in_one_line():
+    # smallcnn's block1 cut is 16x16; a stride-3 exit conv makes it 6x6: no 4x4 grid
+    with pytest.raises(HiertrainError, match=r"exit head pool 4 .* it is 6x6") as err:
+        build_segments("smallcnn", "block1", num_classes=10, input_shape=SHAPE,
+                       exit_cfg=ExitHeadConfig(channels=16, stride=3, pool=4), seed=0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(HiertrainError, match="pool must be >= 1"):
+        ExitHeadConfig(pool=0)
+
+
+def test_the_pool_reaches_the_manifest_and_the_rebuilt_segments(tmp_path):
+    out = tmp_path / "art"
+    export_artifacts(ExportConfig(model="smallcnn", split="block1", out=out, batch=4,
+                                  input_shape=SHAPE, exit=ExitHeadConfig(channels=8, pool=2)))
+    manifest = load_manifest(out)
+    assert json.loads((out / "manifest.json").read_text())["exit_head"]["pool"] == 2
+    rebuilt = load_segments(manifest)  # what the cloud and the edge build from the manifest
+    assert list(rebuilt.step.exit.children())[-1].in_features == 8 * 4
+    # a default head leaves the field out: manifests stay readable by older runtimes
+    plain = ExitHeadConfig(channels=8).to_dict()
+    assert "pool" not in plain and ExitHeadConfig(**plain).pool == 1
