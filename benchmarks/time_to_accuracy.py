@@ -61,7 +61,7 @@ def epoch_seconds(rows: list[dict[str, Any]], per_epoch: int) -> dict[tuple[str,
 
 def mean_curve(runs: list[dict[str, Any]], mode: str) -> list[tuple[float, float]]:
     """(epochs trained, mean accuracy over seeds) at each epoch's evaluation."""
-    per_seed = [r["curve"] for r in runs if r["mode"] == mode]
+    per_seed = [r["curve"] for r in runs if r["mode"] == mode and not r.get("variant")]
     if not per_seed:
         return []
     n = min(len(c) for c in per_seed)
@@ -91,7 +91,8 @@ def report(conv: dict[str, Any], rows: list[dict[str, Any]], target_frac: float)
             ep = epochs_to(curve, target)
             s = secs.get((mode, link))
             table.append({"link": link, "mode": mode, "epochs_to_target": ep,
-                          "epoch_s": s, "seeds": len([r for r in runs if r["mode"] == mode]),
+                          "epoch_s": s, "seeds": len([r for r in runs if r["mode"] == mode
+                                         and not r.get("variant")]),
                           "time_to_target_s": None if ep is None or s is None
                           else round(ep * s["mean"], 1)})
     return {"target": target, "target_fraction": target_frac,
