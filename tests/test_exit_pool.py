@@ -1,9 +1,10 @@
 """The exit head's grid pooling (``ExitHeadConfig.pool``, ``toolkit export --exit-pool``).
 
 The grid is a reshape and a mean (ExecuTorch lacks the adaptive-average-pool backward),
-so it must equal torch's adaptive pooling in eager, keep its gradients exact through the
-exported program on each lowering (the default one runs the head channel-major), reach
-the manifest and the cloud's rebuilt head, and refuse a grid the feature map cannot hold.
+or a mean per slice where the grid does not divide the map, so it must equal torch's
+adaptive pooling in eager, keep its gradients exact through the exported program on each
+lowering (the default one runs the head channel-major), reach the manifest and the
+cloud's rebuilt head, and refuse a grid larger than the feature map.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from toolkit.build.export import ExportConfig, export_artifacts
+from toolkit.build.fastconv import ChannelMajorGlobalAvgPool
 from toolkit.build.lowering import fast_train_step, lower_train_step
 from toolkit.build.parity import check_batches
 from toolkit.core.artifacts.manifest import load_manifest
@@ -33,10 +35,14 @@ def _data(batch: int, i: int):
 
 
 def test_grid_pool_equals_adaptive_average_pooling():
-    x = torch.randn(3, 5, 8, 12)
-    for grid in (1, 2, 4):
-        want = F.adaptive_avg_pool2d(x, grid).flatten(1)
-        assert torch.allclose(GlobalAvgPool(grid)(x), want, atol=1e-6)
+    for hw in ((8, 12), (7, 5), (3, 3)):  # divisible, uneven cells, cells of one pixel
+        x = torch.randn(3, 5, *hw)
+        for grid in (1, 2, 3):
+            want = F.adaptive_avg_pool2d(x, grid).flatten(1)
+            assert torch.allclose(GlobalAvgPool(grid)(x), want, atol=1e-6), (hw, grid)
+            # the channel-major form ([C, N, H, W] in) gives the same features in the same order
+            cm = ChannelMajorGlobalAvgPool(grid)(x.transpose(0, 1).contiguous())
+            assert torch.allclose(cm, want, atol=1e-6), (hw, grid)
 
 
 def test_a_pooled_head_has_a_grid_times_wider_linear_layer():
@@ -48,10 +54,14 @@ def test_a_pooled_head_has_a_grid_times_wider_linear_layer():
     assert built.step.exit(built.step.edge(x)).shape == (4, 10)
 
 
-@pytest.mark.parametrize("lowering", ["xnnpack", "portable"])
-def test_pooled_exit_gradients_match_eager(lowering):
+# 16x16 exit maps (whole cells), and 6x6 ones from a stride-3 exit conv: 3x3 grid cells of
+# 2x2, then a 4x4 grid of uneven cells (the per-slice path)
+@pytest.mark.parametrize(("lowering", "stride", "pool"),
+                         [("xnnpack", 1, 2), ("portable", 1, 2), ("xnnpack", 3, 4)])
+def test_pooled_exit_gradients_match_eager(lowering, stride, pool):
     built = build_segments("smallcnn", "block1", num_classes=10, input_shape=SHAPE,
-                           exit_cfg=ExitHeadConfig(channels=16, pool=2), seed=0)
+                           exit_cfg=ExitHeadConfig(channels=16, stride=stride, pool=pool),
+                           seed=0)
     if lowering == "xnnpack":  # the default lowering runs this head channel-major
         assert fast_train_step(built.step)[1] == "channel_major"
     x, y = _data(4, 0)
@@ -63,11 +73,11 @@ def test_pooled_exit_gradients_match_eager(lowering):
     assert exit_grads and max(report.grad_errors[k] for k in exit_grads) < 1e-3
 
 
-def test_an_impossible_grid_is_refused_in_one_line():
-    # smallcnn's block1 cut is 16x16; a stride-3 exit conv makes it 6x6: no 4x4 grid
-    with pytest.raises(HiertrainError, match=r"exit head pool 4 .* it is 6x6") as err:
+def test_a_grid_larger_than_the_map_is_refused_in_one_line():
+    # smallcnn's block1 cut is 16x16; a stride-3 exit conv makes it 6x6: no 7x7 grid
+    with pytest.raises(HiertrainError, match=r"exit head pool 7 .* 6x6 feature map") as err:
         build_segments("smallcnn", "block1", num_classes=10, input_shape=SHAPE,
-                       exit_cfg=ExitHeadConfig(channels=16, stride=3, pool=4), seed=0)
+                       exit_cfg=ExitHeadConfig(channels=16, stride=3, pool=7), seed=0)
     assert "\n" not in str(err.value)
     with pytest.raises(HiertrainError, match="pool must be >= 1"):
         ExitHeadConfig(pool=0)

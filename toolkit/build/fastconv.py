@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolkit.core.models.exits import GlobalAvgPool
+from toolkit.core.models.exits import GlobalAvgPool, grid_mean
 from toolkit.core.models.rewrites import HostStatsBatchNorm2d
 
 
@@ -333,10 +333,8 @@ class ChannelMajorGlobalAvgPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grid == 1:
             return x.mean(dim=(2, 3)).t()
-        c, n, h, w = x.shape
-        g = self.grid
-        cells = x.reshape(c, n, g, h // g, g, w // g).mean(dim=(3, 5))
-        return cells.permute(1, 0, 2, 3).reshape(n, c * g * g)
+        cells = grid_mean(x, self.grid)  # [C, N, grid * grid]
+        return cells.permute(1, 0, 2).flatten(1)
 
 
 def convertible(conv: nn.Module) -> bool:

@@ -17,15 +17,32 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 from toolkit.core.errors import HiertrainError
 
 
+def _cells(n: int, g: int) -> list[tuple[int, int]]:
+    """``AdaptiveAvgPool2d``'s cell boundaries along one axis of length ``n``."""
+    return [(i * n // g, -(-(i + 1) * n // g)) for i in range(g)]
+
+
+def grid_mean(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, grid)`` over the last two axes, as ``[..., grid * grid]``
+    (row-major cells): a reshape and a mean when the grid divides the map, else a mean
+    per slice, both with exact ExecuTorch gradients."""
+    *lead, h, w = x.shape
+    if h % grid == 0 and w % grid == 0:
+        cells = x.reshape(*lead, grid, h // grid, grid, w // grid).mean(dim=(-3, -1))
+        return cells.reshape(*lead, grid * grid)
+    return torch.stack([x[..., a:b, c:d].mean(dim=(-2, -1)) for a, b in _cells(h, grid)
+                        for c, d in _cells(w, grid)], dim=-1)
+
+
 class GlobalAvgPool(nn.Module):
-    """``AdaptiveAvgPool2d(grid)`` + flatten, as a reshape and a plain mean (exact
-    ExecuTorch backward). ``grid=1`` is global average pooling; a larger grid needs H and
-    W divisible by it (checked when the head is built, see ``exit_grid_check``)."""
+    """``AdaptiveAvgPool2d(grid)`` + flatten, written with ``mean`` (exact ExecuTorch
+    backward). ``grid=1`` is global average pooling."""
 
     def __init__(self, grid: int = 1):
         super().__init__()
@@ -34,9 +51,7 @@ class GlobalAvgPool(nn.Module):
     def forward(self, x):
         if self.grid == 1:
             return x.mean(dim=(2, 3))
-        n, c, h, w = x.shape
-        g = self.grid
-        return x.reshape(n, c, g, h // g, g, w // g).mean(dim=(3, 5)).reshape(n, c * g * g)
+        return grid_mean(x, self.grid).flatten(1)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}"
@@ -64,13 +79,13 @@ class ExitHeadConfig:
 
     def pooled_from(self, cut_hw: tuple[int, int]) -> tuple[int, int]:
         """The (H, W) the pooling sees for a cut activation of ``cut_hw``; refuses a grid
-        that does not divide it (the reshape needs whole cells)."""
+        larger than that map (its cells would repeat pixels)."""
         h, w = cut_hw if self.channels == 0 else ((d - 1) // self.stride + 1 for d in cut_hw)
-        if h % self.pool or w % self.pool:
+        if self.pool > min(h, w):
             raise HiertrainError(
-                f"exit head pool {self.pool} needs the exit's feature map to divide into a "
-                f"{self.pool}x{self.pool} grid; it is {h}x{w} (cut {cut_hw[0]}x{cut_hw[1]}, exit "
-                f"stride {self.stride}): choose a pool that divides both, or pool 1")
+                f"exit head pool {self.pool} is larger than the exit's {h}x{w} feature map "
+                f"(cut {cut_hw[0]}x{cut_hw[1]}, exit stride {self.stride}): choose a pool of at "
+                f"most {min(h, w)} (--exit-pool)")
         return h, w
 
     def to_dict(self) -> dict:
