@@ -91,6 +91,8 @@ def test_the_pool_reaches_the_manifest_and_the_rebuilt_segments(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["exit_head"]["pool"] == 2
     rebuilt = load_segments(manifest)  # what the cloud and the edge build from the manifest
     assert list(rebuilt.step.exit.children())[-1].in_features == 8 * 4
-    # a default head leaves the field out: manifests stay readable by older runtimes
-    plain = ExitHeadConfig(channels=8).to_dict()
-    assert "pool" not in plain and ExitHeadConfig(**plain).pool == 1
+    # the default head pools to 2x2; global pooling leaves the field out (manifests stay
+    # readable by older runtimes) and a manifest without it is read as global pooling
+    assert ExitHeadConfig().pool == 2
+    plain = ExitHeadConfig(channels=8, pool=1).to_dict()
+    assert "pool" not in plain and ExitHeadConfig.from_dict(plain).pool == 1

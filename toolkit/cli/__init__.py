@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kernel size of the early-exit head's convolution")
     sp.add_argument("--exit-stride", type=int, default=1,
                     help="stride of the early-exit head's convolution")
-    sp.add_argument("--exit-pool", type=int, default=1,
+    sp.add_argument("--exit-pool", type=int, default=2,
                     help="the early-exit head averages to a POOLxPOOL grid before its linear "
                          "layer (1: global average pooling); in HT a grid keeps spatial "
                          "information in what the exit trains the edge to send "

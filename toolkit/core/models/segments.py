@@ -102,7 +102,7 @@ def load_segments(manifest: Manifest, *, with_proxy: bool = False) -> BuiltSegme
         d["model"]["name"], d["split"]["point"],
         num_classes=d["model"]["num_classes"],
         input_shape=tuple(d["model"]["input_shape"]),
-        exit_cfg=ExitHeadConfig(**d["exit_head"]),
+        exit_cfg=ExitHeadConfig.from_dict(d["exit_head"]),
         seed=d["seed"],
         edge_norm=d["split"]["edge_norm"],
         privacy=privacy if with_proxy else NONE,
