@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.convergence import MODES, RESULTS, Setting  # noqa: E402
+from benchmarks.convergence import DEFAULT_HEAD, MODES, RESULTS, Setting  # noqa: E402
 
 LINKS = "0.5/5,2/20,10/50"
 BENCH_OUT = RESULTS / "tta"
@@ -59,9 +59,18 @@ def epoch_seconds(rows: list[dict[str, Any]], per_epoch: int) -> dict[tuple[str,
                 "repeats": len(v)} for k, v in out.items()}
 
 
+def mode_runs(runs: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """A mode's convergence runs; HT's are those with the exit head ``toolkit export``
+    makes by default (the ``DEFAULT_HEAD`` variant once it has runs), the head the bench's
+    HT runs train."""
+    if mode == "ht" and any(r.get("variant") == DEFAULT_HEAD for r in runs):
+        return [r for r in runs if r.get("variant") == DEFAULT_HEAD]
+    return [r for r in runs if r["mode"] == mode and not r.get("variant")]
+
+
 def mean_curve(runs: list[dict[str, Any]], mode: str) -> list[tuple[float, float]]:
     """(epochs trained, mean accuracy over seeds) at each epoch's evaluation."""
-    per_seed = [r["curve"] for r in runs if r["mode"] == mode and not r.get("variant")]
+    per_seed = [r["curve"] for r in mode_runs(runs, mode)]
     if not per_seed:
         return []
     n = min(len(c) for c in per_seed)
@@ -91,13 +100,14 @@ def report(conv: dict[str, Any], rows: list[dict[str, Any]], target_frac: float)
             ep = epochs_to(curve, target)
             s = secs.get((mode, link))
             table.append({"link": link, "mode": mode, "epochs_to_target": ep,
-                          "epoch_s": s, "seeds": len([r for r in runs if r["mode"] == mode
-                                         and not r.get("variant")]),
+                          "epoch_s": s, "seeds": len(mode_runs(runs, mode)),
                           "time_to_target_s": None if ep is None or s is None
                           else round(ep * s["mean"], 1)})
     return {"target": target, "target_fraction": target_frac,
             "end_to_end_final_mean": statistics.fmean(e2e), "samples_per_epoch": per_epoch,
             "links": links, "rows": table,
+            "ht_exit_head": DEFAULT_HEAD if mode_runs(runs, "ht") and mode_runs(runs, "ht")[0]
+            .get("variant") else "global pooling (exit_pool=1)",
             "curves": {m: mean_curve(runs, m) for m in MODES},
             "command": "python benchmarks/time_to_accuracy.py"}
 
@@ -105,7 +115,8 @@ def report(conv: dict[str, Any], rows: list[dict[str, Any]], target_frac: float)
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"Target: {doc['target'] * 100:.2f} % test accuracy ({doc['target_fraction']:.0%} "
              f"of end-to-end training's final {doc['end_to_end_final_mean'] * 100:.2f} %); "
-             f"an epoch is {doc['samples_per_epoch']} images.", "",
+             f"an epoch is {doc['samples_per_epoch']} images; HT's curve: exit head "
+             f"{doc['ht_exit_head']}.", "",
              "| uplink/downlink Mbit/s | mode | s per epoch (mean ± std, repeats) | epochs to "
              "target | time to target |", "|---|---|---|---|---|"]
     for r in doc["rows"]:
