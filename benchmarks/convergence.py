@@ -314,33 +314,51 @@ def markdown(setting: Setting, meta: dict[str, Any], stats: dict[str, Any]) -> s
     return "\n".join(lines) + "\n"
 
 
+def _curves(ax, rows: list[dict[str, Any]], colors: dict[str, str], exits: bool) -> None:
+    """Every run's test curve (one line per seed), coloured by mode or variant."""
+    labelled: set[str] = set()
+    for r in sorted(rows, key=lambda r: (r["mode"], r.get("variant", ""), r["seed"])):
+        key = r["mode"] + (f"+{r['variant']}" if r.get("variant") else "")
+        full = sorted((c["epochs_trained"], c["full_accuracy"]) for c in r["curve"])
+        ex = sorted((c["epochs_trained"], c["exit_accuracy"]) for c in r["curve"]
+                    if c.get("exit_accuracy") is not None)
+        first = key not in labelled
+        labelled.add(key)
+        if full:
+            ax.plot(*zip(*full, strict=True), color=colors[key], alpha=0.8, marker=".",
+                    label=f"{key} full" if first else None)
+        if ex and exits:
+            ax.plot(*zip(*ex, strict=True), color=colors[key], alpha=0.6, ls="--",
+                    label=f"{key} exit" if first else None)
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Left: the three modes (base setting); right, when there are variants: HT's exit
+    heads and cuts against end-to-end training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base = [r for r in rows if not r.get("variant")]
+    variants = [r for r in rows if r.get("variant")]
     colors = {"ht": "tab:blue", "split": "tab:orange", "cloud": "tab:green"}
-    extra = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
-    for r in sorted(rows, key=lambda r: (r["mode"], r.get("variant", ""), r["seed"])):
-        key = r["mode"] + (f"+{r['variant']}" if r.get("variant") else "")
-        if key not in colors:
-            colors[key] = next(extra, "tab:gray")
-        pts = sorted((c["epochs_trained"], c["full_accuracy"]) for c in r["curve"])
-        first = r["seed"] == min(x["seed"] for x in rows if x["mode"] == r["mode"]
-                                 and x.get("variant") == r.get("variant"))
-        if pts:
-            ax.plot(*zip(*pts, strict=True), color=colors[key], alpha=0.8, marker=".",
-                    label=f"{key} full" if first else None)
-        ex = sorted((c["epochs_trained"], c["exit_accuracy"]) for c in r["curve"]
-                    if c.get("exit_accuracy") is not None)
-        if ex:
-            ax.plot(*zip(*ex, strict=True), color=colors[key], alpha=0.6, ls="--",
-                    label=f"{key} exit" if first else None)
-    ax.set(xlabel="epochs trained by the cloud", ylabel="test accuracy", title=title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    extra = iter(["tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"])
+    for name in sorted({r["variant"] for r in variants}, key=lambda v: v != DEFAULT_HEAD):
+        colors[f"ht+{name}"] = next(extra, "tab:gray")
+    panels = [(base, "the three modes", True)]
+    if variants:
+        panels.append(([r for r in base if r["mode"] in ("ht", "cloud")] + variants,
+                       "HT variants (full model) vs end-to-end", False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False,
+                             sharey=True)
+    for ax, (rs, sub, exits) in zip(axes[0], panels, strict=True):
+        _curves(ax, rs, colors, exits)
+        ax.set(xlabel="epochs trained by the cloud", title=sub)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0][0].set_ylabel("test accuracy")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

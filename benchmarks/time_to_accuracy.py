@@ -37,6 +37,8 @@ if str(REPO) not in sys.path:
 from benchmarks.convergence import DEFAULT_HEAD, MODES, RESULTS, Setting  # noqa: E402
 
 LINKS = "0.5/5,2/20,10/50"
+COLORS = {"ht": "tab:blue", "split": "tab:orange", "cloud": "tab:green"}  # as convergence.png
+LABELS = {"ht": "HT", "split": "split learning", "cloud": "end-to-end (images uploaded)"}
 BENCH_OUT = RESULTS / "tta"
 
 
@@ -144,7 +146,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             curve = doc["curves"].get(mode) or []
             if s and curve:
                 ax.plot([e * s["mean"] / 3600 for e, _ in curve], [a for _, a in curve],
-                        marker=".", label=mode)
+                        marker=".", color=COLORS[mode], label=LABELS[mode])
         ax.axhline(doc["target"], color="grey", ls=":", label="target")
         ax.set(xlabel="wall time (h)", ylabel="test accuracy", title=f"{link} Mbit/s up/down")
         ax.grid(True, alpha=0.3)
