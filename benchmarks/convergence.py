@@ -54,6 +54,7 @@ from toolkit.lab.launch import ProcessGroup, start_cloud  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 RUN_TIMEOUT_S = 4 * 3600.0
 MODES = ("ht", "cloud", "split")  # cloud = end-to-end training of the whole network
+COLORS = {"ht": "tab:blue", "split": "tab:orange", "cloud": "tab:green"}  # every plot's
 
 
 @dataclass(frozen=True)
@@ -342,7 +343,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     base = [r for r in rows if not r.get("variant")]
     variants = [r for r in rows if r.get("variant")]
-    colors = {"ht": "tab:blue", "split": "tab:orange", "cloud": "tab:green"}
+    colors = dict(COLORS)
     extra = iter(["tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"])
     for name in sorted({r["variant"] for r in variants}, key=lambda v: v != DEFAULT_HEAD):
         colors[f"ht+{name}"] = next(extra, "tab:gray")

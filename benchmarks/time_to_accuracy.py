@@ -34,10 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.convergence import DEFAULT_HEAD, MODES, RESULTS, Setting  # noqa: E402
+from benchmarks.convergence import COLORS, DEFAULT_HEAD, MODES, RESULTS, Setting  # noqa: E402
 
 LINKS = "0.5/5,2/20,10/50"
-COLORS = {"ht": "tab:blue", "split": "tab:orange", "cloud": "tab:green"}  # as convergence.png
 LABELS = {"ht": "HT", "split": "split learning", "cloud": "end-to-end (images uploaded)"}
 BENCH_OUT = RESULTS / "tta"
 
@@ -94,6 +93,7 @@ def report(conv: dict[str, Any], rows: list[dict[str, Any]], target_frac: float)
         raise SystemExit("no end-to-end (cloud) run in convergence.json yet")
     target = target_frac * statistics.fmean(e2e)
     secs = epoch_seconds(rows, per_epoch)
+    ht_runs = mode_runs(runs, "ht")
     links = sorted({k[1] for k in secs}, key=lambda s: float(s.split("/")[0]))
     table = []
     for link in links:
@@ -108,8 +108,8 @@ def report(conv: dict[str, Any], rows: list[dict[str, Any]], target_frac: float)
     return {"target": target, "target_fraction": target_frac,
             "end_to_end_final_mean": statistics.fmean(e2e), "samples_per_epoch": per_epoch,
             "links": links, "rows": table,
-            "ht_exit_head": DEFAULT_HEAD if mode_runs(runs, "ht") and mode_runs(runs, "ht")[0]
-            .get("variant") else "global pooling (exit_pool=1)",
+            "ht_exit_head": (ht_runs[0].get("variant") if ht_runs else None)
+            or "global pooling (exit_pool=1)",
             "curves": {m: mean_curve(runs, m) for m in MODES},
             "command": "python benchmarks/time_to_accuracy.py"}
 

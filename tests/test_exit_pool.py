@@ -96,3 +96,20 @@ def test_the_pool_reaches_the_manifest_and_the_rebuilt_segments(tmp_path):
     assert ExitHeadConfig().pool == 2
     plain = ExitHeadConfig(channels=8, pool=1).to_dict()
     assert "pool" not in plain and ExitHeadConfig.from_dict(plain).pool == 1
+
+
+@pytest.mark.parametrize(("pool", "message"), [
+    ("0", "error: exit head pool must be >= 1, got 0"),
+    ("9", "error: exit head pool 9 is larger than the exit's 8x8 feature map"),
+])
+def test_toolkit_export_refuses_a_bad_exit_pool_in_one_line(cli_in_process, tmp_path, pool,
+                                                            message):
+    # smallcnn's block1 cut of a 16x16 input is 8x8: the exit sees 8x8 at stride 1
+    out = tmp_path / "out"
+    r = cli_in_process("toolkit", "export", "--model", "smallcnn", "--split", "block1",
+                       "--input-shape", "3,16,16", "--batch", "4", "--exit-pool", pool,
+                       "--out", str(out))
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()

@@ -79,16 +79,15 @@ class ExitHeadConfig:
         if self.pool < 1:
             raise HiertrainError(f"exit head pool must be >= 1, got {self.pool}")
 
-    def pooled_from(self, cut_hw: tuple[int, int]) -> tuple[int, int]:
-        """The (H, W) the pooling sees for a cut activation of ``cut_hw``; refuses a grid
-        larger than that map (its cells would repeat pixels)."""
+    def check_fits(self, cut_hw: tuple[int, int]) -> None:
+        """Refuses a grid larger than the map the pooling sees for a cut activation of
+        ``cut_hw`` (its cells would repeat pixels)."""
         h, w = cut_hw if self.channels == 0 else ((d - 1) // self.stride + 1 for d in cut_hw)
         if self.pool > min(h, w):
             raise HiertrainError(
                 f"exit head pool {self.pool} is larger than the exit's {h}x{w} feature map "
                 f"(cut {cut_hw[0]}x{cut_hw[1]}, exit stride {self.stride}): choose a pool of at "
                 f"most {min(h, w)} (--exit-pool)")
-        return h, w
 
     def to_dict(self) -> dict:
         # pool 1 is left out: such manifests stay readable by runtimes older than the field

@@ -68,7 +68,7 @@ def build_segments(
     skipped = load_pretrained(full, pretrained, model) if pretrained is not None else None
     seg = split_model(full, model, split)
     cs = cut_shape(seg.edge, input_shape)
-    exit_cfg.pooled_from((cs[1], cs[2]))
+    exit_cfg.check_fits((cs[1], cs[2]))
     exit_head = build_exit_head(cs[0], num_classes, exit_cfg)
     if privacy.adversarial:
         # built after the network so that the network's initial weights do not depend on it
